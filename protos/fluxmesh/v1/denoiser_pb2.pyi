@@ -1,0 +1,45 @@
+from fluxmesh.v1 import tensor_pb2 as _tensor_pb2
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DenoiseRequest(_message.Message):
+    __slots__ = ("prompt_embeds", "pooled_prompt_embeds", "width", "height", "steps", "guidance", "seed", "num_images")
+    PROMPT_EMBEDS_FIELD_NUMBER: _ClassVar[int]
+    POOLED_PROMPT_EMBEDS_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    NUM_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    prompt_embeds: _tensor_pb2.Tensor
+    pooled_prompt_embeds: _tensor_pb2.Tensor
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    seed: int
+    num_images: int
+    def __init__(self, prompt_embeds: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., pooled_prompt_embeds: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ...) -> None: ...
+
+class StepEvent(_message.Message):
+    __slots__ = ("step", "total", "seconds")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    total: int
+    seconds: float
+    def __init__(self, step: _Optional[int] = ..., total: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class DenoiseEvent(_message.Message):
+    __slots__ = ("step", "latents")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    LATENTS_FIELD_NUMBER: _ClassVar[int]
+    step: StepEvent
+    latents: _tensor_pb2.Tensor
+    def __init__(self, step: _Optional[_Union[StepEvent, _Mapping]] = ..., latents: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...

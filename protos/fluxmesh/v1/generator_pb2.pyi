@@ -1,0 +1,130 @@
+from fluxmesh.v1 import tensor_pb2 as _tensor_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Stage(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STAGE_UNSPECIFIED: _ClassVar[Stage]
+    STAGE_ENCODE: _ClassVar[Stage]
+    STAGE_DENOISE: _ClassVar[Stage]
+    STAGE_DECODE: _ClassVar[Stage]
+STAGE_UNSPECIFIED: Stage
+STAGE_ENCODE: Stage
+STAGE_DENOISE: Stage
+STAGE_DECODE: Stage
+
+class GenerateRequest(_message.Message):
+    __slots__ = ("prompt", "prompt_2", "width", "height", "steps", "guidance", "seed", "num_images", "max_sequence_length")
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_2_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    NUM_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    MAX_SEQUENCE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    prompt: str
+    prompt_2: str
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    seed: int
+    num_images: int
+    max_sequence_length: int
+    def __init__(self, prompt: _Optional[str] = ..., prompt_2: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., max_sequence_length: _Optional[int] = ...) -> None: ...
+
+class Queued(_message.Message):
+    __slots__ = ("position",)
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    position: int
+    def __init__(self, position: _Optional[int] = ...) -> None: ...
+
+class StageStarted(_message.Message):
+    __slots__ = ("stage",)
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    stage: Stage
+    def __init__(self, stage: _Optional[_Union[Stage, str]] = ...) -> None: ...
+
+class StageFinished(_message.Message):
+    __slots__ = ("stage", "seconds")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    stage: Stage
+    seconds: float
+    def __init__(self, stage: _Optional[_Union[Stage, str]] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class Step(_message.Message):
+    __slots__ = ("step", "total", "seconds")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    total: int
+    seconds: float
+    def __init__(self, step: _Optional[int] = ..., total: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class Timings(_message.Message):
+    __slots__ = ("queued_seconds", "encode_seconds", "denoise_seconds", "decode_seconds", "total_seconds")
+    QUEUED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ENCODE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DENOISE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    queued_seconds: float
+    encode_seconds: float
+    denoise_seconds: float
+    decode_seconds: float
+    total_seconds: float
+    def __init__(self, queued_seconds: _Optional[float] = ..., encode_seconds: _Optional[float] = ..., denoise_seconds: _Optional[float] = ..., decode_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ...) -> None: ...
+
+class Result(_message.Message):
+    __slots__ = ("images", "seed", "timings", "width", "height", "steps", "guidance")
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_FIELD_NUMBER: _ClassVar[int]
+    images: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Image]
+    seed: int
+    timings: Timings
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    def __init__(self, images: _Optional[_Iterable[_Union[_tensor_pb2.Image, _Mapping]]] = ..., seed: _Optional[int] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ...) -> None: ...
+
+class GenerateEvent(_message.Message):
+    __slots__ = ("request_id", "queued", "stage_started", "stage_finished", "step", "result")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    STAGE_STARTED_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FINISHED_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    queued: Queued
+    stage_started: StageStarted
+    stage_finished: StageFinished
+    step: Step
+    result: Result
+    def __init__(self, request_id: _Optional[str] = ..., queued: _Optional[_Union[Queued, _Mapping]] = ..., stage_started: _Optional[_Union[StageStarted, _Mapping]] = ..., stage_finished: _Optional[_Union[StageFinished, _Mapping]] = ..., step: _Optional[_Union[Step, _Mapping]] = ..., result: _Optional[_Union[Result, _Mapping]] = ...) -> None: ...
+
+class GeneratorInfo(_message.Message):
+    __slots__ = ("stages", "size_multiple", "guidance_embeds")
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    SIZE_MULTIPLE_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_EMBEDS_FIELD_NUMBER: _ClassVar[int]
+    stages: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.StageInfo]
+    size_multiple: int
+    guidance_embeds: bool
+    def __init__(self, stages: _Optional[_Iterable[_Union[_tensor_pb2.StageInfo, _Mapping]]] = ..., size_multiple: _Optional[int] = ..., guidance_embeds: _Optional[bool] = ...) -> None: ...

@@ -1,0 +1,3 @@
+from fluxmesh.cli.main import app
+
+app(prog_name="fluxmesh")

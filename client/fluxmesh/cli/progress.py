@@ -1,0 +1,40 @@
+"""Show a generation's events on the terminal: stage lines, a per-step bar, timings."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from fluxmesh.client.events import Event, Queued, Result, StageFinished, StageStarted, Step
+
+
+def follow(events: Iterable[Event], console: Console | None = None) -> Result:
+    """Render events as they arrive and return the final Result."""
+    console = console or Console(stderr=True)
+    result = None
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console, transient=False,
+    ) as progress:
+        steps = None
+        for event in events:
+            if isinstance(event, Queued):
+                console.print(f"queued: position {event.position}")
+            elif isinstance(event, StageStarted) and event.stage.value == "denoise":
+                steps = progress.add_task("denoise", total=None)
+            elif isinstance(event, Step) and steps is not None:
+                progress.update(steps, completed=event.step, total=event.total)
+            elif isinstance(event, StageFinished):
+                console.print(f"{event.stage.value}: {event.seconds:.2f}s")
+            elif isinstance(event, Result):
+                result = event
+    if result is None:
+        raise RuntimeError("the stream ended without a result")
+    t = result.timings
+    console.print(
+        f"seed {result.seed}: encode {t.encode:.2f}s, denoise {t.denoise:.2f}s, decode {t.decode:.2f}s, "
+        f"total {t.total:.2f}s (queued {t.queued:.2f}s)"
+    )
+    return result

@@ -1,0 +1,137 @@
+"""Run the four fluxmesh processes locally as children and keep them on a short leash.
+
+`fluxmesh up` and `fluxmesh demo` use it: start encoder, denoiser and vae on free loopback
+ports, then the orchestrator pointed at them, wait until each reports SERVING on
+grpc.health.v1, and stop them all on exit, Ctrl-C or SIGTERM. Children also get
+PR_SET_PDEATHSIG on Linux so they die with a parent killed by SIGKILL: no orphans.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+STAGES = ("encoder", "denoiser", "vae")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def health_status(address: str, service: str = "", timeout: float = 2.0) -> int | None:
+    """The grpc.health.v1 status of `address` (None when it does not answer)."""
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            )
+        except grpc.RpcError:
+            return None
+    return reply.status
+
+
+@dataclass
+class Child:
+    name: str
+    address: str
+    process: subprocess.Popen
+
+
+@dataclass
+class Cluster:
+    """A set of running fluxmesh processes; a context manager that stops them on exit."""
+
+    children: list[Child] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return self.children[-1].address  # the orchestrator is started last
+
+    def start(self, name: str, args: list[str], address: str, env: dict[str, str] | None = None) -> Child:
+        command = [sys.executable, "-m", "fluxmesh.cli", *args]
+        log.debug("starting %s: %s", name, " ".join(command))
+        process = subprocess.Popen(command, preexec_fn=_die_with_parent, env={**os.environ, **(env or {})})
+        child = Child(name, address, process)
+        self.children.append(child)
+        return child
+
+    def wait_serving(self, timeout: float = 300.0) -> None:
+        deadline = time.monotonic() + timeout
+        for child in self.children:
+            while health_status(child.address) != health_pb2.HealthCheckResponse.SERVING:
+                if child.process.poll() is not None:
+                    raise RuntimeError(f"{child.name} exited with code {child.process.returncode} before serving")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{child.name} at {child.address} not SERVING after {timeout:.0f}s")
+                time.sleep(0.1)
+            log.info("%s SERVING on %s", child.name, child.address)
+
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM everyone (orchestrator first), then SIGKILL what is still alive after `grace`."""
+        for child in reversed(self.children):
+            if child.process.poll() is None:
+                child.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for child in self.children:
+            try:
+                child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.process.kill()
+                child.process.wait()
+
+    def __enter__(self) -> "Cluster":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def start_local(
+    model: str,
+    *,
+    port: int,
+    host: str = "127.0.0.1",
+    stage_args: dict[str, list[str]] | None = None,
+    common_args: list[str] | None = None,
+    orchestrator_args: list[str] | None = None,
+    timeout: float = 300.0,
+) -> Cluster:
+    """Start encoder, denoiser, vae and the orchestrator; returns once all are SERVING."""
+    cluster = Cluster()
+    try:
+        addresses = {}
+        for stage in STAGES:
+            stage_port = free_port(host)
+            addresses[stage] = f"{host}:{stage_port}"
+            args = ["serve", stage, "--model", model, "--host", host, "--port", str(stage_port)]
+            cluster.start(stage, args + (common_args or []) + (stage_args or {}).get(stage, []), addresses[stage])
+        cluster.start(
+            "orchestrator",
+            ["serve", "orchestrator", "--host", host, "--port", str(port),
+             *[f"--{stage}={addresses[stage]}" for stage in STAGES], *(orchestrator_args or [])],
+            f"{host}:{port}",
+        )
+        cluster.wait_serving(timeout)
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster

@@ -1,0 +1,28 @@
+"""fluxmesh client SDK: grpcio, protobuf and pillow only (no torch).
+
+    from fluxmesh.client import Client
+    with Client("localhost:50050") as client:
+        result = client.generate("a red fox in the snow", width=1024, height=1024, seed=7)
+        result.image.save("fox.png")
+"""
+
+from fluxmesh.client.aio import AsyncClient, AsyncGenerationStream
+from fluxmesh.client.events import Event, Queued, Result, Stage, StageFinished, StageStarted, Step, Timings
+from fluxmesh.client.sync import Client, GenerationStream
+from fluxmesh.rpc.errors import FluxmeshError
+
+__all__ = [
+    "AsyncClient",
+    "AsyncGenerationStream",
+    "Client",
+    "Event",
+    "FluxmeshError",
+    "GenerationStream",
+    "Queued",
+    "Result",
+    "Stage",
+    "StageFinished",
+    "StageStarted",
+    "Step",
+    "Timings",
+]

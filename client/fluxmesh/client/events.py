@@ -1,0 +1,116 @@
+"""Typed events and results the SDK yields, decoded from GenerateEvent messages."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from enum import Enum
+
+from PIL import Image
+
+from fluxmesh.v1 import generator_pb2, tensor_pb2
+
+
+class Stage(str, Enum):
+    encode = "encode"
+    denoise = "denoise"
+    decode = "decode"
+
+
+_STAGES = {
+    generator_pb2.STAGE_ENCODE: Stage.encode,
+    generator_pb2.STAGE_DENOISE: Stage.denoise,
+    generator_pb2.STAGE_DECODE: Stage.decode,
+}
+
+
+@dataclass(frozen=True)
+class Queued:
+    request_id: str
+    position: int
+
+
+@dataclass(frozen=True)
+class StageStarted:
+    request_id: str
+    stage: Stage
+
+
+@dataclass(frozen=True)
+class StageFinished:
+    request_id: str
+    stage: Stage
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Step:
+    request_id: str
+    step: int
+    total: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Timings:
+    queued: float
+    encode: float
+    denoise: float
+    decode: float
+    total: float
+
+
+@dataclass(frozen=True)
+class Result:
+    request_id: str
+    images: list[Image.Image]
+    seed: int
+    timings: Timings
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    png: list[bytes] = field(repr=False, default_factory=list)
+
+    @property
+    def image(self) -> Image.Image:
+        return self.images[0]
+
+
+Event = Queued | StageStarted | StageFinished | Step | Result
+
+
+def _image(message: tensor_pb2.Image) -> Image.Image:
+    if message.format == tensor_pb2.IMAGE_FORMAT_RAW_RGB:
+        return Image.frombytes("RGB", (message.width, message.height), message.data)
+    image = Image.open(io.BytesIO(message.data))
+    image.load()
+    return image
+
+
+def event_from_pb(message: generator_pb2.GenerateEvent) -> Event:
+    kind = message.WhichOneof("event")
+    rid = message.request_id
+    if kind == "queued":
+        return Queued(rid, message.queued.position)
+    if kind == "stage_started":
+        return StageStarted(rid, _STAGES[message.stage_started.stage])
+    if kind == "stage_finished":
+        return StageFinished(rid, _STAGES[message.stage_finished.stage], message.stage_finished.seconds)
+    if kind == "step":
+        return Step(rid, message.step.step, message.step.total, message.step.seconds)
+    if kind == "result":
+        r = message.result
+        t = r.timings
+        return Result(
+            request_id=rid,
+            images=[_image(i) for i in r.images],
+            seed=r.seed,
+            timings=Timings(t.queued_seconds, t.encode_seconds, t.denoise_seconds, t.decode_seconds, t.total_seconds),
+            width=r.width,
+            height=r.height,
+            steps=r.steps,
+            guidance=r.guidance,
+            png=[i.data for i in r.images if i.format != tensor_pb2.IMAGE_FORMAT_RAW_RGB],
+        )
+    raise ValueError(f"unknown event {kind!r}")

@@ -1,0 +1,79 @@
+"""Validate a GenerateRequest up front, before any stage is called."""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass
+
+from fluxmesh.rpc.errors import InvalidArgument
+from fluxmesh.v1 import generator_pb2
+
+MIN_SIDE, MAX_SIDE = 64, 2048
+MAX_STEPS = 100
+MAX_IMAGES = 8
+MAX_PROMPT_CHARS = 20_000
+DEFAULT_SIDE = 1024
+DEFAULT_GUIDANCE = 3.5
+DEFAULT_STEPS_DEV, DEFAULT_STEPS_SCHNELL = 28, 4
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What validation needs to know about the model the stages serve."""
+
+    size_multiple: int = 16
+    guidance_embeds: bool = True
+
+
+@dataclass(frozen=True)
+class GenerateParams:
+    prompt: str
+    prompt_2: str
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    seed: int
+    num_images: int
+    max_sequence_length: int
+
+
+def check_request(request: generator_pb2.GenerateRequest, model: ModelFacts) -> GenerateParams:
+    """Fill defaults and validate every field; errors name the field and show the value."""
+    if not request.prompt.strip():
+        raise InvalidArgument("prompt", "must not be empty")
+    for field, text in (("prompt", request.prompt), ("prompt_2", request.prompt_2)):
+        if len(text) > MAX_PROMPT_CHARS:
+            raise InvalidArgument(field, f"{len(text)} characters; the limit is {MAX_PROMPT_CHARS}")
+    width = request.width or DEFAULT_SIDE
+    height = request.height or DEFAULT_SIDE
+    for field, value in (("width", width), ("height", height)):
+        if not MIN_SIDE <= value <= MAX_SIDE or value % model.size_multiple:
+            raise InvalidArgument(
+                field, f"{value} must be a multiple of {model.size_multiple} within [{MIN_SIDE}, {MAX_SIDE}]"
+            )
+    default_steps = DEFAULT_STEPS_DEV if model.guidance_embeds else DEFAULT_STEPS_SCHNELL
+    steps = request.steps if request.HasField("steps") else default_steps
+    if not 1 <= steps <= MAX_STEPS:
+        raise InvalidArgument("steps", f"{steps} is outside [1, {MAX_STEPS}]")
+    guidance = request.guidance if request.HasField("guidance") else DEFAULT_GUIDANCE
+    if not math.isfinite(guidance):
+        raise InvalidArgument("guidance", f"{guidance} is not finite")
+    num_images = request.num_images or 1
+    if not 1 <= num_images <= MAX_IMAGES:
+        raise InvalidArgument("num_images", f"{num_images} is outside [1, {MAX_IMAGES}]")
+    if not 0 <= request.max_sequence_length <= 512:
+        raise InvalidArgument("max_sequence_length", f"{request.max_sequence_length} is outside [0, 512]")
+    seed = request.seed if request.HasField("seed") else secrets.randbits(63)
+    return GenerateParams(
+        prompt=request.prompt,
+        prompt_2=request.prompt_2,
+        width=width,
+        height=height,
+        steps=steps,
+        guidance=guidance,
+        seed=seed,
+        num_images=num_images,
+        max_sequence_length=request.max_sequence_length,
+    )

@@ -1,0 +1,1 @@
+"""The GPU stage services: text encoder, denoiser and VAE (torch, diffusers, transformers)."""

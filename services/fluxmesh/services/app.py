@@ -1,0 +1,66 @@
+"""`fluxmesh serve encoder|denoiser|vae`: load one stage's weights, then serve it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from fluxmesh.rpc.server import Server, Service
+from fluxmesh.services.model_folder import resolve_model
+from fluxmesh.services.runtime import Placement, configure_threads
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StageOptions:
+    stage: str  # "encoder" | "denoiser" | "vae"
+    model: str
+    address: str = "[::]:50051"
+    device: str = "auto"
+    dtype: str = "auto"
+    threads: int | None = None
+    max_sequence_length: int | None = None  # encoder only
+
+
+def build_service(options: StageOptions) -> Service:
+    """Load the stage's model and wrap it in its servicer."""
+    configure_threads(options.threads)
+    placement = Placement.parse(options.device, options.dtype)
+    folder = resolve_model(options.model, options.stage)
+    if options.stage == "encoder":
+        from fluxmesh.services.encoder.engine import TextEncoderEngine
+        from fluxmesh.services.encoder.servicer import TextEncoderServicer
+        from fluxmesh.v1 import encoder_pb2_grpc
+
+        engine = TextEncoderEngine(folder, placement, max_sequence_length=options.max_sequence_length)
+        return Service("fluxmesh.v1.TextEncoder", TextEncoderServicer(engine, options.model),
+                       encoder_pb2_grpc.add_TextEncoderServicer_to_server)
+    if options.stage == "denoiser":
+        from fluxmesh.services.denoiser.engine import DenoiserEngine
+        from fluxmesh.services.denoiser.servicer import DenoiserServicer
+        from fluxmesh.v1 import denoiser_pb2_grpc
+
+        engine = DenoiserEngine(folder, placement)
+        return Service("fluxmesh.v1.Denoiser", DenoiserServicer(engine, options.model),
+                       denoiser_pb2_grpc.add_DenoiserServicer_to_server)
+    if options.stage == "vae":
+        from fluxmesh.services.vae.engine import VaeEngine
+        from fluxmesh.services.vae.servicer import VaeServicer
+        from fluxmesh.v1 import vae_pb2_grpc
+
+        engine = VaeEngine(folder, placement)
+        return Service("fluxmesh.v1.Vae", VaeServicer(engine, options.model), vae_pb2_grpc.add_VaeServicer_to_server)
+    raise ValueError(f"unknown stage {options.stage!r}")
+
+
+def serve_stage(options: StageOptions) -> None:
+    service = build_service(options)
+
+    async def main() -> None:
+        server = Server([service], address=options.address)
+        await server.serve_until_signalled()
+
+    asyncio.run(main())

@@ -1,0 +1,74 @@
+"""Denoiser service: streams a StepEvent per step, then the packed latents.
+
+The loop runs on the model thread; step callbacks hop onto the event loop through a queue so
+events reach the caller as they happen. If the caller cancels or disconnects, the loop is told
+through a threading.Event and stops at the next step boundary, freeing the stage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from fluxmesh.services.denoiser.engine import DenoiseJob, DenoiserEngine
+from fluxmesh.services.info import stage_info
+from fluxmesh.services.tensors import from_pb, to_pb
+from fluxmesh.services.worker import ModelWorker
+from fluxmesh.v1 import denoiser_pb2, denoiser_pb2_grpc, tensor_pb2
+
+_DONE = object()
+
+
+def job_from_pb(request: denoiser_pb2.DenoiseRequest) -> DenoiseJob:
+    return DenoiseJob(
+        prompt_embeds=from_pb(request.prompt_embeds, "prompt_embeds", ndim=3),
+        pooled_prompt_embeds=from_pb(request.pooled_prompt_embeds, "pooled_prompt_embeds", ndim=2),
+        width=request.width,
+        height=request.height,
+        steps=request.steps,
+        guidance=request.guidance,
+        seed=request.seed,
+        num_images=request.num_images or 1,
+    )
+
+
+class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
+    def __init__(self, engine: DenoiserEngine, model_name: str):
+        self.engine = engine
+        self.model_name = model_name
+        self.worker = ModelWorker("denoiser")
+        self.steps_run = 0  # total steps computed by this process: tests read it through Info
+
+    async def Denoise(self, request: denoiser_pb2.DenoiseRequest, context):
+        job = job_from_pb(request)
+        self.engine.check(job)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        cancelled = threading.Event()
+
+        def on_step(step: int, total: int, seconds: float) -> None:
+            self.steps_run += 1
+            loop.call_soon_threadsafe(events.put_nowait, denoiser_pb2.StepEvent(step=step, total=total, seconds=seconds))
+
+        task = asyncio.ensure_future(self.worker.run(self.engine.denoise, job, on_step, cancelled))
+        task.add_done_callback(lambda _: loop.call_soon_threadsafe(events.put_nowait, _DONE))
+        try:
+            while (event := await events.get()) is not _DONE:
+                yield denoiser_pb2.DenoiseEvent(step=event)
+            yield denoiser_pb2.DenoiseEvent(latents=to_pb(task.result()))
+        finally:
+            # Reached on success, on error and when the caller goes away (CancelledError).
+            cancelled.set()
+            if not task.done():
+                await asyncio.shield(asyncio.wait([task]))
+
+    async def Info(self, request, context) -> tensor_pb2.StageInfo:
+        return stage_info(
+            "denoiser",
+            self.model_name,
+            self.engine.placement,
+            self.engine.weight_bytes(),
+            guidance_embeds=self.engine.guidance_embeds,
+            size_multiple=self.engine.size_multiple,
+            steps_run=self.steps_run,
+        )

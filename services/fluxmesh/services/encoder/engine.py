@@ -1,0 +1,97 @@
+"""CLIP-L pooled output + T5 sequence embeddings, exactly as FluxPipeline.encode_prompt.
+
+The engine wraps a text-encoders-only `FluxPipeline` and calls its own `encode_prompt`, so the
+tokenisation (padding to max length, truncation), the T5 run on the padded sequence with no
+attention mask and CLIP's `pooler_output` are diffusers' code, not a copy of it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import FluxPipeline
+from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+from fluxmesh.rpc.errors import InvalidArgument
+from fluxmesh.services import model_folder
+from fluxmesh.services.runtime import Placement, module_bytes
+
+log = logging.getLogger(__name__)
+
+MAX_PROMPT_CHARS = 20_000
+
+
+@dataclass
+class Embeddings:
+    prompt_embeds: torch.Tensor  # (B, L, D)
+    pooled_prompt_embeds: torch.Tensor  # (B, D_pooled)
+    truncated_tokens: list[int]  # per prompt, T5 tokens dropped by truncation
+
+
+class TextEncoderEngine:
+    def __init__(
+        self,
+        folder: Path,
+        placement: Placement,
+        *,
+        max_sequence_length: int | None = None,
+        t5_encoder: T5EncoderModel | None = None,
+    ):
+        self.folder = folder
+        self.placement = placement
+        self.default_max_sequence_length = max_sequence_length or model_folder.default_max_sequence_length(folder)
+        device, dtype = placement.device, placement.dtype
+        clip = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=dtype, local_files_only=True)
+        t5 = t5_encoder or T5EncoderModel.from_pretrained(
+            folder, subfolder="text_encoder_2", torch_dtype=dtype, local_files_only=True
+        )
+        self.pipe = FluxPipeline(
+            scheduler=None,
+            vae=None,
+            text_encoder=clip.to(device).eval(),
+            tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True),
+            text_encoder_2=t5.to(device).eval(),
+            tokenizer_2=T5TokenizerFast.from_pretrained(folder, subfolder="tokenizer_2", local_files_only=True),
+            transformer=None,
+        )
+        self.pipe.set_progress_bar_config(disable=True)
+        log.info(
+            "encoder: CLIP + T5 from %s on %s (%.1f MiB), T5 length %d",
+            folder, placement.describe(), self.weight_bytes() / 2**20, self.default_max_sequence_length,
+        )
+
+    def weight_bytes(self) -> int:
+        return module_bytes(self.pipe.text_encoder, self.pipe.text_encoder_2)
+
+    def check(self, prompts: list[str], prompts_2: list[str], max_sequence_length: int) -> int:
+        """Validate an encode request; returns the sequence length to use."""
+        if not prompts:
+            raise InvalidArgument("prompts", "at least one prompt is required")
+        if prompts_2 and len(prompts_2) != len(prompts):
+            raise InvalidArgument("prompts_2", f"{len(prompts_2)} entries for {len(prompts)} prompts")
+        for field, values in (("prompts", prompts), ("prompts_2", prompts_2)):
+            for i, text in enumerate(values):
+                if len(text) > MAX_PROMPT_CHARS:
+                    raise InvalidArgument(f"{field}[{i}]", f"{len(text)} characters; the limit is {MAX_PROMPT_CHARS}")
+        length = max_sequence_length or self.default_max_sequence_length
+        if not 1 <= length <= 512:
+            raise InvalidArgument("max_sequence_length", f"{length} is outside [1, 512]")
+        return length
+
+    def encode(self, prompts: list[str], prompts_2: list[str], max_sequence_length: int) -> Embeddings:
+        prompt_embeds, pooled, _text_ids = self.pipe.encode_prompt(
+            prompt=prompts,
+            prompt_2=prompts_2 or None,
+            device=self.placement.device,
+            num_images_per_prompt=1,
+            max_sequence_length=max_sequence_length,
+        )
+        return Embeddings(prompt_embeds, pooled, self._truncated(prompts_2 or prompts, max_sequence_length))
+
+    def _truncated(self, prompts: list[str], max_sequence_length: int) -> list[int]:
+        # T5 counts as the truncation that matters: CLIP only contributes a pooled vector.
+        lengths = self.pipe.tokenizer_2(prompts, padding=False, truncation=False)["input_ids"]
+        return [max(0, len(ids) - max_sequence_length) for ids in lengths]

@@ -1,0 +1,18 @@
+"""The StageInfo every stage answers from its Info RPC."""
+
+from __future__ import annotations
+
+from fluxmesh.services.runtime import Placement, peak_memory_bytes
+from fluxmesh.v1 import tensor_pb2
+
+
+def stage_info(stage: str, model: str, placement: Placement, weight_bytes: int, **details) -> tensor_pb2.StageInfo:
+    return tensor_pb2.StageInfo(
+        stage=stage,
+        model=model,
+        dtype=str(placement.dtype).removeprefix("torch."),
+        device=str(placement.device),
+        weight_bytes=weight_bytes,
+        peak_memory_bytes=peak_memory_bytes(placement.device),
+        details={key: str(value) for key, value in details.items()},
+    )

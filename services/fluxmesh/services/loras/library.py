@@ -1,0 +1,343 @@
+"""A directory of LoRA files: name resolution, validation, one read per file, an LRU cache.
+
+Names are paths relative to the directory without `.safetensors` (`style/ink` for
+`<dir>/style/ink.safetensors`). Files are read with safetensors only (never pickle) and converted
+to diffusers' key layout by diffusers' own `FluxLoraLoaderMixin.lora_state_dict`, so kohya,
+XLabs, PEFT and ComfyUI naming behave exactly as in `FluxPipeline.load_lora_weights`.
+
+Models hold one PEFT adapter per cached LoRA (see `activation.py`); when the cache drops a LoRA
+it tells its listeners, which delete that adapter, so model memory stays bounded by `max_cached`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from fluxmesh.rpc.errors import InvalidArgument, NotFound
+
+__all__ = ["COMPONENTS", "MAX_WEIGHT", "LoraLibrary", "LoraWeights", "check_lora_weight"]
+
+logger = logging.getLogger(__name__)
+
+SUFFIX = ".safetensors"
+MAX_WEIGHT = 4.0
+# Which model a part of a LoRA goes to, named as diffusers prefixes the keys.
+COMPONENTS = ("transformer", "text_encoder")
+# Flux Control LoRAs carry norm weights that diffusers writes into the base model for good;
+# that cannot be switched off per request, so such files are refused.
+_CONTROL_NORM_KEYS = ("norm_q", "norm_k", "norm_added_q", "norm_added_k")
+
+EvictionListener = Callable[[str, "LoraWeights"], None]
+
+
+@dataclass(frozen=True, eq=False)
+class LoraWeights:
+    """One LoRA file converted to diffusers keys (`transformer.…lora_A.weight`, `text_encoder.…`).
+
+    Identity matters: a new object means a new read (the file changed), so adapters built from
+    an older object are stale.
+    """
+
+    name: str
+    path: Path
+    parts: dict[str, dict[str, Any]]  # component -> state dict, keys keep the component prefix
+    network_alphas: dict[str, Any] | None  # diffusers' `network_alphas` (PEFT files with `.alpha`)
+    metadata: dict[str, Any] | None  # diffusers' `lora_adapter_metadata` from the file header
+    components_in_file: frozenset[str] = field(default_factory=frozenset)
+
+    def state_dict(self, component: str) -> dict[str, Any]:
+        return self.parts.get(component, {})
+
+    def has(self, component: str) -> bool:
+        return bool(self.parts.get(component))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for sd in self.parts.values() for t in sd.values())
+
+
+def check_lora_weight(weight: Any, field: str) -> float:
+    """A LoRA weight must be a finite number within [-MAX_WEIGHT, MAX_WEIGHT]."""
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        raise InvalidArgument(field, f"must be a number, got {weight!r}")
+    weight = float(weight)
+    if not math.isfinite(weight) or abs(weight) > MAX_WEIGHT:
+        raise InvalidArgument(field, f"must be finite and within [-{MAX_WEIGHT:g}, {MAX_WEIGHT:g}], got {weight!r}")
+    return weight
+
+
+class LoraLibrary:
+    """The LoRA files under `directory`, read on first use and kept (at most `max_cached`, LRU).
+
+    `components` says which parts of a file this process needs ("transformer" on the denoiser,
+    "text_encoder" on the encoder); the other parts are dropped after the read.
+
+    Not a request-level lock: the model that adapters live in must be used by one request at a
+    time anyway, so callers serialise `activate` + inference; the internal lock only keeps the
+    cache consistent.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        max_cached: int = 8,
+        *,
+        components: Collection[str] = COMPONENTS,
+    ) -> None:
+        if max_cached < 1:
+            raise ValueError("max_cached must be at least 1")
+        unknown = set(components) - set(COMPONENTS)
+        if unknown:
+            raise ValueError(f"unknown components {sorted(unknown)}; choose from {COMPONENTS}")
+        self.directory = Path(directory).resolve()
+        if not self.directory.is_dir():
+            raise FileNotFoundError(f"LoRA directory {self.directory} does not exist")
+        self.max_cached = max_cached
+        self.components = tuple(components)
+        self.reads = 0  # files read from disk: a metric, and how tests prove "read once"
+        self._cache: OrderedDict[str, tuple[tuple[int, int], LoraWeights]] = OrderedDict()
+        self._listeners: list[weakref.ReferenceType] = []
+        self._lock = threading.RLock()
+
+    # -- names -----------------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        """Every `*.safetensors` under the directory (subfolders too), as request names."""
+        found = []
+        for root, dirs, files in os.walk(self.directory):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for file in files:
+                if not file.endswith(SUFFIX) or file.startswith("."):
+                    continue
+                path = Path(root, file)
+                if not _inside(path.resolve(), self.directory):
+                    continue  # a symlink pointing out is not ours to serve
+                found.append(path.relative_to(self.directory).as_posix()[: -len(SUFFIX)])
+        return sorted(found)
+
+    def resolve(self, name: Any, field: str = "lora.name") -> Path:
+        """The file for `name`; InvalidArgument if the name leaves the directory, NotFound if absent."""
+        if not isinstance(name, str) or not name:
+            raise InvalidArgument(field, f"must be a non-empty LoRA name, got {name!r}")
+        if "\\" in name or "\x00" in name or len(name) > 512:
+            raise InvalidArgument(field, f"{name!r} is not a valid LoRA name")
+        pure = PurePosixPath(name)
+        if pure.is_absolute() or any(part in ("", ".", "..") for part in name.split("/")):
+            raise InvalidArgument(field, f"{name!r} must be a path relative to the LoRA directory, without '..'")
+        path = self.directory.joinpath(*pure.parts[:-1], pure.name + SUFFIX)
+        if not _inside(path.resolve(), self.directory):
+            raise InvalidArgument(field, f"{name!r} points outside the LoRA directory")
+        if not path.is_file():
+            raise NotFound(f"{field}: no LoRA named {name!r} in the LoRA directory")
+        return path
+
+    def check(self, loras: Iterable[tuple[Any, Any]], field: str = "loras") -> list[tuple[str, float]]:
+        """Validate a request's `[(name, weight), ...]` up front: names exist, weights in range.
+
+        Duplicate names are refused (diffusers would silently keep the last weight).
+        """
+        checked: list[tuple[str, float]] = []
+        seen: set[str] = set()
+        for i, entry in enumerate(loras):
+            try:
+                name, weight = entry
+            except (TypeError, ValueError):
+                raise InvalidArgument(f"{field}[{i}]", f"must be a (name, weight) pair, got {entry!r}") from None
+            self.resolve(name, f"{field}[{i}].name")
+            weight = check_lora_weight(weight, f"{field}[{i}].weight")
+            if name in seen:
+                raise InvalidArgument(f"{field}[{i}].name", f"{name!r} is listed twice")
+            seen.add(name)
+            checked.append((name, weight))
+        if len(checked) > self.max_cached:
+            # More than the cache holds would evict an adapter of this very request mid-way.
+            raise InvalidArgument(field, f"at most {self.max_cached} LoRAs per request, got {len(checked)}")
+        return checked
+
+    # -- cache -----------------------------------------------------------------------------
+
+    def load(self, name: str, field: str = "lora.name") -> LoraWeights:
+        """The converted LoRA `name`: read from disk once, then from the cache (LRU order updated).
+
+        A file changed on disk (size or mtime) is read again and its old entry evicted.
+        """
+        path = self.resolve(name, field)
+        stat = path.stat()
+        stamp = (stat.st_mtime_ns, stat.st_size)
+        with self._lock:
+            entry = self._cache.get(name)
+            if entry is not None and entry[0] == stamp:
+                self._cache.move_to_end(name)
+                return entry[1]
+            weights = self._read(name, path, field)
+            self.reads += 1
+            if entry is not None:
+                del self._cache[name]
+                self._notify(name, entry[1])
+            self._cache[name] = (stamp, weights)
+            while len(self._cache) > self.max_cached:
+                old_name, (_, old) = self._cache.popitem(last=False)
+                logger.info("LoRA cache full: evicting %s", old_name)
+                self._notify(old_name, old)
+            return weights
+
+    def cached(self) -> list[str]:
+        """Cached names, least recently used first."""
+        with self._lock:
+            return list(self._cache)
+
+    def clear(self) -> None:
+        with self._lock:
+            while self._cache:
+                name, (_, weights) = self._cache.popitem(last=False)
+                self._notify(name, weights)
+
+    def add_eviction_listener(self, listener: EvictionListener) -> None:
+        """Call `listener(name, weights)` when a LoRA leaves the cache. Held weakly, so a model's
+        activation that is dropped stops listening by itself."""
+        ref = weakref.WeakMethod(listener) if hasattr(listener, "__self__") else weakref.ref(listener)
+        with self._lock:
+            self._listeners.append(ref)
+
+    def remove_eviction_listener(self, listener: EvictionListener) -> None:
+        with self._lock:
+            self._listeners = [r for r in self._listeners if r() is not None and r() != listener]
+
+    def _notify(self, name: str, weights: LoraWeights) -> None:
+        alive = []
+        for ref in self._listeners:
+            listener = ref()
+            if listener is None:
+                continue
+            alive.append(ref)
+            try:
+                listener(name, weights)
+            except Exception:  # one broken model must not break the cache for the others
+                logger.exception("LoRA eviction listener failed for %s", name)
+        self._listeners = alive
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def _read(self, name: str, path: Path, field: str) -> LoraWeights:
+        tensors, header = _read_safetensors(name, path, field)
+        return _convert(name, path, tensors, header, self.components, field)
+
+
+def _inside(path: Path, directory: Path) -> bool:
+    return path == directory or directory in path.parents
+
+
+def _read_safetensors(name: str, path: Path, field: str) -> tuple[dict[str, Any], dict[str, str]]:
+    import torch
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            header = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise InvalidArgument(field, f"LoRA {name!r}: not a readable safetensors file ({e})") from None
+    if not tensors:
+        raise InvalidArgument(field, f"LoRA {name!r}: the file holds no tensors")
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise InvalidArgument(field, f"LoRA {name!r}: tensor {key!r} holds NaN or infinity")
+    return tensors, header
+
+
+def _bfl_lora_a_to_comfy(tensors: dict[str, Any]) -> dict[str, Any]:
+    """BFL-named `diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight` → `….lora_down.weight`.
+
+    diffusers 0.42's `FluxLoraLoaderMixin` does not recognise BFL module names with PEFT's
+    `lora_A`/`lora_B` suffixes (it silently loads nothing); the same file with kohya's
+    `lora_down`/`lora_up` suffixes is ComfyUI's format, which diffusers' kohya converter maps
+    (`diffusion_model.` → `lora_unet_`). Renaming the suffixes is the whole fix; the module
+    mapping, the qkv split and alpha handling stay diffusers'.
+    """
+    renamed = {}
+    for key, value in tensors.items():
+        if key.startswith(("double_blocks.", "single_blocks.")):
+            key = "diffusion_model." + key
+        renamed[key.replace(".lora_A.weight", ".lora_down.weight").replace(".lora_B.weight", ".lora_up.weight")] = value
+    return renamed
+
+
+_BFL_ROOTS = ("diffusion_model.double_blocks.", "diffusion_model.single_blocks.", "double_blocks.", "single_blocks.")
+
+
+def _is_bfl_lora_a(tensors: dict[str, Any]) -> bool:
+    """BFL module names with PEFT suffixes; not XLabs (`.processor.`) and not Control (norms)."""
+    roots = _BFL_ROOTS
+    return any(k.startswith(roots) and (".lora_A." in k or ".lora_B." in k) for k in tensors) and not any(
+        "query_norm.scale" in k or ".processor." in k for k in tensors
+    )
+
+
+def _convert(
+    name: str,
+    path: Path,
+    tensors: dict[str, Any],
+    header: dict[str, str],
+    components: tuple[str, ...],
+    field: str,
+) -> LoraWeights:
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+    from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
+
+    if any("query_norm.scale" in k for k in tensors):
+        raise InvalidArgument(field, f"LoRA {name!r}: Flux Control LoRAs (with norm layers) are not supported")
+    metadata = None
+    if header.get(LORA_ADAPTER_METADATA_KEY):
+        try:
+            metadata = json.loads(header[LORA_ADAPTER_METADATA_KEY])
+        except json.JSONDecodeError as e:
+            raise InvalidArgument(field, f"LoRA {name!r}: malformed {LORA_ADAPTER_METADATA_KEY} header ({e})") from None
+    if _is_bfl_lora_a(tensors):
+        tensors = _bfl_lora_a_to_comfy(tensors)
+    try:
+        # diffusers' detection + converters (kohya/sd-scripts, ComfyUI, XLabs, mixtures, PEFT).
+        state_dict, network_alphas, _ = FluxLoraLoaderMixin.lora_state_dict(
+            dict(tensors), return_alphas=True, return_lora_metadata=True
+        )
+    except Exception as e:  # the converters raise ValueError, KeyError, AssertionError, ...
+        raise InvalidArgument(
+            field, f"LoRA {name!r}: not a FLUX LoRA that diffusers can convert ({type(e).__name__}: {_short(e)})"
+        ) from None
+    if any(k.startswith("transformer.") and any(n in k for n in _CONTROL_NORM_KEYS) for k in state_dict):
+        raise InvalidArgument(field, f"LoRA {name!r}: Flux Control LoRAs (with norm layers) are not supported")
+
+    # The same split FluxLoraLoaderMixin.load_lora_weights makes before loading each model.
+    split = {
+        "transformer": {k: v for k, v in state_dict.items() if k.startswith("transformer.") and "lora" in k},
+        "text_encoder": {k: v for k, v in state_dict.items() if k.startswith("text_encoder.")},
+    }
+    in_file = frozenset(c for c, sd in split.items() if sd)
+    if not in_file:
+        sample = ", ".join(sorted(tensors)[:3])
+        raise InvalidArgument(field, f"LoRA {name!r}: no recognisable FLUX LoRA keys (found e.g. {sample})")
+    ignored = len(state_dict) - sum(len(sd) for sd in split.values())
+    if ignored:
+        logger.warning("LoRA %s: %d keys match no FLUX component and are ignored (as diffusers does)", name, ignored)
+    return LoraWeights(
+        name=name,
+        path=path,
+        parts={c: split[c] for c in components},
+        network_alphas=network_alphas or None,
+        metadata=metadata,
+        components_in_file=in_file,
+    )
+
+
+def _short(e: Exception, limit: int = 300) -> str:
+    text = str(e).replace("\n", " ")
+    return text if len(text) <= limit else text[:limit] + "…"

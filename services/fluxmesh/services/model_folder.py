@@ -1,0 +1,60 @@
+"""Find a model folder: a local diffusers-layout directory, or a Hub id fetched once.
+
+A stage downloads only the subfolders it uses (the VAE service never pulls the 24 GB
+transformer). Hub access uses huggingface_hub's own token handling (HF_TOKEN), and honours
+HF_HUB_OFFLINE; tests only ever pass local folders.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from fluxmesh.rpc.errors import FailedPrecondition, NotFound
+
+STAGE_SUBFOLDERS = {
+    "encoder": ["tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "transformer/config.json"],
+    "denoiser": ["transformer", "scheduler", "vae/config.json"],
+    "vae": ["vae"],
+}
+
+
+def resolve_model(model: str, stage: str) -> Path:
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise FailedPrecondition(f"model {model!r}: no model_index.json; expected a diffusers-layout folder")
+        return path.resolve()
+    if model.count("/") != 1 or model.startswith((".", "/", "~")):
+        raise NotFound(f"model {model!r}: no such folder (and not a Hub id like black-forest-labs/FLUX.1-dev)")
+    from huggingface_hub import snapshot_download
+
+    patterns = ["model_index.json"]
+    for sub in STAGE_SUBFOLDERS[stage]:
+        patterns.append(sub if sub.endswith(".json") else f"{sub}/*")
+    return Path(snapshot_download(model, allow_patterns=patterns))
+
+
+def read_config(folder: Path, component: str) -> dict[str, Any]:
+    """A component's config.json (or scheduler_config.json), e.g. read_config(folder, "vae")."""
+    for name in ("config.json", "scheduler_config.json"):
+        path = folder / component / name
+        if path.is_file():
+            return json.loads(path.read_text())
+    raise FailedPrecondition(f"model folder {folder}: {component}/config.json is missing")
+
+
+def vae_scale_factor(folder: Path) -> int:
+    """As FluxPipeline computes it: 2 ** (number of VAE blocks - 1); 8 for real FLUX."""
+    return 2 ** (len(read_config(folder, "vae")["block_out_channels"]) - 1)
+
+
+def has_guidance_embeds(folder: Path) -> bool:
+    """FLUX.1-dev-style (guidance-distilled) transformers embed the guidance; schnell does not."""
+    return bool(read_config(folder, "transformer").get("guidance_embeds", False))
+
+
+def default_max_sequence_length(folder: Path) -> int:
+    """512 tokens for dev-style models, 256 for schnell, as the model cards say."""
+    return 512 if has_guidance_embeds(folder) else 256

@@ -1,0 +1,66 @@
+"""Where a stage runs: device, dtype, CPU threads, and what it holds in memory."""
+
+from __future__ import annotations
+
+import resource
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from fluxmesh.rpc.errors import InvalidArgument
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Placement:
+    device: torch.device
+    dtype: torch.dtype
+
+    @classmethod
+    def parse(cls, device: str = "auto", dtype: str = "auto") -> "Placement":
+        """`auto` picks cuda:0 when there is one (else mps, else cpu); bf16 on accelerators, fp32 on CPU."""
+        if device == "auto":
+            device = "cuda:0" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        try:
+            resolved = torch.device(device)
+        except RuntimeError as error:
+            raise InvalidArgument("device", f"{device!r}: {error}") from None
+        if resolved.type == "cuda" and not torch.cuda.is_available():
+            raise InvalidArgument("device", f"{device!r}: CUDA is not available in this process")
+        if dtype == "auto":
+            return cls(resolved, torch.float32 if resolved.type == "cpu" else torch.bfloat16)
+        if dtype not in _DTYPES:
+            raise InvalidArgument("dtype", f"{dtype!r}; expected auto or one of {sorted(_DTYPES)}")
+        return cls(resolved, _DTYPES[dtype])
+
+    def describe(self) -> str:
+        return f"{self.device} {str(self.dtype).removeprefix('torch.')}"
+
+
+def configure_threads(threads: int | None) -> None:
+    """Set this process's torch CPU threads: with several stage processes on one host, each
+    must be told, or they fight for cores and every timing lies."""
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def module_bytes(*modules: torch.nn.Module | None) -> int:
+    """Bytes held by parameters and buffers (quantized GGUF parameters count as stored)."""
+    total = 0
+    for module in modules:
+        if module is None:
+            continue
+        for tensor in [*module.parameters(), *module.buffers()]:
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """CUDA peak allocated on a GPU; the process's peak RSS otherwise."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)

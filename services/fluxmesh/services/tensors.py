@@ -1,0 +1,70 @@
+"""torch.Tensor <-> fluxmesh.v1.Tensor, checked on the way in.
+
+Bytes move through `untyped_storage` / `torch.frombuffer` rather than numpy because numpy has
+no bfloat16. Every decoded tensor is checked against what the receiving stage expects, and a
+mismatch is an `InvalidArgument` naming the field, before any model runs.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from fluxmesh.rpc.errors import InvalidArgument
+from fluxmesh.v1 import tensor_pb2
+
+DTYPES: dict[str, torch.dtype] = {
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
+    "uint8": torch.uint8,
+}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+# A decoded tensor may not be larger than this: a hostile shape must not allocate a host.
+MAX_TENSOR_BYTES = 1 << 30
+
+
+def to_pb(tensor: torch.Tensor) -> tensor_pb2.Tensor:
+    tensor = tensor.detach().to("cpu").contiguous()
+    if tensor.dtype not in DTYPE_NAMES:
+        tensor = tensor.float()
+    data = bytes(tensor.untyped_storage())[: tensor.numel() * tensor.element_size()]
+    if sys.byteorder != "little":  # the wire is little-endian
+        data = tensor.view(torch.uint8).flip(-1).numpy().tobytes()
+    return tensor_pb2.Tensor(dtype=DTYPE_NAMES[tensor.dtype], shape=list(tensor.shape), data=data)
+
+
+def from_pb(
+    message: tensor_pb2.Tensor,
+    field: str,
+    *,
+    ndim: int | None = None,
+    finite: bool = True,
+) -> torch.Tensor:
+    """Decode `message`, raising `InvalidArgument(field, ...)` for anything malformed."""
+    if message.dtype not in DTYPES:
+        raise InvalidArgument(f"{field}.dtype", f"unknown dtype {message.dtype!r}; expected one of {sorted(DTYPES)}")
+    shape = list(message.shape)
+    if any(d < 0 for d in shape):
+        raise InvalidArgument(f"{field}.shape", f"negative dimension in {shape}")
+    if ndim is not None and len(shape) != ndim:
+        raise InvalidArgument(f"{field}.shape", f"expected {ndim} dimensions, got {shape}")
+    dtype = DTYPES[message.dtype]
+    numel = 1
+    for d in shape:
+        numel *= d
+    expected = numel * torch.empty((), dtype=dtype).element_size()
+    if expected > MAX_TENSOR_BYTES:
+        raise InvalidArgument(f"{field}.shape", f"{shape} would need {expected} bytes (limit {MAX_TENSOR_BYTES})")
+    if len(message.data) != expected:
+        raise InvalidArgument(
+            f"{field}.data", f"{len(message.data)} bytes do not match shape {shape} of {message.dtype} ({expected} bytes)"
+        )
+    if numel == 0:
+        raise InvalidArgument(f"{field}.shape", f"empty tensor {shape}")
+    tensor = torch.frombuffer(bytearray(message.data), dtype=dtype).reshape(shape)
+    if finite and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        raise InvalidArgument(f"{field}.data", "contains NaN or Inf")
+    return tensor

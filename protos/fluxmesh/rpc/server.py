@@ -73,10 +73,11 @@ class Server:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         await _maybe_await(self.health.set(service, status))
 
-    async def start(self) -> None:
+    async def start(self, *, serving: bool = True) -> None:
+        """Start listening; `serving=False` leaves health NOT_SERVING for the caller to flip."""
         await self._server.start()
         for name in ["", *[s.name for s in self.services]]:
-            await self.set_serving(True, name)
+            await self.set_serving(serving, name)
         log.info("serving %s on %s", ", ".join(s.name for s in self.services), self.address)
 
     async def stop(self, grace: float | None = None) -> None:
@@ -92,6 +93,10 @@ class Server:
     async def serve_until_signalled(self) -> None:
         """Start, then run until SIGTERM/SIGINT (or `stop()`), draining before returning."""
         await self.start()
+        await self.wait_for_signal()
+
+    async def wait_for_signal(self) -> None:
+        """Run until SIGTERM/SIGINT (or `stop()`), draining before returning."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)

@@ -145,11 +145,14 @@ def write_tiny_model(
     schnell: bool = False,
     size: ModelSize | str = ModelSize.tiny,
     seed: int = 0,
+    t5_width: int | None = None,
 ) -> Path:
     """Write a random-weight FLUX model folder at `path` and return it.
 
     `schnell=True` writes a FLUX.1-schnell-style model: no guidance embedding, a fixed-shift
-    scheduler and a 256-token T5 default, as the real one.
+    scheduler and a 256-token T5 default, as the real one. `t5_width=4096` gives T5 the real
+    T5-XXL width (with narrow attention and feed-forward, so it stays small): its embeddings
+    are then exactly as large on the wire as FLUX.1's (512x4096).
     """
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
@@ -157,6 +160,9 @@ def write_tiny_model(
 
     size = ModelSize(size)
     dims = _DIMS[size]
+    t5_d_model = t5_width or dims.t5_width
+    t5_d_kv = 8 if t5_width else dims.t5_width // dims.heads
+    t5_d_ff = 16 if t5_width else dims.t5_width * 2
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
     max_sequence_length = 256 if schnell else 512
@@ -185,9 +191,9 @@ def write_tiny_model(
     t5 = T5EncoderModel(
         T5Config(
             vocab_size=t5_vocab,
-            d_model=dims.t5_width,
-            d_kv=dims.t5_width // dims.heads,
-            d_ff=dims.t5_width * 2,
+            d_model=t5_d_model,
+            d_kv=t5_d_kv,
+            d_ff=t5_d_ff,
             num_layers=dims.text_layers,
             num_heads=dims.heads,
             feed_forward_proj="gated-gelu",
@@ -208,7 +214,7 @@ def write_tiny_model(
         num_single_layers=dims.single_blocks,
         attention_head_dim=dims.head_dim,
         num_attention_heads=dims.heads,
-        joint_attention_dim=dims.t5_width,
+        joint_attention_dim=t5_d_model,
         pooled_projection_dim=dims.text_width,
         guidance_embeds=not schnell,
         axes_dims_rope=dims.rope,

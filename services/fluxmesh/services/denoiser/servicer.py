@@ -36,12 +36,14 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
     def __init__(self, engine: DenoiserEngine, model_name: str):
         self.engine = engine
         self.model_name = model_name
+        self.requests = 0  # accepted requests, reported by Info
         self.worker = ModelWorker("denoiser")
         self.steps_run = 0  # total steps computed by this process: tests read it through Info
 
     async def Denoise(self, request: denoiser_pb2.DenoiseRequest, context):
         job = job_from_pb(request)
         self.engine.check(job)
+        self.requests += 1
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         cancelled = threading.Event()
@@ -71,4 +73,5 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
             guidance_embeds=self.engine.guidance_embeds,
             size_multiple=self.engine.size_multiple,
             steps_run=self.steps_run,
+            requests=self.requests,
         )

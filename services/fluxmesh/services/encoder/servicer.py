@@ -13,11 +13,13 @@ class TextEncoderServicer(encoder_pb2_grpc.TextEncoderServicer):
     def __init__(self, engine: TextEncoderEngine, model_name: str):
         self.engine = engine
         self.model_name = model_name
+        self.requests = 0  # accepted requests, reported by Info
         self.worker = ModelWorker("encoder")
 
     async def Encode(self, request: encoder_pb2.EncodeRequest, context) -> encoder_pb2.EncodeResponse:
         prompts, prompts_2 = list(request.prompts), list(request.prompts_2)
         length = self.engine.check(prompts, prompts_2, request.max_sequence_length)
+        self.requests += 1
         result = await self.worker.run(self.engine.encode, prompts, prompts_2, length)
         return encoder_pb2.EncodeResponse(
             prompt_embeds=to_pb(result.prompt_embeds),
@@ -32,4 +34,5 @@ class TextEncoderServicer(encoder_pb2_grpc.TextEncoderServicer):
             self.engine.placement,
             self.engine.weight_bytes(),
             max_sequence_length=self.engine.default_max_sequence_length,
+            requests=self.requests,
         )

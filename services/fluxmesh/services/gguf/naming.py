@@ -25,8 +25,12 @@ __all__ = [
     "Recipe",
     "bfl_recipes",
     "bfl_to_diffusers",
+    "check_names",
+    "diffusers_names",
     "diffusers_to_bfl",
     "is_bfl_naming",
+    "recipes_for_bfl_keys",
+    "recipes_for_diffusers_keys",
     "strip_bfl_prefix",
 ]
 
@@ -165,7 +169,12 @@ def strip_bfl_prefix(key: str) -> str:
     return key[len(BFL_PREFIX) :] if key.startswith(BFL_PREFIX) else key
 
 
-def _check_names(given: Iterable[str], expected: Iterable[str], what: str) -> None:
+def diffusers_names(recipes: Mapping[str, Recipe]) -> list[str]:
+    return [s for r in recipes.values() for s in r.sources]
+
+
+def check_names(given: Iterable[str], expected: Iterable[str], what: str) -> None:
+    """KeyError naming the first missing and unexpected tensors unless the name sets match."""
     given, expected = set(given), set(expected)
     if given != expected:
         missing, extra = sorted(expected - given), sorted(given - expected)
@@ -175,7 +184,7 @@ def _check_names(given: Iterable[str], expected: Iterable[str], what: str) -> No
 def diffusers_to_bfl(state_dict: Mapping[str, T]) -> dict[str, T]:
     """diffusers FLUX transformer state dict -> BFL names (fused qkv, linear1, swapped final AdaLN)."""
     recipes = recipes_for_diffusers_keys(state_dict)
-    _check_names(state_dict, (s for r in recipes.values() for s in r.sources), "diffusers")
+    check_names(state_dict, diffusers_names(recipes), "diffusers")
     return {name: recipe.build(state_dict.__getitem__) for name, recipe in recipes.items()}
 
 
@@ -186,7 +195,7 @@ def bfl_to_diffusers(state_dict: Mapping[str, T], inner_dim: int | None = None) 
     """
     sd = {strip_bfl_prefix(k): v for k, v in state_dict.items()}
     recipes = recipes_for_bfl_keys(sd)
-    _check_names(sd, recipes, "BFL")
+    check_names(sd, recipes, "BFL")
     inner_dim = inner_dim or sd["img_in.weight"].shape[0]
     out: dict[str, T] = {}
     for name, recipe in recipes.items():

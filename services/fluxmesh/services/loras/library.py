@@ -19,7 +19,7 @@ import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -53,7 +53,7 @@ class LoraWeights:
     parts: dict[str, dict[str, Any]]  # component -> state dict, keys keep the component prefix
     network_alphas: dict[str, Any] | None  # diffusers' `network_alphas` (PEFT files with `.alpha`)
     metadata: dict[str, Any] | None  # diffusers' `lora_adapter_metadata` from the file header
-    components_in_file: frozenset[str] = field(default_factory=frozenset)
+    components_in_file: frozenset[str] = frozenset()  # parts the file had, kept or not
 
     def state_dict(self, component: str) -> dict[str, Any]:
         return self.parts.get(component, {})
@@ -255,6 +255,16 @@ def _read_safetensors(name: str, path: Path, field: str) -> tuple[dict[str, Any]
     return tensors, header
 
 
+_BFL_ROOTS = ("diffusion_model.double_blocks.", "diffusion_model.single_blocks.", "double_blocks.", "single_blocks.")
+
+
+def _is_bfl_lora_a(tensors: dict[str, Any]) -> bool:
+    """BFL module names with PEFT suffixes; not XLabs (`.processor.`) and not Control (norms)."""
+    return any(k.startswith(_BFL_ROOTS) and (".lora_A." in k or ".lora_B." in k) for k in tensors) and not any(
+        "query_norm.scale" in k or ".processor." in k for k in tensors
+    )
+
+
 def _bfl_lora_a_to_comfy(tensors: dict[str, Any]) -> dict[str, Any]:
     """BFL-named `diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight` → `….lora_down.weight`.
 
@@ -270,17 +280,6 @@ def _bfl_lora_a_to_comfy(tensors: dict[str, Any]) -> dict[str, Any]:
             key = "diffusion_model." + key
         renamed[key.replace(".lora_A.weight", ".lora_down.weight").replace(".lora_B.weight", ".lora_up.weight")] = value
     return renamed
-
-
-_BFL_ROOTS = ("diffusion_model.double_blocks.", "diffusion_model.single_blocks.", "double_blocks.", "single_blocks.")
-
-
-def _is_bfl_lora_a(tensors: dict[str, Any]) -> bool:
-    """BFL module names with PEFT suffixes; not XLabs (`.processor.`) and not Control (norms)."""
-    roots = _BFL_ROOTS
-    return any(k.startswith(roots) and (".lora_A." in k or ".lora_B." in k) for k in tensors) and not any(
-        "query_norm.scale" in k or ".processor." in k for k in tensors
-    )
 
 
 def _convert(
@@ -325,14 +324,16 @@ def _convert(
     if not in_file:
         sample = ", ".join(sorted(tensors)[:3])
         raise InvalidArgument(field, f"LoRA {name!r}: no recognisable FLUX LoRA keys (found e.g. {sample})")
-    ignored = len(state_dict) - sum(len(sd) for sd in split.values())
+    ignored = sorted(set(state_dict) - set(split["transformer"]) - set(split["text_encoder"]))
     if ignored:
-        logger.warning("LoRA %s: %d keys match no FLUX component and are ignored (as diffusers does)", name, ignored)
+        # e.g. kohya `lora_unet_img_in`/`txt_in`/`time_in`/`final_layer`: diffusers 0.42 converts
+        # them to keys without the `transformer.` prefix, and load_lora_weights then skips them.
+        logger.warning("LoRA %s: %d keys are ignored, as diffusers ignores them: %s", name, len(ignored), ignored[:4])
     return LoraWeights(
         name=name,
         path=path,
         parts={c: split[c] for c in components},
-        network_alphas=network_alphas or None,
+        network_alphas=network_alphas,
         metadata=metadata,
         components_in_file=in_file,
     )

@@ -13,11 +13,13 @@ class VaeServicer(vae_pb2_grpc.VaeServicer):
     def __init__(self, engine: VaeEngine, model_name: str):
         self.engine = engine
         self.model_name = model_name
+        self.requests = 0  # accepted requests, reported by Info
         self.worker = ModelWorker("vae")
 
     async def Decode(self, request: vae_pb2.DecodeRequest, context) -> vae_pb2.DecodeResponse:
         latents = from_pb(request.latents, "latents", ndim=3)
         self.engine.check(latents, request.width, request.height)
+        self.requests += 1
         raw = request.format == tensor_pb2.IMAGE_FORMAT_RAW_RGB
         images = await self.worker.run(self._decode, latents, request.width, request.height, raw)
         return vae_pb2.DecodeResponse(images=images)
@@ -42,4 +44,5 @@ class VaeServicer(vae_pb2_grpc.VaeServicer):
             self.engine.weight_bytes(),
             vae_scale_factor=self.engine.vae_scale_factor,
             size_multiple=self.engine.size_multiple,
+            requests=self.requests,
         )

@@ -1,0 +1,67 @@
+"""Session-wide fixtures: tiny models written once, real service processes started once.
+
+End-to-end tests talk to four real processes on loopback ports, shared across the session so
+the suite stays within minutes on two cores.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing downloads at test time
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+# Each stage process gets one torch thread: four processes share two cores.
+STAGE_FLAGS = ["--threads", "1"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread_in_tests():
+    import torch
+
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def dev_model(tmp_path_factory) -> Path:
+    from fluxmesh.services.tiny_model import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-dev")
+
+
+@pytest.fixture(scope="session")
+def schnell_model(tmp_path_factory) -> Path:
+    from fluxmesh.services.tiny_model import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-schnell", schnell=True)
+
+
+def _start(model: Path, *extra_orchestrator_args: str):
+    from fluxmesh.cli.supervisor import free_port, start_local
+
+    return start_local(str(model), port=free_port(), common_args=STAGE_FLAGS,
+                       orchestrator_args=list(extra_orchestrator_args), timeout=180)
+
+
+@pytest.fixture(scope="session")
+def dev_cluster(dev_model):
+    """encoder, denoiser, vae and orchestrator serving the tiny dev model."""
+    cluster = _start(dev_model)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def schnell_cluster(schnell_model):
+    cluster = _start(schnell_model)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def stage_addresses(dev_cluster) -> dict[str, str]:
+    return {child.name: child.address for child in dev_cluster.children}

@@ -1,0 +1,139 @@
+"""The `fluxmesh` command as a user runs it: up, generate, health, tiny-model, demo."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from factories import max_abs_diff, png_image, reference_images
+from fluxmesh.cli.supervisor import free_port, health_status
+
+FLUXMESH = [sys.executable, "-m", "fluxmesh.cli"]
+
+
+def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([*FLUXMESH, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().split()[2] == "Z")
+
+
+@pytest.fixture(scope="module")
+def up_process(dev_model):
+    port = free_port()
+    process = subprocess.Popen([*FLUXMESH, "up", "--model", str(dev_model), "--port", str(port), "--threads", "1"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 180
+    while health_status(f"127.0.0.1:{port}") != 1:
+        assert process.poll() is None, process.stdout.read()
+        assert time.monotonic() < deadline, "fluxmesh up did not come up"
+        time.sleep(0.2)
+    yield process, f"127.0.0.1:{port}"
+    if process.poll() is None:
+        process.kill()
+
+
+def test_up_then_generate_writes_the_diffusers_image(up_process, dev_model, tmp_path):
+    _, address = up_process
+    out = tmp_path / "cat.png"
+    done = run("generate", "--address", address, "-p", "a photo of a cat sitting on a windowsill",
+               "--width", "64", "--height", "96", "--steps", "3", "--guidance", "3.5", "--seed", "99", "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    assert "seed 99" in done.stderr and "denoise" in done.stderr
+    expected = reference_images(dev_model, width=64, height=96, steps=3, guidance=3.5, seed=99)[0]
+    assert max_abs_diff(png_image(out.read_bytes()), expected) <= 1
+
+
+def test_generate_num_images_writes_numbered_files(up_process, tmp_path):
+    _, address = up_process
+    done = run("generate", "--address", address, "-p", "a fox", "--width", "64", "--height", "64", "--steps", "1",
+               "--num-images", "2", "-o", str(tmp_path / "fox.png"))
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fox-0.png", "fox-1.png"]
+
+
+def test_generate_reports_bad_input_and_exits_nonzero(up_process):
+    _, address = up_process
+    done = run("generate", "--address", address, "-p", "a fox", "--width", "70")
+    assert done.returncode == 2
+    assert "INVALID_ARGUMENT: width: 70" in done.stderr
+
+
+def test_health_command(up_process):
+    _, address = up_process
+    assert run("health", address).stdout.strip() == "SERVING"
+    dead = run("health", f"127.0.0.1:{free_port()}", "--timeout", "0.5")
+    assert dead.returncode == 1 and dead.stdout.strip() == "UNREACHABLE"
+
+
+def test_sigterm_stops_up_and_every_child(up_process):
+    """Runs last in this module: SIGTERM to `up` leaves no process behind."""
+    process, _ = up_process
+    children = _children(process.pid)
+    assert len(children) == 4
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 0
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in children)
+
+
+def test_children_die_with_a_killed_parent(dev_model):
+    """Even SIGKILL of `up` leaves no orphans (PR_SET_PDEATHSIG)."""
+    port = free_port()
+    process = subprocess.Popen([*FLUXMESH, "up", "--model", str(dev_model), "--port", str(port), "--threads", "1"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    while len(_children(process.pid)) < 4 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    children = _children(process.pid)
+    assert len(children) == 4
+    process.kill()
+    process.wait()
+    deadline = time.monotonic() + 20
+    while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in children)
+
+
+def test_tiny_model_is_deterministic(tmp_path):
+    import hashlib
+
+    def digest(folder: Path) -> dict[str, str]:
+        return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    for name in ("a", "b"):
+        assert run("tiny-model", str(tmp_path / name), "--schnell").returncode == 0
+    a, b = digest(tmp_path / "a"), digest(tmp_path / "b")
+    assert a == b
+    assert {"model_index.json", "transformer/config.json", "transformer/diffusion_pytorch_model.safetensors",
+            "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
+            "text_encoder_2/model.safetensors", "scheduler/scheduler_config.json"} <= set(a)
+
+
+def test_demo_runs_all_four_processes_and_writes_a_png(tmp_path):
+    out = tmp_path / "demo.png"
+    done = run("demo", "-o", str(out), "--width", "64", "--height", "64", "--steps", "2", timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert png_image(out.read_bytes()).size == (64, 64)
+    for stage in ("encoder", "denoiser", "vae", "orchestrator"):
+        assert f"{stage} SERVING" in done.stderr

@@ -1,0 +1,93 @@
+"""The SDK: typed events in order, sync and asyncio clients, cancellation, and no torch needed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+
+import grpc
+import pytest
+
+from factories import PROMPT, max_abs_diff
+from fluxmesh.client import AsyncClient, Client, FluxmeshError, Queued, Result, Stage, StageFinished, StageStarted, Step
+
+
+def test_stream_yields_stages_steps_and_result_in_order(dev_cluster):
+    with Client(dev_cluster.address, timeout=60) as client:
+        events = list(client.stream(PROMPT, width=64, height=64, steps=3, seed=11))
+    kinds = [type(e).__name__ for e in events]
+    assert kinds[0] in ("Queued", "StageStarted")
+    stages = [(type(e).__name__, e.stage) for e in events if isinstance(e, (StageStarted, StageFinished))]
+    assert stages == [
+        ("StageStarted", Stage.encode), ("StageFinished", Stage.encode),
+        ("StageStarted", Stage.denoise), ("StageFinished", Stage.denoise),
+        ("StageStarted", Stage.decode), ("StageFinished", Stage.decode),
+    ]
+    assert [(e.step, e.total) for e in events if isinstance(e, Step)] == [(1, 3), (2, 3), (3, 3)]
+    result = events[-1]
+    assert isinstance(result, Result) and result.seed == 11
+    assert result.timings.total >= result.timings.denoise > 0
+    assert len({e.request_id for e in events}) == 1
+
+
+async def test_async_client_matches_sync_client(dev_cluster):
+    async with AsyncClient(dev_cluster.address, timeout=60) as client:
+        got = await client.generate(PROMPT, width=64, height=64, steps=2, seed=21)
+    with Client(dev_cluster.address, timeout=60) as client:
+        want = client.generate(PROMPT, width=64, height=64, steps=2, seed=21)
+    assert max_abs_diff(got.image, want.image) == 0
+
+
+async def test_async_errors_are_fluxmesh_errors(dev_cluster):
+    async with AsyncClient(dev_cluster.address) as client:
+        with pytest.raises(FluxmeshError) as caught:
+            await client.generate(PROMPT, width=63)
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def _steps_run(client: Client) -> int:
+    return next(int(s.details["steps_run"]) for s in client.info().stages if s.stage == "denoiser")
+
+
+def test_cancel_stops_the_denoiser_within_a_step(dev_cluster):
+    steps = 100
+    with Client(dev_cluster.address, timeout=120) as client:
+        before = _steps_run(client)
+        stream = client.stream(PROMPT, width=256, height=256, steps=steps, seed=1)
+        seen = 0
+        with pytest.raises(FluxmeshError) as caught:
+            for event in stream:
+                if isinstance(event, Step):
+                    seen = event.step
+                    stream.cancel()
+        assert caught.value.code == grpc.StatusCode.CANCELLED
+        time.sleep(1.0)  # let the denoiser notice; it must have stopped long before 100 steps
+        ran = _steps_run(client) - before
+        assert 1 <= ran <= seen + 2, (ran, seen)
+        # and the stage is free again
+        assert client.generate(PROMPT, width=64, height=64, steps=1, seed=2).image.size == (64, 64)
+
+
+def test_sdk_works_without_torch(dev_cluster, tmp_path):
+    """fluxmesh.client and the orchestrator import and run with every torch import blocked."""
+    script = textwrap.dedent(f"""
+        import sys
+        class BlockTorch:
+            def find_spec(self, name, path=None, target=None):
+                if name == "torch" or name.startswith(("torch.", "diffusers", "transformers")):
+                    raise ImportError("torch is blocked in this test")
+        sys.meta_path.insert(0, BlockTorch())
+        from fluxmesh.client import Client
+        import fluxmesh.orchestrator.app, fluxmesh.cli.main
+        with Client({dev_cluster.address!r}, timeout=60) as client:
+            result = client.generate("a cat", width=64, height=64, steps=1, seed=1)
+        result.image.save({str(tmp_path / "out.png")!r})
+        assert "torch" not in sys.modules
+        print("ok", result.seed)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok 1"
+    assert (tmp_path / "out.png").stat().st_size > 0

@@ -204,7 +204,8 @@ def test_each_qtype_writes_in_community_layout_and_loads(wide, tmp_path, qtype):
     }[qtype]  # fmt: skip
     types = _types(path)
     # the big matmul weights carry the asked type; biases and norms stay F32 (city96's rules)
-    for name in ("double_blocks.0.img_attn.qkv.weight", "double_blocks.0.img_mlp.2.weight", "single_blocks.0.linear2.weight"):
+    big = ("double_blocks.0.img_attn.qkv.weight", "double_blocks.0.img_mlp.2.weight", "single_blocks.0.linear2.weight")
+    for name in big:
         assert types[name] == qtype, name
     assert types["double_blocks.0.img_attn.qkv.bias"] == "F32"
     assert types["single_blocks.0.norm.query_norm.scale"] == "F32"
@@ -335,7 +336,8 @@ def _t5_embeddings(model, folder):
     from transformers import T5TokenizerFast
 
     tokenizer = T5TokenizerFast.from_pretrained(folder / "tokenizer_2", local_files_only=True)
-    ids = tokenizer(["a photo of a cat", "a red fox in the snow"], padding="max_length", max_length=512, return_tensors="pt")
+    prompts = ["a photo of a cat", "a red fox in the snow"]
+    ids = tokenizer(prompts, padding="max_length", max_length=512, return_tensors="pt")
     with torch.no_grad():
         return model(ids.input_ids).last_hidden_state
 
@@ -355,7 +357,8 @@ def test_t5_gguf_layout_and_embeddings(tiny, files, tmp_path):
     # measured: relative RMS error 0.011, cosine 0.99994; bounds 0.03 and 0.999
     assert _rel(q8, expected) < 0.03
     assert torch.nn.functional.cosine_similarity(q8.flatten(1), expected.flatten(1)).min() > 0.999
-    f16 = _t5_embeddings(load_gguf_t5(quantize_t5(tiny / "text_encoder_2", tmp_path / "t5-f16.gguf", "F16"), tiny), tiny)
+    f16_file = quantize_t5(tiny / "text_encoder_2", tmp_path / "t5-f16.gguf", "F16")  # the component folder works too
+    f16 = _t5_embeddings(load_gguf_t5(f16_file, tiny), tiny)
     assert _rel(f16, expected) < 1e-3  # measured 2.5e-4
 
 
@@ -363,7 +366,9 @@ def test_t5_gguf_carries_a_tokenizer_transformers_rebuilds(tiny, files):
     from transformers import T5TokenizerFast
 
     from_folder = T5TokenizerFast.from_pretrained(tiny / "tokenizer_2", local_files_only=True)
-    from_gguf = T5TokenizerFast.from_pretrained(tiny / "text_encoder_2", gguf_file=str(files["t5"]), local_files_only=True)
+    from_gguf = T5TokenizerFast.from_pretrained(
+        tiny / "text_encoder_2", gguf_file=str(files["t5"]), local_files_only=True
+    )
     text = "a cozy cabin in the woods during autumn, warm colors, zebra!"
     assert from_gguf(text).input_ids == from_folder(text).input_ids
 
@@ -459,7 +464,8 @@ def test_t5_file_that_does_not_fit_the_model_folder(files, tmp_path):
     from transformers import T5Config
 
     other = tmp_path / "other"
-    T5Config(d_model=48, d_kv=24, d_ff=96, num_layers=2, num_heads=2, vocab_size=142).save_pretrained(other / "text_encoder_2")
+    config = T5Config(d_model=48, d_kv=24, d_ff=96, num_layers=2, num_heads=2, vocab_size=142)
+    config.save_pretrained(other / "text_encoder_2")
     with pytest.raises(GGUFFileError) as e:
         load_gguf_t5(files["t5"], other)
     _assert_names_file(e.value, files["t5"], "embedding_length is 32")

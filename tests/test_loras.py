@@ -182,6 +182,16 @@ def test_bfl_matches_merge(dev_model, lora_dir):
     assert _max_diff(fresh.image([(f"bfl/{n}", w) for w, n in STACK]), merged) <= 1
 
 
+def test_dev_lora_on_schnell_skips_the_guidance_layers(schnell_model, lora_dir):
+    """A dev LoRA touching `guidance_embedder` still loads on schnell (which has none), as in diffusers."""
+    served = Served(schnell_model, lora_dir)
+    loras = [("peft/a", 0.8), ("kohya/b", 0.5)]
+    image = served.image(loras)
+    expected = _reference(schnell_model, [(lora_dir / f"{n}.safetensors", w) for n, w in loras])
+    assert _max_diff(image, expected) <= 1
+    assert not any("guidance" in n for n, _ in served.pipe.transformer.named_modules())
+
+
 @pytest.mark.parametrize("fmt", ["kohya", "peft"])
 def test_alpha_scales_as_alpha_over_rank(fmt, dev_model, tmp_path):
     """alpha = rank/2 at weight 1.0 is the same LoRA as alpha = rank at weight 0.5."""

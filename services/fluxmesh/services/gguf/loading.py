@@ -69,7 +69,8 @@ def read_gguf(path: str | Path, architectures: tuple[str, ...]) -> gguf.GGUFRead
     for t in reader.tensors:
         if t.tensor_type not in supported:
             names = ", ".join(sorted(q.name for q in supported))
-            raise GGUFFileError(path, f"tensor {t.name!r} has quant type {t.tensor_type.name}, which cannot be loaded (supported: {names})")
+            reason = f"tensor {t.name!r} has quant type {t.tensor_type.name}, which cannot be loaded"
+            raise GGUFFileError(path, f"{reason} (supported: {names})")
     return reader
 
 
@@ -96,7 +97,8 @@ def _check_fits(path: Path, state_dict: dict, config: dict) -> None:
         expected = {k: tuple(v.shape) for k, v in FluxTransformer2DModel.from_config(config).state_dict().items()}
     missing, extra = sorted(expected.keys() - state_dict.keys()), sorted(state_dict.keys() - expected.keys())
     if missing or extra:
-        raise GGUFFileError(path, f"does not fit the model folder's transformer: missing {missing[:5]}, unexpected {extra[:5]}")
+        reason = f"missing {missing[:5]}, unexpected {extra[:5]}"
+        raise GGUFFileError(path, f"does not fit the model folder's transformer: {reason}")
     for key, shape in expected.items():
         if _logical_shape(state_dict[key]) != shape:
             got = _logical_shape(state_dict[key])
@@ -126,9 +128,10 @@ def load_gguf_transformer(
         inner_dim = config["num_attention_heads"] * config["attention_head_dim"]
         try:
             state_dict = naming.bfl_to_diffusers(state_dict, inner_dim)
-        except (KeyError, RuntimeError) as e:
-            reason = e.args[0] if isinstance(e, KeyError) else f"its BFL tensors do not split for inner_dim {inner_dim} ({e})"
-            raise GGUFFileError(path, reason) from None
+        except KeyError as e:
+            raise GGUFFileError(path, e.args[0]) from None
+        except RuntimeError as e:  # torch.split: rows do not add up for this width
+            raise GGUFFileError(path, f"BFL tensors do not split for inner_dim {inner_dim} ({e})") from None
     _check_fits(path, state_dict, config)
     model = FluxTransformer2DModel.from_single_file(
         state_dict,
@@ -156,7 +159,8 @@ def load_gguf_t5(gguf_file: str | Path, model_folder: str | Path, dtype: torch.d
     for key, attr in (("embedding_length", "d_model"), ("block_count", "num_layers"), ("feed_forward_length", "d_ff")):
         field = reader.fields.get(f"{arch}.{key}")
         if field is not None and field.contents() != getattr(config, attr):
-            raise GGUFFileError(path, f"{arch}.{key} is {field.contents()}, the model folder's T5 has {attr}={getattr(config, attr)}")
+            wanted = f"{attr}={getattr(config, attr)}"
+            raise GGUFFileError(path, f"{arch}.{key} is {field.contents()}, the model folder's T5 has {wanted}")
     try:
         model, info = T5EncoderModel.from_pretrained(
             folder, gguf_file=str(path), config=config, dtype=dtype, local_files_only=True, output_loading_info=True
@@ -165,5 +169,6 @@ def load_gguf_t5(gguf_file: str | Path, model_folder: str | Path, dtype: torch.d
         raise GGUFFileError(path, f"does not fit the model folder's T5 encoder ({e})") from None
     missing = sorted(k for k in info["missing_keys"] if k != "encoder.embed_tokens.weight")
     if missing or info["mismatched_keys"]:
-        raise GGUFFileError(path, f"does not fit the model folder's T5 encoder: missing {missing[:5]}, mismatched {sorted(info['mismatched_keys'])[:5]}")
+        reason = f"missing {missing[:5]}, mismatched {sorted(info['mismatched_keys'])[:5]}"
+        raise GGUFFileError(path, f"does not fit the model folder's T5 encoder: {reason}")
     return model.eval()

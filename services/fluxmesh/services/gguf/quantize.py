@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
@@ -31,7 +32,7 @@ from gguf import GGMLQuantizationType as G
 
 from fluxmesh.rpc.errors import InvalidArgument, NotFound
 
-from . import naming
+from . import naming as names  # the module; `naming` is quantize_transformer's argument
 from ._kquants import KQUANT_ENCODERS
 from .errors import GGUFFileError
 
@@ -96,7 +97,7 @@ class _Tensor:
     name: str
     shape: tuple[int, ...]
     qtype: G
-    build: Callable[[], "object"]  # -> torch.Tensor
+    build: Callable[[], Any]  # -> torch.Tensor, read and converted only when written
 
 
 def _parse_qtype(qtype: str | QuantType) -> QuantType:
@@ -221,7 +222,8 @@ def _component_files(source: Path, subfolder: str, what: str) -> tuple[Path, lis
     else:
         files = sorted(folder.glob("*.safetensors"))
     if not (folder / "config.json").is_file() or not files:
-        raise GGUFFileError(source, f"not a diffusers {what} folder (no {subfolder}/config.json with .safetensors weights)")
+        reason = f"not a diffusers {what} folder (no {subfolder}/config.json with .safetensors weights)"
+        raise GGUFFileError(source, reason)
     return folder, files
 
 
@@ -230,21 +232,21 @@ def _component_files(source: Path, subfolder: str, what: str) -> tuple[Path, lis
 
 def _transformer_plan(src: _SafetensorsSource, naming_out: Naming, target: G, source: Path) -> list[_Tensor]:
     # Strip "model.diffusion_model." as ComfyUI-style single files carry it.
-    keys = {naming.strip_bfl_prefix(k): k for k in src.keys()}
+    keys = {names.strip_bfl_prefix(k): k for k in src.keys()}
     raw = lambda key: src.get(keys[key])  # noqa: E731
     shape = lambda key: src.shape(keys[key])  # noqa: E731
     f16 = lambda key: src.is_f16(keys[key])  # noqa: E731
+    from_bfl = names.is_bfl_naming(keys)
     try:
-        if naming.is_bfl_naming(keys):
-            recipes = naming.recipes_for_bfl_keys(keys)
-            naming.check_names(keys, recipes, "BFL")
+        if from_bfl:
+            recipes = names.recipes_for_bfl_keys(keys)
+            names.check_names(keys, recipes, "BFL")
         else:
-            recipes = naming.recipes_for_diffusers_keys(keys)
-            naming.check_names(keys, naming.diffusers_names(recipes), "diffusers")
+            recipes = names.recipes_for_diffusers_keys(keys)
+            names.check_names(keys, names.diffusers_names(recipes), "diffusers")
     except KeyError as e:
         raise GGUFFileError(source, e.args[0]) from None
     plan: list[_Tensor] = []
-    from_bfl = naming.is_bfl_naming(keys)
     inner_dim = shape("img_in.weight")[0] if from_bfl else shape("x_embedder.weight")[0]
     for bfl_name, recipe in recipes.items():
         if from_bfl:
@@ -309,7 +311,8 @@ def _t5_vocab(tokenizer_json: Path, vocab_size: int) -> dict[str, object]:
     data = json.loads(tokenizer_json.read_text())
     model = data.get("model", {})
     if model.get("type") != "Unigram":
-        raise GGUFFileError(tokenizer_json, f"T5 tokenizer must be a Unigram (SentencePiece) model, got {model.get('type')!r}")
+        reason = f"T5 tokenizer must be a Unigram (SentencePiece) model, got {model.get('type')!r}"
+        raise GGUFFileError(tokenizer_json, reason)
     special = {t["content"] for t in data.get("added_tokens", []) if t.get("special")}
     tokens, scores, types = [], [], []
     for i, (piece, score) in enumerate(model["vocab"]):
@@ -348,10 +351,12 @@ def quantize_t5(source: str | Path, output: str | Path, qtype: str | QuantType =
     folder, files = _component_files(source, "text_encoder_2", "T5 encoder")
     config = json.loads((folder / "config.json").read_text())
     if config.get("model_type") not in ("t5", "umt5"):
-        raise GGUFFileError(folder / "config.json", f"model_type is {config.get('model_type')!r}, expected a T5 encoder")
+        reason = f"model_type is {config.get('model_type')!r}, expected a T5 encoder"
+        raise GGUFFileError(folder / "config.json", reason)
     tokenizer = next((p for p in (folder.parent / "tokenizer_2", folder) if (p / "tokenizer.json").is_file()), None)
     if tokenizer is None:
-        raise GGUFFileError(source, "no tokenizer_2/tokenizer.json beside the T5 encoder (the GGUF carries the vocabulary)")
+        reason = "no tokenizer_2/tokenizer.json beside the T5 encoder (the GGUF carries the vocabulary)"
+        raise GGUFFileError(source, reason)
     vocab = _t5_vocab(tokenizer / "tokenizer.json", config["vocab_size"])
 
     src = _SafetensorsSource(files)

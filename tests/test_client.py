@@ -91,3 +91,12 @@ def test_sdk_works_without_torch(dev_cluster, tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok 1"
     assert (tmp_path / "out.png").stat().st_size > 0
+
+
+def test_prompt_truncation_is_reported_not_silent(dev_cluster):
+    long_prompt = " ".join(["a red fox in the snow"] * 40)  # far beyond 16 T5 tokens
+    with Client(dev_cluster.address, timeout=60) as client:
+        cut = client.generate(long_prompt, width=64, height=64, steps=1, seed=1, max_sequence_length=16)
+        whole = client.generate("a red fox", width=64, height=64, steps=1, seed=1, max_sequence_length=16)
+    assert len(cut.warnings) == 1 and "truncated" in cut.warnings[0] and "16" in cut.warnings[0]
+    assert whole.warnings == []

@@ -10,7 +10,7 @@ import pytest
 from factories import PROMPT
 from fluxmesh.cli.supervisor import free_port
 from fluxmesh.client import Client, FluxmeshError
-from fluxmesh.v1 import tensor_pb2
+from fluxmesh.v1 import common_pb2
 
 BAD_FIELDS = [
     ("width", {"width": 100}),
@@ -97,12 +97,12 @@ def test_stage_rejects_mismatched_tensor_bytes(stage_addresses):
 
     with sync_channel(stage_addresses["vae"]) as channel:
         stub = vae_pb2_grpc.VaeStub(channel)
-        bad = tensor_pb2.Tensor(dtype="float32", shape=[1, 16, 64], data=b"\0" * 10)
+        bad = common_pb2.Tensor(dtype="float32", shape=[1, 16, 64], data=b"\0" * 10)
         with pytest.raises(grpc.RpcError) as caught:
             stub.Decode(vae_pb2.DecodeRequest(latents=bad, width=64, height=64), timeout=10)
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert caught.value.details().startswith("latents.data:")
-        bad = tensor_pb2.Tensor(dtype="complex64", shape=[1], data=b"\0" * 8)
+        bad = common_pb2.Tensor(dtype="complex64", shape=[1], data=b"\0" * 8)
         with pytest.raises(grpc.RpcError) as caught:
             stub.Decode(vae_pb2.DecodeRequest(latents=bad, width=64, height=64), timeout=10)
         assert caught.value.details().startswith("latents.dtype:")

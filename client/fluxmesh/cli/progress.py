@@ -32,6 +32,8 @@ def follow(events: Iterable[Event], console: Console | None = None) -> Result:
                 result = event
     if result is None:
         raise RuntimeError("the stream ended without a result")
+    for warning in result.warnings:
+        console.print(f"[yellow]warning:[/] {warning}")
     t = result.timings
     console.print(
         f"seed {result.seed}: encode {t.encode:.2f}s, denoise {t.denoise:.2f}s, decode {t.decode:.2f}s, "

@@ -8,7 +8,7 @@ from enum import Enum
 
 from PIL import Image
 
-from fluxmesh.v1 import generator_pb2, tensor_pb2
+from fluxmesh.v1 import generator_pb2, common_pb2
 
 
 class Stage(str, Enum):
@@ -58,6 +58,7 @@ class Timings:
     denoise: float
     decode: float
     total: float
+    swap: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,8 @@ class Result:
     steps: int
     guidance: float
     png: list[bytes] = field(repr=False, default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    swaps: int = 0  # sequential mode: weight swaps this request waited on
 
     @property
     def image(self) -> Image.Image:
@@ -80,8 +83,8 @@ class Result:
 Event = Queued | StageStarted | StageFinished | Step | Result
 
 
-def _image(message: tensor_pb2.Image) -> Image.Image:
-    if message.format == tensor_pb2.IMAGE_FORMAT_RAW_RGB:
+def _image(message: common_pb2.Image) -> Image.Image:
+    if message.format == common_pb2.IMAGE_FORMAT_RAW_RGB:
         return Image.frombytes("RGB", (message.width, message.height), message.data)
     image = Image.open(io.BytesIO(message.data))
     image.load()
@@ -106,11 +109,14 @@ def event_from_pb(message: generator_pb2.GenerateEvent) -> Event:
             request_id=rid,
             images=[_image(i) for i in r.images],
             seed=r.seed,
-            timings=Timings(t.queued_seconds, t.encode_seconds, t.denoise_seconds, t.decode_seconds, t.total_seconds),
+            timings=Timings(t.queued_seconds, t.encode_seconds, t.denoise_seconds, t.decode_seconds, t.total_seconds,
+                            t.swap_seconds),
             width=r.width,
             height=r.height,
             steps=r.steps,
             guidance=r.guidance,
-            png=[i.data for i in r.images if i.format != tensor_pb2.IMAGE_FORMAT_RAW_RGB],
+            png=[i.data for i in r.images if i.format != common_pb2.IMAGE_FORMAT_RAW_RGB],
+            warnings=list(r.warnings),
+            swaps=t.swaps,
         )
     raise ValueError(f"unknown event {kind!r}")

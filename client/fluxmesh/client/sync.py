@@ -10,7 +10,7 @@ from fluxmesh.client import _core
 from fluxmesh.client.events import Event, Result, event_from_pb
 from fluxmesh.rpc.channels import sync_channel
 from fluxmesh.rpc.errors import FluxmeshError
-from fluxmesh.v1 import generator_pb2, generator_pb2_grpc, tensor_pb2
+from fluxmesh.v1 import generator_pb2, generator_pb2_grpc, common_pb2
 
 
 class GenerationStream:
@@ -65,6 +65,6 @@ class Client:
 
     def info(self, timeout: float | None = 10.0) -> generator_pb2.GeneratorInfo:
         try:
-            return self._stub.Info(tensor_pb2.InfoRequest(), timeout=timeout, metadata=self._metadata)
+            return self._stub.Info(common_pb2.InfoRequest(), timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as error:
             raise _core.translate(error) from None

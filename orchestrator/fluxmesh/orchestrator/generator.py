@@ -9,6 +9,7 @@ import uuid
 import grpc
 
 from fluxmesh.orchestrator.admission import AdmissionQueue
+from fluxmesh.orchestrator.placement import ResidentPlacement, SwapCost
 from fluxmesh.orchestrator.request import GenerateParams, ModelFacts, check_request
 from fluxmesh.orchestrator.stages import DenoiserClient, EncoderClient, VaeClient
 from fluxmesh.v1 import (
@@ -16,7 +17,7 @@ from fluxmesh.v1 import (
     encoder_pb2,
     generator_pb2,
     generator_pb2_grpc,
-    tensor_pb2,
+    common_pb2,
     vae_pb2,
 )
 
@@ -36,9 +37,10 @@ class Stages:
 
 
 class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
-    def __init__(self, stages: Stages, queue: AdmissionQueue):
+    def __init__(self, stages: Stages, queue: AdmissionQueue, placement=None):
         self.stages = stages
         self.queue = queue
+        self.placement = placement or ResidentPlacement()
         self._facts: ModelFacts | None = None
 
     async def model_facts(self, timeout: float | None) -> ModelFacts:
@@ -66,34 +68,40 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
             timings = generator_pb2.Timings(queued_seconds=time.perf_counter() - started)
             log.info("%s: %dx%d, %d steps, seed %d", request_id, params.width, params.height, params.steps, params.seed)
 
+            swaps = SwapCost()
             yield event(stage_started=generator_pb2.StageStarted(stage=ENCODE))
             t0 = time.perf_counter()
-            embeddings = await self.stages.encoder.encode(_encode_request(params), _time_left(context))
+            async with self.placement.use("encoder", swaps):
+                embeddings = await self.stages.encoder.encode(_encode_request(params), _time_left(context))
             timings.encode_seconds = time.perf_counter() - t0
             yield event(stage_finished=generator_pb2.StageFinished(stage=ENCODE, seconds=timings.encode_seconds))
 
             yield event(stage_started=generator_pb2.StageStarted(stage=DENOISE))
             t0 = time.perf_counter()
             latents = None
-            async for step in self.stages.denoiser.denoise(_denoise_request(params, embeddings), _time_left(context)):
-                if step.HasField("step"):
-                    s = step.step
-                    yield event(step=generator_pb2.Step(step=s.step, total=s.total, seconds=s.seconds))
-                else:
-                    latents = step.latents
+            async with self.placement.use("denoiser", swaps):
+                denoising = self.stages.denoiser.denoise(_denoise_request(params, embeddings), _time_left(context))
+                async for step in denoising:
+                    if step.HasField("step"):
+                        s = step.step
+                        yield event(step=generator_pb2.Step(step=s.step, total=s.total, seconds=s.seconds))
+                    else:
+                        latents = step.latents
             timings.denoise_seconds = time.perf_counter() - t0
             yield event(stage_finished=generator_pb2.StageFinished(stage=DENOISE, seconds=timings.denoise_seconds))
 
             yield event(stage_started=generator_pb2.StageStarted(stage=DECODE))
             t0 = time.perf_counter()
-            decoded = await self.stages.vae.decode(
-                vae_pb2.DecodeRequest(latents=latents, width=params.width, height=params.height,
-                                      format=tensor_pb2.IMAGE_FORMAT_PNG),
-                _time_left(context),
-            )
+            async with self.placement.use("vae", swaps):
+                decoded = await self.stages.vae.decode(
+                    vae_pb2.DecodeRequest(latents=latents, width=params.width, height=params.height,
+                                          format=common_pb2.IMAGE_FORMAT_PNG),
+                    _time_left(context),
+                )
             timings.decode_seconds = time.perf_counter() - t0
             yield event(stage_finished=generator_pb2.StageFinished(stage=DECODE, seconds=timings.decode_seconds))
 
+            timings.swaps, timings.swap_seconds = swaps.swaps, swaps.seconds
             timings.total_seconds = time.perf_counter() - started
             yield event(
                 result=generator_pb2.Result(
@@ -104,6 +112,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
                     height=params.height,
                     steps=params.steps,
                     guidance=params.guidance,
+                    warnings=_truncation_warnings(embeddings, params),
                 )
             )
             log.info("%s: done in %.2fs", request_id, timings.total_seconds)
@@ -121,6 +130,14 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
 def _time_left(context: grpc.aio.ServicerContext) -> float | None:
     """The caller's remaining deadline, to pass on to stage calls (gRPC does not do it)."""
     return context.time_remaining()
+
+
+def _truncation_warnings(embeddings: encoder_pb2.EncodeResponse, params: GenerateParams) -> list[str]:
+    dropped = max(embeddings.truncated_tokens, default=0)
+    if not dropped:
+        return []
+    length = embeddings.prompt_embeds.shape[1]
+    return [f"prompt truncated: {dropped} T5 tokens beyond max_sequence_length {length} were dropped"]
 
 
 def _encode_request(params: GenerateParams) -> encoder_pb2.EncodeRequest:

@@ -19,7 +19,7 @@ from fluxmesh.v1 import (
     denoiser_pb2_grpc,
     encoder_pb2,
     encoder_pb2_grpc,
-    tensor_pb2,
+    common_pb2,
     vae_pb2,
     vae_pb2_grpc,
 )
@@ -42,9 +42,9 @@ class StageClient:
         self.address = address
         self.channel = aio_channel(address, credentials=credentials)
 
-    async def info(self, timeout: float | None = 5.0) -> tensor_pb2.StageInfo:
+    async def info(self, timeout: float | None = 5.0) -> common_pb2.StageInfo:
         with stage_errors(self.stage, self.address):
-            return await self._stub.Info(tensor_pb2.InfoRequest(), timeout=timeout)
+            return await self._stub.Info(common_pb2.InfoRequest(), timeout=timeout)
 
     async def close(self) -> None:
         await self.channel.close()

@@ -22,10 +22,10 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
-from fluxmesh.v1 import tensor_pb2 as fluxmesh_dot_v1_dot_tensor__pb2
+from fluxmesh.v1 import common_pb2 as fluxmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x66luxmesh/v1/denoiser.proto\x12\x0b\x66luxmesh.v1\x1a\x18\x66luxmesh/v1/tensor.proto\"\xd1\x01\n\x0e\x44\x65noiseRequest\x12*\n\rprompt_embeds\x18\x01 \x01(\x0b\x32\x13.fluxmesh.v1.Tensor\x12\x31\n\x14pooled_prompt_embeds\x18\x02 \x01(\x0b\x32\x13.fluxmesh.v1.Tensor\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\r\n\x05steps\x18\x05 \x01(\x05\x12\x10\n\x08guidance\x18\x06 \x01(\x02\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x12\n\nnum_images\x18\x08 \x01(\x05\"9\n\tStepEvent\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\r\n\x05total\x18\x02 \x01(\x05\x12\x0f\n\x07seconds\x18\x03 \x01(\x01\"g\n\x0c\x44\x65noiseEvent\x12&\n\x04step\x18\x01 \x01(\x0b\x32\x16.fluxmesh.v1.StepEventH\x00\x12&\n\x07latents\x18\x02 \x01(\x0b\x32\x13.fluxmesh.v1.TensorH\x00\x42\x07\n\x05\x65vent2\x89\x01\n\x08\x44\x65noiser\x12\x43\n\x07\x44\x65noise\x12\x1b.fluxmesh.v1.DenoiseRequest\x1a\x19.fluxmesh.v1.DenoiseEvent0\x01\x12\x38\n\x04Info\x12\x18.fluxmesh.v1.InfoRequest\x1a\x16.fluxmesh.v1.StageInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x66luxmesh/v1/denoiser.proto\x12\x0b\x66luxmesh.v1\x1a\x18\x66luxmesh/v1/common.proto\"\xf9\x01\n\x0e\x44\x65noiseRequest\x12*\n\rprompt_embeds\x18\x01 \x01(\x0b\x32\x13.fluxmesh.v1.Tensor\x12\x31\n\x14pooled_prompt_embeds\x18\x02 \x01(\x0b\x32\x13.fluxmesh.v1.Tensor\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\r\n\x05steps\x18\x05 \x01(\x05\x12\x10\n\x08guidance\x18\x06 \x01(\x02\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x12\n\nnum_images\x18\x08 \x01(\x05\x12&\n\x05loras\x18\t \x03(\x0b\x32\x17.fluxmesh.v1.LoraWeight\"9\n\tStepEvent\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\r\n\x05total\x18\x02 \x01(\x05\x12\x0f\n\x07seconds\x18\x03 \x01(\x01\"g\n\x0c\x44\x65noiseEvent\x12&\n\x04step\x18\x01 \x01(\x0b\x32\x16.fluxmesh.v1.StepEventH\x00\x12&\n\x07latents\x18\x02 \x01(\x0b\x32\x13.fluxmesh.v1.TensorH\x00\x42\x07\n\x05\x65vent2\xd5\x01\n\x08\x44\x65noiser\x12\x43\n\x07\x44\x65noise\x12\x1b.fluxmesh.v1.DenoiseRequest\x1a\x19.fluxmesh.v1.DenoiseEvent0\x01\x12\x38\n\x04Info\x12\x18.fluxmesh.v1.InfoRequest\x1a\x16.fluxmesh.v1.StageInfo\x12J\n\tListLoras\x12\x1d.fluxmesh.v1.ListLorasRequest\x1a\x1e.fluxmesh.v1.ListLorasResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,11 +33,11 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fluxmesh.v1.denoiser_pb2', 
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DENOISEREQUEST']._serialized_start=70
-  _globals['_DENOISEREQUEST']._serialized_end=279
-  _globals['_STEPEVENT']._serialized_start=281
-  _globals['_STEPEVENT']._serialized_end=338
-  _globals['_DENOISEEVENT']._serialized_start=340
-  _globals['_DENOISEEVENT']._serialized_end=443
-  _globals['_DENOISER']._serialized_start=446
-  _globals['_DENOISER']._serialized_end=583
+  _globals['_DENOISEREQUEST']._serialized_end=319
+  _globals['_STEPEVENT']._serialized_start=321
+  _globals['_STEPEVENT']._serialized_end=378
+  _globals['_DENOISEEVENT']._serialized_start=380
+  _globals['_DENOISEEVENT']._serialized_end=483
+  _globals['_DENOISER']._serialized_start=486
+  _globals['_DENOISER']._serialized_end=699
 # @@protoc_insertion_point(module_scope)

@@ -22,10 +22,10 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
-from fluxmesh.v1 import tensor_pb2 as fluxmesh_dot_v1_dot_tensor__pb2
+from fluxmesh.v1 import common_pb2 as fluxmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66luxmesh/v1/encoder.proto\x12\x0b\x66luxmesh.v1\x1a\x18\x66luxmesh/v1/tensor.proto\"P\n\rEncodeRequest\x12\x0f\n\x07prompts\x18\x01 \x03(\t\x12\x11\n\tprompts_2\x18\x02 \x03(\t\x12\x1b\n\x13max_sequence_length\x18\x03 \x01(\x05\"\x89\x01\n\x0e\x45ncodeResponse\x12*\n\rprompt_embeds\x18\x01 \x01(\x0b\x32\x13.fluxmesh.v1.Tensor\x12\x31\n\x14pooled_prompt_embeds\x18\x02 \x01(\x0b\x32\x13.fluxmesh.v1.Tensor\x12\x18\n\x10truncated_tokens\x18\x03 \x03(\x05\x32\x8a\x01\n\x0bTextEncoder\x12\x41\n\x06\x45ncode\x12\x1a.fluxmesh.v1.EncodeRequest\x1a\x1b.fluxmesh.v1.EncodeResponse\x12\x38\n\x04Info\x12\x18.fluxmesh.v1.InfoRequest\x1a\x16.fluxmesh.v1.StageInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66luxmesh/v1/encoder.proto\x12\x0b\x66luxmesh.v1\x1a\x18\x66luxmesh/v1/common.proto\"x\n\rEncodeRequest\x12\x0f\n\x07prompts\x18\x01 \x03(\t\x12\x11\n\tprompts_2\x18\x02 \x03(\t\x12\x1b\n\x13max_sequence_length\x18\x03 \x01(\x05\x12&\n\x05loras\x18\x04 \x03(\x0b\x32\x17.fluxmesh.v1.LoraWeight\"\x89\x01\n\x0e\x45ncodeResponse\x12*\n\rprompt_embeds\x18\x01 \x01(\x0b\x32\x13.fluxmesh.v1.Tensor\x12\x31\n\x14pooled_prompt_embeds\x18\x02 \x01(\x0b\x32\x13.fluxmesh.v1.Tensor\x12\x18\n\x10truncated_tokens\x18\x03 \x03(\x05\x32\x8a\x01\n\x0bTextEncoder\x12\x41\n\x06\x45ncode\x12\x1a.fluxmesh.v1.EncodeRequest\x1a\x1b.fluxmesh.v1.EncodeResponse\x12\x38\n\x04Info\x12\x18.fluxmesh.v1.InfoRequest\x1a\x16.fluxmesh.v1.StageInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,9 +33,9 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fluxmesh.v1.encoder_pb2', _
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ENCODEREQUEST']._serialized_start=68
-  _globals['_ENCODEREQUEST']._serialized_end=148
-  _globals['_ENCODERESPONSE']._serialized_start=151
-  _globals['_ENCODERESPONSE']._serialized_end=288
-  _globals['_TEXTENCODER']._serialized_start=291
-  _globals['_TEXTENCODER']._serialized_end=429
+  _globals['_ENCODEREQUEST']._serialized_end=188
+  _globals['_ENCODERESPONSE']._serialized_start=191
+  _globals['_ENCODERESPONSE']._serialized_end=328
+  _globals['_TEXTENCODER']._serialized_start=331
+  _globals['_TEXTENCODER']._serialized_end=469
 # @@protoc_insertion_point(module_scope)

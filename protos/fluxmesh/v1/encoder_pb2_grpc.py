@@ -3,8 +3,8 @@
 import grpc
 import warnings
 
+from fluxmesh.v1 import common_pb2 as fluxmesh_dot_v1_dot_common__pb2
 from fluxmesh.v1 import encoder_pb2 as fluxmesh_dot_v1_dot_encoder__pb2
-from fluxmesh.v1 import tensor_pb2 as fluxmesh_dot_v1_dot_tensor__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -43,8 +43,8 @@ class TextEncoderStub:
                 _registered_method=True)
         self.Info = channel.unary_unary(
                 '/fluxmesh.v1.TextEncoder/Info',
-                request_serializer=fluxmesh_dot_v1_dot_tensor__pb2.InfoRequest.SerializeToString,
-                response_deserializer=fluxmesh_dot_v1_dot_tensor__pb2.StageInfo.FromString,
+                request_serializer=fluxmesh_dot_v1_dot_common__pb2.InfoRequest.SerializeToString,
+                response_deserializer=fluxmesh_dot_v1_dot_common__pb2.StageInfo.FromString,
                 _registered_method=True)
 
 
@@ -74,8 +74,8 @@ def add_TextEncoderServicer_to_server(servicer, server):
             ),
             'Info': grpc.unary_unary_rpc_method_handler(
                     servicer.Info,
-                    request_deserializer=fluxmesh_dot_v1_dot_tensor__pb2.InfoRequest.FromString,
-                    response_serializer=fluxmesh_dot_v1_dot_tensor__pb2.StageInfo.SerializeToString,
+                    request_deserializer=fluxmesh_dot_v1_dot_common__pb2.InfoRequest.FromString,
+                    response_serializer=fluxmesh_dot_v1_dot_common__pb2.StageInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -131,8 +131,8 @@ class TextEncoder:
             request,
             target,
             '/fluxmesh.v1.TextEncoder/Info',
-            fluxmesh_dot_v1_dot_tensor__pb2.InfoRequest.SerializeToString,
-            fluxmesh_dot_v1_dot_tensor__pb2.StageInfo.FromString,
+            fluxmesh_dot_v1_dot_common__pb2.InfoRequest.SerializeToString,
+            fluxmesh_dot_v1_dot_common__pb2.StageInfo.FromString,
             options,
             channel_credentials,
             insecure,

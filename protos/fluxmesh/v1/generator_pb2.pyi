@@ -1,4 +1,4 @@
-from fluxmesh.v1 import tensor_pb2 as _tensor_pb2
+from fluxmesh.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -8,19 +8,28 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class PreviewKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PREVIEW_KIND_UNSPECIFIED: _ClassVar[PreviewKind]
+    PREVIEW_KIND_FAST: _ClassVar[PreviewKind]
+    PREVIEW_KIND_VAE: _ClassVar[PreviewKind]
+
 class Stage(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     STAGE_UNSPECIFIED: _ClassVar[Stage]
     STAGE_ENCODE: _ClassVar[Stage]
     STAGE_DENOISE: _ClassVar[Stage]
     STAGE_DECODE: _ClassVar[Stage]
+PREVIEW_KIND_UNSPECIFIED: PreviewKind
+PREVIEW_KIND_FAST: PreviewKind
+PREVIEW_KIND_VAE: PreviewKind
 STAGE_UNSPECIFIED: Stage
 STAGE_ENCODE: Stage
 STAGE_DENOISE: Stage
 STAGE_DECODE: Stage
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "prompt_2", "width", "height", "steps", "guidance", "seed", "num_images", "max_sequence_length")
+    __slots__ = ("prompt", "prompt_2", "width", "height", "steps", "guidance", "seed", "num_images", "max_sequence_length", "loras", "priority", "preview", "init_image", "mask_image", "strength")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_2_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -30,6 +39,12 @@ class GenerateRequest(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     NUM_IMAGES_FIELD_NUMBER: _ClassVar[int]
     MAX_SEQUENCE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    LORAS_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    PREVIEW_FIELD_NUMBER: _ClassVar[int]
+    INIT_IMAGE_FIELD_NUMBER: _ClassVar[int]
+    MASK_IMAGE_FIELD_NUMBER: _ClassVar[int]
+    STRENGTH_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     prompt_2: str
     width: int
@@ -39,7 +54,21 @@ class GenerateRequest(_message.Message):
     seed: int
     num_images: int
     max_sequence_length: int
-    def __init__(self, prompt: _Optional[str] = ..., prompt_2: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., max_sequence_length: _Optional[int] = ...) -> None: ...
+    loras: _containers.RepeatedCompositeFieldContainer[_common_pb2.LoraWeight]
+    priority: int
+    preview: Preview
+    init_image: bytes
+    mask_image: bytes
+    strength: float
+    def __init__(self, prompt: _Optional[str] = ..., prompt_2: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., loras: _Optional[_Iterable[_Union[_common_pb2.LoraWeight, _Mapping]]] = ..., priority: _Optional[int] = ..., preview: _Optional[_Union[Preview, _Mapping]] = ..., init_image: _Optional[bytes] = ..., mask_image: _Optional[bytes] = ..., strength: _Optional[float] = ...) -> None: ...
+
+class Preview(_message.Message):
+    __slots__ = ("kind", "every")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    EVERY_FIELD_NUMBER: _ClassVar[int]
+    kind: PreviewKind
+    every: int
+    def __init__(self, kind: _Optional[_Union[PreviewKind, str]] = ..., every: _Optional[int] = ...) -> None: ...
 
 class Queued(_message.Message):
     __slots__ = ("position",)
@@ -62,31 +91,39 @@ class StageFinished(_message.Message):
     def __init__(self, stage: _Optional[_Union[Stage, str]] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class Step(_message.Message):
-    __slots__ = ("step", "total", "seconds")
+    __slots__ = ("step", "total", "seconds", "previews", "preview_step")
     STEP_FIELD_NUMBER: _ClassVar[int]
     TOTAL_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PREVIEWS_FIELD_NUMBER: _ClassVar[int]
+    PREVIEW_STEP_FIELD_NUMBER: _ClassVar[int]
     step: int
     total: int
     seconds: float
-    def __init__(self, step: _Optional[int] = ..., total: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
+    previews: _containers.RepeatedCompositeFieldContainer[_common_pb2.Image]
+    preview_step: int
+    def __init__(self, step: _Optional[int] = ..., total: _Optional[int] = ..., seconds: _Optional[float] = ..., previews: _Optional[_Iterable[_Union[_common_pb2.Image, _Mapping]]] = ..., preview_step: _Optional[int] = ...) -> None: ...
 
 class Timings(_message.Message):
-    __slots__ = ("queued_seconds", "encode_seconds", "denoise_seconds", "decode_seconds", "total_seconds")
+    __slots__ = ("queued_seconds", "encode_seconds", "denoise_seconds", "decode_seconds", "total_seconds", "swaps", "swap_seconds")
     QUEUED_SECONDS_FIELD_NUMBER: _ClassVar[int]
     ENCODE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     DENOISE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     DECODE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SWAPS_FIELD_NUMBER: _ClassVar[int]
+    SWAP_SECONDS_FIELD_NUMBER: _ClassVar[int]
     queued_seconds: float
     encode_seconds: float
     denoise_seconds: float
     decode_seconds: float
     total_seconds: float
-    def __init__(self, queued_seconds: _Optional[float] = ..., encode_seconds: _Optional[float] = ..., denoise_seconds: _Optional[float] = ..., decode_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ...) -> None: ...
+    swaps: int
+    swap_seconds: float
+    def __init__(self, queued_seconds: _Optional[float] = ..., encode_seconds: _Optional[float] = ..., denoise_seconds: _Optional[float] = ..., decode_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., swaps: _Optional[int] = ..., swap_seconds: _Optional[float] = ...) -> None: ...
 
 class Result(_message.Message):
-    __slots__ = ("images", "seed", "timings", "width", "height", "steps", "guidance")
+    __slots__ = ("images", "seed", "timings", "width", "height", "steps", "guidance", "warnings")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
@@ -94,14 +131,16 @@ class Result(_message.Message):
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     GUIDANCE_FIELD_NUMBER: _ClassVar[int]
-    images: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Image]
+    WARNINGS_FIELD_NUMBER: _ClassVar[int]
+    images: _containers.RepeatedCompositeFieldContainer[_common_pb2.Image]
     seed: int
     timings: Timings
     width: int
     height: int
     steps: int
     guidance: float
-    def __init__(self, images: _Optional[_Iterable[_Union[_tensor_pb2.Image, _Mapping]]] = ..., seed: _Optional[int] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ...) -> None: ...
+    warnings: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, images: _Optional[_Iterable[_Union[_common_pb2.Image, _Mapping]]] = ..., seed: _Optional[int] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GenerateEvent(_message.Message):
     __slots__ = ("request_id", "queued", "stage_started", "stage_finished", "step", "result")
@@ -124,7 +163,7 @@ class GeneratorInfo(_message.Message):
     STAGES_FIELD_NUMBER: _ClassVar[int]
     SIZE_MULTIPLE_FIELD_NUMBER: _ClassVar[int]
     GUIDANCE_EMBEDS_FIELD_NUMBER: _ClassVar[int]
-    stages: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.StageInfo]
+    stages: _containers.RepeatedCompositeFieldContainer[_common_pb2.StageInfo]
     size_multiple: int
     guidance_embeds: bool
-    def __init__(self, stages: _Optional[_Iterable[_Union[_tensor_pb2.StageInfo, _Mapping]]] = ..., size_multiple: _Optional[int] = ..., guidance_embeds: _Optional[bool] = ...) -> None: ...
+    def __init__(self, stages: _Optional[_Iterable[_Union[_common_pb2.StageInfo, _Mapping]]] = ..., size_multiple: _Optional[int] = ..., guidance_embeds: _Optional[bool] = ...) -> None: ...

@@ -3,8 +3,8 @@
 import grpc
 import warnings
 
+from fluxmesh.v1 import common_pb2 as fluxmesh_dot_v1_dot_common__pb2
 from fluxmesh.v1 import generator_pb2 as fluxmesh_dot_v1_dot_generator__pb2
-from fluxmesh.v1 import tensor_pb2 as fluxmesh_dot_v1_dot_tensor__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -43,8 +43,13 @@ class GeneratorStub:
                 _registered_method=True)
         self.Info = channel.unary_unary(
                 '/fluxmesh.v1.Generator/Info',
-                request_serializer=fluxmesh_dot_v1_dot_tensor__pb2.InfoRequest.SerializeToString,
+                request_serializer=fluxmesh_dot_v1_dot_common__pb2.InfoRequest.SerializeToString,
                 response_deserializer=fluxmesh_dot_v1_dot_generator__pb2.GeneratorInfo.FromString,
+                _registered_method=True)
+        self.ListLoras = channel.unary_unary(
+                '/fluxmesh.v1.Generator/ListLoras',
+                request_serializer=fluxmesh_dot_v1_dot_common__pb2.ListLorasRequest.SerializeToString,
+                response_deserializer=fluxmesh_dot_v1_dot_common__pb2.ListLorasResponse.FromString,
                 _registered_method=True)
 
 
@@ -64,6 +69,12 @@ class GeneratorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListLoras(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GeneratorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -74,8 +85,13 @@ def add_GeneratorServicer_to_server(servicer, server):
             ),
             'Info': grpc.unary_unary_rpc_method_handler(
                     servicer.Info,
-                    request_deserializer=fluxmesh_dot_v1_dot_tensor__pb2.InfoRequest.FromString,
+                    request_deserializer=fluxmesh_dot_v1_dot_common__pb2.InfoRequest.FromString,
                     response_serializer=fluxmesh_dot_v1_dot_generator__pb2.GeneratorInfo.SerializeToString,
+            ),
+            'ListLoras': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListLoras,
+                    request_deserializer=fluxmesh_dot_v1_dot_common__pb2.ListLorasRequest.FromString,
+                    response_serializer=fluxmesh_dot_v1_dot_common__pb2.ListLorasResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -131,8 +147,35 @@ class Generator:
             request,
             target,
             '/fluxmesh.v1.Generator/Info',
-            fluxmesh_dot_v1_dot_tensor__pb2.InfoRequest.SerializeToString,
+            fluxmesh_dot_v1_dot_common__pb2.InfoRequest.SerializeToString,
             fluxmesh_dot_v1_dot_generator__pb2.GeneratorInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListLoras(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fluxmesh.v1.Generator/ListLoras',
+            fluxmesh_dot_v1_dot_common__pb2.ListLorasRequest.SerializeToString,
+            fluxmesh_dot_v1_dot_common__pb2.ListLorasResponse.FromString,
             options,
             channel_credentials,
             insecure,

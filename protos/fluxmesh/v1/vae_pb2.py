@@ -22,10 +22,10 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
-from fluxmesh.v1 import tensor_pb2 as fluxmesh_dot_v1_dot_tensor__pb2
+from fluxmesh.v1 import common_pb2 as fluxmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x66luxmesh/v1/vae.proto\x12\x0b\x66luxmesh.v1\x1a\x18\x66luxmesh/v1/tensor.proto\"~\n\rDecodeRequest\x12$\n\x07latents\x18\x01 \x01(\x0b\x32\x13.fluxmesh.v1.Tensor\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x0e\n\x06height\x18\x03 \x01(\x05\x12(\n\x06\x66ormat\x18\x04 \x01(\x0e\x32\x18.fluxmesh.v1.ImageFormat\"4\n\x0e\x44\x65\x63odeResponse\x12\"\n\x06images\x18\x01 \x03(\x0b\x32\x12.fluxmesh.v1.Image2\x82\x01\n\x03Vae\x12\x41\n\x06\x44\x65\x63ode\x12\x1a.fluxmesh.v1.DecodeRequest\x1a\x1b.fluxmesh.v1.DecodeResponse\x12\x38\n\x04Info\x12\x18.fluxmesh.v1.InfoRequest\x1a\x16.fluxmesh.v1.StageInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x66luxmesh/v1/vae.proto\x12\x0b\x66luxmesh.v1\x1a\x18\x66luxmesh/v1/common.proto\"~\n\rDecodeRequest\x12$\n\x07latents\x18\x01 \x01(\x0b\x32\x13.fluxmesh.v1.Tensor\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x0e\n\x06height\x18\x03 \x01(\x05\x12(\n\x06\x66ormat\x18\x04 \x01(\x0e\x32\x18.fluxmesh.v1.ImageFormat\"4\n\x0e\x44\x65\x63odeResponse\x12\"\n\x06images\x18\x01 \x03(\x0b\x32\x12.fluxmesh.v1.Image2\x82\x01\n\x03Vae\x12\x41\n\x06\x44\x65\x63ode\x12\x1a.fluxmesh.v1.DecodeRequest\x1a\x1b.fluxmesh.v1.DecodeResponse\x12\x38\n\x04Info\x12\x18.fluxmesh.v1.InfoRequest\x1a\x16.fluxmesh.v1.StageInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)

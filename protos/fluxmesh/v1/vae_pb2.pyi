@@ -1,4 +1,4 @@
-from fluxmesh.v1 import tensor_pb2 as _tensor_pb2
+from fluxmesh.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -13,14 +13,14 @@ class DecodeRequest(_message.Message):
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
-    latents: _tensor_pb2.Tensor
+    latents: _common_pb2.Tensor
     width: int
     height: int
-    format: _tensor_pb2.ImageFormat
-    def __init__(self, latents: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., format: _Optional[_Union[_tensor_pb2.ImageFormat, str]] = ...) -> None: ...
+    format: _common_pb2.ImageFormat
+    def __init__(self, latents: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., format: _Optional[_Union[_common_pb2.ImageFormat, str]] = ...) -> None: ...
 
 class DecodeResponse(_message.Message):
     __slots__ = ("images",)
     IMAGES_FIELD_NUMBER: _ClassVar[int]
-    images: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Image]
-    def __init__(self, images: _Optional[_Iterable[_Union[_tensor_pb2.Image, _Mapping]]] = ...) -> None: ...
+    images: _containers.RepeatedCompositeFieldContainer[_common_pb2.Image]
+    def __init__(self, images: _Optional[_Iterable[_Union[_common_pb2.Image, _Mapping]]] = ...) -> None: ...

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from fluxmesh.v1 import tensor_pb2 as fluxmesh_dot_v1_dot_tensor__pb2
+from fluxmesh.v1 import common_pb2 as fluxmesh_dot_v1_dot_common__pb2
 from fluxmesh.v1 import vae_pb2 as fluxmesh_dot_v1_dot_vae__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -43,8 +43,8 @@ class VaeStub:
                 _registered_method=True)
         self.Info = channel.unary_unary(
                 '/fluxmesh.v1.Vae/Info',
-                request_serializer=fluxmesh_dot_v1_dot_tensor__pb2.InfoRequest.SerializeToString,
-                response_deserializer=fluxmesh_dot_v1_dot_tensor__pb2.StageInfo.FromString,
+                request_serializer=fluxmesh_dot_v1_dot_common__pb2.InfoRequest.SerializeToString,
+                response_deserializer=fluxmesh_dot_v1_dot_common__pb2.StageInfo.FromString,
                 _registered_method=True)
 
 
@@ -74,8 +74,8 @@ def add_VaeServicer_to_server(servicer, server):
             ),
             'Info': grpc.unary_unary_rpc_method_handler(
                     servicer.Info,
-                    request_deserializer=fluxmesh_dot_v1_dot_tensor__pb2.InfoRequest.FromString,
-                    response_serializer=fluxmesh_dot_v1_dot_tensor__pb2.StageInfo.SerializeToString,
+                    request_deserializer=fluxmesh_dot_v1_dot_common__pb2.InfoRequest.FromString,
+                    response_serializer=fluxmesh_dot_v1_dot_common__pb2.StageInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -131,8 +131,8 @@ class Vae:
             request,
             target,
             '/fluxmesh.v1.Vae/Info',
-            fluxmesh_dot_v1_dot_tensor__pb2.InfoRequest.SerializeToString,
-            fluxmesh_dot_v1_dot_tensor__pb2.StageInfo.FromString,
+            fluxmesh_dot_v1_dot_common__pb2.InfoRequest.SerializeToString,
+            fluxmesh_dot_v1_dot_common__pb2.StageInfo.FromString,
             options,
             channel_credentials,
             insecure,

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from fluxmesh.services.runtime import Placement, peak_memory_bytes
-from fluxmesh.v1 import tensor_pb2
+from fluxmesh.v1 import common_pb2
 
 
-def stage_info(stage: str, model: str, placement: Placement, weight_bytes: int, **details) -> tensor_pb2.StageInfo:
-    return tensor_pb2.StageInfo(
+def stage_info(stage: str, model: str, placement: Placement, weight_bytes: int, **details) -> common_pb2.StageInfo:
+    return common_pb2.StageInfo(
         stage=stage,
         model=model,
         dtype=str(placement.dtype).removeprefix("torch."),

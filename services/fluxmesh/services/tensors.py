@@ -12,7 +12,7 @@ import sys
 import torch
 
 from fluxmesh.rpc.errors import InvalidArgument
-from fluxmesh.v1 import tensor_pb2
+from fluxmesh.v1 import common_pb2
 
 DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
@@ -26,18 +26,18 @@ DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 MAX_TENSOR_BYTES = 1 << 30
 
 
-def to_pb(tensor: torch.Tensor) -> tensor_pb2.Tensor:
+def to_pb(tensor: torch.Tensor) -> common_pb2.Tensor:
     tensor = tensor.detach().to("cpu").contiguous()
     if tensor.dtype not in DTYPE_NAMES:
         tensor = tensor.float()
     data = bytes(tensor.untyped_storage())[: tensor.numel() * tensor.element_size()]
     if sys.byteorder != "little":  # the wire is little-endian
         data = tensor.view(torch.uint8).flip(-1).numpy().tobytes()
-    return tensor_pb2.Tensor(dtype=DTYPE_NAMES[tensor.dtype], shape=list(tensor.shape), data=data)
+    return common_pb2.Tensor(dtype=DTYPE_NAMES[tensor.dtype], shape=list(tensor.shape), data=data)
 
 
 def from_pb(
-    message: tensor_pb2.Tensor,
+    message: common_pb2.Tensor,
     field: str,
     *,
     ndim: int | None = None,

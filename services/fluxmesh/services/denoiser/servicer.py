@@ -14,7 +14,7 @@ from fluxmesh.services.denoiser.engine import DenoiseJob, DenoiserEngine
 from fluxmesh.services.info import stage_info
 from fluxmesh.services.tensors import from_pb, to_pb
 from fluxmesh.services.worker import ModelWorker
-from fluxmesh.v1 import denoiser_pb2, denoiser_pb2_grpc, tensor_pb2
+from fluxmesh.v1 import denoiser_pb2, denoiser_pb2_grpc, common_pb2
 
 _DONE = object()
 
@@ -64,7 +64,7 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
             if not task.done():
                 await asyncio.shield(asyncio.wait([task]))
 
-    async def Info(self, request, context) -> tensor_pb2.StageInfo:
+    async def Info(self, request, context) -> common_pb2.StageInfo:
         return stage_info(
             "denoiser",
             self.model_name,

@@ -6,7 +6,7 @@ from fluxmesh.services.encoder.engine import TextEncoderEngine
 from fluxmesh.services.info import stage_info
 from fluxmesh.services.tensors import to_pb
 from fluxmesh.services.worker import ModelWorker
-from fluxmesh.v1 import encoder_pb2, encoder_pb2_grpc, tensor_pb2
+from fluxmesh.v1 import encoder_pb2, encoder_pb2_grpc, common_pb2
 
 
 class TextEncoderServicer(encoder_pb2_grpc.TextEncoderServicer):
@@ -27,7 +27,7 @@ class TextEncoderServicer(encoder_pb2_grpc.TextEncoderServicer):
             truncated_tokens=result.truncated_tokens,
         )
 
-    async def Info(self, request, context) -> tensor_pb2.StageInfo:
+    async def Info(self, request, context) -> common_pb2.StageInfo:
         return stage_info(
             "encoder",
             self.model_name,

@@ -6,7 +6,7 @@ from fluxmesh.services.info import stage_info
 from fluxmesh.services.tensors import from_pb
 from fluxmesh.services.vae.engine import VaeEngine, encode_png
 from fluxmesh.services.worker import ModelWorker
-from fluxmesh.v1 import tensor_pb2, vae_pb2, vae_pb2_grpc
+from fluxmesh.v1 import common_pb2, vae_pb2, vae_pb2_grpc
 
 
 class VaeServicer(vae_pb2_grpc.VaeServicer):
@@ -20,23 +20,23 @@ class VaeServicer(vae_pb2_grpc.VaeServicer):
         latents = from_pb(request.latents, "latents", ndim=3)
         self.engine.check(latents, request.width, request.height)
         self.requests += 1
-        raw = request.format == tensor_pb2.IMAGE_FORMAT_RAW_RGB
+        raw = request.format == common_pb2.IMAGE_FORMAT_RAW_RGB
         images = await self.worker.run(self._decode, latents, request.width, request.height, raw)
         return vae_pb2.DecodeResponse(images=images)
 
-    def _decode(self, latents, width: int, height: int, raw: bool) -> list[tensor_pb2.Image]:
+    def _decode(self, latents, width: int, height: int, raw: bool) -> list[common_pb2.Image]:
         # PNG encoding is CPU work too: keep it on the model thread, off the event loop.
         return [
-            tensor_pb2.Image(
+            common_pb2.Image(
                 width=image.width,
                 height=image.height,
-                format=tensor_pb2.IMAGE_FORMAT_RAW_RGB if raw else tensor_pb2.IMAGE_FORMAT_PNG,
+                format=common_pb2.IMAGE_FORMAT_RAW_RGB if raw else common_pb2.IMAGE_FORMAT_PNG,
                 data=image.tobytes() if raw else encode_png(image),
             )
             for image in self.engine.decode(latents, width, height)
         ]
 
-    async def Info(self, request, context) -> tensor_pb2.StageInfo:
+    async def Info(self, request, context) -> common_pb2.StageInfo:
         return stage_info(
             "vae",
             self.model_name,

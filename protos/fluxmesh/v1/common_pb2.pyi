@@ -12,9 +12,11 @@ class ImageFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     IMAGE_FORMAT_UNSPECIFIED: _ClassVar[ImageFormat]
     IMAGE_FORMAT_PNG: _ClassVar[ImageFormat]
     IMAGE_FORMAT_RAW_RGB: _ClassVar[ImageFormat]
+    IMAGE_FORMAT_JPEG: _ClassVar[ImageFormat]
 IMAGE_FORMAT_UNSPECIFIED: ImageFormat
 IMAGE_FORMAT_PNG: ImageFormat
 IMAGE_FORMAT_RAW_RGB: ImageFormat
+IMAGE_FORMAT_JPEG: ImageFormat
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data")
@@ -38,12 +40,40 @@ class Image(_message.Message):
     data: bytes
     def __init__(self, width: _Optional[int] = ..., height: _Optional[int] = ..., format: _Optional[_Union[ImageFormat, str]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
+class LoraWeight(_message.Message):
+    __slots__ = ("name", "weight")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    weight: float
+    def __init__(self, name: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
+
+class LoraInfo(_message.Message):
+    __slots__ = ("name", "size_bytes", "cached")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CACHED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    size_bytes: int
+    cached: bool
+    def __init__(self, name: _Optional[str] = ..., size_bytes: _Optional[int] = ..., cached: _Optional[bool] = ...) -> None: ...
+
+class ListLorasRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListLorasResponse(_message.Message):
+    __slots__ = ("loras",)
+    LORAS_FIELD_NUMBER: _ClassVar[int]
+    loras: _containers.RepeatedCompositeFieldContainer[LoraInfo]
+    def __init__(self, loras: _Optional[_Iterable[_Union[LoraInfo, _Mapping]]] = ...) -> None: ...
+
 class InfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class StageInfo(_message.Message):
-    __slots__ = ("stage", "model", "dtype", "device", "weight_bytes", "peak_memory_bytes", "details")
+    __slots__ = ("stage", "model", "dtype", "device", "weight_bytes", "peak_memory_bytes", "details", "residency")
     class DetailsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -58,6 +88,7 @@ class StageInfo(_message.Message):
     WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
     PEAK_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     DETAILS_FIELD_NUMBER: _ClassVar[int]
+    RESIDENCY_FIELD_NUMBER: _ClassVar[int]
     stage: str
     model: str
     dtype: str
@@ -65,4 +96,5 @@ class StageInfo(_message.Message):
     weight_bytes: int
     peak_memory_bytes: int
     details: _containers.ScalarMap[str, str]
-    def __init__(self, stage: _Optional[str] = ..., model: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., peak_memory_bytes: _Optional[int] = ..., details: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    residency: str
+    def __init__(self, stage: _Optional[str] = ..., model: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., peak_memory_bytes: _Optional[int] = ..., details: _Optional[_Mapping[str, str]] = ..., residency: _Optional[str] = ...) -> None: ...

@@ -50,6 +50,9 @@ Host = Annotated[str, typer.Option(help="Interface to listen on.")]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda:N or mps.")]
 Dtype = Annotated[str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), bfloat16, float16 or float32.")]
 Threads = Annotated[Optional[int], typer.Option(help="torch CPU threads for this process (default: torch's).")]
+LoraDir = Annotated[Optional[Path], typer.Option(help="Directory of LoRA .safetensors files requests may name.")]
+TransformerGguf = Annotated[Optional[Path], typer.Option(help="GGUF-quantized FLUX transformer (city96/BFL or diffusers names).")]
+T5Gguf = Annotated[Optional[Path], typer.Option(help="GGUF-quantized T5-XXL encoder (t5encoder architecture).")]
 
 
 def _serve_stage(stage: str, model: str, host: str, port: int, device: str, dtype: str, threads: int | None,
@@ -69,9 +72,12 @@ def serve_encoder(
     dtype: Dtype = "auto",
     threads: Threads = None,
     max_sequence_length: Annotated[Optional[int], typer.Option(help="Default T5 length (512 dev, 256 schnell).")] = None,
+    t5_gguf: T5Gguf = None,
+    lora_dir: LoraDir = None,
 ) -> None:
     """CLIP-L + T5-XXL text encoder stage."""
-    _serve_stage("encoder", model, host, port, device, dtype, threads, max_sequence_length=max_sequence_length)
+    _serve_stage("encoder", model, host, port, device, dtype, threads, max_sequence_length=max_sequence_length,
+                 t5_gguf=t5_gguf, lora_dir=lora_dir)
 
 
 @serve_app.command("denoiser")
@@ -82,9 +88,13 @@ def serve_denoiser(
     device: Device = "auto",
     dtype: Dtype = "auto",
     threads: Threads = None,
+    transformer_gguf: TransformerGguf = None,
+    compute_dtype: Annotated[Optional[str], typer.Option(help="Dtype GGUF weights dequantize to (default: --dtype).")] = None,
+    lora_dir: LoraDir = None,
 ) -> None:
-    """FLUX transformer stage."""
-    _serve_stage("denoiser", model, host, port, device, dtype, threads)
+    """FLUX transformer stage (optionally GGUF-quantized, with per-request LoRAs)."""
+    _serve_stage("denoiser", model, host, port, device, compute_dtype or dtype, threads,
+                 transformer_gguf=transformer_gguf, lora_dir=lora_dir)
 
 
 @serve_app.command("vae")
@@ -130,23 +140,43 @@ def up(
     device: Device = "auto",
     dtype: Dtype = "auto",
     threads: Threads = None,
+    transformer_gguf: TransformerGguf = None,
+    t5_gguf: T5Gguf = None,
+    lora_dir: LoraDir = None,
 ) -> None:
     """Start encoder, denoiser, vae and orchestrator locally; stop them all on exit."""
+    import time
+
     from fluxmesh.cli.supervisor import start_local
 
     _raise_on_sigterm()
-    cluster = start_local(model, port=port, host=host, common_args=_stage_flags(device, dtype, threads))
+    cluster = start_local(model, port=port, host=host, common_args=_stage_flags(device, dtype, threads),
+                          stage_args=_model_file_flags(transformer_gguf, t5_gguf, lora_dir))
     with cluster:
         typer.echo(f"fluxmesh up: Generator on {cluster.address} (Ctrl-C to stop)", err=True)
         try:
             while all(c.process.poll() is None for c in cluster.children):
-                signal.sigtimedwait([], 0.5) if hasattr(signal, "sigtimedwait") else None
+                time.sleep(0.5)
         except KeyboardInterrupt:
             pass
         dead = [c.name for c in cluster.children if c.process.poll() is not None]
         if dead:
             typer.echo(f"fluxmesh up: {', '.join(dead)} exited; stopping the rest", err=True)
             raise typer.Exit(1)
+
+
+def _model_file_flags(transformer_gguf: Path | None, t5_gguf: Path | None, lora_dir: Path | None) -> dict[str, list[str]]:
+    """Which stage gets which community file: GGUF transformer -> denoiser, GGUF T5 -> encoder,
+    the LoRA directory -> both (CLIP-side keys are applied by the encoder)."""
+    flags: dict[str, list[str]] = {"encoder": [], "denoiser": []}
+    if transformer_gguf:
+        flags["denoiser"] += ["--transformer-gguf", str(transformer_gguf)]
+    if t5_gguf:
+        flags["encoder"] += ["--t5-gguf", str(t5_gguf)]
+    if lora_dir:
+        for stage in ("encoder", "denoiser"):
+            flags[stage] += ["--lora-dir", str(lora_dir)]
+    return flags
 
 
 def _raise_on_sigterm() -> None:
@@ -171,17 +201,20 @@ def generate(
     seed: Annotated[Optional[int], typer.Option(help="Default: chosen by the server and printed.")] = None,
     num_images: Annotated[int, typer.Option()] = 1,
     prompt_2: Annotated[str, typer.Option(help="Separate T5 prompt.")] = "",
+    lora: Annotated[Optional[list[str]], typer.Option(help="NAME[:WEIGHT] (repeatable; weight 1.0 by default).")] = None,
     output: Annotated[Path, typer.Option("--output", "-o")] = Path("fluxmesh.png"),
     timeout: Annotated[Optional[float], typer.Option(help="Deadline in seconds.")] = None,
 ) -> None:
     """Generate image(s) through a running orchestrator, with a per-step progress bar."""
     from fluxmesh.cli.progress import follow
     from fluxmesh.client import Client, FluxmeshError
+    from fluxmesh.client._core import parse_lora
 
     try:
         with Client(address, timeout=timeout) as client:
             result = follow(client.stream(prompt, prompt_2=prompt_2, width=width, height=height, steps=steps,
-                                          guidance=guidance, seed=seed, num_images=num_images))
+                                          guidance=guidance, seed=seed, num_images=num_images,
+                                          loras=[parse_lora(text) for text in lora or []]))
     except FluxmeshError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
@@ -230,6 +263,59 @@ def demo(
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_bytes(result.png[0])
     typer.echo(str(output))
+
+
+@app.command()
+def loras(address: Annotated[str, typer.Option(help="Orchestrator address.")] = "localhost:50050") -> None:
+    """List the LoRAs the server offers (names for --lora)."""
+    from fluxmesh.client import Client
+
+    with Client(address) as client:
+        for lora in client.list_loras():
+            typer.echo(f"{lora.name}\t{lora.size_bytes / 2**20:.1f} MiB{'  (cached)' if lora.cached else ''}")
+
+
+class QuantType(str, Enum):
+    F32 = "F32"
+    F16 = "F16"
+    BF16 = "BF16"
+    Q8_0 = "Q8_0"
+    Q6_K = "Q6_K"
+    Q5_K = "Q5_K"
+    Q5_1 = "Q5_1"
+    Q5_0 = "Q5_0"
+    Q4_K = "Q4_K"
+    Q4_1 = "Q4_1"
+    Q4_0 = "Q4_0"
+
+
+class Naming(str, Enum):
+    bfl = "bfl"
+    diffusers = "diffusers"
+
+
+class Component(str, Enum):
+    transformer = "transformer"
+    t5 = "t5"
+
+
+@app.command()
+def quantize(
+    source: Annotated[Path, typer.Argument(help="Model folder, its transformer/ folder, or a BFL .safetensors file.")],
+    output: Annotated[Path, typer.Argument(help="The .gguf file to write.")],
+    type: Annotated[QuantType, typer.Option("--type", "-t", help="Quantization type.")] = QuantType.Q8_0,
+    naming: Annotated[Naming, typer.Option(help="Tensor names: bfl (as community files) or diffusers.")] = Naming.bfl,
+    component: Annotated[Component, typer.Option(help="transformer, or t5 (the text_encoder_2 of a model folder).")] = Component.transformer,
+) -> None:
+    """Write a GGUF file in the community (city96) layout, loadable by fluxmesh, ComfyUI-GGUF and diffusers."""
+    from fluxmesh.rpc.errors import FluxmeshError
+    from fluxmesh.services.gguf import quantize_cli
+
+    try:
+        typer.echo(str(quantize_cli(source, output, type.value, naming.value, component.value)))
+    except FluxmeshError as error:
+        typer.echo(f"error: {error.message}", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command()

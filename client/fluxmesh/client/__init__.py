@@ -7,7 +7,7 @@
 """
 
 from fluxmesh.client.aio import AsyncClient, AsyncGenerationStream
-from fluxmesh.client.events import Event, Queued, Result, Stage, StageFinished, StageStarted, Step, Timings
+from fluxmesh.client.events import Event, LoraInfo, Queued, Result, Stage, StageFinished, StageStarted, Step, Timings
 from fluxmesh.client.sync import Client, GenerationStream
 from fluxmesh.rpc.errors import FluxmeshError
 
@@ -18,6 +18,7 @@ __all__ = [
     "Event",
     "FluxmeshError",
     "GenerationStream",
+    "LoraInfo",
     "Queued",
     "Result",
     "Stage",

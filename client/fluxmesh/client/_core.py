@@ -10,7 +10,7 @@ from collections.abc import Iterable
 import grpc
 
 from fluxmesh.rpc.errors import FluxmeshError
-from fluxmesh.v1 import generator_pb2
+from fluxmesh.v1 import common_pb2, generator_pb2
 
 Lora = tuple[str, float]
 
@@ -26,6 +26,7 @@ def build_request(
     seed: int | None = None,
     num_images: int = 1,
     max_sequence_length: int = 0,
+    loras: Iterable[Lora | str] = (),
 ) -> generator_pb2.GenerateRequest:
     request = generator_pb2.GenerateRequest(
         prompt=prompt,
@@ -34,6 +35,7 @@ def build_request(
         height=height,
         num_images=num_images,
         max_sequence_length=max_sequence_length,
+        loras=[_lora_pb(lora) for lora in loras],
     )
     if steps is not None:
         request.steps = steps
@@ -42,6 +44,23 @@ def build_request(
     if seed is not None:
         request.seed = seed
     return request
+
+
+def _lora_pb(lora: Lora | str) -> common_pb2.LoraWeight:
+    """`("name", 0.8)`, or a bare `"name"` for weight 1.0."""
+    name, weight = (lora, 1.0) if isinstance(lora, str) else lora
+    return common_pb2.LoraWeight(name=name, weight=weight)
+
+
+def parse_lora(text: str) -> Lora:
+    """`NAME[:WEIGHT]` as the CLI takes it; the weight defaults to 1.0."""
+    name, sep, weight = text.rpartition(":")
+    if not sep:
+        return text, 1.0
+    try:
+        return name, float(weight)
+    except ValueError:
+        return text, 1.0  # a name that contains ':' but no weight
 
 
 def translate(error: grpc.RpcError) -> FluxmeshError:

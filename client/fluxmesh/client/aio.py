@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from fluxmesh.client import _core
-from fluxmesh.client.events import Event, Result, event_from_pb
+from fluxmesh.client.events import Event, LoraInfo, Result, event_from_pb, loras_from_pb
 from fluxmesh.rpc.channels import aio_channel
 from fluxmesh.rpc.errors import FluxmeshError
 from fluxmesh.v1 import generator_pb2, generator_pb2_grpc, common_pb2
@@ -64,3 +64,11 @@ class AsyncClient:
             return await self._stub.Info(common_pb2.InfoRequest(), timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as error:
             raise _core.translate(error) from None
+
+    async def list_loras(self, timeout: float | None = 10.0) -> list[LoraInfo]:
+        """The LoRAs the server offers, by the names requests use."""
+        try:
+            reply = await self._stub.ListLoras(common_pb2.ListLorasRequest(), timeout=timeout, metadata=self._metadata)
+        except grpc.RpcError as error:
+            raise _core.translate(error) from None
+        return loras_from_pb(reply)

@@ -80,6 +80,17 @@ class Result:
         return self.images[0]
 
 
+@dataclass(frozen=True)
+class LoraInfo:
+    name: str
+    size_bytes: int
+    cached: bool
+
+
+def loras_from_pb(message) -> list[LoraInfo]:
+    return [LoraInfo(l.name, l.size_bytes, l.cached) for l in message.loras]
+
+
 Event = Queued | StageStarted | StageFinished | Step | Result
 
 

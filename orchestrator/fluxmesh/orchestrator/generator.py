@@ -119,6 +119,10 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
         finally:
             await self.queue.leave(ticket)
 
+    async def ListLoras(self, request, context) -> common_pb2.ListLorasResponse:
+        """The denoiser's LoRA directory is the catalogue (CLIP-side parts ride in the same files)."""
+        return await self.stages.denoiser.list_loras(_time_left(context) or 10.0)
+
     async def Info(self, request, context) -> generator_pb2.GeneratorInfo:
         stages = [await client.info(timeout=_time_left(context) or 5.0) for client in self.stages.all()]
         facts = await self.model_facts(_time_left(context))
@@ -145,6 +149,7 @@ def _encode_request(params: GenerateParams) -> encoder_pb2.EncodeRequest:
         prompts=[params.prompt],
         prompts_2=[params.prompt_2] if params.prompt_2 else [],
         max_sequence_length=params.max_sequence_length,
+        loras=_loras_pb(params),
     )
 
 
@@ -158,4 +163,9 @@ def _denoise_request(params: GenerateParams, embeddings: encoder_pb2.EncodeRespo
         guidance=params.guidance,
         seed=params.seed,
         num_images=params.num_images,
+        loras=_loras_pb(params),
     )
+
+
+def _loras_pb(params: GenerateParams) -> list[common_pb2.LoraWeight]:
+    return [common_pb2.LoraWeight(name=name, weight=weight) for name, weight in params.loras]

@@ -13,6 +13,7 @@ MIN_SIDE, MAX_SIDE = 64, 2048
 MAX_STEPS = 100
 MAX_IMAGES = 8
 MAX_PROMPT_CHARS = 20_000
+MAX_LORA_WEIGHT = 4.0
 DEFAULT_SIDE = 1024
 DEFAULT_GUIDANCE = 3.5
 DEFAULT_STEPS_DEV, DEFAULT_STEPS_SCHNELL = 28, 4
@@ -37,6 +38,7 @@ class GenerateParams:
     seed: int
     num_images: int
     max_sequence_length: int
+    loras: tuple[tuple[str, float], ...] = ()
 
 
 def check_request(request: generator_pb2.GenerateRequest, model: ModelFacts) -> GenerateParams:
@@ -66,6 +68,7 @@ def check_request(request: generator_pb2.GenerateRequest, model: ModelFacts) -> 
     if not 0 <= request.max_sequence_length <= 512:
         raise InvalidArgument("max_sequence_length", f"{request.max_sequence_length} is outside [0, 512]")
     seed = request.seed if request.HasField("seed") else secrets.randbits(63)
+    loras = check_loras(request.loras)
     return GenerateParams(
         prompt=request.prompt,
         prompt_2=request.prompt_2,
@@ -76,4 +79,19 @@ def check_request(request: generator_pb2.GenerateRequest, model: ModelFacts) -> 
         seed=seed,
         num_images=num_images,
         max_sequence_length=request.max_sequence_length,
+        loras=loras,
     )
+
+
+def check_loras(loras) -> tuple[tuple[str, float], ...]:
+    """Shape checks the orchestrator can do alone; the stages resolve names in their LoRA directory."""
+    seen = set()
+    for i, lora in enumerate(loras):
+        if not lora.name:
+            raise InvalidArgument(f"loras[{i}].name", "must not be empty")
+        if not math.isfinite(lora.weight) or abs(lora.weight) > MAX_LORA_WEIGHT:
+            raise InvalidArgument(f"loras[{i}].weight", f"{lora.weight} must be finite within [-4, 4]")
+        if lora.name in seen:
+            raise InvalidArgument(f"loras[{i}].name", f"{lora.name!r} is listed twice")
+        seen.add(lora.name)
+    return tuple((lora.name, lora.weight) for lora in loras)

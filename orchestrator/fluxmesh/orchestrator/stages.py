@@ -80,6 +80,10 @@ class DenoiserClient(StageClient):
         finally:
             call.cancel()  # no-op when finished; stops the denoiser when our caller left
 
+    async def list_loras(self, timeout: float | None) -> common_pb2.ListLorasResponse:
+        with stage_errors(self.stage, self.address):
+            return await self._stub.ListLoras(common_pb2.ListLorasRequest(), timeout=timeout)
+
 
 class VaeClient(StageClient):
     stage = "vae"

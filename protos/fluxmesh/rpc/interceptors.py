@@ -3,16 +3,25 @@
 Handlers raise plain `FluxmeshError`s (or any exception); this interceptor wraps every unary
 and server-streaming handler so the client sees the error's status and message, and a bug
 shows up as INTERNAL with its message logged once, with the traceback.
+
+It also answers the input no handler ever sees: bytes that are not a valid request message
+(grpc would say UNKNOWN) and enum values the proto does not define (protobuf keeps them as
+plain numbers) are INVALID_ARGUMENT naming the field, before the handler runs.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 
-from fluxmesh.rpc.errors import FluxmeshError
+from fluxmesh.rpc.errors import FluxmeshError, InvalidArgument
+from fluxmesh.rpc.handlers import wrap_handler
+from fluxmesh.rpc.validation import check_enums
 
 log = logging.getLogger(__name__)
 
@@ -21,8 +30,34 @@ async def _abort_with(context: grpc.aio.ServicerContext, method: str, error: Exc
     if isinstance(error, FluxmeshError):
         log.info("%s -> %s: %s", method, error.code.name, error.message)
         await context.abort(error.code, error.message)
+    if isinstance(error, NotImplementedError):  # the generated base servicer's answer
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented by this server")
     log.exception("%s failed", method, exc_info=error)
     await context.abort(grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}")
+
+
+class Undecodable:
+    """What a request that failed to parse becomes, so the handler wrapper can answer it."""
+
+    __slots__ = ("message_type", "error")
+
+    def __init__(self, message_type: str, error: Exception):
+        self.message_type, self.error = message_type, error
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+    owner = getattr(deserializer, "__self__", None)
+    name = getattr(getattr(owner, "DESCRIPTOR", None), "full_name", "request")
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except (DecodeError, ValueError, UnicodeDecodeError) as error:
+            return Undecodable(name, error)
+
+    return deserialize
 
 
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
@@ -35,37 +70,18 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         method = handler_call_details.method
-        if handler.unary_unary is not None:
-            inner = handler.unary_unary
 
-            async def unary_unary(request, context):
-                try:
-                    return await inner(request, context)
-                except grpc.aio.AbortError:
-                    raise
-                except Exception as error:  # noqa: BLE001 - mapped to a status, not swallowed
-                    await _abort_with(context, method, error)
+        @asynccontextmanager
+        async def mapped(request, context):
+            try:
+                if isinstance(request, Undecodable):
+                    raise InvalidArgument("request", f"not a valid {request.message_type} message ({request.error})")
+                if isinstance(request, Message):
+                    check_enums(request)
+                yield
+            except grpc.aio.AbortError:
+                raise
+            except Exception as error:  # noqa: BLE001 - mapped to a status, not swallowed
+                await _abort_with(context, method, error)
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary_unary,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            inner_stream = handler.unary_stream
-
-            async def unary_stream(request, context) -> AsyncIterator:
-                try:
-                    async for response in inner_stream(request, context):
-                        yield response
-                except grpc.aio.AbortError:
-                    raise
-                except Exception as error:  # noqa: BLE001
-                    await _abort_with(context, method, error)
-
-            return grpc.unary_stream_rpc_method_handler(
-                unary_stream,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
+        return wrap_handler(handler, mapped, request_deserializer=_tolerant(handler.request_deserializer))

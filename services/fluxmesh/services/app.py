@@ -23,6 +23,9 @@ class StageOptions:
     dtype: str = "auto"
     threads: int | None = None
     max_sequence_length: int | None = None  # encoder only
+    t5_gguf: Path | None = None  # encoder only
+    transformer_gguf: Path | None = None  # denoiser only
+    lora_dir: Path | None = None  # encoder (CLIP-side keys) and denoiser
 
 
 def build_service(options: StageOptions) -> Service:
@@ -35,7 +38,8 @@ def build_service(options: StageOptions) -> Service:
         from fluxmesh.services.encoder.servicer import TextEncoderServicer
         from fluxmesh.v1 import encoder_pb2_grpc
 
-        engine = TextEncoderEngine(folder, placement, max_sequence_length=options.max_sequence_length)
+        engine = TextEncoderEngine(folder, placement, max_sequence_length=options.max_sequence_length,
+                                   t5_gguf=options.t5_gguf, lora_dir=options.lora_dir)
         return Service("fluxmesh.v1.TextEncoder", TextEncoderServicer(engine, options.model),
                        encoder_pb2_grpc.add_TextEncoderServicer_to_server)
     if options.stage == "denoiser":
@@ -43,7 +47,8 @@ def build_service(options: StageOptions) -> Service:
         from fluxmesh.services.denoiser.servicer import DenoiserServicer
         from fluxmesh.v1 import denoiser_pb2_grpc
 
-        engine = DenoiserEngine(folder, placement)
+        engine = DenoiserEngine(folder, placement, transformer_gguf=options.transformer_gguf,
+                                lora_dir=options.lora_dir)
         return Service("fluxmesh.v1.Denoiser", DenoiserServicer(engine, options.model),
                        denoiser_pb2_grpc.add_DenoiserServicer_to_server)
     if options.stage == "vae":

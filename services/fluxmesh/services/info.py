@@ -16,3 +16,9 @@ def stage_info(stage: str, model: str, placement: Placement, weight_bytes: int, 
         peak_memory_bytes=peak_memory_bytes(placement.device),
         details={key: str(value) for key, value in details.items()},
     )
+
+
+def lora_listing(loras) -> common_pb2.ListLorasResponse:
+    return common_pb2.ListLorasResponse(
+        loras=[common_pb2.LoraInfo(name=n, size_bytes=size, cached=cached) for n, size, cached in loras.listing()]
+    )

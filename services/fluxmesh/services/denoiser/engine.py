@@ -21,6 +21,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransfo
 
 from fluxmesh.rpc.errors import Cancelled, InvalidArgument
 from fluxmesh.services import model_folder
+from fluxmesh.services.loras.stage import StageLoras
 from fluxmesh.services.runtime import Placement, module_bytes
 
 log = logging.getLogger(__name__)
@@ -40,21 +41,36 @@ class DenoiseJob:
     guidance: float
     seed: int
     num_images: int
+    loras: tuple[tuple[str, float], ...] = ()
 
 
 StepCallback = Callable[[int, int, float], None]  # (step 1-based, total, seconds)
 
 
 class DenoiserEngine:
-    def __init__(self, folder: Path, placement: Placement, *, transformer: FluxTransformer2DModel | None = None):
+    def __init__(
+        self,
+        folder: Path,
+        placement: Placement,
+        *,
+        transformer_gguf: Path | None = None,
+        lora_dir: Path | None = None,
+    ):
         self.folder = folder
         self.placement = placement
-        self.transformer = (
-            transformer
-            or FluxTransformer2DModel.from_pretrained(
+        self.transformer_gguf = transformer_gguf
+        if transformer_gguf is not None:
+            from fluxmesh.services.gguf import load_gguf_transformer
+
+            # Weights stay quantized; placement.dtype is the compute dtype they dequantize to.
+            transformer = load_gguf_transformer(transformer_gguf, folder, compute_dtype=placement.dtype,
+                                                device=placement.device)
+        else:
+            transformer = FluxTransformer2DModel.from_pretrained(
                 folder, subfolder="transformer", torch_dtype=placement.dtype, local_files_only=True
             )
-        ).to(placement.device).eval()
+        self.transformer = transformer.to(placement.device).eval()
+        self.loras = StageLoras(lora_dir, self.transformer, "transformer")
         self.scheduler_config = FlowMatchEulerDiscreteScheduler.load_config(folder, subfolder="scheduler")
         self.vae_scale_factor = model_folder.vae_scale_factor(folder)
         self.size_multiple = self.vae_scale_factor * 2
@@ -63,8 +79,9 @@ class DenoiserEngine:
         self.joint_attention_dim = int(config.joint_attention_dim)
         self.pooled_projection_dim = int(config.pooled_projection_dim)
         log.info(
-            "denoiser: transformer from %s on %s (%.1f MiB), guidance embedding: %s",
-            folder, placement.describe(), self.weight_bytes() / 2**20, self.guidance_embeds,
+            "denoiser: transformer%s from %s on %s (%.1f MiB), guidance embedding: %s, LoRAs: %s",
+            f" (GGUF {transformer_gguf})" if transformer_gguf else "", folder, placement.describe(),
+            self.weight_bytes() / 2**20, self.guidance_embeds, lora_dir or "none",
         )
 
     def weight_bytes(self) -> int:
@@ -92,6 +109,7 @@ class DenoiserEngine:
             raise InvalidArgument("num_images", f"{embeds.shape[0]} prompts x {job.num_images} images exceeds {MAX_IMAGES}")
         if not torch.isfinite(torch.tensor(job.guidance)):
             raise InvalidArgument("guidance", f"{job.guidance} is not finite")
+        self.loras.check(job.loras)
 
     def pipeline(self) -> FluxPipeline:
         """A per-request pipeline: shared transformer, fresh scheduler."""
@@ -135,6 +153,9 @@ class DenoiserEngine:
 
         if cancelled is not None and cancelled.is_set():
             raise Cancelled("cancelled before the first step")
+        # Adapters live in the shared transformer: switch them on the model thread, right before
+        # this request's loop, so concurrent requests never see each other's set.
+        self.loras.activate(list(job.loras))
         latents = self.pipeline()(
             prompt_embeds=embeds,
             pooled_prompt_embeds=pooled,

@@ -11,7 +11,7 @@ import asyncio
 import threading
 
 from fluxmesh.services.denoiser.engine import DenoiseJob, DenoiserEngine
-from fluxmesh.services.info import stage_info
+from fluxmesh.services.info import lora_listing, stage_info
 from fluxmesh.services.tensors import from_pb, to_pb
 from fluxmesh.services.worker import ModelWorker
 from fluxmesh.v1 import denoiser_pb2, denoiser_pb2_grpc, common_pb2
@@ -29,6 +29,7 @@ def job_from_pb(request: denoiser_pb2.DenoiseRequest) -> DenoiseJob:
         guidance=request.guidance,
         seed=request.seed,
         num_images=request.num_images or 1,
+        loras=tuple((lora.name, lora.weight) for lora in request.loras),
     )
 
 
@@ -64,6 +65,9 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
             if not task.done():
                 await asyncio.shield(asyncio.wait([task]))
 
+    async def ListLoras(self, request, context) -> common_pb2.ListLorasResponse:
+        return lora_listing(self.engine.loras)
+
     async def Info(self, request, context) -> common_pb2.StageInfo:
         return stage_info(
             "denoiser",
@@ -71,6 +75,7 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
             self.engine.placement,
             self.engine.weight_bytes(),
             guidance_embeds=self.engine.guidance_embeds,
+            transformer_gguf=self.engine.transformer_gguf or "",
             size_multiple=self.engine.size_multiple,
             steps_run=self.steps_run,
             requests=self.requests,

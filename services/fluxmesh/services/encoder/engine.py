@@ -17,6 +17,7 @@ from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokeniz
 
 from fluxmesh.rpc.errors import InvalidArgument
 from fluxmesh.services import model_folder
+from fluxmesh.services.loras.stage import LoraList, StageLoras
 from fluxmesh.services.runtime import Placement, module_bytes
 
 log = logging.getLogger(__name__)
@@ -38,16 +39,21 @@ class TextEncoderEngine:
         placement: Placement,
         *,
         max_sequence_length: int | None = None,
-        t5_encoder: T5EncoderModel | None = None,
+        t5_gguf: Path | None = None,
+        lora_dir: Path | None = None,
     ):
         self.folder = folder
         self.placement = placement
         self.default_max_sequence_length = max_sequence_length or model_folder.default_max_sequence_length(folder)
         device, dtype = placement.device, placement.dtype
         clip = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=dtype, local_files_only=True)
-        t5 = t5_encoder or T5EncoderModel.from_pretrained(
-            folder, subfolder="text_encoder_2", torch_dtype=dtype, local_files_only=True
-        )
+        if t5_gguf is not None:
+            from fluxmesh.services.gguf import load_gguf_t5
+
+            t5 = load_gguf_t5(t5_gguf, folder, dtype=dtype)
+        else:
+            t5 = T5EncoderModel.from_pretrained(folder, subfolder="text_encoder_2", torch_dtype=dtype,
+                                                local_files_only=True)
         self.pipe = FluxPipeline(
             scheduler=None,
             vae=None,
@@ -58,16 +64,18 @@ class TextEncoderEngine:
             transformer=None,
         )
         self.pipe.set_progress_bar_config(disable=True)
+        self.loras = StageLoras(lora_dir, self.pipe.text_encoder, "text_encoder")
         log.info(
-            "encoder: CLIP + T5 from %s on %s (%.1f MiB), T5 length %d",
-            folder, placement.describe(), self.weight_bytes() / 2**20, self.default_max_sequence_length,
+            "encoder: CLIP + T5%s from %s on %s (%.1f MiB), T5 length %d, LoRAs: %s",
+            f" (GGUF {t5_gguf})" if t5_gguf else "", folder, placement.describe(), self.weight_bytes() / 2**20,
+            self.default_max_sequence_length, lora_dir or "none",
         )
 
     def weight_bytes(self) -> int:
         return module_bytes(self.pipe.text_encoder, self.pipe.text_encoder_2)
 
     def check(self, prompts: list[str], prompts_2: list[str], max_sequence_length: int) -> int:
-        """Validate an encode request; returns the sequence length to use."""
+        """Validate an encode request's prompts; returns the sequence length to use."""
         if not prompts:
             raise InvalidArgument("prompts", "at least one prompt is required")
         if prompts_2 and len(prompts_2) != len(prompts):
@@ -81,7 +89,10 @@ class TextEncoderEngine:
             raise InvalidArgument("max_sequence_length", f"{length} is outside [1, 512]")
         return length
 
-    def encode(self, prompts: list[str], prompts_2: list[str], max_sequence_length: int) -> Embeddings:
+    def encode(
+        self, prompts: list[str], prompts_2: list[str], max_sequence_length: int, loras: LoraList = ()
+    ) -> Embeddings:
+        self.loras.activate(list(loras))
         prompt_embeds, pooled, _text_ids = self.pipe.encode_prompt(
             prompt=prompts,
             prompt_2=prompts_2 or None,

@@ -19,8 +19,9 @@ class TextEncoderServicer(encoder_pb2_grpc.TextEncoderServicer):
     async def Encode(self, request: encoder_pb2.EncodeRequest, context) -> encoder_pb2.EncodeResponse:
         prompts, prompts_2 = list(request.prompts), list(request.prompts_2)
         length = self.engine.check(prompts, prompts_2, request.max_sequence_length)
+        loras = self.engine.loras.check([(lora.name, lora.weight) for lora in request.loras])
         self.requests += 1
-        result = await self.worker.run(self.engine.encode, prompts, prompts_2, length)
+        result = await self.worker.run(self.engine.encode, prompts, prompts_2, length, loras)
         return encoder_pb2.EncodeResponse(
             prompt_embeds=to_pb(result.prompt_embeds),
             pooled_prompt_embeds=to_pb(result.pooled_prompt_embeds),

@@ -1,0 +1,45 @@
+"""LoRA support as a stage sees it: optional, validated up front, activated per request.
+
+Both the encoder (CLIP-side keys) and the denoiser (transformer keys) hold one of these; a
+stage started without a LoRA directory refuses requests that name LoRAs instead of silently
+ignoring part of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from fluxmesh.rpc.errors import FailedPrecondition
+from fluxmesh.services.loras.activation import LoraActivator
+from fluxmesh.services.loras.library import LoraLibrary
+
+LoraList = list[tuple[str, float]]
+
+
+class StageLoras:
+    def __init__(self, directory: str | Path | None, model: Any, component: str, *, max_cached: int = 8):
+        self.library = LoraLibrary(directory, max_cached, components=(component,)) if directory else None
+        self.activator = LoraActivator(model, self.library) if self.library else None
+
+    def check(self, loras: Sequence[tuple[str, float]], field: str = "loras") -> LoraList:
+        """Names exist inside the directory, weights finite in [-4, 4]; cheap, no model work."""
+        if not loras:
+            return []
+        if self.library is None:
+            raise FailedPrecondition(f"{field}: this stage was started without --lora-dir")
+        return self.library.check(loras, field=field)
+
+    def activate(self, loras: LoraList) -> None:
+        """Make exactly this set active (an empty list restores the base model bit for bit).
+        Call on the model thread, right before the model runs."""
+        if self.activator is not None:
+            self.activator.activate(loras)
+
+    def listing(self) -> list[tuple[str, int, bool]]:
+        """(name, size in bytes, cached) for every LoRA file the stage can serve."""
+        if self.library is None:
+            return []
+        cached = set(self.library.cached())
+        return [(name, self.library.resolve(name).stat().st_size, name in cached) for name in self.library.names()]

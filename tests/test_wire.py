@@ -19,6 +19,12 @@ def test_tensor_round_trip_is_bit_exact(dtype):
     assert torch.equal(from_pb(message, "t"), source)
 
 
+def test_views_into_larger_storage_send_only_their_own_elements():
+    base = torch.arange(20.0)
+    for view in (base[3:7], base.reshape(4, 5)[:, 1], base.reshape(4, 5).t()):
+        assert torch.equal(from_pb(to_pb(view), "t"), view)
+
+
 def test_non_finite_values_are_rejected():
     with pytest.raises(InvalidArgument, match="t.data: contains NaN or Inf"):
         from_pb(to_pb(torch.tensor([1.0, float("nan")])), "t")

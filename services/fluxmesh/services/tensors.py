@@ -1,7 +1,7 @@
 """torch.Tensor <-> fluxmesh.v1.Tensor, checked on the way in.
 
-Bytes move through `untyped_storage` / `torch.frombuffer` rather than numpy because numpy has
-no bfloat16. Every decoded tensor is checked against what the receiving stage expects, and a
+Bytes move as a uint8 view of the tensor and back through `torch.frombuffer`, never through a
+numpy array of the tensor's own dtype, because numpy has no bfloat16. Every decoded tensor is checked against what the receiving stage expects, and a
 mismatch is an `InvalidArgument` naming the field, before any model runs.
 """
 
@@ -30,9 +30,11 @@ def to_pb(tensor: torch.Tensor) -> common_pb2.Tensor:
     tensor = tensor.detach().to("cpu").contiguous()
     if tensor.dtype not in DTYPE_NAMES:
         tensor = tensor.float()
-    data = bytes(tensor.untyped_storage())[: tensor.numel() * tensor.element_size()]
+    # One memcpy: reinterpret the elements as bytes (any dtype, bf16 included), then copy out.
+    raw = tensor.reshape(-1).view(torch.uint8)
     if sys.byteorder != "little":  # the wire is little-endian
-        data = tensor.view(torch.uint8).flip(-1).numpy().tobytes()
+        raw = raw.reshape(-1, tensor.element_size()).flip(-1).reshape(-1)
+    data = raw.numpy().tobytes()
     return common_pb2.Tensor(dtype=DTYPE_NAMES[tensor.dtype], shape=list(tensor.shape), data=data)
 
 

@@ -30,8 +30,8 @@ __all__ = [
 
 _HOME = {
     "GGUFFileError": "errors",
-    "Naming": "quantize",
-    "QuantType": "quantize",
+    "Naming": "types",
+    "QuantType": "types",
     "bfl_to_diffusers": "naming",
     "diffusers_to_bfl": "naming",
     "is_bfl_naming": "naming",

@@ -9,9 +9,11 @@ from pathlib import Path
 
 from fluxmesh.rpc.errors import InvalidArgument
 
+from .types import Component
+
 __all__ = ["COMPONENTS", "quantize_cli"]
 
-COMPONENTS = ("transformer", "t5")
+COMPONENTS = tuple(c.value for c in Component)
 
 
 def quantize_cli(source: Path, output: Path, qtype: str, naming: str, component: str = "transformer") -> Path:

@@ -22,7 +22,6 @@ import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -35,38 +34,9 @@ from fluxmesh.rpc.errors import InvalidArgument, NotFound
 from . import naming as names  # the module; `naming` is quantize_transformer's argument
 from ._kquants import KQUANT_ENCODERS
 from .errors import GGUFFileError
+from .types import Naming, QuantType
 
 __all__ = ["Naming", "QuantType", "quantize_t5", "quantize_transformer"]
-
-
-class QuantType(str, Enum):
-    """Types this module can write. All of them load through diffusers and transformers.
-
-    Not offered: Q2_K/Q3_K (no encoder here; gguf-py 0.19 writes no K-quant at all, see
-    `_kquants`), the IQ* types (need an importance matrix), TQ*/MXFP4/NVFP4 (diffusers cannot
-    dequantize them).
-    """
-
-    F32 = "F32"
-    F16 = "F16"
-    BF16 = "BF16"
-    Q8_0 = "Q8_0"
-    Q6_K = "Q6_K"
-    Q5_K = "Q5_K"
-    Q5_1 = "Q5_1"
-    Q5_0 = "Q5_0"
-    Q4_K = "Q4_K"
-    Q4_1 = "Q4_1"
-    Q4_0 = "Q4_0"
-
-    @property
-    def ggml(self) -> G:
-        return G[self.value]
-
-
-class Naming(str, Enum):
-    bfl = "bfl"  # community files (city96 and others), what ComfyUI and diffusers' from_single_file read
-    diffusers = "diffusers"  # diffusers' own parameter names
 
 
 # general.file_type as llama.cpp records it; a uniform K-quant file is closest to its "_S" mix.

@@ -7,11 +7,13 @@ from collections.abc import Iterable
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from fluxmesh.cli.previews import PreviewWriter
 from fluxmesh.client.events import Event, Queued, Result, StageFinished, StageStarted, Step
 
 
-def follow(events: Iterable[Event], console: Console | None = None) -> Result:
-    """Render events as they arrive and return the final Result."""
+def follow(events: Iterable[Event], console: Console | None = None, previews: PreviewWriter | None = None) -> Result:
+    """Render events as they arrive and return the final Result; `previews` saves live previews
+    (the bar shows the latest one's path)."""
     console = console or Console(stderr=True)
     result = None
     with Progress(
@@ -26,6 +28,8 @@ def follow(events: Iterable[Event], console: Console | None = None) -> Result:
                 steps = progress.add_task("denoise", total=None)
             elif isinstance(event, Step) and steps is not None:
                 progress.update(steps, completed=event.step, total=event.total)
+                if previews is not None and (path := previews.save(event)) is not None:
+                    progress.update(steps, description=f"denoise (preview: {path})")
             elif isinstance(event, StageFinished):
                 console.print(f"{event.stage.value}: {event.seconds:.2f}s")
             elif isinstance(event, Result):

@@ -37,9 +37,11 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def health_status(address: str, service: str = "", timeout: float = 2.0) -> int | None:
+def health_status(address: str, service: str = "", timeout: float = 2.0,
+                  credentials: grpc.ChannelCredentials | None = None) -> int | None:
     """The grpc.health.v1 status of `address` (None when it does not answer)."""
-    with grpc.insecure_channel(address) as channel:
+    channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
+    with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout
@@ -61,6 +63,7 @@ class Cluster:
     """A set of running fluxmesh processes; a context manager that stops them on exit."""
 
     children: list[Child] = field(default_factory=list)
+    health_credentials: grpc.ChannelCredentials | None = None  # for processes that serve TLS
 
     @property
     def address(self) -> str:
@@ -77,7 +80,7 @@ class Cluster:
     def wait_serving(self, timeout: float = 300.0) -> None:
         deadline = time.monotonic() + timeout
         for child in self.children:
-            while health_status(child.address) != health_pb2.HealthCheckResponse.SERVING:
+            while health_status(child.address, credentials=self.health_credentials) != health_pb2.HealthCheckResponse.SERVING:
                 if child.process.poll() is not None:
                     raise RuntimeError(f"{child.name} exited with code {child.process.returncode} before serving")
                 if time.monotonic() > deadline:

@@ -5,28 +5,39 @@ The two clients differ only in how they wait; everything else lives here once.
 
 from __future__ import annotations
 
+import io
+import os
 from collections.abc import Iterable
 
 import grpc
+from PIL import Image
 
 from fluxmesh.rpc.errors import FluxmeshError
 from fluxmesh.v1 import common_pb2, generator_pb2
 
 Lora = tuple[str, float]
+ImageInput = bytes | str | os.PathLike | Image.Image  # PNG/JPEG bytes, a path to one, or a PIL image
+PREVIEW_KINDS = {"fast": generator_pb2.PREVIEW_KIND_FAST, "vae": generator_pb2.PREVIEW_KIND_VAE}
 
 
 def build_request(
     prompt: str,
     *,
     prompt_2: str = "",
-    width: int = 1024,
-    height: int = 1024,
+    width: int = 0,  # 0: 1024, or the init image's size
+    height: int = 0,
     steps: int | None = None,
     guidance: float | None = None,
     seed: int | None = None,
     num_images: int = 1,
     max_sequence_length: int = 0,
     loras: Iterable[Lora | str] = (),
+    init_image: ImageInput | None = None,
+    mask_image: ImageInput | None = None,
+    strength: float | None = None,
+    preview: str | None = None,
+    preview_every: int = 0,
+    priority: int = 0,  # higher runs first when requests wait in line
 ) -> generator_pb2.GenerateRequest:
     request = generator_pb2.GenerateRequest(
         prompt=prompt,
@@ -36,6 +47,7 @@ def build_request(
         num_images=num_images,
         max_sequence_length=max_sequence_length,
         loras=[_lora_pb(lora) for lora in loras],
+        priority=priority,
     )
     if steps is not None:
         request.steps = steps
@@ -43,7 +55,30 @@ def build_request(
         request.guidance = guidance
     if seed is not None:
         request.seed = seed
+    if init_image is not None:
+        request.init_image = image_bytes(init_image)
+    if mask_image is not None:
+        request.mask_image = image_bytes(mask_image)
+    if strength is not None:
+        request.strength = strength
+    if preview is not None:
+        if preview not in PREVIEW_KINDS:
+            raise ValueError(f"preview: {preview!r}; expected one of {sorted(PREVIEW_KINDS)}")
+        request.preview.kind = PREVIEW_KINDS[preview]
+        request.preview.every = preview_every
     return request
+
+
+def image_bytes(image: ImageInput) -> bytes:
+    """PNG/JPEG bytes as they are (the server checks them), a file's bytes, or a PIL image as PNG."""
+    if isinstance(image, Image.Image):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")  # lossless: the server sees exactly these pixels
+        return buffer.getvalue()
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return bytes(image)
+    with open(image, "rb") as file:
+        return file.read()
 
 
 def _lora_pb(lora: Lora | str) -> common_pb2.LoraWeight:

@@ -54,10 +54,14 @@ class AsyncClient:
         return AsyncGenerationStream(call)
 
     async def generate(self, prompt: str, **options) -> Result:
+        result = None
+        # To the end of the stream, not just the Result: leaving early cancels a finishing call.
         async for event in self.stream(prompt, **options):
             if isinstance(event, Result):
-                return event
-        raise FluxmeshError("the stream ended without a result", code=grpc.StatusCode.INTERNAL)
+                result = event
+        if result is None:
+            raise FluxmeshError("the stream ended without a result", code=grpc.StatusCode.INTERNAL)
+        return result
 
     async def info(self, timeout: float | None = 10.0) -> generator_pb2.GeneratorInfo:
         try:

@@ -49,6 +49,9 @@ class Step:
     step: int
     total: int
     seconds: float
+    previews: list[Image.Image] = field(default_factory=list)  # one per image, when previews were asked for
+    preview_step: int = 0  # the step the previews show (vae previews lag behind `step`)
+    preview_data: list[bytes] = field(repr=False, default_factory=list)  # the encoded previews (JPEG)
 
 
 @dataclass(frozen=True)
@@ -112,7 +115,9 @@ def event_from_pb(message: generator_pb2.GenerateEvent) -> Event:
     if kind == "stage_finished":
         return StageFinished(rid, _STAGES[message.stage_finished.stage], message.stage_finished.seconds)
     if kind == "step":
-        return Step(rid, message.step.step, message.step.total, message.step.seconds)
+        s = message.step
+        return Step(rid, s.step, s.total, s.seconds, [_image(i) for i in s.previews], s.preview_step,
+                    [i.data for i in s.previews])
     if kind == "result":
         r = message.result
         t = r.timings

@@ -58,10 +58,15 @@ class Client:
 
     def generate(self, prompt: str, **options) -> Result:
         """Generate and return the result (PIL images, seed, per-stage timings)."""
+        result = None
+        # Read to the end of the stream, not just to the Result: leaving early would cancel a call
+        # that is about to finish (the server sees CANCELLED instead of OK).
         for event in self.stream(prompt, **options):
             if isinstance(event, Result):
-                return event
-        raise FluxmeshError("the stream ended without a result", code=grpc.StatusCode.INTERNAL)
+                result = event
+        if result is None:
+            raise FluxmeshError("the stream ended without a result", code=grpc.StatusCode.INTERNAL)
+        return result
 
     def info(self, timeout: float | None = 10.0) -> generator_pb2.GeneratorInfo:
         try:

@@ -8,9 +8,18 @@ from dataclasses import dataclass
 from fluxmesh.orchestrator.admission import AdmissionQueue
 from fluxmesh.orchestrator.generator import GeneratorServicer, Stages
 from fluxmesh.orchestrator.monitor import StageMonitor
+from fluxmesh.orchestrator.sequential import SEQUENTIAL_MAX_ACTIVE, SequentialPlacement
 from fluxmesh.orchestrator.stages import DenoiserClient, EncoderClient, VaeClient
+from fluxmesh.orchestrator.metrics import watch_queue
+from fluxmesh.rpc.images import MAX_IMAGE_BYTES
+from fluxmesh.rpc.security import ClientSecurity, ServerSecurity
 from fluxmesh.rpc.server import Server, Service
 from fluxmesh.v1 import generator_pb2_grpc
+
+
+# Room for the largest init image and mask the API accepts, plus prompts and the rest.
+MAX_REQUEST_BYTES = 2 * MAX_IMAGE_BYTES + (1 << 20)
+DEFAULT_REQUEST_TIMEOUT = 3600.0
 
 
 @dataclass(frozen=True)
@@ -19,15 +28,31 @@ class OrchestratorOptions:
     denoiser: str
     vae: str
     address: str = "[::]:50050"
-    max_active: int = 2
+    max_active: int | None = None  # None: 2, or SEQUENTIAL_MAX_ACTIVE in sequential mode
     max_queue: int = 32
+    sequential: bool = False  # one accelerator: stages take turns (sequential.py)
+    release_to: str = "auto"  # sequential mode: where released weights go (auto | cpu | disk)
+    security: ServerSecurity = ServerSecurity()  # what public clients must present
+    stage_security: ClientSecurity = ClientSecurity()  # what the orchestrator presents to stages
+    metrics_port: int | None = None
+    # The public API takes prompts and (for img2img) a few PNGs, never stage-sized tensors: a
+    # much smaller limit than the stages' makes an oversized request cheap to refuse.
+    max_request_bytes: int = MAX_REQUEST_BYTES
+    request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT  # for requests without a deadline
 
 
 def build_server(options: OrchestratorOptions) -> tuple[Server, StageMonitor]:
-    stages = Stages(EncoderClient(options.encoder), DenoiserClient(options.denoiser), VaeClient(options.vae))
-    servicer = GeneratorServicer(stages, AdmissionQueue(max_active=options.max_active, max_waiting=options.max_queue))
+    secure = {"security": options.stage_security}
+    stages = Stages(EncoderClient(options.encoder, **secure), DenoiserClient(options.denoiser, **secure),
+                    VaeClient(options.vae, **secure))
+    placement = SequentialPlacement(stages.all(), options.release_to) if options.sequential else None
+    max_active = options.max_active or (SEQUENTIAL_MAX_ACTIVE if options.sequential else 2)
+    queue = AdmissionQueue(max_active=max_active, max_waiting=options.max_queue)
+    watch_queue(queue)
+    servicer = GeneratorServicer(stages, queue, placement, request_timeout=options.request_timeout)
     service = Service("fluxmesh.v1.Generator", servicer, generator_pb2_grpc.add_GeneratorServicer_to_server)
-    server = Server([service], address=options.address)
+    server = Server([service], address=options.address, security=options.security,
+                    max_receive_bytes=options.max_request_bytes, metrics_port=options.metrics_port)
 
     async def mirror(all_up: bool) -> None:
         # Overall and Generator health follow the stages; the process itself is alive either way.

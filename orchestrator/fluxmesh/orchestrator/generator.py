@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import time
-import uuid
+from contextlib import aclosing
 
 import grpc
 
+from fluxmesh.rpc import request_ids
+from fluxmesh.orchestrator import deadlines
 from fluxmesh.orchestrator.admission import AdmissionQueue
+from fluxmesh.orchestrator.editing import encode_init
+from fluxmesh.orchestrator.previews import VaePreviews, preview_options, step_events
+from fluxmesh.orchestrator.metrics import record_result
 from fluxmesh.orchestrator.placement import ResidentPlacement, SwapCost
 from fluxmesh.orchestrator.request import GenerateParams, ModelFacts, check_request
 from fluxmesh.orchestrator.stages import DenoiserClient, EncoderClient, VaeClient
@@ -37,11 +44,14 @@ class Stages:
 
 
 class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
-    def __init__(self, stages: Stages, queue: AdmissionQueue, placement=None):
+    def __init__(self, stages: Stages, queue: AdmissionQueue, placement=None, *,
+                 request_timeout: float | None = None):
         self.stages = stages
         self.queue = queue
+        self.request_timeout = request_timeout  # deadline for requests that come without one
         self.placement = placement or ResidentPlacement()
         self._facts: ModelFacts | None = None
+        self._latent_rgb: list[float] | None = None  # the vae stage's latent -> RGB map (fast previews)
 
     async def model_facts(self, timeout: float | None) -> ModelFacts:
         """Size granularity and guidance embedding, asked of the denoiser once it answers."""
@@ -50,18 +60,22 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
             self._facts = ModelFacts(
                 size_multiple=int(details.get("size_multiple", 16)),
                 guidance_embeds=details.get("guidance_embeds", "True") == "True",
+                fill=details.get("fill", "False") == "True",
             )
         return self._facts
 
     async def Generate(self, request: generator_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
-        request_id = uuid.uuid4().hex[:16]
+        # The client's well-formed x-request-id, else a new one: it goes to every stage and log line.
+        request_id = request_ids.current() or request_ids.new_request_id()
+        request_ids.adopt(request_id)
+        deadlines.start(context, self.request_timeout)
         started = time.perf_counter()
         params = check_request(request, await self.model_facts(_time_left(context)))
 
         def event(**kwargs) -> generator_pb2.GenerateEvent:
             return generator_pb2.GenerateEvent(request_id=request_id, **kwargs)
 
-        ticket = self.queue.enter()
+        ticket = self.queue.enter(priority=request.priority)
         try:
             async for position in self.queue.wait_turn(ticket):
                 yield event(queued=generator_pb2.Queued(position=position))
@@ -71,22 +85,28 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
             swaps = SwapCost()
             yield event(stage_started=generator_pb2.StageStarted(stage=ENCODE))
             t0 = time.perf_counter()
-            async with self.placement.use("encoder", swaps):
-                embeddings = await self.stages.encoder.encode(_encode_request(params), _time_left(context))
+            embeddings, init = await _both(  # prompt and init image on their own stages, at once
+                self._encode_prompt(params, swaps, context),
+                encode_init(self.stages.vae, self.placement, swaps, params.edit, width=params.width,
+                            height=params.height, timeout=_time_left(context)),
+            )
             timings.encode_seconds = time.perf_counter() - t0
             yield event(stage_finished=generator_pb2.StageFinished(stage=ENCODE, seconds=timings.encode_seconds))
 
             yield event(stage_started=generator_pb2.StageStarted(stage=DENOISE))
             t0 = time.perf_counter()
             latents = None
+            denoise_request, previews, preview_warning = await self._denoise_plan(params, embeddings, init, context)
             async with self.placement.use("denoiser", swaps):
-                denoising = self.stages.denoiser.denoise(_denoise_request(params, embeddings), _time_left(context))
-                async for step in denoising:
-                    if step.HasField("step"):
-                        s = step.step
-                        yield event(step=generator_pb2.Step(step=s.step, total=s.total, seconds=s.seconds))
-                    else:
-                        latents = step.latents
+                denoising = self.stages.denoiser.denoise(denoise_request, _time_left(context))
+                # Closed on the spot when the caller goes away: that cancels the Denoise call, so
+                # the denoiser stops within a step (left to the garbage collector, it may not).
+                async with aclosing(step_events(denoising, previews)) as steps:
+                    async for item in steps:
+                        if isinstance(item, generator_pb2.Step):
+                            yield event(step=item)
+                        else:
+                            latents = item
             timings.denoise_seconds = time.perf_counter() - t0
             yield event(stage_finished=generator_pb2.StageFinished(stage=DENOISE, seconds=timings.denoise_seconds))
 
@@ -112,12 +132,52 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
                     height=params.height,
                     steps=params.steps,
                     guidance=params.guidance,
-                    warnings=_truncation_warnings(embeddings, params),
+                    warnings=_truncation_warnings(embeddings, params) + ([preview_warning] if preview_warning else []),
                 )
             )
+            record_result(timings, params.steps)
             log.info("%s: done in %.2fs", request_id, timings.total_seconds)
         finally:
             await self.queue.leave(ticket)
+
+    async def _encode_prompt(self, params: GenerateParams, swaps: SwapCost, context) -> encoder_pb2.EncodeResponse:
+        async with self.placement.use("encoder", swaps):
+            return await self.stages.encoder.encode(_encode_request(params), _time_left(context))
+
+    async def _denoise_plan(self, params: GenerateParams, embeddings, init, context):
+        """The denoise request (with the init image and preview options, if any), the vae preview
+        relay when vae previews run, and a warning when the kind asked for cannot be had."""
+        preview, warning = preview_options(
+            params.preview, vae_alongside_denoiser=isinstance(self.placement, ResidentPlacement),
+            latent_rgb=await self._latent_rgb_map(params, context))
+        request = _denoise_request(params, embeddings)
+        if init is not None:
+            request.init.CopyFrom(init)
+        if preview is not None:
+            request.preview.CopyFrom(preview)
+        previews = None
+        if preview is not None and preview.x0:
+            previews = VaePreviews(lambda x0: self._decode_preview(x0, params, context))
+        return request, previews, warning
+
+    async def _decode_preview(self, x0: common_pb2.Tensor, params: GenerateParams, context) -> list[common_pb2.Image]:
+        # Its own SwapCost: previews only run where nothing is swapped (vae loaded while denoising).
+        async with self.placement.use("vae", SwapCost()):
+            reply = await self.stages.vae.decode(
+                vae_pb2.DecodeRequest(latents=x0, width=params.width, height=params.height,
+                                      format=common_pb2.IMAGE_FORMAT_JPEG, preview=True),
+                _time_left(context),
+            )
+        return list(reply.images)
+
+    async def _latent_rgb_map(self, params: GenerateParams, context) -> list[float]:
+        """The vae stage's latent -> RGB map for fast previews, asked once (empty: FLUX.1's)."""
+        if params.preview is None or self._latent_rgb:
+            return self._latent_rgb or []
+        details = (await self.stages.vae.info(timeout=_time_left(context) or 5.0)).details
+        if "latent_rgb" in details:
+            self._latent_rgb = [float(v) for v in json.loads(details["latent_rgb"])]
+        return self._latent_rgb or []
 
     async def ListLoras(self, request, context) -> common_pb2.ListLorasResponse:
         """The denoiser's LoRA directory is the catalogue (CLIP-side parts ride in the same files)."""
@@ -131,9 +191,20 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
         )
 
 
+async def _both(first, second):
+    """Await two calls at once; if one fails, the other is cancelled (and its error dropped)."""
+    tasks = [asyncio.ensure_future(first), asyncio.ensure_future(second)]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 def _time_left(context: grpc.aio.ServicerContext) -> float | None:
     """The caller's remaining deadline, to pass on to stage calls (gRPC does not do it)."""
-    return context.time_remaining()
+    return deadlines.time_left(context)
 
 
 def _truncation_warnings(embeddings: encoder_pb2.EncodeResponse, params: GenerateParams) -> list[str]:

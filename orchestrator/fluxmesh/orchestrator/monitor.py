@@ -40,7 +40,17 @@ class StageMonitor:
         return all(self.up.values())
 
     async def _check(self, stage: StageClient) -> bool:
-        stub = health_pb2_grpc.HealthStub(stage.channel)
+        """A stage is up while any of its replicas is; each replica's health also tells the
+        stage client which replicas to skip."""
+        results = await asyncio.gather(*(self._check_replica(r.channel) for r in stage.replicas.replicas))
+        for replica, ok in zip(stage.replicas.replicas, results):
+            if ok != (replica.down_until == 0.0) and len(stage.replicas) > 1:
+                log.info("%s replica %s is %s", stage.stage, replica.target, "SERVING" if ok else "down")
+            stage.replicas.set_health(replica, ok)
+        return any(results)
+
+    async def _check_replica(self, channel: grpc.aio.Channel) -> bool:
+        stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=max(self.interval, 1.0))
         except grpc.aio.AioRpcError:

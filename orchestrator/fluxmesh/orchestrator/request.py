@@ -6,6 +6,7 @@ import math
 import secrets
 from dataclasses import dataclass
 
+from fluxmesh.orchestrator.editing import EditParams, PreviewParams, check_edit, check_preview, check_steps
 from fluxmesh.rpc.errors import InvalidArgument
 from fluxmesh.v1 import generator_pb2
 
@@ -25,6 +26,7 @@ class ModelFacts:
 
     size_multiple: int = 16
     guidance_embeds: bool = True
+    fill: bool = False  # a FLUX.1-Fill model: every request needs an init image and a mask
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,8 @@ class GenerateParams:
     num_images: int
     max_sequence_length: int
     loras: tuple[tuple[str, float], ...] = ()
+    edit: EditParams | None = None  # image to image / inpainting / Fill
+    preview: PreviewParams | None = None
 
 
 def check_request(request: generator_pb2.GenerateRequest, model: ModelFacts) -> GenerateParams:
@@ -48,8 +52,10 @@ def check_request(request: generator_pb2.GenerateRequest, model: ModelFacts) -> 
     for field, text in (("prompt", request.prompt), ("prompt_2", request.prompt_2)):
         if len(text) > MAX_PROMPT_CHARS:
             raise InvalidArgument(field, f"{len(text)} characters; the limit is {MAX_PROMPT_CHARS}")
-    width = request.width or DEFAULT_SIDE
-    height = request.height or DEFAULT_SIDE
+    edit = check_edit(request, fill_model=model.fill, size_multiple=model.size_multiple, min_side=MIN_SIDE,
+                      max_side=MAX_SIDE)
+    width = request.width or (edit.width if edit else DEFAULT_SIDE)
+    height = request.height or (edit.height if edit else DEFAULT_SIDE)
     for field, value in (("width", width), ("height", height)):
         if not MIN_SIDE <= value <= MAX_SIDE or value % model.size_multiple:
             raise InvalidArgument(
@@ -59,6 +65,8 @@ def check_request(request: generator_pb2.GenerateRequest, model: ModelFacts) -> 
     steps = request.steps if request.HasField("steps") else default_steps
     if not 1 <= steps <= MAX_STEPS:
         raise InvalidArgument("steps", f"{steps} is outside [1, {MAX_STEPS}]")
+    check_steps(edit, steps)
+    preview = check_preview(request, MAX_STEPS)
     guidance = request.guidance if request.HasField("guidance") else DEFAULT_GUIDANCE
     if not math.isfinite(guidance):
         raise InvalidArgument("guidance", f"{guidance} is not finite")
@@ -80,6 +88,8 @@ def check_request(request: generator_pb2.GenerateRequest, model: ModelFacts) -> 
         num_images=num_images,
         max_sequence_length=request.max_sequence_length,
         loras=loras,
+        edit=edit,
+        preview=preview,
     )
 
 

@@ -12,8 +12,11 @@ from contextlib import contextmanager
 
 import grpc
 
+from fluxmesh.orchestrator.replicas import Deadline, ReplicaSet, channel_options
 from fluxmesh.rpc.channels import aio_channel
 from fluxmesh.rpc.errors import FluxmeshError, StageUnavailable
+from fluxmesh.rpc.request_ids import outgoing_metadata
+from fluxmesh.rpc.security import ClientSecurity
 from fluxmesh.v1 import (
     denoiser_pb2,
     denoiser_pb2_grpc,
@@ -36,62 +39,105 @@ def stage_errors(stage: str, address: str):
 
 
 class StageClient:
-    stage = ""
+    """One stage: a single server, several replicas (comma-separated) or a dns:/// target
+    (see replicas.py for how calls are spread, failed over and retried)."""
 
-    def __init__(self, address: str, *, credentials: grpc.ChannelCredentials | None = None):
+    stage = ""
+    stub_class: type = object
+
+    def __init__(self, address: str, *, credentials: grpc.ChannelCredentials | None = None,
+                 security: ClientSecurity | None = None):
         self.address = address
-        self.channel = aio_channel(address, credentials=credentials)
+        security = security or ClientSecurity()
+
+        def connect(target: str) -> grpc.aio.Channel:
+            # Every call carries the stage token (if any) and the current request id as metadata.
+            return aio_channel(target, credentials=credentials or security.credentials(),
+                               interceptors=outgoing_metadata(security.metadata()),
+                               options=[*security.channel_options(), *channel_options(target)])
+
+        self.replicas = ReplicaSet.connect(self.stage, address, connect, self.stub_class)
+
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        """The first replica's channel (the only one for a single address)."""
+        return self.replicas.replicas[0].channel
 
     async def info(self, timeout: float | None = 5.0) -> common_pb2.StageInfo:
-        with stage_errors(self.stage, self.address):
-            return await self._stub.Info(common_pb2.InfoRequest(), timeout=timeout)
+        return await self._unary("Info", common_pb2.InfoRequest(), timeout, retry=True)
+
+    async def _unary(self, method: str, request, timeout: float | None, *, retry: bool):
+        """Call `method` on a replica; on UNAVAILABLE try the others when `retry` allows."""
+        deadline, tried = Deadline(timeout), []
+        while True:
+            replica = self.replicas.pick(tried)
+            try:
+                with self.replicas.using(replica):
+                    return await getattr(replica.stub, method)(request, timeout=deadline.left())
+            except grpc.aio.AioRpcError as error:
+                tried.append(replica)
+                if self.replicas.failed(replica, error) and retry and self.replicas.can_retry(tried) \
+                        and not deadline.expired():
+                    continue
+                with stage_errors(self.stage, replica.target):
+                    raise
 
     async def close(self) -> None:
-        await self.channel.close()
+        await self.replicas.close()
 
 
 class EncoderClient(StageClient):
     stage = "encoder"
-
-    def __init__(self, address: str, **kwargs):
-        super().__init__(address, **kwargs)
-        self._stub = encoder_pb2_grpc.TextEncoderStub(self.channel)
+    stub_class = encoder_pb2_grpc.TextEncoderStub
 
     async def encode(self, request: encoder_pb2.EncodeRequest, timeout: float | None) -> encoder_pb2.EncodeResponse:
-        with stage_errors(self.stage, self.address):
-            return await self._stub.Encode(request, timeout=timeout)
+        return await self._unary("Encode", request, timeout, retry=True)
 
 
 class DenoiserClient(StageClient):
     stage = "denoiser"
-
-    def __init__(self, address: str, **kwargs):
-        super().__init__(address, **kwargs)
-        self._stub = denoiser_pb2_grpc.DenoiserStub(self.channel)
+    stub_class = denoiser_pb2_grpc.DenoiserStub
 
     async def denoise(
         self, request: denoiser_pb2.DenoiseRequest, timeout: float | None
     ) -> AsyncIterator[denoiser_pb2.DenoiseEvent]:
-        call = self._stub.Denoise(request, timeout=timeout)
-        try:
-            with stage_errors(self.stage, self.address):
-                async for event in call:
-                    yield event
-        finally:
-            call.cancel()  # no-op when finished; stops the denoiser when our caller left
+        deadline, tried = Deadline(timeout), []
+        while True:
+            replica = self.replicas.pick(tried)
+            call = replica.stub.Denoise(request, timeout=deadline.left())
+            started = finished = False
+            try:
+                with self.replicas.using(replica):
+                    async for event in call:
+                        started = True
+                        finished = event.HasField("latents")
+                        yield event
+                return
+            except grpc.aio.AioRpcError as error:
+                tried.append(replica)
+                self.replicas.failed(replica, error)
+                if finished:  # the latents arrived; only the closing status was lost with the replica
+                    return
+                # Re-run elsewhere only what never started here (see replicas.py).
+                if error.code() == grpc.StatusCode.UNAVAILABLE and not started and self.replicas.can_retry(tried) \
+                        and not deadline.expired():
+                    continue
+                with stage_errors(self.stage, replica.target):
+                    raise
+            finally:
+                call.cancel()  # no-op when finished; stops the denoiser when our caller left
 
     async def list_loras(self, timeout: float | None) -> common_pb2.ListLorasResponse:
-        with stage_errors(self.stage, self.address):
-            return await self._stub.ListLoras(common_pb2.ListLorasRequest(), timeout=timeout)
+        return await self._unary("ListLoras", common_pb2.ListLorasRequest(), timeout, retry=True)
 
 
 class VaeClient(StageClient):
     stage = "vae"
-
-    def __init__(self, address: str, **kwargs):
-        super().__init__(address, **kwargs)
-        self._stub = vae_pb2_grpc.VaeStub(self.channel)
+    stub_class = vae_pb2_grpc.VaeStub
 
     async def decode(self, request: vae_pb2.DecodeRequest, timeout: float | None) -> vae_pb2.DecodeResponse:
-        with stage_errors(self.stage, self.address):
-            return await self._stub.Decode(request, timeout=timeout)
+        return await self._unary("Decode", request, timeout, retry=True)
+
+    async def encode_image(self, request: vae_pb2.EncodeImageRequest,
+                           timeout: float | None) -> vae_pb2.EncodeImageResponse:
+        return await self._unary("Encode", request, timeout, retry=True)

@@ -7,6 +7,9 @@ cover `num_images`-sized batches with room.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import grpc
 
 MAX_MESSAGE_BYTES = 512 * 1024 * 1024
@@ -26,15 +29,28 @@ CHANNEL_OPTIONS = MESSAGE_OPTIONS + [
 ]
 
 
-def aio_channel(address: str, *, credentials: grpc.ChannelCredentials | None = None) -> grpc.aio.Channel:
+def aio_channel(
+    address: str,
+    *,
+    credentials: grpc.ChannelCredentials | None = None,
+    interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
+    options: Sequence[tuple[str, Any]] = (),
+) -> grpc.aio.Channel:
     """An asyncio channel with fluxmesh's message limits (secure when credentials are given)."""
+    all_options = CHANNEL_OPTIONS + list(options)
     if credentials is not None:
-        return grpc.aio.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
-    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        return grpc.aio.secure_channel(address, credentials, options=all_options, interceptors=interceptors)
+    return grpc.aio.insecure_channel(address, options=all_options, interceptors=interceptors)
 
 
-def sync_channel(address: str, *, credentials: grpc.ChannelCredentials | None = None) -> grpc.Channel:
+def sync_channel(
+    address: str,
+    *,
+    credentials: grpc.ChannelCredentials | None = None,
+    options: Sequence[tuple[str, Any]] = (),
+) -> grpc.Channel:
     """A blocking channel with fluxmesh's message limits (secure when credentials are given)."""
+    all_options = CHANNEL_OPTIONS + list(options)
     if credentials is not None:
-        return grpc.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
-    return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        return grpc.secure_channel(address, credentials, options=all_options)
+    return grpc.insecure_channel(address, options=all_options)

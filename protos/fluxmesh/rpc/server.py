@@ -16,11 +16,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from fluxmesh.rpc.channels import MESSAGE_OPTIONS
+from fluxmesh.rpc.health import HealthServicer
 from fluxmesh.rpc.interceptors import ErrorMappingInterceptor
+from fluxmesh.rpc.metrics import serve_metrics
+from fluxmesh.rpc.observability import ObservabilityInterceptor
+from fluxmesh.rpc.request_ids import install_log_field
+from fluxmesh.rpc.security import ServerSecurity
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +52,30 @@ class Server:
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
         server_credentials: grpc.ServerCredentials | None = None,
         grace_seconds: float = DEFAULT_GRACE_SECONDS,
+        security: ServerSecurity | None = None,
+        max_receive_bytes: int | None = None,
+        metrics_port: int | None = None,
     ):
         self.services = list(services)
         self.address = address
         self.grace_seconds = grace_seconds
-        self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+        self.security = security or ServerSecurity()
+        self.metrics_port = metrics_port
+        install_log_field()
+        self.health = HealthServicer()  # its Watch streams end when the drain starts
+        # Clients ping every 30 s to find dead peers (channels.py); without these the server
+        # would count idle pings as abuse and drop the connection (GOAWAY too_many_pings).
+        options = [*MESSAGE_OPTIONS, ("grpc.keepalive_permit_without_calls", 1),
+                   ("grpc.http2.min_ping_interval_without_data_ms", 10_000)]
+        if max_receive_bytes is not None:  # e.g. the public API takes far less than stage tensors
+            options = [o for o in options if o[0] != "grpc.max_receive_message_length"]
+            options.append(("grpc.max_receive_message_length", max_receive_bytes))
+        # Outermost first: every call is counted and logged with its request id (refusals too),
+        # then authenticated, then the handler's errors become statuses.
         self._server = grpc.aio.server(
-            interceptors=[*interceptors, ErrorMappingInterceptor()], options=MESSAGE_OPTIONS
+            interceptors=[ObservabilityInterceptor(), *self.security.interceptors(), *interceptors,
+                          ErrorMappingInterceptor()],
+            options=options,
         )
         for service in self.services:
             service.add(service.servicer, self._server)
@@ -63,6 +85,7 @@ class Server:
             [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
             self._server,
         )
+        server_credentials = server_credentials or self.security.credentials()
         if server_credentials is not None:
             self.port = self._server.add_secure_port(address, server_credentials)
         else:
@@ -78,7 +101,9 @@ class Server:
         await self._server.start()
         for name in ["", *[s.name for s in self.services]]:
             await self.set_serving(serving, name)
-        log.info("serving %s on %s", ", ".join(s.name for s in self.services), self.address)
+        self.metrics_port = serve_metrics(self.metrics_port, _host(self.address))
+        log.info("serving %s on %s (%s)", ", ".join(s.name for s in self.services), self.address,
+                 self.security.describe())
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: NOT_SERVING, refuse new calls, finish calls in flight within `grace`."""
@@ -107,6 +132,10 @@ class Server:
     def _on_signal(self, sig: signal.Signals) -> None:
         log.info("%s: draining (grace %.0fs)", sig.name, self.grace_seconds)
         self.request_stop()
+
+
+def _host(address: str) -> str:
+    return address.rpartition(":")[0]
 
 
 async def _maybe_await(value: Any) -> None:

@@ -29,7 +29,7 @@ def check_enums(message: Message, prefix: str = "") -> None:
 
 
 def _repeated(field: FieldDescriptor) -> bool:
-    return field.label == FieldDescriptor.LABEL_REPEATED
+    return field.is_repeated
 
 
 def _is_map(field: FieldDescriptor) -> bool:

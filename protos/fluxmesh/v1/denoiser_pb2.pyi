@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DenoiseRequest(_message.Message):
-    __slots__ = ("prompt_embeds", "pooled_prompt_embeds", "width", "height", "steps", "guidance", "seed", "num_images", "loras")
+    __slots__ = ("prompt_embeds", "pooled_prompt_embeds", "width", "height", "steps", "guidance", "seed", "num_images", "loras", "init", "preview")
     PROMPT_EMBEDS_FIELD_NUMBER: _ClassVar[int]
     POOLED_PROMPT_EMBEDS_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -18,6 +18,8 @@ class DenoiseRequest(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     NUM_IMAGES_FIELD_NUMBER: _ClassVar[int]
     LORAS_FIELD_NUMBER: _ClassVar[int]
+    INIT_FIELD_NUMBER: _ClassVar[int]
+    PREVIEW_FIELD_NUMBER: _ClassVar[int]
     prompt_embeds: _common_pb2.Tensor
     pooled_prompt_embeds: _common_pb2.Tensor
     width: int
@@ -27,17 +29,47 @@ class DenoiseRequest(_message.Message):
     seed: int
     num_images: int
     loras: _containers.RepeatedCompositeFieldContainer[_common_pb2.LoraWeight]
-    def __init__(self, prompt_embeds: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., pooled_prompt_embeds: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., loras: _Optional[_Iterable[_Union[_common_pb2.LoraWeight, _Mapping]]] = ...) -> None: ...
+    init: InitImage
+    preview: PreviewOptions
+    def __init__(self, prompt_embeds: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., pooled_prompt_embeds: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., loras: _Optional[_Iterable[_Union[_common_pb2.LoraWeight, _Mapping]]] = ..., init: _Optional[_Union[InitImage, _Mapping]] = ..., preview: _Optional[_Union[PreviewOptions, _Mapping]] = ...) -> None: ...
+
+class InitImage(_message.Message):
+    __slots__ = ("posterior", "strength", "masked_posterior", "mask")
+    POSTERIOR_FIELD_NUMBER: _ClassVar[int]
+    STRENGTH_FIELD_NUMBER: _ClassVar[int]
+    MASKED_POSTERIOR_FIELD_NUMBER: _ClassVar[int]
+    MASK_FIELD_NUMBER: _ClassVar[int]
+    posterior: _common_pb2.Tensor
+    strength: float
+    masked_posterior: _common_pb2.Tensor
+    mask: _common_pb2.Tensor
+    def __init__(self, posterior: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., strength: _Optional[float] = ..., masked_posterior: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., mask: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
+class PreviewOptions(_message.Message):
+    __slots__ = ("every", "fast", "x0", "latent_rgb")
+    EVERY_FIELD_NUMBER: _ClassVar[int]
+    FAST_FIELD_NUMBER: _ClassVar[int]
+    X0_FIELD_NUMBER: _ClassVar[int]
+    LATENT_RGB_FIELD_NUMBER: _ClassVar[int]
+    every: int
+    fast: bool
+    x0: bool
+    latent_rgb: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, every: _Optional[int] = ..., fast: _Optional[bool] = ..., x0: _Optional[bool] = ..., latent_rgb: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class StepEvent(_message.Message):
-    __slots__ = ("step", "total", "seconds")
+    __slots__ = ("step", "total", "seconds", "previews", "x0")
     STEP_FIELD_NUMBER: _ClassVar[int]
     TOTAL_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PREVIEWS_FIELD_NUMBER: _ClassVar[int]
+    X0_FIELD_NUMBER: _ClassVar[int]
     step: int
     total: int
     seconds: float
-    def __init__(self, step: _Optional[int] = ..., total: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
+    previews: _containers.RepeatedCompositeFieldContainer[_common_pb2.Image]
+    x0: _common_pb2.Tensor
+    def __init__(self, step: _Optional[int] = ..., total: _Optional[int] = ..., seconds: _Optional[float] = ..., previews: _Optional[_Iterable[_Union[_common_pb2.Image, _Mapping]]] = ..., x0: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class DenoiseEvent(_message.Message):
     __slots__ = ("step", "latents")

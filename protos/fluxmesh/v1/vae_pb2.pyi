@@ -8,16 +8,48 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("latents", "width", "height", "format")
+    __slots__ = ("latents", "width", "height", "format", "preview")
     LATENTS_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
+    PREVIEW_FIELD_NUMBER: _ClassVar[int]
     latents: _common_pb2.Tensor
     width: int
     height: int
     format: _common_pb2.ImageFormat
-    def __init__(self, latents: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., format: _Optional[_Union[_common_pb2.ImageFormat, str]] = ...) -> None: ...
+    preview: bool
+    def __init__(self, latents: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., format: _Optional[_Union[_common_pb2.ImageFormat, str]] = ..., preview: _Optional[bool] = ...) -> None: ...
+
+class EncodeImageRequest(_message.Message):
+    __slots__ = ("image", "mask", "width", "height", "fill")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    MASK_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    FILL_FIELD_NUMBER: _ClassVar[int]
+    image: bytes
+    mask: bytes
+    width: int
+    height: int
+    fill: bool
+    def __init__(self, image: _Optional[bytes] = ..., mask: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., fill: _Optional[bool] = ...) -> None: ...
+
+class EncodeImageResponse(_message.Message):
+    __slots__ = ("latents", "posterior", "masked_posterior", "mask", "scaling_factor", "shift_factor")
+    LATENTS_FIELD_NUMBER: _ClassVar[int]
+    POSTERIOR_FIELD_NUMBER: _ClassVar[int]
+    MASKED_POSTERIOR_FIELD_NUMBER: _ClassVar[int]
+    MASK_FIELD_NUMBER: _ClassVar[int]
+    SCALING_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    SHIFT_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    latents: _common_pb2.Tensor
+    posterior: _common_pb2.Tensor
+    masked_posterior: _common_pb2.Tensor
+    mask: _common_pb2.Tensor
+    scaling_factor: float
+    shift_factor: float
+    def __init__(self, latents: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., posterior: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., masked_posterior: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., mask: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., scaling_factor: _Optional[float] = ..., shift_factor: _Optional[float] = ...) -> None: ...
 
 class DecodeResponse(_message.Message):
     __slots__ = ("images",)

@@ -41,6 +41,11 @@ class VaeStub:
                 request_serializer=fluxmesh_dot_v1_dot_vae__pb2.DecodeRequest.SerializeToString,
                 response_deserializer=fluxmesh_dot_v1_dot_vae__pb2.DecodeResponse.FromString,
                 _registered_method=True)
+        self.Encode = channel.unary_unary(
+                '/fluxmesh.v1.Vae/Encode',
+                request_serializer=fluxmesh_dot_v1_dot_vae__pb2.EncodeImageRequest.SerializeToString,
+                response_deserializer=fluxmesh_dot_v1_dot_vae__pb2.EncodeImageResponse.FromString,
+                _registered_method=True)
         self.Info = channel.unary_unary(
                 '/fluxmesh.v1.Vae/Info',
                 request_serializer=fluxmesh_dot_v1_dot_common__pb2.InfoRequest.SerializeToString,
@@ -58,6 +63,13 @@ class VaeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Encode(self, request, context):
+        """Image (+ mask) -> latents, as the FLUX image-to-image / inpainting / Fill pipelines encode.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Info(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -71,6 +83,11 @@ def add_VaeServicer_to_server(servicer, server):
                     servicer.Decode,
                     request_deserializer=fluxmesh_dot_v1_dot_vae__pb2.DecodeRequest.FromString,
                     response_serializer=fluxmesh_dot_v1_dot_vae__pb2.DecodeResponse.SerializeToString,
+            ),
+            'Encode': grpc.unary_unary_rpc_method_handler(
+                    servicer.Encode,
+                    request_deserializer=fluxmesh_dot_v1_dot_vae__pb2.EncodeImageRequest.FromString,
+                    response_serializer=fluxmesh_dot_v1_dot_vae__pb2.EncodeImageResponse.SerializeToString,
             ),
             'Info': grpc.unary_unary_rpc_method_handler(
                     servicer.Info,
@@ -106,6 +123,33 @@ class Vae:
             '/fluxmesh.v1.Vae/Decode',
             fluxmesh_dot_v1_dot_vae__pb2.DecodeRequest.SerializeToString,
             fluxmesh_dot_v1_dot_vae__pb2.DecodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Encode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fluxmesh.v1.Vae/Encode',
+            fluxmesh_dot_v1_dot_vae__pb2.EncodeImageRequest.SerializeToString,
+            fluxmesh_dot_v1_dot_vae__pb2.EncodeImageResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -7,6 +7,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from fluxmesh.rpc.security import ServerSecurity
 from fluxmesh.rpc.server import Server, Service
 from fluxmesh.services.model_folder import resolve_model
 from fluxmesh.services.runtime import Placement, configure_threads
@@ -26,10 +27,24 @@ class StageOptions:
     t5_gguf: Path | None = None  # encoder only
     transformer_gguf: Path | None = None  # denoiser only
     lora_dir: Path | None = None  # encoder (CLIP-side keys) and denoiser
+    security: ServerSecurity = ServerSecurity()  # TLS / mutual TLS / token the stage demands
+    metrics_port: int | None = None  # Prometheus /metrics on this HTTP port
+    residency: str = "resident"  # at start: resident | offloaded | released | standby (see residency.py)
 
 
-def build_service(options: StageOptions) -> Service:
-    """Load the stage's model and wrap it in its servicer."""
+def build_service(options: StageOptions) -> list[Service]:
+    """The stage's service and its fluxmesh.v1.Residency service, which loads the weights (now,
+    or when told: `options.residency`) and shares the stage's model thread."""
+    from fluxmesh.services.residency import Residency
+    from fluxmesh.services.residency_service import residency_service
+
+    stage = _stage_service(options)
+    residency = Residency(options.stage, stage.servicer.engine, options.residency)
+    return [stage, residency_service(residency, stage.servicer.worker)]
+
+
+def _stage_service(options: StageOptions) -> Service:
+    """The stage's engine (weights not read yet) wrapped in its servicer."""
     configure_threads(options.threads)
     placement = Placement.parse(options.device, options.dtype)
     folder = resolve_model(options.model, options.stage)
@@ -39,7 +54,7 @@ def build_service(options: StageOptions) -> Service:
         from fluxmesh.v1 import encoder_pb2_grpc
 
         engine = TextEncoderEngine(folder, placement, max_sequence_length=options.max_sequence_length,
-                                   t5_gguf=options.t5_gguf, lora_dir=options.lora_dir)
+                                   t5_gguf=options.t5_gguf, lora_dir=options.lora_dir, load=False)
         return Service("fluxmesh.v1.TextEncoder", TextEncoderServicer(engine, options.model),
                        encoder_pb2_grpc.add_TextEncoderServicer_to_server)
     if options.stage == "denoiser":
@@ -48,7 +63,7 @@ def build_service(options: StageOptions) -> Service:
         from fluxmesh.v1 import denoiser_pb2_grpc
 
         engine = DenoiserEngine(folder, placement, transformer_gguf=options.transformer_gguf,
-                                lora_dir=options.lora_dir)
+                                lora_dir=options.lora_dir, load=False)
         return Service("fluxmesh.v1.Denoiser", DenoiserServicer(engine, options.model),
                        denoiser_pb2_grpc.add_DenoiserServicer_to_server)
     if options.stage == "vae":
@@ -56,16 +71,21 @@ def build_service(options: StageOptions) -> Service:
         from fluxmesh.services.vae.servicer import VaeServicer
         from fluxmesh.v1 import vae_pb2_grpc
 
-        engine = VaeEngine(folder, placement)
+        engine = VaeEngine(folder, placement, load=False)
         return Service("fluxmesh.v1.Vae", VaeServicer(engine, options.model), vae_pb2_grpc.add_VaeServicer_to_server)
     raise ValueError(f"unknown stage {options.stage!r}")
 
 
 def serve_stage(options: StageOptions) -> None:
-    service = build_service(options)
+    options.security.credentials()  # unreadable TLS files fail now, not after loading weights
+    services = build_service(options)
 
     async def main() -> None:
-        server = Server([service], address=options.address)
+        from fluxmesh.services.metrics import watch_stage
+
+        watch_stage(options.stage, services[0].servicer.engine)
+        server = Server(services, address=options.address, security=options.security,
+                        metrics_port=options.metrics_port)
         await server.serve_until_signalled()
 
     asyncio.run(main())

@@ -6,7 +6,9 @@ from fluxmesh.services.runtime import Placement, peak_memory_bytes
 from fluxmesh.v1 import common_pb2
 
 
-def stage_info(stage: str, model: str, placement: Placement, weight_bytes: int, **details) -> common_pb2.StageInfo:
+def stage_info(stage: str, model: str, placement: Placement, weight_bytes: int, *, residency: str = "",
+               **details) -> common_pb2.StageInfo:
+    """`residency`: "resident", "offloaded" or "released" (see fluxmesh.services.residency)."""
     return common_pb2.StageInfo(
         stage=stage,
         model=model,
@@ -15,6 +17,7 @@ def stage_info(stage: str, model: str, placement: Placement, weight_bytes: int, 
         weight_bytes=weight_bytes,
         peak_memory_bytes=peak_memory_bytes(placement.device),
         details={key: str(value) for key, value in details.items()},
+        residency=residency,
     )
 
 

@@ -58,6 +58,13 @@ def module_bytes(*modules: torch.nn.Module | None) -> int:
     return total
 
 
+def current_rss_bytes() -> int:
+    """The process's resident set size now (what `ps` shows), unlike the peak below."""
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
 def peak_memory_bytes(device: torch.device) -> int:
     """CUDA peak allocated on a GPU; the process's peak RSS otherwise."""
     if device.type == "cuda":

@@ -146,6 +146,7 @@ def write_tiny_model(
     size: ModelSize | str = ModelSize.tiny,
     seed: int = 0,
     t5_width: int | None = None,
+    fill: bool = False,
 ) -> Path:
     """Write a random-weight FLUX model folder at `path` and return it.
 
@@ -153,6 +154,9 @@ def write_tiny_model(
     scheduler and a 256-token T5 default, as the real one. `t5_width=4096` gives T5 the real
     T5-XXL width (with narrow attention and feed-forward, so it stays small): its embeddings
     are then exactly as large on the wire as FLUX.1's (512x4096).
+    `fill=True` writes a FLUX.1-Fill-style model: the transformer also takes the packed masked-image
+    latents and the packed pixel mask (in_channels 64 + 64 + 4 * 8 * 8 = 384, out_channels 64, as
+    FLUX.1-Fill-dev) and model_index.json names `FluxFillPipeline`.
     """
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
@@ -207,9 +211,14 @@ def write_tiny_model(
     )
     _save(t5, root / "text_encoder_2")
 
+    # FluxFillPipeline feeds cat(latents, masked-image latents, mask) along the packed channels:
+    # 4 * 16 latent channels twice, plus the 8x8 pixel mask of each latent pixel, 2x2-packed.
+    vae_scale = 8
+    packed = 4 * 16
     transformer = FluxTransformer2DModel(
         patch_size=1,
-        in_channels=64,
+        in_channels=packed * 2 + 4 * vae_scale * vae_scale if fill else packed,
+        out_channels=packed if fill else None,  # None: same as in_channels
         num_layers=dims.double_blocks,
         num_single_layers=dims.single_blocks,
         attention_head_dim=dims.head_dim,
@@ -256,7 +265,7 @@ def write_tiny_model(
     _write_json(
         root / "model_index.json",
         {
-            "_class_name": "FluxPipeline",
+            "_class_name": "FluxFillPipeline" if fill else "FluxPipeline",
             "_diffusers_version": _diffusers_version(),
             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
             "text_encoder": ["transformers", "CLIPTextModel"],

@@ -21,6 +21,9 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransfo
 
 from fluxmesh.rpc.errors import Cancelled, InvalidArgument
 from fluxmesh.services import model_folder
+from fluxmesh.services.denoiser.modes import (Geometry, InitImage, VaeConfig, check_init, choose_mode,
+                                              is_fill_transformer)
+from fluxmesh.services.denoiser.previews import Previewer, PreviewSpec, StepPreview, X0Scheduler
 from fluxmesh.services.loras.stage import StageLoras
 from fluxmesh.services.runtime import Placement, module_bytes
 
@@ -29,6 +32,7 @@ log = logging.getLogger(__name__)
 MAX_SIDE = 2048
 MAX_STEPS = 100
 MAX_IMAGES = 8
+MAX_SEQUENCE_LENGTH = 512  # T5 tokens, as the encoder produces at most
 
 
 @dataclass(frozen=True)
@@ -42,9 +46,12 @@ class DenoiseJob:
     seed: int
     num_images: int
     loras: tuple[tuple[str, float], ...] = ()
+    init: InitImage | None = None  # image-to-image / inpainting / Fill
+    preview: PreviewSpec | None = None
 
 
-StepCallback = Callable[[int, int, float], None]  # (step 1-based, total, seconds)
+# (step 1-based, total, seconds, the step's preview when one is due)
+StepCallback = Callable[[int, int, float, StepPreview | None], None]
 
 
 class DenoiserEngine:
@@ -55,34 +62,56 @@ class DenoiserEngine:
         *,
         transformer_gguf: Path | None = None,
         lora_dir: Path | None = None,
+        load: bool = True,
     ):
+        """`load=False` leaves the weights unread: the stage's `Residency` loads them when told."""
         self.folder = folder
         self.placement = placement
         self.transformer_gguf = transformer_gguf
-        if transformer_gguf is not None:
-            from fluxmesh.services.gguf import load_gguf_transformer
-
-            # Weights stay quantized; placement.dtype is the compute dtype they dequantize to.
-            transformer = load_gguf_transformer(transformer_gguf, folder, compute_dtype=placement.dtype,
-                                                device=placement.device)
-        else:
-            transformer = FluxTransformer2DModel.from_pretrained(
-                folder, subfolder="transformer", torch_dtype=placement.dtype, local_files_only=True
-            )
-        self.transformer = transformer.to(placement.device).eval()
-        self.loras = StageLoras(lora_dir, self.transformer, "transformer")
+        self.transformer: FluxTransformer2DModel | None = None
+        self.loras = StageLoras(lora_dir, None, "transformer")  # bound to each transformer loaded
         self.scheduler_config = FlowMatchEulerDiscreteScheduler.load_config(folder, subfolder="scheduler")
         self.vae_scale_factor = model_folder.vae_scale_factor(folder)
         self.size_multiple = self.vae_scale_factor * 2
-        config = self.transformer.config
-        self.guidance_embeds = bool(config.guidance_embeds)
-        self.joint_attention_dim = int(config.joint_attention_dim)
-        self.pooled_projection_dim = int(config.pooled_projection_dim)
-        log.info(
-            "denoiser: transformer%s from %s on %s (%.1f MiB), guidance embedding: %s, LoRAs: %s",
-            f" (GGUF {transformer_gguf})" if transformer_gguf else "", folder, placement.describe(),
-            self.weight_bytes() / 2**20, self.guidance_embeds, lora_dir or "none",
-        )
+        # Facts from the config, not the module: they hold while the weights are released.
+        config = model_folder.read_config(folder, "transformer")
+        self.guidance_embeds = bool(config.get("guidance_embeds", False))
+        self.joint_attention_dim = int(config["joint_attention_dim"])
+        self.pooled_projection_dim = int(config["pooled_projection_dim"])
+        # The edit pipelines read the VAE's config (never its weights, which the vae stage holds).
+        self.vae_config = model_folder.read_config(folder, "vae")
+        self.latent_channels = int(self.vae_config.get("latent_channels", 16))
+        in_channels = int(config.get("in_channels", 64))
+        out_channels = int(config.get("out_channels") or in_channels)
+        self.fill = is_fill_transformer(in_channels, out_channels, self.vae_scale_factor)
+        log.info("denoiser: transformer%s from %s for %s, guidance embedding: %s, LoRAs: %s",
+                 f" (GGUF {transformer_gguf})" if transformer_gguf else "", folder, placement.describe(),
+                 self.guidance_embeds, lora_dir or "none")
+        if load:
+            self.load_weights(placement.device)
+
+    def load_weights(self, device: torch.device) -> None:
+        """Read the transformer from the model files onto `device` (CPU for an offloaded start)."""
+        if self.transformer_gguf is not None:
+            from fluxmesh.services.gguf import load_gguf_transformer
+
+            # Weights stay quantized; placement.dtype is the compute dtype they dequantize to.
+            transformer = load_gguf_transformer(self.transformer_gguf, self.folder,
+                                                compute_dtype=self.placement.dtype, device=device)
+        else:
+            transformer = FluxTransformer2DModel.from_pretrained(
+                self.folder, subfolder="transformer", torch_dtype=self.placement.dtype, local_files_only=True,
+                use_safetensors=True,  # never unpickle a .bin
+            )
+        self.transformer = transformer.to(device).eval()
+        self.loras.bind(self.transformer)
+
+    def drop_weights(self) -> None:
+        self.loras.bind(None)
+        self.transformer = None
+
+    def weight_modules(self) -> list[torch.nn.Module]:
+        return [self.transformer] if self.transformer is not None else []
 
     def weight_bytes(self) -> int:
         return module_bytes(self.transformer)
@@ -90,6 +119,12 @@ class DenoiserEngine:
     def check(self, job: DenoiseJob) -> None:
         """Reject a request before any compute, naming the field."""
         embeds, pooled = job.prompt_embeds, job.pooled_prompt_embeds
+        for field, tensor in (("prompt_embeds", embeds), ("pooled_prompt_embeds", pooled)):
+            if not tensor.is_floating_point():
+                raise InvalidArgument(f"{field}.dtype", f"{str(tensor.dtype).removeprefix('torch.')} is not a float dtype")
+        if not 1 <= embeds.shape[1] <= MAX_SEQUENCE_LENGTH:  # attention cost grows with its square
+            raise InvalidArgument("prompt_embeds.shape", f"sequence length {embeds.shape[1]} is outside "
+                                                         f"[1, {MAX_SEQUENCE_LENGTH}]")
         if embeds.shape[-1] != self.joint_attention_dim:
             raise InvalidArgument("prompt_embeds.shape", f"last dimension {embeds.shape[-1]} != {self.joint_attention_dim}")
         if pooled.shape[-1] != self.pooled_projection_dim:
@@ -110,20 +145,26 @@ class DenoiserEngine:
         if not torch.isfinite(torch.tensor(job.guidance)):
             raise InvalidArgument("guidance", f"{job.guidance} is not finite")
         self.loras.check(job.loras)
+        if job.init is not None:
+            check_init(job.init, width=job.width, height=job.height, steps=job.steps,
+                       latent_channels=self.latent_channels, vae_scale_factor=self.vae_scale_factor)
+        choose_mode(job.init, fill_transformer=self.fill)  # a Fill model runs only Fill requests
+        if job.preview is not None:
+            job.preview.check(self.latent_channels)
 
-    def pipeline(self) -> FluxPipeline:
-        """A per-request pipeline: shared transformer, fresh scheduler."""
-        pipe = FluxPipeline(
-            scheduler=FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config),
-            vae=None,
+    def pipeline(self, pipeline_class: type = FluxPipeline, *, x0: bool = False) -> FluxPipeline:
+        """A per-request pipeline: shared transformer, fresh scheduler (one that keeps the x0
+        estimate when previews need it)."""
+        scheduler_class = X0Scheduler if x0 else FlowMatchEulerDiscreteScheduler
+        pipe = pipeline_class(
+            scheduler=scheduler_class.from_config(self.scheduler_config),
+            vae=VaeConfig(self.vae_config),
             text_encoder=None,
             tokenizer=None,
             text_encoder_2=None,
             tokenizer_2=None,
             transformer=self.transformer,
         )
-        # Without a VAE the pipeline assumes 8; take it from the model at hand instead.
-        pipe.vae_scale_factor = self.vae_scale_factor
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -141,11 +182,16 @@ class DenoiserEngine:
         embeds = job.prompt_embeds.to(device, dtype).repeat_interleave(job.num_images, dim=0)
         pooled = job.pooled_prompt_embeds.to(device, dtype).repeat_interleave(job.num_images, dim=0)
         started = [time.perf_counter()]
+        mode = choose_mode(job.init, fill_transformer=self.fill)
+        previewer = (Previewer(job.preview, job.width, job.height, self.vae_scale_factor, self.latent_channels)
+                     if job.preview is not None else None)
 
         def step_end(pipe, i, t, kwargs):
             now = time.perf_counter()
             if on_step is not None:
-                on_step(i + 1, job.steps, now - started[0])
+                # num_timesteps: the steps actually run (img2img-style pipelines cut by strength)
+                preview = previewer.at(i + 1, pipe.scheduler) if previewer is not None else None
+                on_step(i + 1, pipe.num_timesteps, now - started[0], preview)
             started[0] = now
             if cancelled is not None and cancelled.is_set():
                 raise Cancelled(f"cancelled after step {i + 1} of {job.steps}")
@@ -156,7 +202,9 @@ class DenoiserEngine:
         # Adapters live in the shared transformer: switch them on the model thread, right before
         # this request's loop, so concurrent requests never see each other's set.
         self.loras.activate(list(job.loras))
-        latents = self.pipeline()(
+        pipe = self.pipeline(mode.pipeline_class, x0=previewer is not None)
+        geometry = Geometry(batch=embeds.shape[0], width=job.width, height=job.height, device=device, dtype=dtype)
+        latents = pipe(
             prompt_embeds=embeds,
             pooled_prompt_embeds=pooled,
             width=job.width,
@@ -164,8 +212,8 @@ class DenoiserEngine:
             num_inference_steps=job.steps,
             guidance_scale=job.guidance,
             num_images_per_prompt=1,
-            generator=torch.Generator("cpu").manual_seed(job.seed),
             output_type="latent",
+            **mode.inputs(pipe, job.seed, geometry),  # the seeded generator, and the init image if any
             callback_on_step_end=step_end,
             callback_on_step_end_tensor_inputs=[],
         ).images

@@ -10,8 +10,11 @@ from __future__ import annotations
 import asyncio
 import threading
 
+from fluxmesh.services.denoiser.edits import init_from_pb, preview_from_pb
 from fluxmesh.services.denoiser.engine import DenoiseJob, DenoiserEngine
 from fluxmesh.services.info import lora_listing, stage_info
+from fluxmesh.services.metrics import record_step
+from fluxmesh.services.residency import residency_state
 from fluxmesh.services.tensors import from_pb, to_pb
 from fluxmesh.services.worker import ModelWorker
 from fluxmesh.v1 import denoiser_pb2, denoiser_pb2_grpc, common_pb2
@@ -30,6 +33,8 @@ def job_from_pb(request: denoiser_pb2.DenoiseRequest) -> DenoiseJob:
         seed=request.seed,
         num_images=request.num_images or 1,
         loras=tuple((lora.name, lora.weight) for lora in request.loras),
+        init=init_from_pb(request),
+        preview=preview_from_pb(request),
     )
 
 
@@ -49,9 +54,15 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
         events: asyncio.Queue = asyncio.Queue()
         cancelled = threading.Event()
 
-        def on_step(step: int, total: int, seconds: float) -> None:
+        def on_step(step: int, total: int, seconds: float, preview=None) -> None:
             self.steps_run += 1
-            loop.call_soon_threadsafe(events.put_nowait, denoiser_pb2.StepEvent(step=step, total=total, seconds=seconds))
+            record_step(seconds)
+            event = denoiser_pb2.StepEvent(step=step, total=total, seconds=seconds)
+            if preview is not None:  # serialised here, on the model thread, off the event loop
+                event.previews.extend(preview.images)
+                if preview.x0 is not None:
+                    event.x0.CopyFrom(to_pb(preview.x0))
+            loop.call_soon_threadsafe(events.put_nowait, event)
 
         task = asyncio.ensure_future(self.worker.run(self.engine.denoise, job, on_step, cancelled))
         task.add_done_callback(lambda _: loop.call_soon_threadsafe(events.put_nowait, _DONE))
@@ -64,6 +75,8 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
             cancelled.set()
             if not task.done():
                 await asyncio.shield(asyncio.wait([task]))
+            if not task.cancelled():
+                task.exception()  # retrieved: the Cancelled a caller's departure causes is expected
 
     async def ListLoras(self, request, context) -> common_pb2.ListLorasResponse:
         return lora_listing(self.engine.loras)
@@ -74,7 +87,9 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
             self.model_name,
             self.engine.placement,
             self.engine.weight_bytes(),
+            residency=residency_state(self.engine),
             guidance_embeds=self.engine.guidance_embeds,
+            fill=self.engine.fill,  # FLUX.1-Fill: needs an init image and a mask
             transformer_gguf=self.engine.transformer_gguf or "",
             size_multiple=self.engine.size_multiple,
             steps_run=self.steps_run,

@@ -23,6 +23,7 @@ from fluxmesh.services.runtime import Placement, module_bytes
 log = logging.getLogger(__name__)
 
 MAX_PROMPT_CHARS = 20_000
+MAX_PROMPTS = 8  # one batch: as many as the denoiser takes (prompts x images <= 8)
 
 
 @dataclass
@@ -41,35 +42,51 @@ class TextEncoderEngine:
         max_sequence_length: int | None = None,
         t5_gguf: Path | None = None,
         lora_dir: Path | None = None,
+        load: bool = True,
     ):
+        """`load=False` leaves the weights unread: the stage's `Residency` loads them when told."""
         self.folder = folder
         self.placement = placement
+        self.t5_gguf = t5_gguf
         self.default_max_sequence_length = max_sequence_length or model_folder.default_max_sequence_length(folder)
-        device, dtype = placement.device, placement.dtype
-        clip = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=dtype, local_files_only=True)
-        if t5_gguf is not None:
+        self.tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True)
+        self.tokenizer_2 = T5TokenizerFast.from_pretrained(folder, subfolder="tokenizer_2", local_files_only=True)
+        self.pipe = self._pipeline(None, None)  # tokenizers only until the weights are loaded
+        self.loras = StageLoras(lora_dir, None, "text_encoder")  # bound to each CLIP loaded
+        log.info("encoder: CLIP + T5%s from %s for %s, T5 length %d, LoRAs: %s",
+                 f" (GGUF {t5_gguf})" if t5_gguf else "", folder, placement.describe(),
+                 self.default_max_sequence_length, lora_dir or "none")
+        if load:
+            self.load_weights(placement.device)
+
+    def _pipeline(self, clip: CLIPTextModel | None, t5: T5EncoderModel | None) -> FluxPipeline:
+        pipe = FluxPipeline(scheduler=None, vae=None, text_encoder=clip, tokenizer=self.tokenizer,
+                            text_encoder_2=t5, tokenizer_2=self.tokenizer_2, transformer=None)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def load_weights(self, device: torch.device) -> None:
+        """Read CLIP and T5 from the model files onto `device` (CPU for an offloaded start)."""
+        folder, dtype = self.folder, self.placement.dtype
+        # use_safetensors: a folder with only pickled .bin weights is refused, never unpickled.
+        clip = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=dtype, local_files_only=True,
+                                             use_safetensors=True)
+        if self.t5_gguf is not None:
             from fluxmesh.services.gguf import load_gguf_t5
 
-            t5 = load_gguf_t5(t5_gguf, folder, dtype=dtype)
+            t5 = load_gguf_t5(self.t5_gguf, folder, dtype=dtype)
         else:
             t5 = T5EncoderModel.from_pretrained(folder, subfolder="text_encoder_2", torch_dtype=dtype,
-                                                local_files_only=True)
-        self.pipe = FluxPipeline(
-            scheduler=None,
-            vae=None,
-            text_encoder=clip.to(device).eval(),
-            tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True),
-            text_encoder_2=t5.to(device).eval(),
-            tokenizer_2=T5TokenizerFast.from_pretrained(folder, subfolder="tokenizer_2", local_files_only=True),
-            transformer=None,
-        )
-        self.pipe.set_progress_bar_config(disable=True)
-        self.loras = StageLoras(lora_dir, self.pipe.text_encoder, "text_encoder")
-        log.info(
-            "encoder: CLIP + T5%s from %s on %s (%.1f MiB), T5 length %d, LoRAs: %s",
-            f" (GGUF {t5_gguf})" if t5_gguf else "", folder, placement.describe(), self.weight_bytes() / 2**20,
-            self.default_max_sequence_length, lora_dir or "none",
-        )
+                                                local_files_only=True, use_safetensors=True)
+        self.pipe = self._pipeline(clip.to(device).eval(), t5.to(device).eval())
+        self.loras.bind(self.pipe.text_encoder)
+
+    def drop_weights(self) -> None:
+        self.loras.bind(None)
+        self.pipe = self._pipeline(None, None)
+
+    def weight_modules(self) -> list[torch.nn.Module]:
+        return [m for m in (self.pipe.text_encoder, self.pipe.text_encoder_2) if m is not None]
 
     def weight_bytes(self) -> int:
         return module_bytes(self.pipe.text_encoder, self.pipe.text_encoder_2)
@@ -78,6 +95,8 @@ class TextEncoderEngine:
         """Validate an encode request's prompts; returns the sequence length to use."""
         if not prompts:
             raise InvalidArgument("prompts", "at least one prompt is required")
+        if len(prompts) > MAX_PROMPTS:
+            raise InvalidArgument("prompts", f"{len(prompts)} prompts; the limit is {MAX_PROMPTS}")
         if prompts_2 and len(prompts_2) != len(prompts):
             raise InvalidArgument("prompts_2", f"{len(prompts_2)} entries for {len(prompts)} prompts")
         for field, values in (("prompts", prompts), ("prompts_2", prompts_2)):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fluxmesh.services.encoder.engine import TextEncoderEngine
 from fluxmesh.services.info import stage_info
+from fluxmesh.services.residency import residency_state
 from fluxmesh.services.tensors import to_pb
 from fluxmesh.services.worker import ModelWorker
 from fluxmesh.v1 import encoder_pb2, encoder_pb2_grpc, common_pb2
@@ -34,6 +35,7 @@ class TextEncoderServicer(encoder_pb2_grpc.TextEncoderServicer):
             self.model_name,
             self.engine.placement,
             self.engine.weight_bytes(),
+            residency=residency_state(self.engine),
             max_sequence_length=self.engine.default_max_sequence_length,
             requests=self.requests,
         )

@@ -26,6 +26,7 @@ __all__ = [
     "quantize_t5",
     "quantize_transformer",
     "read_gguf",
+    "transformer_gguf_size",
 ]
 
 _HOME = {
@@ -41,6 +42,7 @@ _HOME = {
     "quantize_t5": "quantize",
     "quantize_transformer": "quantize",
     "read_gguf": "loading",
+    "transformer_gguf_size": "quantize",
 }
 
 

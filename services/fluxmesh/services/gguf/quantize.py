@@ -36,7 +36,7 @@ from ._kquants import KQUANT_ENCODERS
 from .errors import GGUFFileError
 from .types import Naming, QuantType
 
-__all__ = ["Naming", "QuantType", "quantize_t5", "quantize_transformer"]
+__all__ = ["Naming", "QuantType", "quantize_t5", "quantize_transformer", "transformer_gguf_size"]
 
 
 # general.file_type as llama.cpp records it; a uniform K-quant file is closest to its "_S" mix.
@@ -266,6 +266,19 @@ def quantize_transformer(
         writer.add_file_type(_FILE_TYPE[target])
 
     return _write(Path(output), "flux", metadata, plan)
+
+
+def transformer_gguf_size(source: str | Path, qtype: str | QuantType = QuantType.Q8_0) -> tuple[int, int]:
+    """What `quantize_transformer(source, ..., qtype)` would store, from the safetensors headers
+    alone (no tensor data is read): (bytes of the quantized tensors, number of values kept as
+    floats). Loaded, the quantized tensors stay as they are and the float ones take the compute
+    dtype, so the loaded transformer holds `quantized + floats * dtype size` bytes."""
+    target = _parse_qtype(qtype).ggml
+    _, files = _component_files(Path(source), "transformer", "FLUX transformer")
+    plan = _transformer_plan(_SafetensorsSource(files), Naming.bfl, target, Path(source))
+    quantized = sum(_nbytes(t.shape, t.qtype) for t in plan if t.qtype not in _FLOAT_TYPES)
+    floats = sum(math.prod(t.shape) for t in plan if t.qtype in _FLOAT_TYPES)
+    return quantized, floats
 
 
 # --------------------------------------------------------------------------- T5 encoder

@@ -21,7 +21,17 @@ LoraList = list[tuple[str, float]]
 class StageLoras:
     def __init__(self, directory: str | Path | None, model: Any, component: str, *, max_cached: int = 8):
         self.library = LoraLibrary(directory, max_cached, components=(component,)) if directory else None
-        self.activator = LoraActivator(model, self.library) if self.library else None
+        self.activator: LoraActivator | None = None
+        self.bind(model)
+
+    def bind(self, model: Any) -> None:
+        """Activate LoRAs on `model` from now on: a model whose weights were released and read
+        again is a new module, and None (released) lets the old one be freed."""
+        if self.activator is not None:
+            self.activator.close()  # it holds the model and the library holds it: let both go
+            self.activator = None
+        if self.library is not None and model is not None:
+            self.activator = LoraActivator(model, self.library)
 
     def check(self, loras: Sequence[tuple[str, float]], field: str = "loras") -> LoraList:
         """Names exist inside the directory, weights finite in [-4, 4]; cheap, no model work."""

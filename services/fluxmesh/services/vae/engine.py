@@ -16,31 +16,57 @@ from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
 from fluxmesh.rpc.errors import InvalidArgument
+from fluxmesh.services import model_folder
 from fluxmesh.services.runtime import Placement, module_bytes
 
 log = logging.getLogger(__name__)
 
+# What one decode may ask for: a hostile size must not allocate a host (same bounds as the denoiser).
+MAX_SIDE = 2048
+MAX_IMAGES = 8
+
 
 class VaeEngine:
-    def __init__(self, folder: Path, placement: Placement):
+    def __init__(self, folder: Path, placement: Placement, *, load: bool = True):
+        """`load=False` leaves the weights unread: the stage's `Residency` loads them when told."""
         self.folder = folder
         self.placement = placement
-        self.vae = AutoencoderKL.from_pretrained(
-            folder, subfolder="vae", torch_dtype=placement.dtype, local_files_only=True
-        ).to(placement.device).eval()
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.vae: AutoencoderKL | None = None
+        # Facts from the config, not the module: they hold while the weights are released.
+        config = model_folder.read_config(folder, "vae")
+        self.vae_scale_factor = 2 ** (len(config["block_out_channels"]) - 1)
         self.size_multiple = self.vae_scale_factor * 2
-        self.latent_channels = int(self.vae.config.latent_channels)
+        self.latent_channels = int(config["latent_channels"])
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.size_multiple)
-        log.info("vae: from %s on %s (%.1f MiB)", folder, placement.describe(), self.weight_bytes() / 2**20)
+        log.info("vae: from %s for %s", folder, placement.describe())
+        if load:
+            self.load_weights(placement.device)
+
+    def load_weights(self, device: torch.device) -> None:
+        """Read the VAE from the model files onto `device` (CPU for an offloaded start)."""
+        self.vae = AutoencoderKL.from_pretrained(
+            self.folder, subfolder="vae", torch_dtype=self.placement.dtype, local_files_only=True,
+            use_safetensors=True,  # never unpickle a .bin
+        ).to(device).eval()
+
+    def drop_weights(self) -> None:
+        self.vae = None
+
+    def weight_modules(self) -> list[torch.nn.Module]:
+        return [self.vae] if self.vae is not None else []
 
     def weight_bytes(self) -> int:
         return module_bytes(self.vae)
 
     def check(self, latents: torch.Tensor, width: int, height: int) -> None:
         for field, value in (("width", width), ("height", height)):
-            if value <= 0 or value % self.size_multiple:
-                raise InvalidArgument(field, f"{value} must be a positive multiple of {self.size_multiple}")
+            if value <= 0 or value % self.size_multiple or value > MAX_SIDE:
+                raise InvalidArgument(field, f"{value} must be a multiple of {self.size_multiple} in "
+                                             f"[{self.size_multiple}, {MAX_SIDE}]")
+        if not latents.is_floating_point():
+            raise InvalidArgument("latents.dtype", f"{str(latents.dtype).removeprefix('torch.')} is not a float dtype")
+        if not 1 <= latents.shape[0] <= MAX_IMAGES:
+            raise InvalidArgument("latents.shape", f"batch of {latents.shape[0]} is outside [1, {MAX_IMAGES}]")
         seq = (height // self.size_multiple) * (width // self.size_multiple)
         expected = (seq, self.latent_channels * 4)
         if tuple(latents.shape[1:]) != expected:

@@ -1,10 +1,20 @@
-"""Vae service: packed latents in, PNG (or raw RGB) images out."""
+"""Vae service: packed latents in, PNG (or raw RGB) images out; images in, latents out (Encode)."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+
+from fluxmesh.rpc.images import check_mask, open_image
 from fluxmesh.services.info import stage_info
-from fluxmesh.services.tensors import from_pb
-from fluxmesh.services.vae.engine import VaeEngine, encode_png
+from fluxmesh.services.residency import residency_state
+from fluxmesh.rpc.errors import FluxmeshError
+from fluxmesh.services import model_folder
+from fluxmesh.services.latent_rgb import LatentRgb, fit_latent_rgb, is_flux_vae
+from fluxmesh.services.tensors import from_pb, to_pb
+from fluxmesh.services.vae.engine import MAX_SIDE, VaeEngine, encode_png
+from fluxmesh.services.vae.encoding import ImageEncoder
+from fluxmesh.services.vae.previews import PreviewLane
 from fluxmesh.services.worker import ModelWorker
 from fluxmesh.v1 import common_pb2, vae_pb2, vae_pb2_grpc
 
@@ -15,11 +25,18 @@ class VaeServicer(vae_pb2_grpc.VaeServicer):
         self.model_name = model_name
         self.requests = 0  # accepted requests, reported by Info
         self.worker = ModelWorker("vae")
+        self.encoder = ImageEncoder(engine)
+        self.previews = PreviewLane(engine, self.worker)
+        self.vae_config = model_folder.read_config(engine.folder, "vae")
+        # For fast previews, reported by Info: FLUX.1's published map, or one fitted on this VAE.
+        self.latent_rgb: LatentRgb | None = LatentRgb.flux() if is_flux_vae(self.vae_config) else None
 
     async def Decode(self, request: vae_pb2.DecodeRequest, context) -> vae_pb2.DecodeResponse:
         latents = from_pb(request.latents, "latents", ndim=3)
         self.engine.check(latents, request.width, request.height)
         self.requests += 1
+        if request.preview:
+            return vae_pb2.DecodeResponse(images=await self.previews.decode(latents, request.width, request.height))
         raw = request.format == common_pb2.IMAGE_FORMAT_RAW_RGB
         images = await self.worker.run(self._decode, latents, request.width, request.height, raw)
         return vae_pb2.DecodeResponse(images=images)
@@ -36,13 +53,47 @@ class VaeServicer(vae_pb2_grpc.VaeServicer):
             for image in self.engine.decode(latents, width, height)
         ]
 
+    async def Encode(self, request: vae_pb2.EncodeImageRequest, context) -> vae_pb2.EncodeImageResponse:
+        self.encoder.check(request.width, request.height, MAX_SIDE)
+        image, mask = await asyncio.to_thread(_open_images, request)  # decoding is CPU work: off the loop
+        self.requests += 1
+        encoded = await self.worker.run(self.encoder.encode, image, mask, request.width, request.height, request.fill)
+        response = vae_pb2.EncodeImageResponse(
+            latents=to_pb(encoded.latents), posterior=to_pb(encoded.posterior),
+            scaling_factor=self.vae_config.get("scaling_factor") or 1.0,
+            shift_factor=self.vae_config.get("shift_factor") or 0.0,
+        )
+        if encoded.mask is not None:
+            response.masked_posterior.CopyFrom(to_pb(encoded.masked_posterior))
+            response.mask.CopyFrom(to_pb(encoded.mask))
+        return response
+
+    async def _latent_rgb(self) -> LatentRgb | None:
+        """The latent -> RGB map for fast previews, fitted once while the weights are loaded."""
+        if self.latent_rgb is None and self.engine.vae is not None:
+            try:
+                self.latent_rgb = await self.worker.run(lambda: fit_latent_rgb(self.engine.vae))
+            except FluxmeshError:  # released meanwhile (sequential mode): the next Info tries again
+                pass
+        return self.latent_rgb
+
     async def Info(self, request, context) -> common_pb2.StageInfo:
         return stage_info(
             "vae",
             self.model_name,
             self.engine.placement,
             self.engine.weight_bytes(),
+            residency=residency_state(self.engine),
             vae_scale_factor=self.engine.vae_scale_factor,
             size_multiple=self.engine.size_multiple,
             requests=self.requests,
+            **({"latent_rgb": json.dumps(rgb.flat())} if (rgb := await self._latent_rgb()) is not None else {}),
         )
+
+
+def _open_images(request: vae_pb2.EncodeImageRequest):
+    image = open_image(request.image, "image")
+    mask = open_image(request.mask, "mask") if request.mask else None
+    if mask is not None:
+        check_mask(mask, image, "mask")
+    return image, mask

@@ -1,0 +1,147 @@
+"""Option groups several `fluxmesh` commands share, declared once.
+
+Every `fluxmesh serve ...` takes the same TLS, token and metrics flags, and every client command
+takes the same TLS and token flags. Rather than repeating a dozen parameters in each command, a
+command declares one parameter typed with a group (`serving: ServeOptions = ServeOptions()`) and
+`@with_option_groups` expands it into the group's flags for typer, then hands the command the
+group back as one object. Typer has no option groups of its own; this is the smallest shim.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+if typing.TYPE_CHECKING:
+    from fluxmesh.rpc.security import ClientSecurity, ServerSecurity
+
+_PANEL_SERVE = "Security and metrics"
+_PANEL_STAGES = "Stage connections (orchestrator -> stages)"
+_PANEL_CLIENT = "Connection security"
+
+PathOption = Optional[Path]
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """TLS, mutual TLS, bearer token and metrics flags of every `fluxmesh serve` command."""
+
+    tls_cert: Annotated[PathOption, typer.Option(help="PEM certificate (chain) this server presents; enables TLS.",
+                                                 rich_help_panel=_PANEL_SERVE)] = None
+    tls_key: Annotated[PathOption, typer.Option(help="PEM private key of --tls-cert.",
+                                                rich_help_panel=_PANEL_SERVE)] = None
+    tls_ca: Annotated[PathOption, typer.Option(help="PEM CA that client certificates must chain to.",
+                                               rich_help_panel=_PANEL_SERVE)] = None
+    require_client_cert: Annotated[bool, typer.Option(help="Mutual TLS: refuse clients without a certificate "
+                                                           "signed by --tls-ca.", rich_help_panel=_PANEL_SERVE)] = False
+    token_file: Annotated[PathOption, typer.Option(help="File of accepted bearer tokens, one per line; calls "
+                                                        "without one are UNAUTHENTICATED.",
+                                                   rich_help_panel=_PANEL_SERVE)] = None
+    token_env: Annotated[Optional[str], typer.Option(help="Environment variable holding an accepted bearer token.",
+                                                     rich_help_panel=_PANEL_SERVE)] = None
+    metrics_port: Annotated[Optional[int], typer.Option(help="Serve Prometheus metrics on this HTTP port (/metrics).",
+                                                        rich_help_panel=_PANEL_SERVE)] = None
+
+    def security(self) -> ServerSecurity:
+        from fluxmesh.rpc.security import ServerSecurity, read_tokens
+
+        tokens = read_tokens(file=self.token_file, env=self.token_env) if (self.token_file or self.token_env) else ()
+        return ServerSecurity(cert=self.tls_cert, key=self.tls_key, ca=self.tls_ca,
+                              require_client_cert=self.require_client_cert, tokens=tokens)
+
+
+@dataclass(frozen=True)
+class StageClientOptions:
+    """How the orchestrator reaches its stages: the stages' CA, its client certificate, a stage token."""
+
+    stage_tls_ca: Annotated[PathOption, typer.Option(help="PEM CA the stages' certificates chain to; enables TLS "
+                                                          "to the stages.", rich_help_panel=_PANEL_STAGES)] = None
+    stage_tls_cert: Annotated[PathOption, typer.Option(help="Client certificate presented to the stages "
+                                                            "(mutual TLS).", rich_help_panel=_PANEL_STAGES)] = None
+    stage_tls_key: Annotated[PathOption, typer.Option(help="Private key of --stage-tls-cert.",
+                                                      rich_help_panel=_PANEL_STAGES)] = None
+    stage_tls_server_name: Annotated[Optional[str], typer.Option(help="Name expected in the stages' certificates "
+                                                                      "(default: the address's host).",
+                                                                 rich_help_panel=_PANEL_STAGES)] = None
+    stage_token_file: Annotated[PathOption, typer.Option(help="File whose first line is the token sent to stages.",
+                                                         rich_help_panel=_PANEL_STAGES)] = None
+    stage_token_env: Annotated[Optional[str], typer.Option(help="Environment variable holding the token sent to "
+                                                                "stages.", rich_help_panel=_PANEL_STAGES)] = None
+
+    def security(self) -> ClientSecurity:
+        from fluxmesh.rpc.security import ClientSecurity, read_token
+
+        return ClientSecurity(ca=self.stage_tls_ca, cert=self.stage_tls_cert, key=self.stage_tls_key,
+                              server_name=self.stage_tls_server_name,
+                              token=read_token(file=self.stage_token_file, env=self.stage_token_env))
+
+
+@dataclass(frozen=True)
+class ClientOptions:
+    """TLS and token flags of the commands that call a server (generate, info, health, ...)."""
+
+    tls: Annotated[bool, typer.Option(help="Use TLS with the system's trusted roots.",
+                                      rich_help_panel=_PANEL_CLIENT)] = False
+    tls_ca: Annotated[PathOption, typer.Option(help="PEM CA the server's certificate chains to; enables TLS.",
+                                               rich_help_panel=_PANEL_CLIENT)] = None
+    tls_cert: Annotated[PathOption, typer.Option(help="Client certificate, for servers that require mutual TLS.",
+                                                 rich_help_panel=_PANEL_CLIENT)] = None
+    tls_key: Annotated[PathOption, typer.Option(help="Private key of --tls-cert.",
+                                                rich_help_panel=_PANEL_CLIENT)] = None
+    token_file: Annotated[PathOption, typer.Option(help="File whose first line is the bearer token to send.",
+                                                   rich_help_panel=_PANEL_CLIENT)] = None
+    token_env: Annotated[Optional[str], typer.Option(help="Environment variable holding the bearer token to send.",
+                                                     rich_help_panel=_PANEL_CLIENT)] = None
+
+    def security(self) -> ClientSecurity:
+        from fluxmesh.rpc.security import ClientSecurity, read_token
+
+        return ClientSecurity(ca=self.tls_ca, cert=self.tls_cert, key=self.tls_key, tls=self.tls,
+                              token=read_token(file=self.token_file, env=self.token_env))
+
+    def client_kwargs(self) -> dict:
+        """`credentials=` and `token=` for `fluxmesh.client.Client`."""
+        security = self.security()
+        return {"credentials": security.credentials(), "token": security.token}
+
+
+GROUPS = (ServeOptions, StageClientOptions, ClientOptions)
+
+
+def with_option_groups(command):
+    """Expand each parameter typed with an option group into that group's flags (for typer)."""
+    hints = typing.get_type_hints(command, include_extras=True)
+    parameters: list[inspect.Parameter] = []
+    groups: dict[str, type] = {}
+    for parameter in inspect.signature(command).parameters.values():
+        annotation = hints.get(parameter.name, parameter.annotation)
+        if annotation in GROUPS:
+            groups[parameter.name] = annotation
+            group_hints = typing.get_type_hints(annotation, include_extras=True)
+            for field in dataclasses.fields(annotation):
+                parameters.append(inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY,
+                                                    default=field.default, annotation=group_hints[field.name]))
+        else:
+            parameters.append(parameter.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=annotation))
+
+    @functools.wraps(command)
+    def expanded(**kwargs):
+        for name, group in groups.items():
+            kwargs[name] = group(**{field.name: kwargs.pop(field.name) for field in dataclasses.fields(group)})
+        from fluxmesh.rpc.security import SecurityConfigError
+
+        try:
+            return command(**kwargs)
+        except SecurityConfigError as error:  # a usage error, not a crash: no traceback
+            raise typer.BadParameter(str(error)) from None
+
+    expanded.__signature__ = inspect.Signature(parameters)
+    expanded.__annotations__ = {p.name: p.annotation for p in parameters}
+    return expanded

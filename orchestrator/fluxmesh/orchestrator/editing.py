@@ -1,0 +1,138 @@
+"""The image-editing and preview parts of a GenerateRequest, validated up front.
+
+Image to image, inpainting and Fill: the init image (and mask) are decoded and checked here,
+before any stage works — PNG/JPEG, within size limits, the mask one channel and the init
+image's size, strength in (0, 1] and leaving at least one step — and sent to the vae stage as
+they came. As in the diffusers pipelines the init image is resized to width x height; a request
+that leaves width/height at 0 gets the init image's size (scaled down to fit 2048 if larger,
+rounded down to the model's size multiple).
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass
+
+from fluxmesh.rpc.errors import InvalidArgument
+from fluxmesh.rpc.images import check_mask, open_image
+from fluxmesh.v1 import denoiser_pb2, generator_pb2, vae_pb2
+
+DEFAULT_STRENGTH = 0.6  # FluxImg2ImgPipeline's and FluxInpaintPipeline's default
+DEFAULT_FILL_STRENGTH = 1.0  # FluxFillPipeline's default: Fill models repaint from noise
+
+PREVIEW_KINDS = {
+    generator_pb2.PREVIEW_KIND_UNSPECIFIED: None,
+    generator_pb2.PREVIEW_KIND_FAST: "fast",
+    generator_pb2.PREVIEW_KIND_VAE: "vae",
+}
+
+
+@dataclass(frozen=True)
+class EditParams:
+    init_image: bytes
+    mask_image: bytes  # empty: image to image
+    strength: float
+    width: int  # the init image's own size, fitted to the model (used when the request gives 0)
+    height: int
+    fill: bool = False  # a FLUX.1-Fill model: the vae stage makes the masked image as FluxFillPipeline does
+
+    @property
+    def inpainting(self) -> bool:
+        return bool(self.mask_image)
+
+
+@dataclass(frozen=True)
+class PreviewParams:
+    kind: str  # "fast" | "vae"
+    every: int
+
+
+def check_edit(request: generator_pb2.GenerateRequest, *, fill_model: bool, size_multiple: int,
+               min_side: int, max_side: int) -> EditParams | None:
+    """None for text to image; errors name the field."""
+    has_strength = request.HasField("strength")
+    if not request.init_image:
+        if request.mask_image:
+            raise InvalidArgument("mask_image", "needs an init_image to repaint")
+        if has_strength:
+            raise InvalidArgument("strength", "applies only with an init_image")
+        if fill_model:
+            raise InvalidArgument("init_image", "this is a FLUX.1-Fill model: it needs an init_image and a mask_image")
+        return None
+    if fill_model and not request.mask_image:
+        raise InvalidArgument("mask_image", "this is a FLUX.1-Fill model: it needs a mask_image")
+    strength = as_typed(request.strength) if has_strength else DEFAULT_FILL_STRENGTH if fill_model else DEFAULT_STRENGTH
+    if not (0 < strength <= 1):  # also false for NaN
+        raise InvalidArgument("strength", f"{strength} is outside (0, 1]")
+    init = open_image(request.init_image, "init_image")
+    if request.mask_image:
+        check_mask(open_image(request.mask_image, "mask_image"), init, "mask_image")
+    width, height = fit_size(init.width, init.height, size_multiple, min_side, max_side)
+    return EditParams(request.init_image, request.mask_image, strength, width, height, fill_model)
+
+
+def as_typed(value: float) -> float:
+    """The shortest decimal that is the same float32 as `value`: the number the client typed.
+
+    strength is a float32 on the public API, so 0.8 arrives as 0.800000011920929, and the steps
+    an img2img pipeline runs are int(steps * strength)-based: 5 * 0.8000000119 runs 5 steps
+    where diffusers, given 0.8, runs 4."""
+    if not math.isfinite(value):
+        return value
+    for digits in range(1, 10):
+        decimal = float(f"{value:.{digits}g}")
+        if struct.unpack("<f", struct.pack("<f", decimal))[0] == value:
+            return decimal
+    return value
+
+
+def check_steps(edit: EditParams | None, steps: int) -> None:
+    """img2img-style pipelines run the last int(steps * strength) steps; at least one must be left."""
+    if edit is not None and steps_after_strength(steps, edit.strength) < 1:
+        raise InvalidArgument("strength", f"{edit.strength} leaves no step of {steps} to run")
+
+
+def steps_after_strength(steps: int, strength: float) -> int:
+    # FluxImg2ImgPipeline.get_timesteps, in the same float arithmetic.
+    init_timestep = min(steps * strength, steps)
+    return steps - int(max(steps - init_timestep, 0))
+
+
+def fit_size(width: int, height: int, multiple: int, min_side: int, max_side: int) -> tuple[int, int]:
+    """The init image's size as a request size: scaled down (aspect kept) to fit max_side, then
+    rounded down to the size multiple (as VaeImageProcessor does), at least min_side."""
+    scale = min(1.0, max_side / max(width, height))
+    fitted = []
+    for side in (width, height):
+        side = math.floor(side * scale)
+        fitted.append(max(min_side, side - side % multiple))
+    return fitted[0], fitted[1]
+
+
+def check_preview(request: generator_pb2.GenerateRequest, max_steps: int) -> PreviewParams | None:
+    preview = request.preview
+    if preview.kind not in PREVIEW_KINDS:
+        raise InvalidArgument("preview.kind", f"{preview.kind} is not a PreviewKind")
+    if not 0 <= preview.every <= max_steps:
+        raise InvalidArgument("preview.every", f"{preview.every} is outside [0, {max_steps}]")
+    kind = PREVIEW_KINDS[preview.kind]
+    return PreviewParams(kind, preview.every or 1) if kind else None
+
+
+async def encode_init(vae, placement, swaps, edit: EditParams | None, *, width: int, height: int,
+                      timeout: float | None) -> denoiser_pb2.InitImage | None:
+    """The init image (and mask) through the vae stage's Encode, as the denoiser takes it."""
+    if edit is None:
+        return None
+    async with placement.use("vae", swaps):
+        encoded = await vae.encode_image(
+            vae_pb2.EncodeImageRequest(image=edit.init_image, mask=edit.mask_image, width=width, height=height,
+                                       fill=edit.fill),
+            timeout,
+        )
+    init = denoiser_pb2.InitImage(posterior=encoded.posterior, strength=edit.strength)
+    if edit.inpainting:
+        init.masked_posterior.CopyFrom(encoded.masked_posterior)
+        init.mask.CopyFrom(encoded.mask)
+    return init

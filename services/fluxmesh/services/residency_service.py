@@ -1,0 +1,43 @@
+"""The fluxmesh.v1.Residency service every stage process serves next to its own service."""
+
+from __future__ import annotations
+
+from fluxmesh.rpc.server import Service
+from fluxmesh.services.residency import Residency
+from fluxmesh.services.worker import ModelWorker
+from fluxmesh.v1 import residency_pb2, residency_pb2_grpc
+
+
+class ResidencyServicer(residency_pb2_grpc.ResidencyServicer):
+    def __init__(self, residency: Residency, worker: ModelWorker):
+        self.residency = residency
+        # The stage's own model thread: a transition waits for the model call in progress, and
+        # model calls queued behind it see the new state.
+        self.worker = worker
+
+    async def Load(self, request: residency_pb2.LoadRequest, context) -> residency_pb2.ResidencyStatus:
+        seconds = await self.worker.run_unchecked(self.residency.load)
+        return self.status(seconds)
+
+    async def Release(self, request: residency_pb2.ReleaseRequest, context) -> residency_pb2.ResidencyStatus:
+        seconds = await self.worker.run_unchecked(self.residency.release, request.keep_in_cpu_memory)
+        return self.status(seconds)
+
+    async def Status(self, request, context) -> residency_pb2.ResidencyStatus:
+        status = self.status(0.0)
+        status.transitions.extend(
+            residency_pb2.ResidencyTransition(from_state=t.from_state, to_state=t.to_state,
+                                              started_unix=t.started_unix, finished_unix=t.finished_unix)
+            for t in self.residency.transitions
+        )
+        return status
+
+    def status(self, seconds: float) -> residency_pb2.ResidencyStatus:
+        return residency_pb2.ResidencyStatus(seconds=seconds, **self.residency.snapshot())
+
+
+def residency_service(residency: Residency, worker: ModelWorker) -> Service:
+    """Guard the stage's model calls with `residency` and serve its RPCs on the same thread."""
+    worker.precondition = residency.require_resident
+    return Service("fluxmesh.v1.Residency", ResidencyServicer(residency, worker),
+                   residency_pb2_grpc.add_ResidencyServicer_to_server)

@@ -1,0 +1,152 @@
+"""The client's deadline (or the orchestrator's cap) reaches every stage call, with the request id.
+
+Python gRPC does not carry an incoming deadline to outgoing calls; the orchestrator must. Real
+stages cannot say what deadline they were given, so these tests put recording stand-ins behind
+a real orchestrator (in-process, on loopback) and read what each stage call carried.
+Runtime: about 3 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import pytest
+
+from fluxmesh.orchestrator.app import OrchestratorOptions, build_server
+from fluxmesh.rpc.server import Server, Service
+from fluxmesh.v1 import (common_pb2, denoiser_pb2, denoiser_pb2_grpc, encoder_pb2, encoder_pb2_grpc, generator_pb2,
+                         generator_pb2_grpc, vae_pb2, vae_pb2_grpc)
+
+
+class Recorder:
+    """What each stage call saw: its deadline, its request id, and whether it was cancelled."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, tuple[float | None, str | None]] = {}
+        self.cancelled: set[str] = set()
+        self.hang: set[str] = set()  # stages that never answer
+
+    async def record(self, stage: str, context) -> None:
+        metadata = dict(context.invocation_metadata() or ())
+        self.seen[stage] = (context.time_remaining(), metadata.get("x-request-id"))
+        if stage in self.hang:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                self.cancelled.add(stage)
+                raise
+
+
+def _tensor(*shape: int) -> common_pb2.Tensor:
+    count = 1
+    for d in shape:
+        count *= d
+    return common_pb2.Tensor(dtype="float32", shape=list(shape), data=bytes(4 * count))
+
+
+class FakeEncoder(encoder_pb2_grpc.TextEncoderServicer):
+    def __init__(self, recorder: Recorder):
+        self.recorder = recorder
+
+    async def Encode(self, request, context):
+        await self.recorder.record("encoder", context)
+        return encoder_pb2.EncodeResponse(prompt_embeds=_tensor(1, 4, 8), pooled_prompt_embeds=_tensor(1, 8),
+                                          truncated_tokens=[0])
+
+
+class FakeDenoiser(denoiser_pb2_grpc.DenoiserServicer):
+    def __init__(self, recorder: Recorder):
+        self.recorder = recorder
+
+    async def Info(self, request, context):
+        return common_pb2.StageInfo(stage="denoiser", details={"size_multiple": "16", "guidance_embeds": "True"})
+
+    async def Denoise(self, request, context):
+        await self.recorder.record("denoiser", context)
+        yield denoiser_pb2.DenoiseEvent(step=denoiser_pb2.StepEvent(step=1, total=1, seconds=0.01))
+        yield denoiser_pb2.DenoiseEvent(latents=_tensor(1, 16, 64))
+
+
+class FakeVae(vae_pb2_grpc.VaeServicer):
+    def __init__(self, recorder: Recorder):
+        self.recorder = recorder
+
+    async def Decode(self, request, context):
+        await self.recorder.record("vae", context)
+        return vae_pb2.DecodeResponse(images=[common_pb2.Image(width=64, height=64, data=b"png")])
+
+
+@pytest.fixture
+async def stack():
+    """Recording stand-in stages on one port, and a real orchestrator in front of them."""
+    recorder = Recorder()
+    stages = Server([
+        Service("fluxmesh.v1.TextEncoder", FakeEncoder(recorder), encoder_pb2_grpc.add_TextEncoderServicer_to_server),
+        Service("fluxmesh.v1.Denoiser", FakeDenoiser(recorder), denoiser_pb2_grpc.add_DenoiserServicer_to_server),
+        Service("fluxmesh.v1.Vae", FakeVae(recorder), vae_pb2_grpc.add_VaeServicer_to_server),
+    ], address="127.0.0.1:0")
+    await stages.start()
+    address = f"127.0.0.1:{stages.port}"
+    orchestrator, monitor = build_server(OrchestratorOptions(encoder=address, denoiser=address, vae=address,
+                                                             address="127.0.0.1:0", request_timeout=2.0))
+    await orchestrator.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{orchestrator.port}")
+    yield recorder, generator_pb2_grpc.GeneratorStub(channel)
+    await channel.close()
+    await orchestrator.stop(0)
+    await stages.stop(0)
+
+
+async def _generate(stub, *, timeout: float | None, metadata=None) -> list[generator_pb2.GenerateEvent]:
+    request = generator_pb2.GenerateRequest(prompt="a cat", width=64, height=64, steps=1, seed=1)
+    return [event async for event in stub.Generate(request, timeout=timeout, metadata=metadata)]
+
+
+async def test_the_client_deadline_reaches_every_stage_with_the_request_id(stack):
+    recorder, stub = stack
+    started = time.monotonic()
+    events = await _generate(stub, timeout=7.0)
+    assert events[-1].HasField("result")
+    for stage in ("encoder", "denoiser", "vae"):
+        remaining, request_id = recorder.seen[stage]
+        # set, and no later than the client's: what was left of 7 s when the stage was called
+        assert remaining is not None and 0 < remaining <= 7.0 - (time.monotonic() - started) + 0.5, (stage, remaining)
+        assert remaining > 2.0, "the client's 7 s, not the orchestrator's 2 s cap"
+        assert request_id == events[-1].request_id
+
+
+async def test_a_request_without_deadline_gets_the_orchestrators_cap(stack):
+    recorder, stub = stack
+    await _generate(stub, timeout=None)
+    for stage in ("encoder", "denoiser", "vae"):
+        remaining, _ = recorder.seen[stage]
+        assert remaining is not None and 0 < remaining <= 2.05, (stage, remaining)  # grpc rounds up a little
+
+
+async def test_a_well_formed_client_request_id_is_adopted_and_a_malformed_one_is_not(stack):
+    recorder, stub = stack
+    events = await _generate(stub, timeout=5, metadata=(("x-request-id", "client-42"),))
+    assert {e.request_id for e in events} == {"client-42"}
+    assert recorder.seen["vae"][1] == "client-42"
+    for forged in ("two words", "x" * 65, "id]: FAKE LINE"):
+        events = await _generate(stub, timeout=5, metadata=(("x-request-id", forged),))
+        assert events[-1].request_id not in ("", forged)
+        assert recorder.seen["vae"][1] == events[-1].request_id
+
+
+async def test_a_stage_that_hangs_is_cut_off_at_the_deadline_and_cancelled(stack):
+    recorder, stub = stack
+    recorder.hang.add("denoiser")
+    started = time.monotonic()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await _generate(stub, timeout=None)  # no client deadline: the orchestrator's 2 s cap applies
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "denoiser" in caught.value.details()
+    assert time.monotonic() - started < 2.0 + 1.5
+    for _ in range(50):
+        if "denoiser" in recorder.cancelled:
+            break
+        await asyncio.sleep(0.02)
+    assert "denoiser" in recorder.cancelled  # the stage's call ended too: nothing left hanging

@@ -1,0 +1,87 @@
+"""A stage's weights moved and dropped in process: the Residency helper on real tiny engines."""
+
+from __future__ import annotations
+
+import weakref
+
+import pytest
+import torch
+
+from fluxmesh.rpc.errors import FailedPrecondition, InvalidArgument
+from fluxmesh.services.residency import Residency, residency_state
+from fluxmesh.services.runtime import Placement
+
+
+def _job(dev_model, **overrides):
+    from fluxmesh.services.denoiser.engine import DenoiseJob
+
+    generator = torch.Generator().manual_seed(0)
+    fields = dict(prompt_embeds=torch.randn(1, 8, 32, generator=generator),
+                  pooled_prompt_embeds=torch.randn(1, 32, generator=generator),
+                  width=64, height=64, steps=2, guidance=3.5, seed=7, num_images=1)
+    return DenoiseJob(**{**fields, **overrides})
+
+
+@pytest.fixture
+def denoiser(dev_model, tmp_path):
+    from fluxmesh.services.denoiser.engine import DenoiserEngine
+    from lora_fixtures import write_lora
+
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    write_lora("peft", loras / "style.safetensors", dev_model, seed=3)
+    return DenoiserEngine(dev_model, Placement.parse("cpu"), lora_dir=loras, load=False)
+
+
+def test_released_weights_refuse_calls_and_come_back_identical(denoiser, dev_model):
+    residency = Residency("denoiser", denoiser, "released")
+    assert residency_state(denoiser) == "released" and denoiser.weight_bytes() == 0
+    with pytest.raises(FailedPrecondition, match="denoiser stage: weights are released"):
+        residency.require_resident()
+
+    assert residency.load() > 0 and residency.state == "resident"
+    job = _job(dev_model)
+    plain = denoiser.denoise(job)
+    styled = denoiser.denoise(_job(dev_model, loras=(("style", 1.0),)))
+    assert not torch.equal(plain, styled)  # the LoRA is active on the loaded transformer
+    assert residency.load() == 0.0  # already there: nothing to do, nothing logged
+
+    module = weakref.ref(denoiser.transformer)
+    assert residency.release(keep_in_cpu_memory=False) > 0
+    assert module() is None, "the released transformer must be freed (LoRA adapters included)"
+    assert residency.state == "released" and denoiser.weight_bytes() == 0
+    assert residency.release(keep_in_cpu_memory=True) == 0.0  # nothing held: nothing to offload
+
+    residency.load()  # read from the files again, LoRAs re-bound to the new module
+    assert torch.equal(denoiser.denoise(job), plain)
+    assert torch.equal(denoiser.denoise(_job(dev_model, loras=(("style", 1.0),))), styled)
+    states = [(t.from_state, t.to_state) for t in residency.transitions]
+    assert states == [("released", "resident"), ("resident", "released"), ("released", "resident")]
+    assert all(t.finished_unix >= t.started_unix for t in residency.transitions)
+    assert all(a.finished_unix <= b.started_unix for a, b in zip(residency.transitions, list(residency.transitions)[1:]))
+
+
+def test_offloaded_keeps_weights_in_cpu_memory(dev_model):
+    """On a CPU stage "offloaded" moves nothing (CPU memory is the device), but model calls are
+    refused all the same until Load: the state means what it says."""
+    from fluxmesh.services.vae.engine import VaeEngine
+
+    vae = VaeEngine(dev_model, Placement.parse("cpu"), load=False)
+    residency = Residency("vae", vae, "standby")  # on CPU standby = released
+    assert residency.state == "released"
+    residency.load()
+    held = vae.weight_bytes()
+    residency.release(keep_in_cpu_memory=True)
+    assert residency.state == "offloaded" and vae.weight_bytes() == held
+    assert residency.snapshot()["device_weight_bytes"] == 0
+    with pytest.raises(FailedPrecondition):
+        residency.require_resident()
+    residency.load()
+    assert residency.snapshot()["device_weight_bytes"] == held
+
+
+def test_unknown_initial_state_is_named(dev_model):
+    from fluxmesh.services.vae.engine import VaeEngine
+
+    with pytest.raises(InvalidArgument, match="residency: 'sideways'"):
+        Residency("vae", VaeEngine(dev_model, Placement.parse("cpu"), load=False), "sideways")

@@ -1,0 +1,213 @@
+"""TLS on every hop, mutual TLS between orchestrator and stages, bearer tokens.
+
+The module makes its own CA and certificates (`certs.py`) and runs four processes where every
+stage demands the orchestrator's client certificate *and* a stage token, and the orchestrator
+serves TLS and demands a public token. Each way in without the right credentials is refused
+with the right status; with them, a generation works through the SDK and through the CLI.
+Runtime: about 35 s on two cores (most of it the process start).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import grpc
+import pytest
+
+from certs import Authority
+from factories import PROMPT
+from mesh import SERVING, Mesh
+from rpc_tools import call
+from fluxmesh.cli.supervisor import STAGES
+from fluxmesh.client import Client, FluxmeshError
+from fluxmesh.rpc.channels import sync_channel
+from fluxmesh.rpc.security import (ClientSecurity, SecurityConfigError, ServerSecurity, read_token, read_tokens,
+                                   token_matches)
+from fluxmesh.v1 import common_pb2
+
+PUBLIC_TOKENS = ("public-token-1", "public-token-2")  # two lines: rotation
+STAGE_TOKEN = "stage-token-only-the-orchestrator-has"
+C = grpc.StatusCode
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("pki")
+    ca, rogue = Authority(directory, "fluxmesh"), Authority(directory, "rogue")
+    tokens = directory / "public-tokens"
+    tokens.write_text("# accepted tokens, one per line\n" + "\n".join(PUBLIC_TOKENS) + "\n")
+    stage_token = directory / "stage-token"
+    stage_token.write_text(STAGE_TOKEN + "\n")
+    return {
+        "ca": ca.pem, "rogue_ca": rogue.pem,
+        "server": ca.issue("server", server=True),
+        "orchestrator_client": ca.issue("orchestrator", server=False),
+        "rogue_client": rogue.issue("intruder", server=False),
+        "tokens": tokens, "stage_token": stage_token,
+    }
+
+
+def _credentials(ca=None, client=None) -> grpc.ChannelCredentials:
+    return ClientSecurity(ca=ca, cert=client.cert if client else None, key=client.key if client else None).credentials()
+
+
+@pytest.fixture(scope="module")
+def secure_mesh(dev_model, pki, tmp_path_factory):
+    server = ["--tls-cert", str(pki["server"].cert), "--tls-key", str(pki["server"].key)]
+    stage = [*server, "--tls-ca", str(pki["ca"]), "--require-client-cert", "--token-file", str(pki["stage_token"])]
+    orchestrator = [*server, "--token-file", str(pki["tokens"]),
+                    "--stage-tls-ca", str(pki["ca"]), "--stage-tls-cert", str(pki["orchestrator_client"].cert),
+                    "--stage-tls-key", str(pki["orchestrator_client"].key), "--stage-token-env", "STAGE_TOKEN"]
+    stage_probe = _credentials(pki["ca"], pki["orchestrator_client"])
+    mesh = Mesh(dev_model, tmp_path_factory.mktemp("secure-logs"),
+                extra_args={**{name: stage for name in STAGES}, "orchestrator": orchestrator},
+                env={"STAGE_TOKEN": STAGE_TOKEN},
+                health_credentials={**{name: stage_probe for name in STAGES}, "orchestrator": _credentials(pki["ca"])})
+    try:
+        for name in (*STAGES, "orchestrator"):
+            mesh.start(name)
+        for name in (*STAGES, "orchestrator"):
+            mesh.wait_health(SERVING, name, timeout=180)
+        yield mesh
+    finally:
+        mesh.stop()
+
+
+def _status(address: str, method: str, *, credentials=None, token: str | None = None) -> grpc.StatusCode:
+    security_metadata = (("authorization", f"Bearer {token}"),) if token else None
+    channel = grpc.secure_channel(address, credentials) if credentials else sync_channel(address)
+    with channel:
+        code, _, _ = call(channel, method, common_pb2.InfoRequest(), timeout=10, metadata=security_metadata)
+    return code
+
+
+def test_a_generation_over_tls_with_a_token_works(secure_mesh, pki):
+    with Client(secure_mesh.address("orchestrator"), credentials=_credentials(pki["ca"]), token=PUBLIC_TOKENS[1],
+                timeout=60) as client:
+        result = client.generate(PROMPT, width=64, height=64, steps=1, seed=1)
+    assert result.image.size == (64, 64)
+
+
+def test_the_cli_takes_the_tls_and_token_flags(secure_mesh, pki, tmp_path):
+    out = tmp_path / "cat.png"
+    done = subprocess.run([sys.executable, "-m", "fluxmesh.cli", "generate", "--address",
+                           secure_mesh.address("orchestrator"), "-p", PROMPT, "--width", "64", "--height", "64",
+                           "--steps", "1", "--tls-ca", str(pki["ca"]), "--token-env", "MY_TOKEN", "-o", str(out)],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "MY_TOKEN": PUBLIC_TOKENS[0]})
+    assert done.returncode == 0, done.stderr
+    assert out.stat().st_size > 0
+    health = subprocess.run([sys.executable, "-m", "fluxmesh.cli", "health", secure_mesh.address("orchestrator"),
+                             "--tls-ca", str(pki["ca"])], capture_output=True, text=True, timeout=60)
+    assert health.stdout.strip() == "SERVING"  # health checks need TLS but no token
+
+
+@pytest.mark.parametrize("how", ["plaintext", "untrusted CA"])
+def test_a_client_without_the_ca_is_refused(secure_mesh, pki, how):
+    credentials = None if how == "plaintext" else _credentials(pki["rogue_ca"])
+    code = _status(secure_mesh.address("orchestrator"), "/fluxmesh.v1.Generator/Info", credentials=credentials,
+                   token=PUBLIC_TOKENS[0])
+    assert code == C.UNAVAILABLE  # no TLS session, no call
+
+
+@pytest.mark.parametrize("token", [None, "wrong-token", "public-token-", STAGE_TOKEN])
+def test_a_missing_or_wrong_token_is_unauthenticated(secure_mesh, pki, token):
+    address = secure_mesh.address("orchestrator")
+    with Client(address, credentials=_credentials(pki["ca"]), token=token, timeout=30) as client:
+        with pytest.raises(FluxmeshError) as caught:
+            client.generate(PROMPT, width=64, height=64, steps=1)
+    assert caught.value.code == C.UNAUTHENTICATED
+    assert ("missing" if token is None else "invalid") in caught.value.message
+    # nothing was parsed or run for it, and the server still serves the right token
+    assert _status(address, "/fluxmesh.v1.Generator/Info", credentials=_credentials(pki["ca"]),
+                   token=PUBLIC_TOKENS[0]) == C.OK
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_stage_only_answers_the_orchestrators_certificate_and_token(secure_mesh, pki, stage):
+    address = secure_mesh.address(stage)
+    method = {"encoder": "/fluxmesh.v1.TextEncoder/Info", "denoiser": "/fluxmesh.v1.Denoiser/Info",
+              "vae": "/fluxmesh.v1.Vae/Info"}[stage]
+    # no client certificate, or one from another CA: the TLS handshake fails
+    assert _status(address, method, credentials=_credentials(pki["ca"]), token=STAGE_TOKEN) == C.UNAVAILABLE
+    assert _status(address, method, credentials=_credentials(pki["ca"], pki["rogue_client"]),
+                   token=STAGE_TOKEN) == C.UNAVAILABLE
+    # the orchestrator's certificate but not the stage token (the public one is not it)
+    cert = _credentials(pki["ca"], pki["orchestrator_client"])
+    assert _status(address, method, credentials=cert) == C.UNAUTHENTICATED
+    assert _status(address, method, credentials=cert, token=PUBLIC_TOKENS[0]) == C.UNAUTHENTICATED
+    assert _status(address, method, credentials=cert, token=STAGE_TOKEN) == C.OK
+
+
+# --- the pieces, in-process ------------------------------------------------------------------
+
+def test_tokens_compare_in_constant_time_against_every_accepted_token(monkeypatch):
+    import hmac
+
+    compared = []
+    real = hmac.compare_digest
+    monkeypatch.setattr(hmac, "compare_digest", lambda a, b: compared.append((a, b)) or real(a, b))
+    assert token_matches("b", ["a", "b", "c"])
+    assert len(compared) == 3  # no early exit on the match: timing does not tell which one matched
+    assert not token_matches(None, ["a"]) and not token_matches("", ["a"]) and not token_matches("ab", ["a"])
+
+
+def test_token_sources(tmp_path, monkeypatch):
+    file = tmp_path / "tokens"
+    file.write_text("# comment\n\n  one  \ntwo\n")
+    assert read_tokens(file=file) == ("one", "two")
+    assert read_token(file=file) == "one"
+    monkeypatch.setenv("FLUXMESH_TOKEN", "three")
+    assert read_tokens(file=file, env="FLUXMESH_TOKEN") == ("one", "two", "three")
+    assert read_token() is None
+    for bad in ("", "# only a comment\n"):
+        file.write_text(bad)
+        with pytest.raises(SecurityConfigError, match="holds no token"):
+            read_tokens(file=file)
+    monkeypatch.setenv("EMPTY", " ")
+    with pytest.raises(SecurityConfigError, match="EMPTY is unset or empty"):
+        read_tokens(env="EMPTY")
+    with pytest.raises(SecurityConfigError, match="token file"):
+        read_tokens(file=tmp_path / "missing")
+
+
+def test_settings_that_cannot_work_are_refused(pki):
+    server = pki["server"]
+    with pytest.raises(SecurityConfigError, match="go together"):
+        ServerSecurity(cert=server.cert)
+    with pytest.raises(SecurityConfigError, match="--require-client-cert needs"):
+        ServerSecurity(cert=server.cert, key=server.key, require_client_cert=True)
+    with pytest.raises(SecurityConfigError, match="both --tls-cert and --tls-key"):
+        ClientSecurity(cert=server.cert)
+    assert ServerSecurity().credentials() is None and ServerSecurity().describe() == "plaintext"
+    assert ServerSecurity(cert=server.cert, key=server.key, ca=pki["ca"], require_client_cert=True,
+                          tokens=("t",)).describe() == "mutual TLS + bearer token"
+
+
+def test_a_serve_command_with_a_missing_token_source_is_a_usage_error(dev_model):
+    done = subprocess.run([sys.executable, "-m", "fluxmesh.cli", "serve", "vae", "--model", str(dev_model),
+                           "--token-env", "FLUXMESH_NO_SUCH_VARIABLE"], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "COLUMNS": "300"})  # rich must not wrap the message
+    assert done.returncode == 2
+    assert "FLUXMESH_NO_SUCH_VARIABLE is unset or empty" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_weights_are_never_unpickled(dev_model, tmp_path):
+    """A model folder whose VAE ships only as a pickle (.bin) is refused, not loaded."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from fluxmesh.services.runtime import Placement
+    from fluxmesh.services.vae.engine import VaeEngine
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(dev_model, folder)
+    weights = folder / "vae" / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(weights), folder / "vae" / "diffusion_pytorch_model.bin")
+    weights.unlink()
+    with pytest.raises(OSError, match="safetensors"):
+        VaeEngine(folder, Placement.parse("cpu"))

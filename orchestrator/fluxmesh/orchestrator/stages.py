@@ -2,7 +2,8 @@
 
 Python gRPC does not carry deadlines or cancellation to outgoing calls by itself: every call
 here takes the time left on the incoming call, and the streaming call is cancelled explicitly
-when the caller goes away.
+when the caller goes away. A stage may be several replicas (comma-separated addresses or a
+dns:/// name): replicas.py picks one per call and says which failed calls another may take.
 """
 
 from __future__ import annotations

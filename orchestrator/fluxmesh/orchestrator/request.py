@@ -9,12 +9,8 @@ from dataclasses import dataclass
 from fluxmesh.orchestrator.editing import EditParams, PreviewParams, check_edit, check_preview, check_steps
 from fluxmesh.rpc.errors import InvalidArgument
 from fluxmesh.v1 import generator_pb2
+from fluxmesh.rpc.limits import MAX_IMAGES, MAX_LORA_WEIGHT, MAX_PROMPT_CHARS, MAX_SIDE, MAX_STEPS, MIN_SIDE
 
-MIN_SIDE, MAX_SIDE = 64, 2048
-MAX_STEPS = 100
-MAX_IMAGES = 8
-MAX_PROMPT_CHARS = 20_000
-MAX_LORA_WEIGHT = 4.0
 DEFAULT_SIDE = 1024
 DEFAULT_GUIDANCE = 3.5
 DEFAULT_STEPS_DEV, DEFAULT_STEPS_SCHNELL = 28, 4

@@ -26,13 +26,10 @@ from fluxmesh.services.denoiser.modes import (Geometry, InitImage, VaeConfig, ch
 from fluxmesh.services.denoiser.previews import Previewer, PreviewSpec, StepPreview, X0Scheduler
 from fluxmesh.services.loras.stage import StageLoras
 from fluxmesh.services.runtime import Placement, module_bytes
+from fluxmesh.rpc.limits import MAX_IMAGES, MAX_SEQUENCE_LENGTH, MAX_SIDE, MAX_STEPS
 
 log = logging.getLogger(__name__)
 
-MAX_SIDE = 2048
-MAX_STEPS = 100
-MAX_IMAGES = 8
-MAX_SEQUENCE_LENGTH = 512  # T5 tokens, as the encoder produces at most
 
 
 @dataclass(frozen=True)

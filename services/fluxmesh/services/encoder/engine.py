@@ -19,11 +19,10 @@ from fluxmesh.rpc.errors import InvalidArgument
 from fluxmesh.services import model_folder
 from fluxmesh.services.loras.stage import LoraList, StageLoras
 from fluxmesh.services.runtime import Placement, module_bytes
+from fluxmesh.rpc.limits import MAX_PROMPT_CHARS, MAX_PROMPTS
 
 log = logging.getLogger(__name__)
 
-MAX_PROMPT_CHARS = 20_000
-MAX_PROMPTS = 8  # one batch: as many as the denoiser takes (prompts x images <= 8)
 
 
 @dataclass

@@ -24,13 +24,13 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from fluxmesh.rpc.errors import InvalidArgument, NotFound
+from fluxmesh.rpc.limits import MAX_LORA_WEIGHT as MAX_WEIGHT
 
 __all__ = ["COMPONENTS", "MAX_WEIGHT", "LoraLibrary", "LoraWeights", "check_lora_weight"]
 
 logger = logging.getLogger(__name__)
 
 SUFFIX = ".safetensors"
-MAX_WEIGHT = 4.0
 # Which model a part of a LoRA goes to, named as diffusers prefixes the keys.
 COMPONENTS = ("transformer", "text_encoder")
 # Flux Control LoRAs carry norm weights that diffusers writes into the base model for good;

@@ -18,12 +18,11 @@ from PIL import Image
 from fluxmesh.rpc.errors import InvalidArgument
 from fluxmesh.services import model_folder
 from fluxmesh.services.runtime import Placement, module_bytes
+from fluxmesh.rpc.limits import MAX_IMAGES, MAX_SIDE
 
 log = logging.getLogger(__name__)
 
 # What one decode may ask for: a hostile size must not allocate a host (same bounds as the denoiser).
-MAX_SIDE = 2048
-MAX_IMAGES = 8
 
 
 class VaeEngine:

@@ -77,8 +77,11 @@ def _stage_service(options: StageOptions) -> Service:
 
 
 def serve_stage(options: StageOptions) -> None:
+    from fluxmesh.services.worker import compute_executor
+
     options.security.credentials()  # unreadable TLS files fail now, not after loading weights
-    services = build_service(options)
+    # Load on the thread that will run the model: see fluxmesh.services.worker.
+    services = compute_executor().submit(build_service, options).result()
 
     async def main() -> None:
         from fluxmesh.services.metrics import watch_stage

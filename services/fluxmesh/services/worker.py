@@ -1,8 +1,14 @@
-"""Run model compute off the event loop, one call at a time per stage.
+"""Run model compute off the event loop, one call at a time per stage, on one thread.
 
 A stage owns one device; running two forward passes on it at once only makes both slower and
 doubles activation memory, so each stage serialises its model calls through one thread. The
 event loop stays free for health checks, Info and streaming.
+
+That thread is also the only one in the process that touches torch: loading included
+(`compute_executor()`). Every thread that runs CPU kernels gets its own OpenMP team, and idle
+teams spin; with the weights loaded on the main thread and the loop run on a worker, the two
+teams fought over the cores and denoising on 2 cores took 0.76 s instead of 0.55 s
+(bench/latency.py).
 """
 
 from __future__ import annotations
@@ -19,9 +25,23 @@ import torch
 T = TypeVar("T")
 
 
+_COMPUTE: ThreadPoolExecutor | None = None
+
+
+def compute_executor() -> ThreadPoolExecutor:
+    """The process's one torch thread (created on first use)."""
+    global _COMPUTE
+    if _COMPUTE is None:
+        _COMPUTE = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch-compute")
+    return _COMPUTE
+
+
 class ModelWorker:
-    def __init__(self, name: str):
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-model")
+    def __init__(self, name: str, *, own_thread: bool = False):
+        """`own_thread=True` for a lane that must not queue behind the main one (VAE previews)."""
+        self._own = own_thread
+        self._executor = (ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-model")
+                          if own_thread else compute_executor())
         # Checked on the model thread right before each model call (the stage's Residency sets
         # "weights are on the device"): checked there, a release queued ahead cannot slip between.
         self.precondition: Callable[[], None] | None = None
@@ -42,7 +62,8 @@ class ModelWorker:
         return await loop.run_in_executor(self._executor, functools.partial(context.run, _no_grad, fn, *args, **kwargs))
 
     def shutdown(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        if self._own:
+            self._executor.shutdown(wait=True, cancel_futures=True)
 
 
 def _no_grad(fn: Callable[..., T], *args, **kwargs) -> T:

@@ -10,6 +10,7 @@ shift (mu), the guidance embedding and the loop exactly diffusers'.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -139,7 +140,7 @@ class DenoiserEngine:
             raise InvalidArgument("num_images", f"{job.num_images} is outside [1, {MAX_IMAGES}]")
         if embeds.shape[0] * job.num_images > MAX_IMAGES:
             raise InvalidArgument("num_images", f"{embeds.shape[0]} prompts x {job.num_images} images exceeds {MAX_IMAGES}")
-        if not torch.isfinite(torch.tensor(job.guidance)):
+        if not math.isfinite(job.guidance):
             raise InvalidArgument("guidance", f"{job.guidance} is not finite")
         self.loras.check(job.loras)
         if job.init is not None:

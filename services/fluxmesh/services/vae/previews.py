@@ -27,7 +27,7 @@ JPEG_QUALITY = 85
 class PreviewLane:
     def __init__(self, engine, stage_worker: ModelWorker):
         self.engine = engine
-        self.worker = ModelWorker("vae-preview")
+        self.worker = ModelWorker("vae-preview", own_thread=True)
         # The stage's residency guard (set on its main worker) holds for previews too: a preview
         # never loads weights, nor runs while they are released.
         self.worker.precondition = lambda: stage_worker.precondition and stage_worker.precondition()

@@ -66,7 +66,8 @@ class Mesh:
         """Wait until `name` reports `status`; returns the seconds it took."""
         started = time.monotonic()
         while self.health(name) != status:
-            assert self.process(name).poll() is None, f"{name} exited with {self.process(name).returncode}"
+            assert self.process(name).poll() is None, \
+                f"{name} exited with {self.process(name).returncode}; its log ends:\n{self.log(name)[-3000:]}"
             assert time.monotonic() - started < timeout, f"{name} not {status} after {timeout}s"
             time.sleep(0.1)
         return time.monotonic() - started

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -96,8 +97,21 @@ def _serve_stage(stage: str, model: str, host: str, port: int, device: str, dtyp
     security = serving.security()  # a bad flag fails here, before torch is even imported
     from fluxmesh.services.app import StageOptions, serve_stage
 
-    serve_stage(StageOptions(stage=stage, model=model, address=_address(host, port), device=device, dtype=dtype,
-                             threads=threads, security=security, metrics_port=serving.metrics_port, **extra))
+    with _start_errors_as_messages(stage):
+        serve_stage(StageOptions(stage=stage, model=model, address=_address(host, port), device=device, dtype=dtype,
+                                 threads=threads, security=security, metrics_port=serving.metrics_port, **extra))
+
+
+@contextlib.contextmanager
+def _start_errors_as_messages(process: str):
+    """A port that is taken is the operator's to fix: one line naming it, exit 1, no traceback."""
+    from fluxmesh.rpc.server import ServerStartError
+
+    try:
+        yield
+    except ServerStartError as error:
+        typer.echo(f"fluxmesh serve {process}: {error}", err=True)
+        raise typer.Exit(1) from None
 
 
 @serve_app.command("encoder")
@@ -181,12 +195,14 @@ def serve_orchestrator(
     """The public Generator service (no torch)."""
     from fluxmesh.orchestrator.app import OrchestratorOptions, serve_orchestrator as run
 
-    run(OrchestratorOptions(encoder=encoder, denoiser=denoiser, vae=vae, address=_address(host, port),
-                            max_active=max_active, max_queue=max_queue, security=serving.security(),
-                            stage_security=stage_connections.security(), metrics_port=serving.metrics_port,
-                            request_timeout=request_timeout or None, sequential=sequential,
-                            release_to=release_to.value,
-                            **({"max_request_bytes": max_request_mib * 2**20} if max_request_mib else {})))
+    options = OrchestratorOptions(encoder=encoder, denoiser=denoiser, vae=vae, address=_address(host, port),
+                                  max_active=max_active, max_queue=max_queue, security=serving.security(),
+                                  stage_security=stage_connections.security(), metrics_port=serving.metrics_port,
+                                  request_timeout=request_timeout or None, sequential=sequential,
+                                  release_to=release_to.value,
+                                  **({"max_request_bytes": max_request_mib * 2**20} if max_request_mib else {}))
+    with _start_errors_as_messages("orchestrator"):
+        run(options)
 
 
 def _stage_flags(device: str, dtype: str, threads: int | None) -> list[str]:

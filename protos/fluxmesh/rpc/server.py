@@ -41,6 +41,10 @@ class Service:
     add: Callable[[Any, grpc.aio.Server], None]
 
 
+class ServerStartError(RuntimeError):
+    """A server could not start listening (port taken, address not local); the message says which."""
+
+
 class Server:
     """A grpc.aio server with health, reflection and graceful shutdown."""
 
@@ -66,7 +70,10 @@ class Server:
         # Clients ping every 30 s to find dead peers (channels.py); without these the server
         # would count idle pings as abuse and drop the connection (GOAWAY too_many_pings).
         options = [*MESSAGE_OPTIONS, ("grpc.keepalive_permit_without_calls", 1),
-                   ("grpc.http2.min_ping_interval_without_data_ms", 10_000)]
+                   ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                   # gRPC sets SO_REUSEPORT by default: a second server on a taken port would then
+                   # start "fine" and silently split the calls with the first. Fail loudly instead.
+                   ("grpc.so_reuseport", 0)]
         if max_receive_bytes is not None:  # e.g. the public API takes far less than stage tensors
             options = [o for o in options if o[0] != "grpc.max_receive_message_length"]
             options.append(("grpc.max_receive_message_length", max_receive_bytes))
@@ -86,10 +93,14 @@ class Server:
             self._server,
         )
         server_credentials = server_credentials or self.security.credentials()
-        if server_credentials is not None:
-            self.port = self._server.add_secure_port(address, server_credentials)
-        else:
-            self.port = self._server.add_insecure_port(address)
+        try:
+            if server_credentials is not None:
+                self.port = self._server.add_secure_port(address, server_credentials)
+            else:
+                self.port = self._server.add_insecure_port(address)
+        except RuntimeError as error:  # grpc's "Failed to bind to address ..."
+            raise ServerStartError(f"cannot listen on {address}: the port is in use or the address "
+                                   f"is not this host's ({error})") from None
         self._stopping = asyncio.Event()
 
     async def set_serving(self, serving: bool, service: str = "") -> None:
@@ -98,10 +109,14 @@ class Server:
 
     async def start(self, *, serving: bool = True) -> None:
         """Start listening; `serving=False` leaves health NOT_SERVING for the caller to flip."""
+        # Metrics first: a taken metrics port stops start-up before the server accepts any call.
+        try:
+            self.metrics_port = serve_metrics(self.metrics_port, _host(self.address))
+        except OSError as error:
+            raise ServerStartError(f"cannot serve metrics on port {self.metrics_port}: {error.strerror}") from None
         await self._server.start()
         for name in ["", *[s.name for s in self.services]]:
             await self.set_serving(serving, name)
-        self.metrics_port = serve_metrics(self.metrics_port, _host(self.address))
         log.info("serving %s on %s (%s)", ", ".join(s.name for s in self.services), self.address,
                  self.security.describe())
 

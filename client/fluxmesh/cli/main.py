@@ -95,7 +95,10 @@ StageAddress = "host:port, several comma-separated (replicas), or dns:///name:po
 def _serve_stage(stage: str, model: str, host: str, port: int, device: str, dtype: str, threads: int | None,
                  serving: ServeOptions, **extra) -> None:
     security = serving.security()  # a bad flag fails here, before torch is even imported
+    from fluxmesh.rpc.allocator import tune_for_tensor_traffic
     from fluxmesh.services.app import StageOptions, serve_stage
+
+    tune_for_tensor_traffic()
 
     with _start_errors_as_messages(stage):
         serve_stage(StageOptions(stage=stage, model=model, address=_address(host, port), device=device, dtype=dtype,
@@ -194,6 +197,9 @@ def serve_orchestrator(
 ) -> None:
     """The public Generator service (no torch)."""
     from fluxmesh.orchestrator.app import OrchestratorOptions, serve_orchestrator as run
+    from fluxmesh.rpc.allocator import tune_for_tensor_traffic
+
+    tune_for_tensor_traffic()
 
     options = OrchestratorOptions(encoder=encoder, denoiser=denoiser, vae=vae, address=_address(host, port),
                                   max_active=max_active, max_queue=max_queue, security=serving.security(),

@@ -13,15 +13,13 @@ waits for the call in progress and a call never sees half-moved weights.
 Freed memory has to really leave the process, or sequential mode saves nothing:
 * CUDA: `torch.cuda.empty_cache()` hands the caching allocator's blocks back to the driver, so
   the next stage's *process* can use them.
-* CPU: glibc keeps freed heap memory (anything below its dynamic mmap threshold, up to 32 MiB
-  per block) in the process; `malloc_trim(0)` returns it to the OS. Without it a released stage's
+* CPU: glibc keeps freed heap memory (any block below its mmap threshold, 32 MiB in fluxmesh
+  processes: see fluxmesh.rpc.allocator) in the process; `malloc_trim(0)` returns it to the OS. Without it a released stage's
   RSS barely drops (measured in bench/placement_cpu.py).
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import gc
 import logging
 import os
@@ -36,6 +34,7 @@ from typing import Protocol
 
 import torch
 
+from fluxmesh.rpc.allocator import trim_heap
 from fluxmesh.rpc.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from fluxmesh.services.runtime import Placement, current_rss_bytes, module_bytes
 
@@ -237,22 +236,7 @@ def _free_device_memory(device: torch.device) -> None:
 
 
 def _trim_heap() -> None:
-    """Give freed heap memory back to the OS (glibc only; elsewhere a no-op).
-    FLUXMESH_MALLOC_TRIM=0 turns it off, to measure what it is worth (bench/placement_cpu.py)."""
-    libc = _libc()
-    if libc is not None and os.environ.get("FLUXMESH_MALLOC_TRIM", "1") != "0":
-        libc.malloc_trim(0)
-
-
-_LIBC: list = []
-
-
-def _libc():
-    if not _LIBC:
-        name = ctypes.util.find_library("c")
-        try:
-            libc = ctypes.CDLL(name) if name else None
-            _LIBC.append(libc if libc is not None and hasattr(libc, "malloc_trim") else None)
-        except OSError:
-            _LIBC.append(None)
-    return _LIBC[0]
+    """Give freed heap memory back to the OS. FLUXMESH_MALLOC_TRIM=0 turns it off, to measure
+    what it is worth (bench/placement_cpu.py)."""
+    if os.environ.get("FLUXMESH_MALLOC_TRIM", "1") != "0":
+        trim_heap()

@@ -61,15 +61,16 @@ def from_pb(
     expected = numel * torch.empty((), dtype=dtype).element_size()
     if expected > MAX_TENSOR_BYTES:
         raise InvalidArgument(f"{field}.shape", f"{shape} would need {expected} bytes (limit {MAX_TENSOR_BYTES})")
-    if len(message.data) != expected:
+    data = message.data  # every read of a bytes field copies it out of the message: read once
+    if len(data) != expected:
         raise InvalidArgument(
-            f"{field}.data", f"{len(message.data)} bytes do not match shape {shape} of {message.dtype} ({expected} bytes)"
+            f"{field}.data", f"{len(data)} bytes do not match shape {shape} of {message.dtype} ({expected} bytes)"
         )
     if numel == 0:
         raise InvalidArgument(f"{field}.shape", f"empty tensor {shape}")
-    if finite and _has_non_finite(message.data, message.dtype):
+    if finite and _has_non_finite(data, message.dtype):
         raise InvalidArgument(f"{field}.data", "contains NaN or Inf")
-    return torch.frombuffer(bytearray(message.data), dtype=dtype).reshape(shape)
+    return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape)  # writable: the model owns it
 
 
 # Exponent bits of each float format: all ones means Inf or NaN.

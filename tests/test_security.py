@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import grpc
 import pytest
@@ -138,6 +139,69 @@ def test_a_stage_only_answers_the_orchestrators_certificate_and_token(secure_mes
     assert _status(address, method, credentials=cert) == C.UNAUTHENTICATED
     assert _status(address, method, credentials=cert, token=PUBLIC_TOKENS[0]) == C.UNAUTHENTICATED
     assert _status(address, method, credentials=cert, token=STAGE_TOKEN) == C.OK
+
+
+def _listening_addresses(pid: int) -> set[str]:
+    """'ip:port' of every TCP socket process `pid` listens on, from /proc (gRPC binds IPv6
+    sockets with IPv4-mapped addresses, so tcp6 is read too; an IPv4-mapped one reads as IPv4)."""
+    inodes = {os.readlink(f"/proc/{pid}/fd/{fd}")[8:-1] for fd in os.listdir(f"/proc/{pid}/fd")
+              if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:[")}
+
+    def ipv4(word: str) -> str:  # one 32-bit word, printed in host (little-endian) order
+        return ".".join(str(int(word[i:i + 2], 16)) for i in (6, 4, 2, 0))
+
+    found = set()
+    for table in ("tcp", "tcp6"):
+        for row in open(f"/proc/{pid}/net/{table}").read().splitlines()[1:]:
+            fields = row.split()
+            (ip_hex, port_hex), state, inode = fields[1].split(":"), fields[3], fields[9]
+            if state != "0A" or inode not in inodes:  # 0A: LISTEN
+                continue
+            if len(ip_hex) == 8:
+                ip = ipv4(ip_hex)
+            elif ip_hex[:24] == "0000000000000000FFFF0000":
+                ip = ipv4(ip_hex[24:])
+            else:
+                ip = "[::]" if set(ip_hex) == {"0"} else ip_hex
+            found.add(f"{ip}:{int(port_hex, 16)}")
+    return found
+
+
+def test_up_exposes_only_the_orchestrator_and_secures_it(dev_model, pki, tmp_path):
+    """`fluxmesh up --host 0.0.0.0` with TLS and tokens: the orchestrator alone listens on every
+    interface, demanding TLS and a token; the stages listen on loopback only."""
+    from fluxmesh.cli.supervisor import free_port, health_status
+
+    port = free_port()
+    up = subprocess.Popen([sys.executable, "-m", "fluxmesh.cli", "up", "--model", str(dev_model), "--threads", "1",
+                           "--host", "0.0.0.0", "--port", str(port), "--tls-cert", str(pki["server"].cert),
+                           "--tls-key", str(pki["server"].key), "--token-file", str(pki["tokens"])],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        address = f"127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while health_status(address, credentials=_credentials(pki["ca"])) != SERVING:
+            assert up.poll() is None, up.stdout.read()
+            assert time.monotonic() < deadline, "fluxmesh up did not come up"
+            time.sleep(0.5)
+        with Client(address, credentials=_credentials(pki["ca"]), token=PUBLIC_TOKENS[1], timeout=60) as client:
+            assert client.generate(PROMPT, width=64, height=64, steps=1).images[0].size == (64, 64)
+        assert _status(address, "/fluxmesh.v1.Generator/Info", credentials=_credentials(pki["ca"])) \
+            == C.UNAUTHENTICATED
+        assert _status(address, "/fluxmesh.v1.Generator/Info", token=PUBLIC_TOKENS[0]) == C.UNAVAILABLE  # no TLS
+
+        children = [int(p) for p in subprocess.run(["ps", "-o", "pid=", "--ppid", str(up.pid)], capture_output=True,
+                                                   text=True).stdout.split()]
+        listening = {pid: _listening_addresses(pid) for pid in children}
+        assert sorted(map(len, listening.values())) == [1, 1, 1, 1]
+        public = [pid for pid, addresses in listening.items() if addresses & {f"0.0.0.0:{port}", f"[::]:{port}"}]
+        assert len(public) == 1, listening
+        for pid, addresses in listening.items():
+            if pid not in public:
+                assert all(a.startswith("127.0.0.1:") for a in addresses), listening
+    finally:
+        up.terminate()
+        up.wait(timeout=60)
 
 
 # --- the pieces, in-process ------------------------------------------------------------------

@@ -217,10 +217,13 @@ def _stage_flags(device: str, dtype: str, threads: int | None) -> list[str]:
 
 
 @app.command()
+@with_option_groups
 def up(
     model: Model,
     port: Annotated[int, typer.Option(help="Orchestrator port; stages take free ports.")] = 50050,
-    host: Annotated[str, typer.Option(help="Interface for all four processes.")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(help="Interface the orchestrator (the public API) listens on; the stages "
+                                           "always listen on 127.0.0.1, reached by the orchestrator alone.")]
+    = "127.0.0.1",
     device: Device = "auto",
     dtype: Dtype = "auto",
     threads: Threads = None,
@@ -229,17 +232,23 @@ def up(
     lora_dir: LoraDir = None,
     sequential: Sequential = False,
     release_to: ReleaseToOption = ReleaseTo.auto,
+    serving: ServeOptions = ServeOptions(),
 ) -> None:
-    """Start encoder, denoiser, vae and orchestrator locally; stop them all on exit."""
+    """Start encoder, denoiser, vae and orchestrator locally; stop them all on exit.
+
+    The TLS, token and metrics flags apply to the orchestrator, the one process others reach.
+    """
     import time
 
     from fluxmesh.cli.supervisor import start_local
 
+    serving.security()  # a bad TLS or token flag fails here, before four processes start
     _raise_on_sigterm()
     cluster = start_local(model, port=port, host=host,
                           common_args=_stage_flags(device, dtype, threads) + _sequential_stage_flags(sequential, release_to),
                           stage_args=_model_file_flags(transformer_gguf, t5_gguf, lora_dir),
-                          orchestrator_args=_sequential_flags(sequential, release_to))
+                          orchestrator_args=_sequential_flags(sequential, release_to) + serving.as_flags(),
+                          orchestrator_tls=serving.tls_cert is not None)
     with cluster:
         typer.echo(f"fluxmesh up: Generator on {cluster.address} (Ctrl-C to stop)", err=True)
         try:

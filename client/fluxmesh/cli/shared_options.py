@@ -49,6 +49,17 @@ class ServeOptions:
     metrics_port: Annotated[Optional[int], typer.Option(help="Serve Prometheus metrics on this HTTP port (/metrics).",
                                                         rich_help_panel=_PANEL_SERVE)] = None
 
+    def as_flags(self) -> list[str]:
+        """The same options as `fluxmesh serve` flags, for a child process (`fluxmesh up`)."""
+        flags: list[str] = []
+        for field in dataclasses.fields(self):
+            value, flag = getattr(self, field.name), "--" + field.name.replace("_", "-")
+            if value is True:
+                flags.append(flag)
+            elif value not in (None, False):
+                flags += [flag, str(value)]
+        return flags
+
     def security(self) -> ServerSecurity:
         from fluxmesh.rpc.security import ServerSecurity, read_tokens
 

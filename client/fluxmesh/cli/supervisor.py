@@ -12,6 +12,7 @@ import ctypes
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -25,6 +26,14 @@ from fluxmesh.cli.ports import free_port
 log = logging.getLogger(__name__)
 
 STAGES = ("encoder", "denoiser", "vae")
+LOOPBACK = "127.0.0.1"
+
+
+def _reachable(host: str) -> str:
+    """Where this machine reaches a server listening on `host` (a wildcard: over loopback)."""
+    if host in ("0.0.0.0", "", "[::]", "::"):
+        return LOOPBACK if host in ("0.0.0.0", "") else "[::1]"
+    return host
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -51,6 +60,10 @@ class Child:
     name: str
     address: str
     process: subprocess.Popen
+    # A TLS server whose certificate this process cannot verify (fluxmesh up holds the server's
+    # certificate, not necessarily its CA): it counts as up once it accepts connections. Its
+    # health mirrors the stages', which were checked SERVING first.
+    probe_tcp_only: bool = False
 
 
 @dataclass
@@ -64,24 +77,36 @@ class Cluster:
     def address(self) -> str:
         return self.children[-1].address  # the orchestrator is started last
 
-    def start(self, name: str, args: list[str], address: str, env: dict[str, str] | None = None) -> Child:
+    def start(self, name: str, args: list[str], address: str, env: dict[str, str] | None = None, *,
+              probe_tcp_only: bool = False) -> Child:
         command = [sys.executable, "-m", "fluxmesh.cli", *args]
         log.debug("starting %s: %s", name, " ".join(command))
         process = subprocess.Popen(command, preexec_fn=_die_with_parent, env={**os.environ, **(env or {})})
-        child = Child(name, address, process)
+        child = Child(name, address, process, probe_tcp_only)
         self.children.append(child)
         return child
 
     def wait_serving(self, timeout: float = 300.0) -> None:
         deadline = time.monotonic() + timeout
         for child in self.children:
-            while health_status(child.address, credentials=self.health_credentials) != health_pb2.HealthCheckResponse.SERVING:
+            while not self._is_up(child):
                 if child.process.poll() is not None:
                     raise RuntimeError(f"{child.name} exited with code {child.process.returncode} before serving")
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{child.name} at {child.address} not SERVING after {timeout:.0f}s")
                 time.sleep(0.1)
             log.info("%s SERVING on %s", child.name, child.address)
+
+    def _is_up(self, child: Child) -> bool:
+        if child.probe_tcp_only:
+            host, _, port = child.address.rpartition(":")
+            try:
+                socket.create_connection((host.strip("[]"), int(port)), timeout=1.0).close()
+                return True
+            except OSError:
+                return False
+        status = health_status(child.address, credentials=self.health_credentials)
+        return status == health_pb2.HealthCheckResponse.SERVING
 
     def stop(self, grace: float = 10.0) -> None:
         """SIGTERM everyone (orchestrator first), then SIGKILL what is still alive after `grace`."""
@@ -111,22 +136,28 @@ def start_local(
     stage_args: dict[str, list[str]] | None = None,
     common_args: list[str] | None = None,
     orchestrator_args: list[str] | None = None,
+    orchestrator_tls: bool = False,
     timeout: float = 300.0,
 ) -> Cluster:
-    """Start encoder, denoiser, vae and the orchestrator; returns once all are SERVING."""
+    """Start encoder, denoiser, vae and the orchestrator; returns once all are SERVING.
+
+    Only the orchestrator listens on `host`: the stages are this machine's children, reached by
+    the orchestrator alone, so they listen on loopback and are never exposed unauthenticated.
+    """
     cluster = Cluster()
     try:
         addresses = {}
         for stage in STAGES:
-            stage_port = free_port(host)
-            addresses[stage] = f"{host}:{stage_port}"
-            args = ["serve", stage, "--model", model, "--host", host, "--port", str(stage_port)]
+            stage_port = free_port(LOOPBACK)
+            addresses[stage] = f"{LOOPBACK}:{stage_port}"
+            args = ["serve", stage, "--model", model, "--host", LOOPBACK, "--port", str(stage_port)]
             cluster.start(stage, args + (common_args or []) + (stage_args or {}).get(stage, []), addresses[stage])
         cluster.start(
             "orchestrator",
             ["serve", "orchestrator", "--host", host, "--port", str(port),
              *[f"--{stage}={addresses[stage]}" for stage in STAGES], *(orchestrator_args or [])],
-            f"{host}:{port}",
+            f"{_reachable(host)}:{port}",
+            probe_tcp_only=orchestrator_tls,
         )
         cluster.wait_serving(timeout)
     except BaseException:

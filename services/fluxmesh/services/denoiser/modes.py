@@ -29,6 +29,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.utils.torch_utils import randn_tensor
 
 from fluxmesh.rpc.errors import InvalidArgument
+from fluxmesh.services.denoiser.previews import X0Scheduler
 
 __all__ = ["Geometry", "InitImage", "Mode", "VaeConfig", "check_init", "choose_mode", "is_fill_transformer",
            "steps_after_strength"]
@@ -136,9 +137,29 @@ class ImageToImage(Mode):
         return {"generator": generator, "image": image_latents, "strength": self.init.strength}
 
 
+class FluxInpaintShowingOriginal(FluxInpaintPipeline):
+    """FluxInpaintPipeline that hands a previewing scheduler (X0Scheduler) the packed mask and
+    the original's packed latents as the pipeline makes them, so x0 previews show the kept region
+    as the final image will. diffusers blends the original into the latents only at each step's
+    noise level; the estimate itself would show the model's guess there. __call__ is diffusers'."""
+
+    _original_latents: torch.Tensor | None = None
+
+    def prepare_latents(self, *args, **kwargs):
+        latents, noise, original_latents, latent_image_ids = super().prepare_latents(*args, **kwargs)
+        self._original_latents = original_latents
+        return latents, noise, original_latents, latent_image_ids
+
+    def prepare_mask_latents(self, *args, **kwargs):
+        mask, masked_image_latents = super().prepare_mask_latents(*args, **kwargs)
+        if isinstance(self.scheduler, X0Scheduler) and self._original_latents is not None:
+            self.scheduler.keep_original(mask, self._original_latents)
+        return mask, masked_image_latents
+
+
 class Inpaint(Mode):
     name = "inpainting"
-    pipeline_class = FluxInpaintPipeline
+    pipeline_class = FluxInpaintShowingOriginal
 
     def inputs(self, pipe, seed: int, geometry: Geometry) -> dict[str, Any]:
         generator, image, masked = draw_in_pipeline_order(self.init, pipe, seed, geometry)

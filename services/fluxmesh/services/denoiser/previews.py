@@ -27,12 +27,22 @@ class X0Scheduler(FlowMatchEulerDiscreteScheduler):
     """FlowMatchEulerDiscreteScheduler that also keeps the x0 estimate of the step it just took."""
 
     x0: torch.Tensor | None = None
+    # Inpainting: (packed mask, packed original latents). The final image keeps the original
+    # where the mask is 0, so the estimate shown in previews does too.
+    kept: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def keep_original(self, mask: torch.Tensor, original: torch.Tensor) -> None:
+        self.kept = (mask, original)
 
     def step(self, model_output, timestep, sample, *args, **kwargs):
         if self.step_index is None:
             self._init_step_index(timestep)
         sigma = self.sigmas[self.step_index]
-        self.x0 = sample.to(torch.float32) - sigma * model_output
+        x0 = sample.to(torch.float32) - sigma * model_output
+        if self.kept is not None:
+            mask, original = self.kept
+            x0 = (1 - mask) * original + mask * x0
+        self.x0 = x0
         return super().step(model_output, timestep, sample, *args, **kwargs)
 
 

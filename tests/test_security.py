@@ -38,7 +38,8 @@ def pki(tmp_path_factory):
     directory = tmp_path_factory.mktemp("pki")
     ca, rogue = Authority(directory, "fluxmesh"), Authority(directory, "rogue")
     tokens = directory / "public-tokens"
-    tokens.write_text("# accepted tokens, one per line\n" + "\n".join(PUBLIC_TOKENS) + "\n")
+    # the second token may also jump the line further than the orchestrator's default ceiling (10)
+    tokens.write_text(f"# accepted tokens, one per line\n{PUBLIC_TOKENS[0]}\n{PUBLIC_TOKENS[1]} max-priority=50\n")
     stage_token = directory / "stage-token"
     stage_token.write_text(STAGE_TOKEN + "\n")
     return {
@@ -99,6 +100,12 @@ def test_the_cli_takes_the_tls_and_token_flags(secure_mesh, pki, tmp_path):
                           capture_output=True, text=True, timeout=120, env={**os.environ, "MY_TOKEN": PUBLIC_TOKENS[0]})
     assert done.returncode == 0, done.stderr
     assert out.stat().st_size > 0
+    over = subprocess.run([sys.executable, "-m", "fluxmesh.cli", "generate", "--address",
+                           secure_mesh.address("orchestrator"), "-p", PROMPT, "--width", "64", "--height", "64",
+                           "--steps", "1", "--tls-ca", str(pki["ca"]), "--token-env", "MY_TOKEN", "--priority", "11",
+                           "-o", str(tmp_path / "never.png")],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "MY_TOKEN": PUBLIC_TOKENS[0]})
+    assert over.returncode == 2 and "priority: 11 is above 10" in over.stderr, over.stderr
     health = subprocess.run([sys.executable, "-m", "fluxmesh.cli", "health", secure_mesh.address("orchestrator"),
                              "--tls-ca", str(pki["ca"])], capture_output=True, text=True, timeout=60)
     assert health.stdout.strip() == "SERVING"  # health checks need TLS but no token
@@ -123,6 +130,22 @@ def test_a_missing_or_wrong_token_is_unauthenticated(secure_mesh, pki, token):
     # nothing was parsed or run for it, and the server still serves the right token
     assert _status(address, "/fluxmesh.v1.Generator/Info", credentials=_credentials(pki["ca"]),
                    token=PUBLIC_TOKENS[0]) == C.OK
+
+
+@pytest.mark.parametrize("token,priority,allowed", [
+    (PUBLIC_TOKENS[0], 10, True), (PUBLIC_TOKENS[0], 11, False), (PUBLIC_TOKENS[0], -100, True),
+    (PUBLIC_TOKENS[1], 50, True), (PUBLIC_TOKENS[1], 51, False),
+])
+def test_priority_is_capped_per_token(secure_mesh, pki, token, priority, allowed):
+    with Client(secure_mesh.address("orchestrator"), credentials=_credentials(pki["ca"]), token=token,
+                timeout=60) as client:
+        if allowed:
+            assert client.generate(PROMPT, width=64, height=64, steps=1, priority=priority).image.size == (64, 64)
+            return
+        with pytest.raises(FluxmeshError) as caught:
+            client.generate(PROMPT, width=64, height=64, steps=1, priority=priority)
+    assert caught.value.code == C.PERMISSION_DENIED
+    assert caught.value.message.startswith(f"priority: {priority} is above {50 if token == PUBLIC_TOKENS[1] else 10}")
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -215,6 +238,19 @@ def test_tokens_compare_in_constant_time_against_every_accepted_token(monkeypatc
     assert token_matches("b", ["a", "b", "c"])
     assert len(compared) == 3  # no early exit on the match: timing does not tell which one matched
     assert not token_matches(None, ["a"]) and not token_matches("", ["a"]) and not token_matches("ab", ["a"])
+
+
+def test_token_files_grant_priorities_and_refuse_anything_else(tmp_path):
+    from fluxmesh.rpc.security import read_priority_grants
+
+    file = tmp_path / "tokens"
+    file.write_text("plain\nboss max-priority=100\nbatch max-priority=-5\n")
+    assert read_tokens(file=file) == ("plain", "boss", "batch")
+    assert read_priority_grants(file) == {"boss": 100, "batch": -5}
+    for bad in ("tok admin\n", "tok max-priority=high\n", "tok max-priority\n"):
+        file.write_text(bad)
+        with pytest.raises(SecurityConfigError, match="is not max-priority=<integer>"):
+            read_tokens(file=file)
 
 
 def test_token_sources(tmp_path, monkeypatch):

@@ -15,6 +15,7 @@ from typing import Annotated, Optional
 import typer
 
 from fluxmesh.cli.shared_options import ClientOptions, ServeOptions, StageClientOptions, with_option_groups
+from fluxmesh.orchestrator.priorities import DEFAULT_MAX_PRIORITY
 
 app = typer.Typer(help="FLUX.1 image generation served as gRPC microservices.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -192,6 +193,9 @@ def serve_orchestrator(
     max_request_mib: Annotated[Optional[int], typer.Option(help="Largest request message accepted (MiB); larger "
                                                                 "is RESOURCE_EXHAUSTED. Default: room for a "
                                                                 "32 MiB init image and mask (65).")] = None,
+    max_priority: Annotated[int, typer.Option(
+        help="Highest request priority a caller may use (lower is always allowed); a token file line "
+             "'TOKEN max-priority=N' gives that token its own.")] = DEFAULT_MAX_PRIORITY,
     serving: ServeOptions = ServeOptions(),
     stage_connections: StageClientOptions = StageClientOptions(),
 ) -> None:
@@ -205,7 +209,7 @@ def serve_orchestrator(
                                   max_active=max_active, max_queue=max_queue, security=serving.security(),
                                   stage_security=stage_connections.security(), metrics_port=serving.metrics_port,
                                   request_timeout=request_timeout or None, sequential=sequential,
-                                  release_to=release_to.value,
+                                  release_to=release_to.value, priorities=serving.priority_policy(max_priority),
                                   **({"max_request_bytes": max_request_mib * 2**20} if max_request_mib else {}))
     with _start_errors_as_messages("orchestrator"):
         run(options)
@@ -322,6 +326,8 @@ def generate(
     preview_every: Annotated[int, typer.Option(help="A preview every N steps.")] = 1,
     preview_dir: Annotated[Optional[Path], typer.Option(help="Where previews go (default: OUTPUT's name + "
                                                              "'-previews').")] = None,
+    priority: Annotated[int, typer.Option(help="Place in line: higher runs first (up to what the server "
+                                               "allows this caller), lower lets others go first.")] = 0,
     connection: ClientOptions = ClientOptions(),
 ) -> None:
     """Generate image(s) through a running orchestrator, with a per-step progress bar."""
@@ -337,7 +343,8 @@ def generate(
                                           guidance=guidance, seed=seed, num_images=num_images,
                                           loras=[parse_lora(text) for text in lora or []],
                                           init_image=init_image, mask_image=mask, strength=strength,
-                                          preview=preview.value if preview else None, preview_every=preview_every),
+                                          preview=preview.value if preview else None, preview_every=preview_every,
+                                          priority=priority),
                             previews=writer)
     except FluxmeshError as error:
         typer.echo(f"error: {error}", err=True)

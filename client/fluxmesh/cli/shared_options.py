@@ -20,6 +20,7 @@ from typing import Annotated, Optional
 import typer
 
 if typing.TYPE_CHECKING:
+    from fluxmesh.orchestrator.priorities import PriorityPolicy
     from fluxmesh.rpc.security import ClientSecurity, ServerSecurity
 
 _PANEL_SERVE = "Security and metrics"
@@ -59,6 +60,13 @@ class ServeOptions:
             elif value not in (None, False):
                 flags += [flag, str(value)]
         return flags
+
+    def priority_policy(self, max_priority: int) -> PriorityPolicy:
+        """The orchestrator's priority ceilings: `max_priority`, and the token file's grants."""
+        from fluxmesh.orchestrator.priorities import PriorityPolicy
+        from fluxmesh.rpc.security import read_priority_grants
+
+        return PriorityPolicy(max_priority, read_priority_grants(self.token_file) if self.token_file else {})
 
     def security(self) -> ServerSecurity:
         from fluxmesh.rpc.security import ServerSecurity, read_tokens

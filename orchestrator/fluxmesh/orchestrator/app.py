@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from fluxmesh.orchestrator.admission import AdmissionQueue
 from fluxmesh.orchestrator.generator import GeneratorServicer, Stages
 from fluxmesh.orchestrator.monitor import StageMonitor
+from fluxmesh.orchestrator.priorities import PriorityPolicy
 from fluxmesh.orchestrator.sequential import SEQUENTIAL_MAX_ACTIVE, SequentialPlacement
 from fluxmesh.orchestrator.stages import DenoiserClient, EncoderClient, VaeClient
 from fluxmesh.orchestrator.metrics import watch_queue
@@ -39,6 +40,7 @@ class OrchestratorOptions:
     # much smaller limit than the stages' makes an oversized request cheap to refuse.
     max_request_bytes: int = MAX_REQUEST_BYTES
     request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT  # for requests without a deadline
+    priorities: PriorityPolicy = PriorityPolicy()  # how high each caller may set `priority`
 
 
 def build_server(options: OrchestratorOptions) -> tuple[Server, StageMonitor]:
@@ -49,7 +51,8 @@ def build_server(options: OrchestratorOptions) -> tuple[Server, StageMonitor]:
     max_active = options.max_active or (SEQUENTIAL_MAX_ACTIVE if options.sequential else 2)
     queue = AdmissionQueue(max_active=max_active, max_waiting=options.max_queue)
     watch_queue(queue)
-    servicer = GeneratorServicer(stages, queue, placement, request_timeout=options.request_timeout)
+    servicer = GeneratorServicer(stages, queue, placement, request_timeout=options.request_timeout,
+                                 priorities=options.priorities)
     service = Service("fluxmesh.v1.Generator", servicer, generator_pb2_grpc.add_GeneratorServicer_to_server)
     server = Server([service], address=options.address, security=options.security,
                     max_receive_bytes=options.max_request_bytes, metrics_port=options.metrics_port)

@@ -11,12 +11,14 @@ from contextlib import aclosing
 import grpc
 
 from fluxmesh.rpc import request_ids
+from fluxmesh.rpc.security import presented_token
 from fluxmesh.orchestrator import deadlines
 from fluxmesh.orchestrator.admission import AdmissionQueue
 from fluxmesh.orchestrator.editing import encode_init
 from fluxmesh.orchestrator.previews import VaePreviews, preview_options, step_events
 from fluxmesh.orchestrator.metrics import record_result
 from fluxmesh.orchestrator.placement import ResidentPlacement, SwapCost
+from fluxmesh.orchestrator.priorities import PriorityPolicy
 from fluxmesh.orchestrator.request import GenerateParams, ModelFacts, check_request
 from fluxmesh.orchestrator.stages import DenoiserClient, EncoderClient, VaeClient
 from fluxmesh.v1 import (
@@ -45,9 +47,10 @@ class Stages:
 
 class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
     def __init__(self, stages: Stages, queue: AdmissionQueue, placement=None, *,
-                 request_timeout: float | None = None):
+                 request_timeout: float | None = None, priorities: PriorityPolicy | None = None):
         self.stages = stages
         self.queue = queue
+        self.priorities = priorities or PriorityPolicy()
         self.request_timeout = request_timeout  # deadline for requests that come without one
         self.placement = placement or ResidentPlacement()
         self._facts: ModelFacts | None = None
@@ -71,6 +74,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
         deadlines.start(context, self.request_timeout)
         started = time.perf_counter()
         params = check_request(request, await self.model_facts(_time_left(context)))
+        self.priorities.check(request.priority, presented_token(context.invocation_metadata()))
 
         def event(**kwargs) -> generator_pb2.GenerateEvent:
             return generator_pb2.GenerateEvent(request_id=request_id, **kwargs)

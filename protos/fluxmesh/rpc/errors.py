@@ -18,6 +18,7 @@ __all__ = [
     "FailedPrecondition",
     "Unauthenticated",
     "Cancelled",
+    "PermissionDenied",
 ]
 
 
@@ -40,6 +41,16 @@ class InvalidArgument(FluxmeshError, ValueError):
     """A request field is wrong; the message starts with the field's name and shows the value."""
 
     code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+
+
+class PermissionDenied(FluxmeshError):
+    """An authenticated caller asked for more than it may; the message starts with the field."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
 
     def __init__(self, field: str, reason: str):
         super().__init__(f"{field}: {reason}")

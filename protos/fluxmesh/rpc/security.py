@@ -31,6 +31,8 @@ __all__ = [
     "TokenAuthInterceptor",
     "read_token",
     "read_tokens",
+    "read_priority_grants",
+    "presented_token",
     "SecurityConfigError",
 ]
 
@@ -50,15 +52,28 @@ def _read(path: Path | str, what: str) -> bytes:
         raise SecurityConfigError(f"{what} {path}: {error.strerror or error}") from None
 
 
+MAX_PRIORITY_GRANT = "max-priority"  # `TOKEN max-priority=N` in a token file
+
+
+def _token_lines(file: Path | str) -> list[list[str]]:
+    """A token file's lines as fields: `TOKEN [max-priority=N]`; blank lines and # comments skipped."""
+    lines = _read(file, "token file").decode("utf-8").splitlines()
+    found = [line.split() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not found:
+        raise SecurityConfigError(f"token file {file} holds no token")
+    for fields in found:
+        for extra in fields[1:]:
+            name, _, value = extra.partition("=")
+            if name != MAX_PRIORITY_GRANT or not value.lstrip("-").isdigit():
+                raise SecurityConfigError(f"token file {file}: {extra!r} is not {MAX_PRIORITY_GRANT}=<integer>")
+    return found
+
+
 def read_tokens(*, file: Path | str | None = None, env: str | None = None) -> tuple[str, ...]:
     """Accepted tokens from a file (one per line: several allow rotation) and/or an env variable."""
     tokens: list[str] = []
     if file is not None:
-        lines = _read(file, "token file").decode("utf-8").splitlines()
-        found = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-        if not found:
-            raise SecurityConfigError(f"token file {file} holds no token")
-        tokens += found
+        tokens += [fields[0] for fields in _token_lines(file)]
     if env is not None:
         value = os.environ.get(env, "").strip()
         if not value:
@@ -68,6 +83,16 @@ def read_tokens(*, file: Path | str | None = None, env: str | None = None) -> tu
         if any(c.isspace() for c in token) or not token.isprintable():
             raise SecurityConfigError("a token must be printable and contain no whitespace")
     return tuple(tokens)
+
+
+def read_priority_grants(file: Path | str) -> dict[str, int]:
+    """{token: the highest request priority it may use} from a token file's `max-priority=N` fields."""
+    return {fields[0]: int(extra.partition("=")[2]) for fields in _token_lines(file) for extra in fields[1:]}
+
+
+def presented_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
+    """The bearer token in a call's metadata, if any (the caller's identity, once authenticated)."""
+    return _presented_token(metadata)
 
 
 def read_token(*, file: Path | str | None = None, env: str | None = None) -> str | None:

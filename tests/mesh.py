@@ -7,7 +7,6 @@ The session clusters in conftest.py are shared and must never be broken; destruc
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -17,7 +16,8 @@ from pathlib import Path
 import grpc
 
 from conftest import STAGE_FLAGS
-from fluxmesh.cli.supervisor import STAGES, Child, Cluster, _die_with_parent, free_port, health_status
+from fluxmesh.cli.lifeline import child_environment
+from fluxmesh.cli.supervisor import STAGES, Child, Cluster, free_port, health_status
 
 SERVING, NOT_SERVING = 1, 2
 
@@ -49,8 +49,7 @@ class Mesh:
         """Start (or restart, on the same port) one process, its output appended to its log."""
         log = open(self.logs / f"{name}.log", "ab")
         process = subprocess.Popen([sys.executable, "-m", "fluxmesh.cli", *self.args(name)], stdout=log,
-                                   stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
-                                   env={**os.environ, **self.env})
+                                   stderr=subprocess.STDOUT, env=child_environment(self.env))
         log.close()  # the child holds its own descriptor
         child = Child(name, self.address(name), process)
         self.cluster.children.append(child)

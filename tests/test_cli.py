@@ -114,6 +114,19 @@ def test_children_die_with_a_killed_parent(dev_model):
     assert not any(_alive(pid) for pid in children)
 
 
+def test_a_child_whose_parent_is_already_gone_stops_itself():
+    """The parent may die before its child sets PR_SET_PDEATHSIG: the child notices that the
+    parent it was given is not its parent and stops (lifeline.py)."""
+    from fluxmesh.cli.lifeline import PARENT_PID_ENV
+
+    gone = subprocess.run([*FLUXMESH, "health", "127.0.0.1:9", "--timeout", "0.1"], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, PARENT_PID_ENV: "1"})  # not our parent
+    assert gone.returncode == -signal.SIGTERM
+    ours = subprocess.run([*FLUXMESH, "health", "127.0.0.1:9", "--timeout", "0.1"], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, PARENT_PID_ENV: str(os.getpid())})
+    assert ours.returncode == 1, ours.stderr  # ran to its end: nothing listens on port 9
+
+
 def test_tiny_model_is_deterministic(tmp_path):
     import hashlib
 

@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from fluxmesh.cli.lifeline import die_with_parent_if_asked
 from fluxmesh.cli.shared_options import ClientOptions, ServeOptions, StageClientOptions, with_option_groups
 from fluxmesh.orchestrator.priorities import DEFAULT_MAX_PRIORITY
 
@@ -54,6 +55,7 @@ class ReleaseTo(str, Enum):
 
 @app.callback()
 def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+    die_with_parent_if_asked()  # before anything slow: `fluxmesh up` may be gone already
     # Logging first, before heavy imports, so a failing torch/diffusers import is logged.
     from fluxmesh.rpc.request_ids import install_log_field
 

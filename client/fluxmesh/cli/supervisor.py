@@ -3,14 +3,12 @@
 `fluxmesh up` and `fluxmesh demo` use it: start encoder, denoiser and vae on free loopback
 ports, then the orchestrator pointed at them, wait until each reports SERVING on
 grpc.health.v1, and stop them all on exit, Ctrl-C or SIGTERM. Children also get
-PR_SET_PDEATHSIG on Linux so they die with a parent killed by SIGKILL: no orphans.
+PR_SET_PDEATHSIG on Linux (lifeline.py) so they die with a parent killed by SIGKILL: no orphans.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import os
 import signal
 import socket
 import subprocess
@@ -21,6 +19,7 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from fluxmesh.cli.lifeline import child_environment
 from fluxmesh.cli.ports import free_port
 
 log = logging.getLogger(__name__)
@@ -34,11 +33,6 @@ def _reachable(host: str) -> str:
     if host in ("0.0.0.0", "", "[::]", "::"):
         return LOOPBACK if host in ("0.0.0.0", "") else "[::1]"
     return host
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def health_status(address: str, service: str = "", timeout: float = 2.0,
@@ -81,7 +75,7 @@ class Cluster:
               probe_tcp_only: bool = False) -> Child:
         command = [sys.executable, "-m", "fluxmesh.cli", *args]
         log.debug("starting %s: %s", name, " ".join(command))
-        process = subprocess.Popen(command, preexec_fn=_die_with_parent, env={**os.environ, **(env or {})})
+        process = subprocess.Popen(command, env=child_environment(env))  # no preexec_fn: see lifeline.py
         child = Child(name, address, process, probe_tcp_only)
         self.children.append(child)
         return child

@@ -134,7 +134,7 @@ def test_a_full_queue_is_refused_at_once_while_accepted_requests_complete(small_
         refused_in = time.monotonic() - started
     assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "queue full" in caught.value.message
-    assert refused_in < 1.0  # at once, not after the queue drained
+    assert refused_in < 2.0  # at once (connection included, on a busy machine), not after the line drained
     for thread in threads:
         thread.join(120)
     assert all(isinstance(outcomes[name], Result) for name in ("running", "low", "high")), outcomes

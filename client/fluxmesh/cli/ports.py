@@ -18,6 +18,7 @@ _FALLBACK_EPHEMERAL_START = 32768  # Linux's default start of ip_local_port_rang
 _LOWEST = 10000  # stay clear of well-known and commonly configured service ports
 _handed_out: set[int] = set()
 _lock = threading.Lock()
+_random = random.SystemRandom()  # not the global generator: a test that seeds it must not pin our ports
 
 
 def _ephemeral_start() -> int:
@@ -44,7 +45,7 @@ def free_port(host: str = "127.0.0.1") -> int:
     with _lock:
         if top - _LOWEST >= 1000:
             for _ in range(200):
-                port = random.randrange(_LOWEST, top)
+                port = _random.randrange(_LOWEST, top)
                 if port not in _handed_out and _bindable(host, port):
                     _handed_out.add(port)
                     return port

@@ -13,8 +13,10 @@ PROMPT = "a photo of a cat sitting on a windowsill"
 
 
 def reference_images(folder: Path, *, prompt: str = PROMPT, width: int, height: int, steps: int, guidance: float,
-                     seed: int, num_images: int = 1, max_sequence_length: int | None = None) -> list[Image.Image]:
-    """What diffusers.FluxPipeline makes of the same folder and inputs: the correctness oracle."""
+                     seed: int, num_images: int = 1, max_sequence_length: int | None = None,
+                     **pipeline_kwargs) -> list[Image.Image]:
+    """What diffusers.FluxPipeline makes of the same folder and inputs: the correctness oracle.
+    `pipeline_kwargs` go to the call as they are (e.g. negative_prompt, true_cfg_scale)."""
     import torch
 
     pipe = _pipeline(str(folder))
@@ -24,6 +26,7 @@ def reference_images(folder: Path, *, prompt: str = PROMPT, width: int, height: 
     return pipe(
         prompt, width=width, height=height, num_inference_steps=steps, guidance_scale=guidance,
         num_images_per_prompt=num_images, generator=torch.Generator("cpu").manual_seed(seed), **kwargs,
+        **pipeline_kwargs,
     ).images
 
 
@@ -61,7 +64,7 @@ def init_and_mask(width: int = 112, height: int = 80, seed: int = 0) -> tuple[Im
 
 def edit_reference_images(folder: Path, *, init: Image.Image, mask: Image.Image | None = None, strength: float,
                           width: int, height: int, steps: int, guidance: float, seed: int, num_images: int = 1,
-                          prompt: str = PROMPT) -> list[Image.Image]:
+                          prompt: str = PROMPT, **pipeline_kwargs) -> list[Image.Image]:
     """What diffusers' FluxImg2ImgPipeline (no mask), FluxInpaintPipeline (mask) or, for a Fill
     model folder, FluxFillPipeline makes of the same inputs: the oracle for image editing."""
     import torch
@@ -73,7 +76,7 @@ def edit_reference_images(folder: Path, *, init: Image.Image, mask: Image.Image 
     return pipe(
         prompt, image=init, strength=strength, width=width, height=height, num_inference_steps=steps,
         guidance_scale=guidance, num_images_per_prompt=num_images, generator=torch.Generator("cpu").manual_seed(seed),
-        **extra,
+        **extra, **pipeline_kwargs,
     ).images
 
 

@@ -74,6 +74,21 @@ def test_generate_reports_bad_input_and_exits_nonzero(up_process):
     done = run("generate", "--address", address, "-p", "a fox", "--width", "70")
     assert done.returncode == 2
     assert "INVALID_ARGUMENT: width: 70" in done.stderr
+    half = run("generate", "--address", address, "-p", "a fox", "--negative-prompt", "blurry")
+    assert half.returncode == 2
+    assert "true_cfg_scale: a negative prompt takes effect only with true_cfg_scale > 1" in half.stderr
+
+
+def test_generate_takes_true_cfg_flags(up_process, tmp_path):
+    _, address = up_process
+    out = tmp_path / "cfg.png"
+    done = run("generate", "--address", address, "-p", "a fox", "--width", "64", "--height", "64", "--steps", "2",
+               "--seed", "3", "--negative-prompt", "blurry", "--true-cfg-scale", "4", "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    plain = tmp_path / "plain.png"
+    assert run("generate", "--address", address, "-p", "a fox", "--width", "64", "--height", "64", "--steps", "2",
+               "--seed", "3", "-o", str(plain)).returncode == 0
+    assert max_abs_diff(png_image(out.read_bytes()), png_image(plain.read_bytes())) > 1
 
 
 def test_health_command(up_process):

@@ -226,3 +226,14 @@ def test_cli_generate_inpaints_and_writes_previews(dev_cluster, dev_model, tmp_p
     bad = subprocess.run([*command[:-2], "--strength", "2", "-o", str(tmp_path / "bad.png")], capture_output=True,
                          text=True, timeout=60)
     assert bad.returncode == 2 and "strength:" in bad.stderr and not (tmp_path / "bad.png").exists()
+
+
+def test_a_fill_model_refuses_true_cfg(fill_cluster):
+    """FluxFillPipeline has no true CFG: said before any stage runs, not ignored."""
+    init, mask = init_and_mask(seed=3)
+    with Client(fill_cluster.address, timeout=60) as client:
+        with pytest.raises(FluxmeshError) as caught:
+            client.generate(PROMPT, width=64, height=64, steps=2, init_image=init, mask_image=mask,
+                            negative_prompt="blurry", true_cfg_scale=2.0)
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.message.startswith("true_cfg_scale: FLUX.1-Fill")

@@ -330,6 +330,11 @@ def generate(
                                                              "'-previews').")] = None,
     priority: Annotated[int, typer.Option(help="Place in line: higher runs first (up to what the server "
                                                "allows this caller), lower lets others go first.")] = 0,
+    negative_prompt: Annotated[Optional[str], typer.Option(help="True CFG: what to steer away from (may be "
+                                                                "''); needs --true-cfg-scale > 1.")] = None,
+    true_cfg_scale: Annotated[Optional[float], typer.Option(help="True CFG scale, as FluxPipeline's (1: off; "
+                                                                 "> 1 runs the negative prompt too, twice the "
+                                                                 "cost per step).")] = None,
     connection: ClientOptions = ClientOptions(),
 ) -> None:
     """Generate image(s) through a running orchestrator, with a per-step progress bar."""
@@ -346,7 +351,8 @@ def generate(
                                           loras=[parse_lora(text) for text in lora or []],
                                           init_image=init_image, mask_image=mask, strength=strength,
                                           preview=preview.value if preview else None, preview_every=preview_every,
-                                          priority=priority),
+                                          priority=priority, negative_prompt=negative_prompt,
+                                          true_cfg_scale=true_cfg_scale),
                             previews=writer)
     except FluxmeshError as error:
         typer.echo(f"error: {error}", err=True)

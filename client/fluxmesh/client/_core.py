@@ -38,6 +38,9 @@ def build_request(
     preview: str | None = None,
     preview_every: int = 0,
     priority: int = 0,  # higher runs first when requests wait in line
+    negative_prompt: str | None = None,  # true CFG (with true_cfg_scale > 1); "" is a valid negative prompt
+    negative_prompt_2: str = "",
+    true_cfg_scale: float | None = None,
 ) -> generator_pb2.GenerateRequest:
     request = generator_pb2.GenerateRequest(
         prompt=prompt,
@@ -61,6 +64,11 @@ def build_request(
         request.mask_image = image_bytes(mask_image)
     if strength is not None:
         request.strength = strength
+    if negative_prompt is not None:
+        request.negative_prompt = negative_prompt
+    request.negative_prompt_2 = negative_prompt_2
+    if true_cfg_scale is not None:
+        request.true_cfg_scale = true_cfg_scale
     if preview is not None:
         if preview not in PREVIEW_KINDS:
             raise ValueError(f"preview: {preview!r}; expected one of {sorted(PREVIEW_KINDS)}")

@@ -89,8 +89,8 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
             swaps = SwapCost()
             yield event(stage_started=generator_pb2.StageStarted(stage=ENCODE))
             t0 = time.perf_counter()
-            embeddings, init = await _both(  # prompt and init image on their own stages, at once
-                self._encode_prompt(params, swaps, context),
+            (embeddings, negative), init = await _both(  # prompt and init image on their own stages, at once
+                self._encode_prompts(params, swaps, context),
                 encode_init(self.stages.vae, self.placement, swaps, params.edit, width=params.width,
                             height=params.height, timeout=_time_left(context)),
             )
@@ -100,7 +100,8 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
             yield event(stage_started=generator_pb2.StageStarted(stage=DENOISE))
             t0 = time.perf_counter()
             latents = None
-            denoise_request, previews, preview_warning = await self._denoise_plan(params, embeddings, init, context)
+            denoise_request, previews, preview_warning = await self._denoise_plan(params, embeddings, negative, init,
+                                                                                  context)
             async with self.placement.use("denoiser", swaps):
                 denoising = self.stages.denoiser.denoise(denoise_request, _time_left(context))
                 # Closed on the spot when the caller goes away: that cancels the Denoise call, so
@@ -136,7 +137,8 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
                     height=params.height,
                     steps=params.steps,
                     guidance=params.guidance,
-                    warnings=_truncation_warnings(embeddings, params) + ([preview_warning] if preview_warning else []),
+                    warnings=_truncation_warnings(embeddings, "prompt") + _truncation_warnings(negative, "negative prompt")
+                    + ([preview_warning] if preview_warning else []),
                 )
             )
             record_result(timings, params.steps)
@@ -144,17 +146,23 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
         finally:
             await self.queue.leave(ticket)
 
-    async def _encode_prompt(self, params: GenerateParams, swaps: SwapCost, context) -> encoder_pb2.EncodeResponse:
+    async def _encode_prompts(self, params: GenerateParams, swaps: SwapCost, context):
+        """The prompt's embeddings, and the negative prompt's (or None) for true CFG: two calls, as
+        diffusers encodes them apart (one batch could differ from it in the last bits)."""
         async with self.placement.use("encoder", swaps):
-            return await self.stages.encoder.encode(_encode_request(params), _time_left(context))
+            positive = self.stages.encoder.encode(_encode_request(params), _time_left(context))
+            if params.true_cfg is None:
+                return await positive, None
+            negative = self.stages.encoder.encode(_encode_request(params, negative=True), _time_left(context))
+            return tuple(await _both(positive, negative))
 
-    async def _denoise_plan(self, params: GenerateParams, embeddings, init, context):
+    async def _denoise_plan(self, params: GenerateParams, embeddings, negative, init, context):
         """The denoise request (with the init image and preview options, if any), the vae preview
         relay when vae previews run, and a warning when the kind asked for cannot be had."""
         preview, warning = preview_options(
             params.preview, vae_alongside_denoiser=isinstance(self.placement, ResidentPlacement),
             latent_rgb=await self._latent_rgb_map(params, context))
-        request = _denoise_request(params, embeddings)
+        request = _denoise_request(params, embeddings, negative)
         if init is not None:
             request.init.CopyFrom(init)
         if preview is not None:
@@ -211,25 +219,28 @@ def _time_left(context: grpc.aio.ServicerContext) -> float | None:
     return deadlines.time_left(context)
 
 
-def _truncation_warnings(embeddings: encoder_pb2.EncodeResponse, params: GenerateParams) -> list[str]:
-    dropped = max(embeddings.truncated_tokens, default=0)
+def _truncation_warnings(embeddings: encoder_pb2.EncodeResponse | None, what: str) -> list[str]:
+    dropped = max(embeddings.truncated_tokens, default=0) if embeddings is not None else 0
     if not dropped:
         return []
     length = embeddings.prompt_embeds.shape[1]
-    return [f"prompt truncated: {dropped} T5 tokens beyond max_sequence_length {length} were dropped"]
+    return [f"{what} truncated: {dropped} T5 tokens beyond max_sequence_length {length} were dropped"]
 
 
-def _encode_request(params: GenerateParams) -> encoder_pb2.EncodeRequest:
+def _encode_request(params: GenerateParams, *, negative: bool = False) -> encoder_pb2.EncodeRequest:
+    prompt, prompt_2 = ((params.true_cfg.negative_prompt, params.true_cfg.negative_prompt_2) if negative
+                        else (params.prompt, params.prompt_2))
     return encoder_pb2.EncodeRequest(
-        prompts=[params.prompt],
-        prompts_2=[params.prompt_2] if params.prompt_2 else [],
+        prompts=[prompt],
+        prompts_2=[prompt_2] if prompt_2 else [],
         max_sequence_length=params.max_sequence_length,
         loras=_loras_pb(params),
     )
 
 
-def _denoise_request(params: GenerateParams, embeddings: encoder_pb2.EncodeResponse) -> denoiser_pb2.DenoiseRequest:
-    return denoiser_pb2.DenoiseRequest(
+def _denoise_request(params: GenerateParams, embeddings: encoder_pb2.EncodeResponse,
+                     negative: encoder_pb2.EncodeResponse | None) -> denoiser_pb2.DenoiseRequest:
+    request = denoiser_pb2.DenoiseRequest(
         prompt_embeds=embeddings.prompt_embeds,
         pooled_prompt_embeds=embeddings.pooled_prompt_embeds,
         width=params.width,
@@ -240,6 +251,11 @@ def _denoise_request(params: GenerateParams, embeddings: encoder_pb2.EncodeRespo
         num_images=params.num_images,
         loras=_loras_pb(params),
     )
+    if negative is not None:
+        request.negative_prompt_embeds.CopyFrom(negative.prompt_embeds)
+        request.negative_pooled_prompt_embeds.CopyFrom(negative.pooled_prompt_embeds)
+        request.true_cfg_scale = params.true_cfg.scale
+    return request
 
 
 def _loras_pb(params: GenerateParams) -> list[common_pb2.LoraWeight]:

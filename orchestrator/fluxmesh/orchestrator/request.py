@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from fluxmesh.orchestrator.editing import EditParams, PreviewParams, check_edit, check_preview, check_steps
 from fluxmesh.rpc.errors import InvalidArgument
 from fluxmesh.v1 import generator_pb2
-from fluxmesh.rpc.limits import MAX_IMAGES, MAX_LORA_WEIGHT, MAX_PROMPT_CHARS, MAX_SIDE, MAX_STEPS, MIN_SIDE
+from fluxmesh.rpc.limits import (MAX_IMAGES, MAX_LORA_WEIGHT, MAX_PROMPT_CHARS, MAX_SIDE, MAX_STEPS,
+                                 MAX_TRUE_CFG_SCALE, MIN_SIDE)
 
 DEFAULT_SIDE = 1024
 DEFAULT_GUIDANCE = 3.5
@@ -26,6 +27,15 @@ class ModelFacts:
 
 
 @dataclass(frozen=True)
+class TrueCfg:
+    """FluxPipeline's true classifier-free guidance: the negative prompt runs at every step too."""
+
+    negative_prompt: str
+    negative_prompt_2: str
+    scale: float
+
+
+@dataclass(frozen=True)
 class GenerateParams:
     prompt: str
     prompt_2: str
@@ -39,6 +49,7 @@ class GenerateParams:
     loras: tuple[tuple[str, float], ...] = ()
     edit: EditParams | None = None  # image to image / inpainting / Fill
     preview: PreviewParams | None = None
+    true_cfg: TrueCfg | None = None
 
 
 def check_request(request: generator_pb2.GenerateRequest, model: ModelFacts) -> GenerateParams:
@@ -73,6 +84,7 @@ def check_request(request: generator_pb2.GenerateRequest, model: ModelFacts) -> 
         raise InvalidArgument("max_sequence_length", f"{request.max_sequence_length} is outside [0, 512]")
     seed = request.seed if request.HasField("seed") else secrets.randbits(63)
     loras = check_loras(request.loras)
+    true_cfg = check_true_cfg(request, fill_model=model.fill)
     return GenerateParams(
         prompt=request.prompt,
         prompt_2=request.prompt_2,
@@ -86,7 +98,31 @@ def check_request(request: generator_pb2.GenerateRequest, model: ModelFacts) -> 
         loras=loras,
         edit=edit,
         preview=preview,
+        true_cfg=true_cfg,
     )
+
+
+def check_true_cfg(request: generator_pb2.GenerateRequest, *, fill_model: bool) -> TrueCfg | None:
+    """A negative prompt and a scale > 1 go together: diffusers silently ignores either one alone,
+    here it is an error naming the field that is missing."""
+    for field in ("negative_prompt", "negative_prompt_2"):
+        if len(getattr(request, field)) > MAX_PROMPT_CHARS:
+            raise InvalidArgument(field, f"{len(getattr(request, field))} characters; the limit is {MAX_PROMPT_CHARS}")
+    has_negative = request.HasField("negative_prompt")
+    scale = request.true_cfg_scale if request.HasField("true_cfg_scale") else 1.0
+    if not math.isfinite(scale) or not 1.0 <= scale <= MAX_TRUE_CFG_SCALE:
+        raise InvalidArgument("true_cfg_scale", f"{scale} must be finite within [1, {MAX_TRUE_CFG_SCALE:g}]")
+    if request.negative_prompt_2 and not has_negative:
+        raise InvalidArgument("negative_prompt_2", "needs negative_prompt as well")
+    if has_negative and scale == 1.0:
+        raise InvalidArgument("true_cfg_scale", "a negative prompt takes effect only with true_cfg_scale > 1")
+    if scale > 1.0 and not has_negative:
+        raise InvalidArgument("negative_prompt", f"true_cfg_scale {scale:g} needs a negative prompt (it may be empty)")
+    if not has_negative:
+        return None
+    if fill_model:
+        raise InvalidArgument("true_cfg_scale", "FLUX.1-Fill models have no true CFG (FluxFillPipeline)")
+    return TrueCfg(request.negative_prompt, request.negative_prompt_2, scale)
 
 
 def check_loras(loras) -> tuple[tuple[str, float], ...]:

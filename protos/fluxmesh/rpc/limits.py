@@ -9,3 +9,4 @@ MAX_PROMPTS = 8  # one encoder batch: as many as the denoiser takes
 MAX_PROMPT_CHARS = 20_000
 MAX_SEQUENCE_LENGTH = 512  # T5 tokens
 MAX_LORA_WEIGHT = 4.0
+MAX_TRUE_CFG_SCALE = 30.0  # FluxPipeline's true_cfg_scale; 1 is off

@@ -27,7 +27,7 @@ from fluxmesh.services.denoiser.modes import (Geometry, InitImage, VaeConfig, ch
 from fluxmesh.services.denoiser.previews import Previewer, PreviewSpec, StepPreview, X0Scheduler
 from fluxmesh.services.loras.stage import StageLoras
 from fluxmesh.services.runtime import Placement, module_bytes
-from fluxmesh.rpc.limits import MAX_IMAGES, MAX_SEQUENCE_LENGTH, MAX_SIDE, MAX_STEPS
+from fluxmesh.rpc.limits import MAX_IMAGES, MAX_SEQUENCE_LENGTH, MAX_SIDE, MAX_STEPS, MAX_TRUE_CFG_SCALE
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,14 @@ class DenoiseJob:
     loras: tuple[tuple[str, float], ...] = ()
     init: InitImage | None = None  # image-to-image / inpainting / Fill
     preview: PreviewSpec | None = None
+    # True CFG (FluxPipeline's true_cfg_scale): the negative prompt's embeddings, same shapes.
+    negative_prompt_embeds: torch.Tensor | None = None
+    negative_pooled_prompt_embeds: torch.Tensor | None = None
+    true_cfg_scale: float = 1.0
+
+    @property
+    def true_cfg(self) -> bool:
+        return self.negative_prompt_embeds is not None
 
 
 # (step 1-based, total, seconds, the step's preview when one is due)
@@ -143,12 +151,34 @@ class DenoiserEngine:
         if not math.isfinite(job.guidance):
             raise InvalidArgument("guidance", f"{job.guidance} is not finite")
         self.loras.check(job.loras)
+        self._check_true_cfg(job)
         if job.init is not None:
             check_init(job.init, width=job.width, height=job.height, steps=job.steps,
                        latent_channels=self.latent_channels, vae_scale_factor=self.vae_scale_factor)
         choose_mode(job.init, fill_transformer=self.fill)  # a Fill model runs only Fill requests
         if job.preview is not None:
             job.preview.check(self.latent_channels)
+
+    def _check_true_cfg(self, job: DenoiseJob) -> None:
+        negative, pooled = job.negative_prompt_embeds, job.negative_pooled_prompt_embeds
+        if (negative is None) != (pooled is None):
+            missing = "negative_prompt_embeds" if negative is None else "negative_pooled_prompt_embeds"
+            raise InvalidArgument(missing, "true CFG needs both negative embeddings")
+        if not math.isfinite(job.true_cfg_scale) or not 1.0 <= job.true_cfg_scale <= MAX_TRUE_CFG_SCALE:
+            raise InvalidArgument("true_cfg_scale", f"{job.true_cfg_scale} must be finite within "
+                                                    f"[1, {MAX_TRUE_CFG_SCALE:g}]")
+        if job.true_cfg != (job.true_cfg_scale > 1.0):  # diffusers would ignore the one without the other
+            raise InvalidArgument("true_cfg_scale", "negative embeddings and true_cfg_scale > 1 go together")
+        if not job.true_cfg:
+            return
+        for field, tensor, like in (("negative_prompt_embeds", negative, job.prompt_embeds),
+                                    ("negative_pooled_prompt_embeds", pooled, job.pooled_prompt_embeds)):
+            if tensor.shape != like.shape:
+                raise InvalidArgument(f"{field}.shape", f"{list(tensor.shape)} != {list(like.shape)} of the prompt's")
+            if not tensor.is_floating_point():
+                raise InvalidArgument(f"{field}.dtype", f"{str(tensor.dtype).removeprefix('torch.')} is not a float dtype")
+        if self.fill:
+            raise InvalidArgument("true_cfg_scale", "FLUX.1-Fill models have no true CFG (FluxFillPipeline)")
 
     def pipeline(self, pipeline_class: type = FluxPipeline, *, x0: bool = False) -> FluxPipeline:
         """A per-request pipeline: shared transformer, fresh scheduler (one that keeps the x0
@@ -179,6 +209,15 @@ class DenoiserEngine:
         # here so the batch matches the noise it draws for (P*num_images) latents.
         embeds = job.prompt_embeds.to(device, dtype).repeat_interleave(job.num_images, dim=0)
         pooled = job.pooled_prompt_embeds.to(device, dtype).repeat_interleave(job.num_images, dim=0)
+        true_cfg = {}  # only when asked: FluxFillPipeline takes none of these arguments
+        if job.true_cfg:
+            true_cfg = {
+                "negative_prompt_embeds": job.negative_prompt_embeds.to(device, dtype).repeat_interleave(
+                    job.num_images, dim=0),
+                "negative_pooled_prompt_embeds": job.negative_pooled_prompt_embeds.to(device, dtype).repeat_interleave(
+                    job.num_images, dim=0),
+                "true_cfg_scale": job.true_cfg_scale,
+            }
         started = [time.perf_counter()]
         mode = choose_mode(job.init, fill_transformer=self.fill)
         previewer = (Previewer(job.preview, job.width, job.height, self.vae_scale_factor, self.latent_channels)
@@ -212,6 +251,7 @@ class DenoiserEngine:
             num_images_per_prompt=1,
             output_type="latent",
             **mode.inputs(pipe, job.seed, geometry),  # the seeded generator, and the init image if any
+            **true_cfg,
             callback_on_step_end=step_end,
             callback_on_step_end_tensor_inputs=[],
         ).images

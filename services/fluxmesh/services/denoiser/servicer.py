@@ -35,6 +35,11 @@ def job_from_pb(request: denoiser_pb2.DenoiseRequest) -> DenoiseJob:
         loras=tuple((lora.name, lora.weight) for lora in request.loras),
         init=init_from_pb(request),
         preview=preview_from_pb(request),
+        negative_prompt_embeds=(from_pb(request.negative_prompt_embeds, "negative_prompt_embeds", ndim=3)
+                                if request.HasField("negative_prompt_embeds") else None),
+        negative_pooled_prompt_embeds=(from_pb(request.negative_pooled_prompt_embeds, "negative_pooled_prompt_embeds",
+                                               ndim=2) if request.HasField("negative_pooled_prompt_embeds") else None),
+        true_cfg_scale=request.true_cfg_scale or 1.0,
     )
 
 

@@ -32,11 +32,13 @@ def test_true_cfg_matches_flux_pipeline(dev_cluster, dev_model, negative, scale,
     assert max_abs_diff(result.images[0], plain) > 1
 
 
-def test_true_cfg_on_image_to_image_matches(dev_cluster, dev_model):
-    init, _ = init_and_mask(seed=4)
+@pytest.mark.parametrize("masked", [False, True], ids=["image-to-image", "inpainting"])
+def test_true_cfg_on_edits_matches(dev_cluster, dev_model, masked):
+    init, mask = init_and_mask(seed=4)
+    mask = mask if masked else None
     with Client(dev_cluster.address, timeout=120) as client:
         result = client.generate(PROMPT, width=64, height=64, steps=4, guidance=3.5, seed=8, init_image=init,
-                                 strength=0.75, negative_prompt=NEGATIVE, true_cfg_scale=3.0)
-    expected = edit_reference_images(dev_model, init=init, strength=0.75, width=64, height=64, steps=4, guidance=3.5,
-                                     seed=8, negative_prompt=NEGATIVE, true_cfg_scale=3.0)
+                                 mask_image=mask, strength=0.75, negative_prompt=NEGATIVE, true_cfg_scale=3.0)
+    expected = edit_reference_images(dev_model, init=init, mask=mask, strength=0.75, width=64, height=64, steps=4,
+                                     guidance=3.5, seed=8, negative_prompt=NEGATIVE, true_cfg_scale=3.0)
     assert max_abs_diff(result.image, expected[0]) <= 1

@@ -321,3 +321,16 @@ def test_sequential_lowers_peak_rss_and_keeps_the_pixels(sequential_up):
     assert sequential_peak < resident_peak
     assert [r.png for r in sequential] == [r.png for r in resident]  # the same bytes, not just close
     assert all(r.swaps == 0 for r in resident) and all(r.swaps == 3 for r in sequential)
+
+
+def test_true_cfg_in_sequential_mode_keeps_the_pixels_and_three_swaps(sequential_up):
+    """The negative prompt is encoded in the same encoder turn: still three swaps, same image."""
+    options = dict(width=64, height=64, steps=2, seed=5, negative_prompt="blurry", true_cfg_scale=3.0)
+    for _, address in sequential_up["stages"].values():  # the resident orchestrator loads nothing itself
+        _residency(address, "Load", residency_pb2.LoadRequest())
+    with Client(sequential_up["resident"], timeout=300) as client:
+        resident = client.generate(PROMPT, **options)
+    with Client(sequential_up["sequential"], timeout=300) as client:
+        sequential = client.generate(PROMPT, **options)
+    assert sequential.swaps == 3  # the first releases the two others; both encodes share one turn
+    assert sequential.png == resident.png

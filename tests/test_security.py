@@ -198,7 +198,8 @@ def test_up_exposes_only_the_orchestrator_and_secures_it(dev_model, pki, tmp_pat
     port = free_port()
     up = subprocess.Popen([sys.executable, "-m", "fluxmesh.cli", "up", "--model", str(dev_model), "--threads", "1",
                            "--host", "0.0.0.0", "--port", str(port), "--tls-cert", str(pki["server"].cert),
-                           "--tls-key", str(pki["server"].key), "--token-file", str(pki["tokens"])],
+                           "--tls-key", str(pki["server"].key), "--token-file", str(pki["tokens"]),
+                           "--max-priority", "0"],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         address = f"127.0.0.1:{port}"
@@ -208,7 +209,11 @@ def test_up_exposes_only_the_orchestrator_and_secures_it(dev_model, pki, tmp_pat
             assert time.monotonic() < deadline, "fluxmesh up did not come up"
             time.sleep(0.5)
         with Client(address, credentials=_credentials(pki["ca"]), token=PUBLIC_TOKENS[1], timeout=60) as client:
-            assert client.generate(PROMPT, width=64, height=64, steps=1).images[0].size == (64, 64)
+            assert client.generate(PROMPT, width=64, height=64, steps=1, priority=50).images[0].size == (64, 64)
+        with Client(address, credentials=_credentials(pki["ca"]), token=PUBLIC_TOKENS[0], timeout=60) as client:
+            with pytest.raises(FluxmeshError) as caught:  # up's --max-priority 0: no grant, no overtaking
+                client.generate(PROMPT, width=64, height=64, steps=1, priority=1)
+        assert caught.value.code == C.PERMISSION_DENIED
         assert _status(address, "/fluxmesh.v1.Generator/Info", credentials=_credentials(pki["ca"])) \
             == C.UNAUTHENTICATED
         assert _status(address, "/fluxmesh.v1.Generator/Info", token=PUBLIC_TOKENS[0]) == C.UNAVAILABLE  # no TLS

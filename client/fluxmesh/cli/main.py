@@ -93,6 +93,9 @@ ReleaseToOption = Annotated[ReleaseTo, typer.Option(
     help="Sequential mode: released weights stay in CPU memory (cpu), are freed and read from disk again (disk), "
          "or auto: cpu for stages on an accelerator, disk for stages on the CPU.")]
 StageAddress = "host:port, several comma-separated (replicas), or dns:///name:port (round robin)"
+MaxPriority = Annotated[int, typer.Option(
+    help="Highest request priority a caller may use (lower is always allowed); a token file line "
+         "'TOKEN max-priority=N' gives that token its own.")]
 
 
 def _serve_stage(stage: str, model: str, host: str, port: int, device: str, dtype: str, threads: int | None,
@@ -195,9 +198,7 @@ def serve_orchestrator(
     max_request_mib: Annotated[Optional[int], typer.Option(help="Largest request message accepted (MiB); larger "
                                                                 "is RESOURCE_EXHAUSTED. Default: room for a "
                                                                 "32 MiB init image and mask (65).")] = None,
-    max_priority: Annotated[int, typer.Option(
-        help="Highest request priority a caller may use (lower is always allowed); a token file line "
-             "'TOKEN max-priority=N' gives that token its own.")] = DEFAULT_MAX_PRIORITY,
+    max_priority: MaxPriority = DEFAULT_MAX_PRIORITY,
     serving: ServeOptions = ServeOptions(),
     stage_connections: StageClientOptions = StageClientOptions(),
 ) -> None:
@@ -238,6 +239,7 @@ def up(
     lora_dir: LoraDir = None,
     sequential: Sequential = False,
     release_to: ReleaseToOption = ReleaseTo.auto,
+    max_priority: MaxPriority = DEFAULT_MAX_PRIORITY,
     serving: ServeOptions = ServeOptions(),
 ) -> None:
     """Start encoder, denoiser, vae and orchestrator locally; stop them all on exit.
@@ -253,7 +255,8 @@ def up(
     cluster = start_local(model, port=port, host=host,
                           common_args=_stage_flags(device, dtype, threads) + _sequential_stage_flags(sequential, release_to),
                           stage_args=_model_file_flags(transformer_gguf, t5_gguf, lora_dir),
-                          orchestrator_args=_sequential_flags(sequential, release_to) + serving.as_flags(),
+                          orchestrator_args=[*_sequential_flags(sequential, release_to), *serving.as_flags(),
+                                             "--max-priority", str(max_priority)],
                           orchestrator_tls=serving.tls_cert is not None)
     with cluster:
         typer.echo(f"fluxmesh up: Generator on {cluster.address} (Ctrl-C to stop)", err=True)

@@ -98,9 +98,12 @@ class Server:
                 self.port = self._server.add_secure_port(address, server_credentials)
             else:
                 self.port = self._server.add_insecure_port(address)
+            failure = "bound nothing" if self.port == 0 else ""  # older grpcio returns 0 instead of raising
         except RuntimeError as error:  # grpc's "Failed to bind to address ..."
+            failure = str(error)
+        if failure:
             raise ServerStartError(f"cannot listen on {address}: the port is in use or the address "
-                                   f"is not this host's ({error})") from None
+                                   f"is not this host's ({failure})")
         self._stopping = asyncio.Event()
 
     async def set_serving(self, serving: bool, service: str = "") -> None:

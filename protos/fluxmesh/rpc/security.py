@@ -90,11 +90,6 @@ def read_priority_grants(file: Path | str) -> dict[str, int]:
     return {fields[0]: int(extra.partition("=")[2]) for fields in _token_lines(file) for extra in fields[1:]}
 
 
-def presented_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
-    """The bearer token in a call's metadata, if any (the caller's identity, once authenticated)."""
-    return _presented_token(metadata)
-
-
 def read_token(*, file: Path | str | None = None, env: str | None = None) -> str | None:
     """The one token a client sends (the first line of the file, or the variable), or None."""
     if file is None and env is None:
@@ -179,7 +174,8 @@ class ClientSecurity:
         return ((AUTHORIZATION, f"Bearer {self.token}"),) if self.token else ()
 
 
-def _presented_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
+def presented_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
+    """The bearer token in a call's metadata, if any (the caller's identity, once authenticated)."""
     for key, value in metadata or ():
         if key == AUTHORIZATION:
             value = value.decode("latin-1") if isinstance(value, bytes) else value
@@ -215,7 +211,7 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method or ""
         if method.lstrip("/").split("/")[0] in TOKEN_EXEMPT_SERVICES:
             return await continuation(handler_call_details)
-        presented = _presented_token(handler_call_details.invocation_metadata)
+        presented = presented_token(handler_call_details.invocation_metadata)
         if token_matches(presented, self._tokens):
             return await continuation(handler_call_details)
         reason = "missing bearer token" if presented is None else "invalid bearer token"

@@ -25,7 +25,7 @@ def median(samples: list[float]) -> float:
 
 
 def tiny_model(folder: Path, size: str = "small", **kwargs) -> Path:
-    from fluxmesh.services.tiny_model import write_tiny_model
+    from fluxmesh.services.tools.tiny_model import write_tiny_model
 
     if not (folder / "model_index.json").exists():
         write_tiny_model(folder, size=size, **kwargs)

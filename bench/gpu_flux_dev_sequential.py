@@ -4,7 +4,7 @@
     python bench/gpu_flux_dev_sequential.py --dry-run  # the same path on CPU, tiny config, seconds
 
 No download: the model folder is written from FLUX.1-dev's own configs with random weights
-(`fluxmesh.services.full_size`, bf16, drawn on the GPU), the transformer is quantized to Q8_0
+(`fluxmesh.services.tools.full_size`, bf16, drawn on the GPU), the transformer is quantized to Q8_0
 GGUF with `fluxmesh.services.gguf.quantize_transformer` (city96 layout) and its bf16 shards are
 then deleted (the denoiser reads only transformer/config.json beside a GGUF). Both are kept in
 --work-dir and reused by later runs.
@@ -83,7 +83,7 @@ def main() -> None:
 
 
 def prepare(args, dtype: str) -> tuple[Path, Path]:
-    from fluxmesh.services.full_size import write_full_size_model
+    from fluxmesh.services.tools.full_size import write_full_size_model
     from fluxmesh.services.gguf import quantize_transformer
 
     model = args.work_dir / "model"

@@ -42,7 +42,7 @@ def main() -> None:
     from diffusers.utils import logging as diffusers_logging
 
     from fluxmesh.services.denoiser.engine import DenoiserEngine
-    from fluxmesh.services.runtime import Placement
+    from fluxmesh.services.runtime.device import Device
     from lora_fixtures import write_lora
 
     diffusers_logging.set_verbosity_error()
@@ -52,7 +52,7 @@ def main() -> None:
         for i, name in enumerate("abc"):
             write_lora("kohya", loras / f"{name}.safetensors", folder, seed=i + 1)
 
-        engine = DenoiserEngine(folder, Placement.parse("cpu", "float32"), lora_dir=loras)
+        engine = DenoiserEngine(folder, Device.parse("cpu", "float32"), lora_dir=loras)
         set_one, set_two = [("a", 0.8), ("b", 0.5)], [("c", 1.0)]
         rss = [_rss()]
         with torch.inference_mode():

@@ -68,7 +68,7 @@ def fast_preview_cost(repeats: int) -> None:
     import torch
 
     from fluxmesh.services.denoiser.previews import encode_jpeg, project_packed
-    from fluxmesh.services.latent_rgb import LatentRgb
+    from fluxmesh.services.previews.latent_rgb import LatentRgb
 
     torch.set_num_threads(1)  # as a denoiser sharing a host would run; the work is single-threaded anyway
     rgb = LatentRgb.flux()

@@ -28,14 +28,14 @@ def _one_thread_in_tests():
 
 @pytest.fixture(scope="session")
 def dev_model(tmp_path_factory) -> Path:
-    from fluxmesh.services.tiny_model import write_tiny_model
+    from fluxmesh.services.tools.tiny_model import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-dev")
 
 
 @pytest.fixture(scope="session")
 def schnell_model(tmp_path_factory) -> Path:
-    from fluxmesh.services.tiny_model import write_tiny_model
+    from fluxmesh.services.tools.tiny_model import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-schnell", schnell=True)
 

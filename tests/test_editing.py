@@ -89,7 +89,7 @@ def test_strength_cuts_the_steps_and_different_seeds_differ(dev_cluster):
 
 @pytest.fixture(scope="module")
 def fill_model(tmp_path_factory):
-    from fluxmesh.services.tiny_model import write_tiny_model
+    from fluxmesh.services.tools.tiny_model import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-fill", fill=True)
 

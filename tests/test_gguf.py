@@ -25,7 +25,7 @@ from fluxmesh.services.gguf import (
     quantize_transformer,
 )
 from fluxmesh.services.gguf._kquants import KQUANT_ENCODERS
-from fluxmesh.services.tiny_model import write_tiny_model
+from fluxmesh.services.tools.tiny_model import write_tiny_model
 
 torch.set_num_threads(1)
 G = gguf.GGMLQuantizationType

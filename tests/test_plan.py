@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from fluxmesh.services.planning import GIB, make_plan, parse_size
+from fluxmesh.services.tools.planning import GIB, make_plan, parse_size
 
 FLUXMESH = [sys.executable, "-m", "fluxmesh.cli"]
 
@@ -17,7 +17,7 @@ FLUXMESH = [sys.executable, "-m", "fluxmesh.cli"]
 @pytest.fixture(scope="module")
 def dev_sized(tmp_path_factory):
     """FLUX.1-dev's real configs with sparse (empty) weight files: headers without data."""
-    from fluxmesh.services.full_size import write_full_size_model
+    from fluxmesh.services.tools.full_size import write_full_size_model
 
     return write_full_size_model(tmp_path_factory.mktemp("models") / "dev-sized", weights="sparse")
 
@@ -28,15 +28,15 @@ def test_weights_from_headers_equal_the_loaded_stages(dev_model, dtype):
     `wo` in float32, as transformers does), the numbers Info.weight_bytes reports."""
     from fluxmesh.services.denoiser.engine import DenoiserEngine
     from fluxmesh.services.encoder.engine import TextEncoderEngine
-    from fluxmesh.services.runtime import Placement
+    from fluxmesh.services.runtime.device import Device
     from fluxmesh.services.vae.engine import VaeEngine
 
     plan = make_plan(dev_model, vram=GIB, width=64, height=64, dtype=dtype)
-    placement = Placement.parse("cpu", dtype)
+    device = Device.parse("cpu", dtype)
     loaded = {
-        "encoder": TextEncoderEngine(dev_model, placement).weight_bytes(),
-        "denoiser": DenoiserEngine(dev_model, placement).weight_bytes(),
-        "vae": VaeEngine(dev_model, placement).weight_bytes(),
+        "encoder": TextEncoderEngine(dev_model, device).weight_bytes(),
+        "denoiser": DenoiserEngine(dev_model, device).weight_bytes(),
+        "vae": VaeEngine(dev_model, device).weight_bytes(),
     }
     assert {s.stage: s.weight_bytes for s in plan.stages} == loaded
 
@@ -47,7 +47,7 @@ def test_gguf_transformer_counts_as_loaded(dev_model, tmp_path):
     import torch
 
     from fluxmesh.services.gguf import load_gguf_transformer, quantize_transformer
-    from fluxmesh.services.runtime import module_bytes
+    from fluxmesh.services.runtime.memory import module_bytes
 
     gguf_file = quantize_transformer(dev_model, tmp_path / "t-Q8_0.gguf", "Q8_0")
     plan = make_plan(dev_model, vram=GIB, width=64, height=64, dtype="bfloat16", transformer_gguf=gguf_file)

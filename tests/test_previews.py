@@ -94,7 +94,7 @@ def test_vae_stage_reports_a_map_fitted_on_its_own_decoder(dev_cluster, dev_mode
     from diffusers import AutoencoderKL
 
     from fluxmesh.services.denoiser.previews import project_packed
-    from fluxmesh.services.latent_rgb import LatentRgb
+    from fluxmesh.services.previews.latent_rgb import LatentRgb
 
     with Client(dev_cluster.address, timeout=120) as client:
         vae_info = next(s for s in client.info().stages if s.stage == "vae")
@@ -262,7 +262,7 @@ def test_fast_projection_equals_unpack_then_project():
     from diffusers import FluxPipeline
 
     from fluxmesh.services.denoiser.previews import project_packed
-    from fluxmesh.services.latent_rgb import LatentRgb
+    from fluxmesh.services.previews.latent_rgb import LatentRgb
 
     rgb = LatentRgb.flux()
     packed = torch.randn(2, 4 * 6, 64, generator=torch.Generator().manual_seed(1))  # 64x96 image

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from fluxmesh.rpc.errors import FailedPrecondition, InvalidArgument
-from fluxmesh.services.residency import Residency, residency_state
-from fluxmesh.services.runtime import Placement
+from fluxmesh.services.residency.state import Residency, residency_state
+from fluxmesh.services.runtime.device import Device
 
 
 def _job(dev_model, **overrides):
@@ -30,7 +30,7 @@ def denoiser(dev_model, tmp_path):
     loras = tmp_path / "loras"
     loras.mkdir()
     write_lora("peft", loras / "style.safetensors", dev_model, seed=3)
-    return DenoiserEngine(dev_model, Placement.parse("cpu"), lora_dir=loras, load=False)
+    return DenoiserEngine(dev_model, Device.parse("cpu"), lora_dir=loras, load=False)
 
 
 def test_released_weights_refuse_calls_and_come_back_identical(denoiser, dev_model):
@@ -66,7 +66,7 @@ def test_offloaded_keeps_weights_in_cpu_memory(dev_model):
     refused all the same until Load: the state means what it says."""
     from fluxmesh.services.vae.engine import VaeEngine
 
-    vae = VaeEngine(dev_model, Placement.parse("cpu"), load=False)
+    vae = VaeEngine(dev_model, Device.parse("cpu"), load=False)
     residency = Residency("vae", vae, "standby")  # on CPU standby = released
     assert residency.state == "released"
     residency.load()
@@ -84,4 +84,4 @@ def test_unknown_initial_state_is_named(dev_model):
     from fluxmesh.services.vae.engine import VaeEngine
 
     with pytest.raises(InvalidArgument, match="residency: 'sideways'"):
-        Residency("vae", VaeEngine(dev_model, Placement.parse("cpu"), load=False), "sideways")
+        Residency("vae", VaeEngine(dev_model, Device.parse("cpu"), load=False), "sideways")

@@ -306,7 +306,7 @@ def test_weights_are_never_unpickled(dev_model, tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from fluxmesh.services.runtime import Placement
+    from fluxmesh.services.runtime.device import Device
     from fluxmesh.services.vae.engine import VaeEngine
 
     folder = tmp_path / "pickled"
@@ -315,4 +315,4 @@ def test_weights_are_never_unpickled(dev_model, tmp_path):
     torch.save(load_file(weights), folder / "vae" / "diffusion_pytorch_model.bin")
     weights.unlink()
     with pytest.raises(OSError, match="safetensors"):
-        VaeEngine(folder, Placement.parse("cpu"))
+        VaeEngine(folder, Device.parse("cpu"))

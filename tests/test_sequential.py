@@ -22,8 +22,8 @@ import pytest
 
 from fluxmesh.cli.supervisor import Cluster, free_port, health_status
 from fluxmesh.client import Client
-from fluxmesh.orchestrator.placement import SwapCost
-from fluxmesh.orchestrator.sequential import SequentialPlacement
+from fluxmesh.orchestrator.residency.resident import SwapCost
+from fluxmesh.orchestrator.residency.sequential import SequentialStrategy
 from fluxmesh.rpc.errors import FluxmeshError
 from fluxmesh.v1 import encoder_pb2, encoder_pb2_grpc, residency_pb2, residency_pb2_grpc
 
@@ -44,8 +44,8 @@ class _FakeStage:
         self.replicas = _Replicas()
 
 
-class FakePlacement(SequentialPlacement):
-    """SequentialPlacement with the Residency RPCs replaced by a log of what would be loaded."""
+class FakeStrategy(SequentialStrategy):
+    """SequentialStrategy with the Residency RPCs replaced by a log of what would be loaded."""
 
     def __init__(self, fail_loading: str | None = None):
         super().__init__([_FakeStage(s) for s in STAGES])
@@ -70,21 +70,21 @@ class FakePlacement(SequentialPlacement):
         return True
 
 
-async def _request(placement: FakePlacement, name: str, log: list[str], stages=STAGES) -> SwapCost:
+async def _request(residency: FakeStrategy, name: str, log: list[str], stages=STAGES) -> SwapCost:
     cost = SwapCost()
     for stage in stages:
-        async with placement.use(stage, cost):
-            assert placement.on_device == {stage}
+        async with residency.use(stage, cost):
+            assert residency.on_device == {stage}
             log.append(f"{name} {stage}")
             await asyncio.sleep(0.005)
     return cost
 
 
 async def test_a_burst_costs_three_swaps_not_three_per_request():
-    placement, log = FakePlacement(), []
-    costs = await asyncio.gather(*(_request(placement, f"r{i}", log) for i in range(4)))
-    assert placement.events == ["load encoder", "load denoiser", "load vae"]
-    assert placement.swaps == 3 and all(c.swaps == 3 and c.seconds > 0 for c in costs)
+    residency, log = FakeStrategy(), []
+    costs = await asyncio.gather(*(_request(residency, f"r{i}", log) for i in range(4)))
+    assert residency.events == ["load encoder", "load denoiser", "load vae"]
+    assert residency.swaps == 3 and all(c.swaps == 3 and c.seconds > 0 for c in costs)
     # Phase by phase: every encode, then every denoise, then every decode.
     assert [entry.split()[1] for entry in log] == ["encoder"] * 4 + ["denoiser"] * 4 + ["vae"] * 4
 
@@ -92,28 +92,28 @@ async def test_a_burst_costs_three_swaps_not_three_per_request():
 async def test_newer_requests_do_not_hold_the_stage_older_ones_wait_behind():
     """While the encoder is loaded, a prompt arriving after an older request started waiting for
     the denoiser joins the next group instead of keeping the encoder loaded (no starvation)."""
-    placement, log = FakePlacement(), []
-    first = asyncio.ensure_future(_request(placement, "old", log))
+    residency, log = FakeStrategy(), []
+    first = asyncio.ensure_future(_request(residency, "old", log))
     while "old encoder" not in log:
         await asyncio.sleep(0.001)
     await asyncio.sleep(0.01)  # "old" now waits for the denoiser
-    late = asyncio.ensure_future(_request(placement, "new", log))
+    late = asyncio.ensure_future(_request(residency, "new", log))
     await asyncio.gather(first, late)
     assert log.index("old denoiser") < log.index("new encoder")
     assert log.index("old vae") < log.index("new encoder")  # the older request finishes its round
-    assert placement.events == ["load encoder", "load denoiser", "load vae", "load encoder", "load denoiser",
+    assert residency.events == ["load encoder", "load denoiser", "load vae", "load encoder", "load denoiser",
                                 "load vae"]
 
 
 async def test_one_request_waiting_for_two_stages_at_once_gets_both_in_turn():
     """Image-to-image encodes the prompt (encoder) and the init image (vae) together."""
-    placement, log = FakePlacement(), []
+    residency, log = FakeStrategy(), []
 
     async def edit(name: str) -> SwapCost:
         cost = SwapCost()
 
         async def use(stage: str) -> None:
-            async with placement.use(stage, cost):
+            async with residency.use(stage, cost):
                 log.append(f"{name} {stage}")
                 await asyncio.sleep(0.005)
 
@@ -125,28 +125,28 @@ async def test_one_request_waiting_for_two_stages_at_once_gets_both_in_turn():
     costs = await asyncio.gather(edit("a"), edit("b"))
     assert sorted(log) == sorted(["a encoder", "a vae", "a denoiser", "a vae", "b encoder", "b vae", "b denoiser",
                                   "b vae"])
-    assert placement.events == ["load encoder", "load vae", "load denoiser", "load vae"]  # one round each
+    assert residency.events == ["load encoder", "load vae", "load denoiser", "load vae"]  # one round each
     assert all(c.swaps == 4 for c in costs)
 
 
 async def test_failed_swap_fails_its_waiters_and_the_next_request_recovers():
-    placement, log = FakePlacement(fail_loading="denoiser"), []
+    residency, log = FakeStrategy(fail_loading="denoiser"), []
     with pytest.raises(FluxmeshError, match="out of memory"):
-        await _request(placement, "unlucky", log)
-    cost = await _request(placement, "next", log)
+        await _request(residency, "unlucky", log)
+    cost = await _request(residency, "next", log)
     assert cost.swaps == 3 and log[-3:] == ["next encoder", "next denoiser", "next vae"]
 
 
 async def test_a_request_that_gives_up_waiting_leaves_no_trace():
-    placement, log = FakePlacement(), []
-    holder = asyncio.ensure_future(_request(placement, "a", log, stages=("encoder",)))
-    waiting = asyncio.ensure_future(_request(placement, "b", log, stages=("vae",)))
+    residency, log = FakeStrategy(), []
+    holder = asyncio.ensure_future(_request(residency, "a", log, stages=("encoder",)))
+    waiting = asyncio.ensure_future(_request(residency, "b", log, stages=("vae",)))
     await asyncio.sleep(0.002)
     waiting.cancel()
     await holder
     assert waiting.cancelled() or isinstance(waiting.exception(), asyncio.CancelledError)
-    cost = await _request(placement, "c", log)
-    assert cost.swaps >= 2 and "b vae" not in log and placement._users == 0 and not placement._waiters
+    cost = await _request(residency, "c", log)
+    assert cost.swaps >= 2 and "b vae" not in log and residency._users == 0 and not residency._waiters
 
 
 def test_sequential_mode_refuses_dns_targets():
@@ -156,7 +156,7 @@ def test_sequential_mode_refuses_dns_targets():
     async def build():
         stages = [EncoderClient("localhost:1"), DenoiserClient("dns:///denoiser.example:50052"), VaeClient("localhost:2")]
         with pytest.raises(InvalidArgument, match="denoiser: dns:///"):
-            SequentialPlacement(stages)
+            SequentialStrategy(stages)
 
     asyncio.run(build())
 
@@ -190,7 +190,7 @@ def _residency(address: str, method: str, request) -> residency_pb2.ResidencySta
 def sequential_up(tmp_path_factory):
     """`fluxmesh up --sequential` on the small model, plus a resident-mode orchestrator on the
     same three stage processes (for the comparison)."""
-    from fluxmesh.services.tiny_model import write_tiny_model
+    from fluxmesh.services.tools.tiny_model import write_tiny_model
 
     model = write_tiny_model(tmp_path_factory.mktemp("models") / "small", size="small")
     port = free_port()

@@ -8,7 +8,7 @@ import torch
 from factories import PROMPT, max_abs_diff, reference_images
 from fluxmesh.client import Client
 from fluxmesh.rpc.errors import InvalidArgument
-from fluxmesh.services.tensors import from_pb, to_pb
+from fluxmesh.services.runtime.tensors import from_pb, to_pb
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.uint8])
@@ -40,7 +40,7 @@ def test_absurd_shape_is_rejected_before_allocating():
 @pytest.fixture(scope="module")
 def wide_t5_model(tmp_path_factory):
     """A tiny model whose T5 has T5-XXL's width: its embeddings are 512x4096, as FLUX.1-dev's."""
-    from fluxmesh.services.tiny_model import write_tiny_model
+    from fluxmesh.services.tools.tiny_model import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("models") / "wide-t5", t5_width=4096)
 

@@ -37,7 +37,7 @@ class Size(str, Enum):
 
 
 class Residency(str, Enum):
-    """Where a stage's weights are when it starts (fluxmesh.services.residency)."""
+    """Where a stage's weights are when it starts (fluxmesh.services.residency.state)."""
 
     resident = "resident"
     offloaded = "offloaded"
@@ -46,7 +46,7 @@ class Residency(str, Enum):
 
 
 class ReleaseTo(str, Enum):
-    """Sequential mode: where released weights go (fluxmesh.orchestrator.sequential.ReleaseTo)."""
+    """Sequential mode: where released weights go (fluxmesh.orchestrator.residency.sequential.ReleaseTo)."""
 
     auto = "auto"
     cpu = "cpu"
@@ -376,7 +376,7 @@ def tiny_model(
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Write a tiny random-weight FLUX model in the exact diffusers folder layout (offline)."""
-    from fluxmesh.services.tiny_model import write_tiny_model
+    from fluxmesh.services.tools.tiny_model import write_tiny_model
 
     typer.echo(str(write_tiny_model(directory, schnell=schnell, size=size.value, seed=seed)))
 
@@ -396,7 +396,7 @@ def demo(
     from fluxmesh.cli.progress import follow
     from fluxmesh.cli.supervisor import free_port, start_local
     from fluxmesh.client import Client
-    from fluxmesh.services.tiny_model import write_tiny_model
+    from fluxmesh.services.tools.tiny_model import write_tiny_model
 
     _raise_on_sigterm()
     with tempfile.TemporaryDirectory(prefix="fluxmesh-demo-") as tmp:
@@ -510,7 +510,7 @@ def plan(
     import json
 
     from fluxmesh.rpc.errors import FluxmeshError
-    from fluxmesh.services.planning import make_plan, parse_size
+    from fluxmesh.services.tools.planning import make_plan, parse_size
 
     try:
         result = make_plan(model, vram=parse_size(vram), width=width, height=height, num_images=num_images,

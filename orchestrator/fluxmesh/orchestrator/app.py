@@ -9,7 +9,7 @@ from fluxmesh.orchestrator.admission import AdmissionQueue
 from fluxmesh.orchestrator.generator import GeneratorServicer, Stages
 from fluxmesh.orchestrator.monitor import StageMonitor
 from fluxmesh.orchestrator.priorities import PriorityPolicy
-from fluxmesh.orchestrator.sequential import SEQUENTIAL_MAX_ACTIVE, SequentialPlacement
+from fluxmesh.orchestrator.residency.sequential import SEQUENTIAL_MAX_ACTIVE, SequentialStrategy
 from fluxmesh.orchestrator.stages import DenoiserClient, EncoderClient, VaeClient
 from fluxmesh.orchestrator.metrics import watch_queue
 from fluxmesh.rpc.images import MAX_IMAGE_BYTES
@@ -47,11 +47,11 @@ def build_server(options: OrchestratorOptions) -> tuple[Server, StageMonitor]:
     secure = {"security": options.stage_security}
     stages = Stages(EncoderClient(options.encoder, **secure), DenoiserClient(options.denoiser, **secure),
                     VaeClient(options.vae, **secure))
-    placement = SequentialPlacement(stages.all(), options.release_to) if options.sequential else None
+    residency = SequentialStrategy(stages.all(), options.release_to) if options.sequential else None
     max_active = options.max_active or (SEQUENTIAL_MAX_ACTIVE if options.sequential else 2)
     queue = AdmissionQueue(max_active=max_active, max_waiting=options.max_queue)
     watch_queue(queue)
-    servicer = GeneratorServicer(stages, queue, placement, request_timeout=options.request_timeout,
+    servicer = GeneratorServicer(stages, queue, residency, request_timeout=options.request_timeout,
                                  priorities=options.priorities)
     service = Service("fluxmesh.v1.Generator", servicer, generator_pb2_grpc.add_GeneratorServicer_to_server)
     server = Server([service], address=options.address, security=options.security,

@@ -17,7 +17,7 @@ from fluxmesh.orchestrator.admission import AdmissionQueue
 from fluxmesh.orchestrator.editing import encode_init
 from fluxmesh.orchestrator.previews import VaePreviews, preview_options, step_events
 from fluxmesh.orchestrator.metrics import record_result
-from fluxmesh.orchestrator.placement import ResidentPlacement, SwapCost
+from fluxmesh.orchestrator.residency.resident import ResidentStrategy, SwapCost
 from fluxmesh.orchestrator.priorities import PriorityPolicy
 from fluxmesh.orchestrator.request import GenerateParams, ModelFacts, check_request
 from fluxmesh.orchestrator.stages import DenoiserClient, EncoderClient, VaeClient
@@ -46,13 +46,13 @@ class Stages:
 
 
 class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
-    def __init__(self, stages: Stages, queue: AdmissionQueue, placement=None, *,
+    def __init__(self, stages: Stages, queue: AdmissionQueue, residency=None, *,
                  request_timeout: float | None = None, priorities: PriorityPolicy | None = None):
         self.stages = stages
         self.queue = queue
         self.priorities = priorities or PriorityPolicy()
         self.request_timeout = request_timeout  # deadline for requests that come without one
-        self.placement = placement or ResidentPlacement()
+        self.residency = residency or ResidentStrategy()
         self._facts: ModelFacts | None = None
         self._latent_rgb: list[float] | None = None  # the vae stage's latent -> RGB map (fast previews)
 
@@ -91,7 +91,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
             t0 = time.perf_counter()
             (embeddings, negative), init = await _both(  # prompt and init image on their own stages, at once
                 self._encode_prompts(params, swaps, context),
-                encode_init(self.stages.vae, self.placement, swaps, params.edit, width=params.width,
+                encode_init(self.stages.vae, self.residency, swaps, params.edit, width=params.width,
                             height=params.height, timeout=_time_left(context)),
             )
             timings.encode_seconds = time.perf_counter() - t0
@@ -102,7 +102,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
             latents = None
             denoise_request, previews, preview_warning = await self._denoise_plan(params, embeddings, negative, init,
                                                                                   context)
-            async with self.placement.use("denoiser", swaps):
+            async with self.residency.use("denoiser", swaps):
                 denoising = self.stages.denoiser.denoise(denoise_request, _time_left(context))
                 # Closed on the spot when the caller goes away: that cancels the Denoise call, so
                 # the denoiser stops within a step (left to the garbage collector, it may not).
@@ -117,7 +117,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
 
             yield event(stage_started=generator_pb2.StageStarted(stage=DECODE))
             t0 = time.perf_counter()
-            async with self.placement.use("vae", swaps):
+            async with self.residency.use("vae", swaps):
                 decoded = await self.stages.vae.decode(
                     vae_pb2.DecodeRequest(latents=latents, width=params.width, height=params.height,
                                           format=common_pb2.IMAGE_FORMAT_PNG),
@@ -149,7 +149,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
     async def _encode_prompts(self, params: GenerateParams, swaps: SwapCost, context):
         """The prompt's embeddings, and the negative prompt's (or None) for true CFG: two calls, as
         diffusers encodes them apart (one batch could differ from it in the last bits)."""
-        async with self.placement.use("encoder", swaps):
+        async with self.residency.use("encoder", swaps):
             positive = self.stages.encoder.encode(_encode_request(params), _time_left(context))
             if params.true_cfg is None:
                 return await positive, None
@@ -160,7 +160,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
         """The denoise request (with the init image and preview options, if any), the vae preview
         relay when vae previews run, and a warning when the kind asked for cannot be had."""
         preview, warning = preview_options(
-            params.preview, vae_alongside_denoiser=isinstance(self.placement, ResidentPlacement),
+            params.preview, vae_alongside_denoiser=isinstance(self.residency, ResidentStrategy),
             latent_rgb=await self._latent_rgb_map(params, context))
         request = _denoise_request(params, embeddings, negative)
         if init is not None:
@@ -174,7 +174,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
 
     async def _decode_preview(self, x0: common_pb2.Tensor, params: GenerateParams, context) -> list[common_pb2.Image]:
         # Its own SwapCost: previews only run where nothing is swapped (vae loaded while denoising).
-        async with self.placement.use("vae", SwapCost()):
+        async with self.residency.use("vae", SwapCost()):
             reply = await self.stages.vae.decode(
                 vae_pb2.DecodeRequest(latents=x0, width=params.width, height=params.height,
                                       format=common_pb2.IMAGE_FORMAT_JPEG, preview=True),

@@ -5,7 +5,7 @@ Each process exports on its own `--metrics-port` (plain HTTP, `/metrics`):
 * `fluxmesh_rpc_seconds{service,method}`: call latency.
 * `process_resident_memory_bytes` and friends (prometheus_client's process collector): memory held.
 The orchestrator adds queue and per-stage metrics (`fluxmesh.orchestrator.metrics`), the stages
-add weights, device memory and denoising speed (`fluxmesh.services.metrics`).
+add weights, device memory and denoising speed (`fluxmesh.services.runtime.metrics`).
 """
 
 from __future__ import annotations

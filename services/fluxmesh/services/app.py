@@ -9,8 +9,8 @@ from pathlib import Path
 
 from fluxmesh.rpc.security import ServerSecurity
 from fluxmesh.rpc.server import Server, Service
-from fluxmesh.services.model_folder import resolve_model
-from fluxmesh.services.runtime import Placement, configure_threads
+from fluxmesh.services.runtime.model_folder import resolve_model
+from fluxmesh.services.runtime.device import Device, configure_threads
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +35,8 @@ class StageOptions:
 def build_service(options: StageOptions) -> list[Service]:
     """The stage's service and its fluxmesh.v1.Residency service, which loads the weights (now,
     or when told: `options.residency`) and shares the stage's model thread."""
-    from fluxmesh.services.residency import Residency
-    from fluxmesh.services.residency_service import residency_service
+    from fluxmesh.services.residency.state import Residency
+    from fluxmesh.services.residency.servicer import residency_service
 
     stage = _stage_service(options)
     residency = Residency(options.stage, stage.servicer.engine, options.residency)
@@ -46,14 +46,14 @@ def build_service(options: StageOptions) -> list[Service]:
 def _stage_service(options: StageOptions) -> Service:
     """The stage's engine (weights not read yet) wrapped in its servicer."""
     configure_threads(options.threads)
-    placement = Placement.parse(options.device, options.dtype)
+    device = Device.parse(options.device, options.dtype)
     folder = resolve_model(options.model, options.stage)
     if options.stage == "encoder":
         from fluxmesh.services.encoder.engine import TextEncoderEngine
         from fluxmesh.services.encoder.servicer import TextEncoderServicer
         from fluxmesh.v1 import encoder_pb2_grpc
 
-        engine = TextEncoderEngine(folder, placement, max_sequence_length=options.max_sequence_length,
+        engine = TextEncoderEngine(folder, device, max_sequence_length=options.max_sequence_length,
                                    t5_gguf=options.t5_gguf, lora_dir=options.lora_dir, load=False)
         return Service("fluxmesh.v1.TextEncoder", TextEncoderServicer(engine, options.model),
                        encoder_pb2_grpc.add_TextEncoderServicer_to_server)
@@ -62,7 +62,7 @@ def _stage_service(options: StageOptions) -> Service:
         from fluxmesh.services.denoiser.servicer import DenoiserServicer
         from fluxmesh.v1 import denoiser_pb2_grpc
 
-        engine = DenoiserEngine(folder, placement, transformer_gguf=options.transformer_gguf,
+        engine = DenoiserEngine(folder, device, transformer_gguf=options.transformer_gguf,
                                 lora_dir=options.lora_dir, load=False)
         return Service("fluxmesh.v1.Denoiser", DenoiserServicer(engine, options.model),
                        denoiser_pb2_grpc.add_DenoiserServicer_to_server)
@@ -71,20 +71,20 @@ def _stage_service(options: StageOptions) -> Service:
         from fluxmesh.services.vae.servicer import VaeServicer
         from fluxmesh.v1 import vae_pb2_grpc
 
-        engine = VaeEngine(folder, placement, load=False)
+        engine = VaeEngine(folder, device, load=False)
         return Service("fluxmesh.v1.Vae", VaeServicer(engine, options.model), vae_pb2_grpc.add_VaeServicer_to_server)
     raise ValueError(f"unknown stage {options.stage!r}")
 
 
 def serve_stage(options: StageOptions) -> None:
-    from fluxmesh.services.worker import compute_executor
+    from fluxmesh.services.runtime.worker import compute_executor
 
     options.security.credentials()  # unreadable TLS files fail now, not after loading weights
     # Load on the thread that will run the model: see fluxmesh.services.worker.
     services = compute_executor().submit(build_service, options).result()
 
     async def main() -> None:
-        from fluxmesh.services.metrics import watch_stage
+        from fluxmesh.services.runtime.metrics import watch_stage
 
         watch_stage(options.stage, services[0].servicer.engine)
         server = Server(services, address=options.address, security=options.security,

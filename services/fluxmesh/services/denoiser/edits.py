@@ -5,7 +5,7 @@ from __future__ import annotations
 from fluxmesh.rpc.errors import InvalidArgument
 from fluxmesh.services.denoiser.modes import InitImage
 from fluxmesh.services.denoiser.previews import PreviewSpec
-from fluxmesh.services.tensors import from_pb
+from fluxmesh.services.runtime.tensors import from_pb
 from fluxmesh.v1 import denoiser_pb2
 
 

@@ -21,13 +21,14 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
 from fluxmesh.rpc.errors import Cancelled, InvalidArgument
-from fluxmesh.services import model_folder
 from fluxmesh.services.denoiser.modes import (Geometry, InitImage, VaeConfig, check_init, choose_mode,
                                               is_fill_transformer)
 from fluxmesh.services.denoiser.previews import Previewer, PreviewSpec, StepPreview, X0Scheduler
 from fluxmesh.services.loras.stage import StageLoras
-from fluxmesh.services.runtime import Placement, module_bytes
+from fluxmesh.services.runtime.device import Device
+from fluxmesh.services.runtime.memory import module_bytes
 from fluxmesh.rpc.limits import MAX_IMAGES, MAX_SEQUENCE_LENGTH, MAX_SIDE, MAX_STEPS, MAX_TRUE_CFG_SCALE
+from fluxmesh.services.runtime import model_folder
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ class DenoiserEngine:
     def __init__(
         self,
         folder: Path,
-        placement: Placement,
+        device: Device,
         *,
         transformer_gguf: Path | None = None,
         lora_dir: Path | None = None,
@@ -72,7 +73,7 @@ class DenoiserEngine:
     ):
         """`load=False` leaves the weights unread: the stage's `Residency` loads them when told."""
         self.folder = folder
-        self.placement = placement
+        self.device = device
         self.transformer_gguf = transformer_gguf
         self.transformer: FluxTransformer2DModel | None = None
         self.loras = StageLoras(lora_dir, None, "transformer")  # bound to each transformer loaded
@@ -91,22 +92,22 @@ class DenoiserEngine:
         out_channels = int(config.get("out_channels") or in_channels)
         self.fill = is_fill_transformer(in_channels, out_channels, self.vae_scale_factor)
         log.info("denoiser: transformer%s from %s for %s, guidance embedding: %s, LoRAs: %s",
-                 f" (GGUF {transformer_gguf})" if transformer_gguf else "", folder, placement.describe(),
+                 f" (GGUF {transformer_gguf})" if transformer_gguf else "", folder, device.describe(),
                  self.guidance_embeds, lora_dir or "none")
         if load:
-            self.load_weights(placement.device)
+            self.load_weights(device.torch_device)
 
     def load_weights(self, device: torch.device) -> None:
         """Read the transformer from the model files onto `device` (CPU for an offloaded start)."""
         if self.transformer_gguf is not None:
             from fluxmesh.services.gguf import load_gguf_transformer
 
-            # Weights stay quantized; placement.dtype is the compute dtype they dequantize to.
+            # Weights stay quantized; device.dtype is the compute dtype they dequantize to.
             transformer = load_gguf_transformer(self.transformer_gguf, self.folder,
-                                                compute_dtype=self.placement.dtype, device=device)
+                                                compute_dtype=self.device.dtype, device=device)
         else:
             transformer = FluxTransformer2DModel.from_pretrained(
-                self.folder, subfolder="transformer", torch_dtype=self.placement.dtype, local_files_only=True,
+                self.folder, subfolder="transformer", torch_dtype=self.device.dtype, local_files_only=True,
                 use_safetensors=True,  # never unpickle a .bin
             )
         self.transformer = transformer.to(device).eval()
@@ -204,7 +205,7 @@ class DenoiserEngine:
     ) -> torch.Tensor:
         """Run the loop; returns packed latents (P*num_images, seq, 4*C). Raises `Cancelled`
         between steps once `cancelled` is set."""
-        device, dtype = self.placement.device, self.placement.dtype
+        device, dtype = self.device.torch_device, self.device.dtype
         # diffusers repeats each prompt's embeddings num_images times (repeat + view); do the same
         # here so the batch matches the noise it draws for (P*num_images) latents.
         embeds = job.prompt_embeds.to(device, dtype).repeat_interleave(job.num_images, dim=0)

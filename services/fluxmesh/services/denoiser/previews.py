@@ -17,7 +17,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from PIL import Image
 
 from fluxmesh.rpc.errors import InvalidArgument
-from fluxmesh.services.latent_rgb import LatentRgb
+from fluxmesh.services.previews.latent_rgb import LatentRgb
 from fluxmesh.v1 import common_pb2
 
 JPEG_QUALITY = 85

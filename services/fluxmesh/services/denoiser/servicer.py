@@ -12,11 +12,11 @@ import threading
 
 from fluxmesh.services.denoiser.edits import init_from_pb, preview_from_pb
 from fluxmesh.services.denoiser.engine import DenoiseJob, DenoiserEngine
-from fluxmesh.services.info import lora_listing, stage_info
-from fluxmesh.services.metrics import record_step
-from fluxmesh.services.residency import residency_state
-from fluxmesh.services.tensors import from_pb, to_pb
-from fluxmesh.services.worker import ModelWorker
+from fluxmesh.services.runtime.info import lora_listing, stage_info
+from fluxmesh.services.runtime.metrics import record_step
+from fluxmesh.services.residency.state import residency_state
+from fluxmesh.services.runtime.tensors import from_pb, to_pb
+from fluxmesh.services.runtime.worker import ModelWorker
 from fluxmesh.v1 import denoiser_pb2, denoiser_pb2_grpc, common_pb2
 
 _DONE = object()
@@ -90,7 +90,7 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
         return stage_info(
             "denoiser",
             self.model_name,
-            self.engine.placement,
+            self.engine.device,
             self.engine.weight_bytes(),
             residency=residency_state(self.engine),
             guidance_embeds=self.engine.guidance_embeds,

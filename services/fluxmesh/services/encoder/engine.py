@@ -16,10 +16,11 @@ from diffusers import FluxPipeline
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 from fluxmesh.rpc.errors import InvalidArgument
-from fluxmesh.services import model_folder
 from fluxmesh.services.loras.stage import LoraList, StageLoras
-from fluxmesh.services.runtime import Placement, module_bytes
+from fluxmesh.services.runtime.device import Device
+from fluxmesh.services.runtime.memory import module_bytes
 from fluxmesh.rpc.limits import MAX_PROMPT_CHARS, MAX_PROMPTS
+from fluxmesh.services.runtime import model_folder
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ class TextEncoderEngine:
     def __init__(
         self,
         folder: Path,
-        placement: Placement,
+        device: Device,
         *,
         max_sequence_length: int | None = None,
         t5_gguf: Path | None = None,
@@ -45,7 +46,7 @@ class TextEncoderEngine:
     ):
         """`load=False` leaves the weights unread: the stage's `Residency` loads them when told."""
         self.folder = folder
-        self.placement = placement
+        self.device = device
         self.t5_gguf = t5_gguf
         self.default_max_sequence_length = max_sequence_length or model_folder.default_max_sequence_length(folder)
         self.tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True)
@@ -53,10 +54,10 @@ class TextEncoderEngine:
         self.pipe = self._pipeline(None, None)  # tokenizers only until the weights are loaded
         self.loras = StageLoras(lora_dir, None, "text_encoder")  # bound to each CLIP loaded
         log.info("encoder: CLIP + T5%s from %s for %s, T5 length %d, LoRAs: %s",
-                 f" (GGUF {t5_gguf})" if t5_gguf else "", folder, placement.describe(),
+                 f" (GGUF {t5_gguf})" if t5_gguf else "", folder, device.describe(),
                  self.default_max_sequence_length, lora_dir or "none")
         if load:
-            self.load_weights(placement.device)
+            self.load_weights(device.torch_device)
 
     def _pipeline(self, clip: CLIPTextModel | None, t5: T5EncoderModel | None) -> FluxPipeline:
         pipe = FluxPipeline(scheduler=None, vae=None, text_encoder=clip, tokenizer=self.tokenizer,
@@ -66,7 +67,7 @@ class TextEncoderEngine:
 
     def load_weights(self, device: torch.device) -> None:
         """Read CLIP and T5 from the model files onto `device` (CPU for an offloaded start)."""
-        folder, dtype = self.folder, self.placement.dtype
+        folder, dtype = self.folder, self.device.dtype
         # use_safetensors: a folder with only pickled .bin weights is refused, never unpickled.
         clip = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=dtype, local_files_only=True,
                                              use_safetensors=True)
@@ -114,7 +115,7 @@ class TextEncoderEngine:
         prompt_embeds, pooled, _text_ids = self.pipe.encode_prompt(
             prompt=prompts,
             prompt_2=prompts_2 or None,
-            device=self.placement.device,
+            device=self.device.torch_device,
             num_images_per_prompt=1,
             max_sequence_length=max_sequence_length,
         )

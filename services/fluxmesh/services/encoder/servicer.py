@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from fluxmesh.services.encoder.engine import TextEncoderEngine
-from fluxmesh.services.info import stage_info
-from fluxmesh.services.residency import residency_state
-from fluxmesh.services.tensors import to_pb
-from fluxmesh.services.worker import ModelWorker
+from fluxmesh.services.runtime.info import stage_info
+from fluxmesh.services.residency.state import residency_state
+from fluxmesh.services.runtime.tensors import to_pb
+from fluxmesh.services.runtime.worker import ModelWorker
 from fluxmesh.v1 import encoder_pb2, encoder_pb2_grpc, common_pb2
 
 
@@ -33,7 +33,7 @@ class TextEncoderServicer(encoder_pb2_grpc.TextEncoderServicer):
         return stage_info(
             "encoder",
             self.model_name,
-            self.engine.placement,
+            self.engine.device,
             self.engine.weight_bytes(),
             residency=residency_state(self.engine),
             max_sequence_length=self.engine.default_max_sequence_length,

@@ -84,5 +84,5 @@ class ImageEncoder:
         return EncodedImage(latents, posterior.parameters, masked.parameters, mask_pixels.to(torch.uint8))
 
     def _posterior(self, pixels: torch.Tensor):
-        placement = self.engine.placement
-        return self.engine.vae.encode(pixels.to(placement.device, placement.dtype)).latent_dist
+        device = self.engine.device
+        return self.engine.vae.encode(pixels.to(device.torch_device, device.dtype)).latent_dist

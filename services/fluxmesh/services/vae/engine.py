@@ -16,9 +16,10 @@ from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
 from fluxmesh.rpc.errors import InvalidArgument
-from fluxmesh.services import model_folder
-from fluxmesh.services.runtime import Placement, module_bytes
+from fluxmesh.services.runtime.device import Device
+from fluxmesh.services.runtime.memory import module_bytes
 from fluxmesh.rpc.limits import MAX_IMAGES, MAX_SIDE
+from fluxmesh.services.runtime import model_folder
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +27,10 @@ log = logging.getLogger(__name__)
 
 
 class VaeEngine:
-    def __init__(self, folder: Path, placement: Placement, *, load: bool = True):
+    def __init__(self, folder: Path, device: Device, *, load: bool = True):
         """`load=False` leaves the weights unread: the stage's `Residency` loads them when told."""
         self.folder = folder
-        self.placement = placement
+        self.device = device
         self.vae: AutoencoderKL | None = None
         # Facts from the config, not the module: they hold while the weights are released.
         config = model_folder.read_config(folder, "vae")
@@ -37,14 +38,14 @@ class VaeEngine:
         self.size_multiple = self.vae_scale_factor * 2
         self.latent_channels = int(config["latent_channels"])
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.size_multiple)
-        log.info("vae: from %s for %s", folder, placement.describe())
+        log.info("vae: from %s for %s", folder, device.describe())
         if load:
-            self.load_weights(placement.device)
+            self.load_weights(device.torch_device)
 
     def load_weights(self, device: torch.device) -> None:
         """Read the VAE from the model files onto `device` (CPU for an offloaded start)."""
         self.vae = AutoencoderKL.from_pretrained(
-            self.folder, subfolder="vae", torch_dtype=self.placement.dtype, local_files_only=True,
+            self.folder, subfolder="vae", torch_dtype=self.device.dtype, local_files_only=True,
             use_safetensors=True,  # never unpickle a .bin
         ).to(device).eval()
 
@@ -74,7 +75,7 @@ class VaeEngine:
             )
 
     def decode(self, latents: torch.Tensor, width: int, height: int) -> list[Image.Image]:
-        latents = latents.to(self.placement.device, self.placement.dtype)
+        latents = latents.to(self.device.torch_device, self.device.dtype)
         latents = FluxPipeline._unpack_latents(latents, height, width, self.vae_scale_factor)
         latents = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
         image = self.vae.decode(latents, return_dict=False)[0]

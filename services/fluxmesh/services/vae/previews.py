@@ -15,7 +15,7 @@ import logging
 import os
 import time
 
-from fluxmesh.services.worker import ModelWorker
+from fluxmesh.services.runtime.worker import ModelWorker
 from fluxmesh.v1 import common_pb2
 
 log = logging.getLogger(__name__)

@@ -6,16 +6,16 @@ import asyncio
 import json
 
 from fluxmesh.rpc.images import check_mask, open_image
-from fluxmesh.services.info import stage_info
-from fluxmesh.services.residency import residency_state
+from fluxmesh.services.runtime.info import stage_info
+from fluxmesh.services.residency.state import residency_state
 from fluxmesh.rpc.errors import FluxmeshError
-from fluxmesh.services import model_folder
-from fluxmesh.services.latent_rgb import LatentRgb, fit_latent_rgb, is_flux_vae
-from fluxmesh.services.tensors import from_pb, to_pb
+from fluxmesh.services.previews.latent_rgb import LatentRgb, fit_latent_rgb, is_flux_vae
+from fluxmesh.services.runtime.tensors import from_pb, to_pb
 from fluxmesh.services.vae.engine import MAX_SIDE, VaeEngine, encode_png
 from fluxmesh.services.vae.encoding import ImageEncoder
 from fluxmesh.services.vae.previews import PreviewLane
-from fluxmesh.services.worker import ModelWorker
+from fluxmesh.services.runtime.worker import ModelWorker
+from fluxmesh.services.runtime import model_folder
 from fluxmesh.v1 import common_pb2, vae_pb2, vae_pb2_grpc
 
 
@@ -81,7 +81,7 @@ class VaeServicer(vae_pb2_grpc.VaeServicer):
         return stage_info(
             "vae",
             self.model_name,
-            self.engine.placement,
+            self.engine.device,
             self.engine.weight_bytes(),
             residency=residency_state(self.engine),
             vae_scale_factor=self.engine.vae_scale_factor,

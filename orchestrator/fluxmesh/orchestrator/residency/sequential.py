@@ -32,7 +32,7 @@ from enum import Enum
 
 import grpc
 
-from fluxmesh.orchestrator.placement import SwapCost, next_order
+from fluxmesh.orchestrator.residency.resident import SwapCost, next_order
 from fluxmesh.orchestrator.replicas import Replica, is_dns_target
 from fluxmesh.orchestrator.stages import StageClient, stage_errors
 from fluxmesh.rpc.errors import FluxmeshError, InvalidArgument
@@ -69,7 +69,7 @@ class _Waiter:
         return self.cost.order
 
 
-class SequentialPlacement:
+class SequentialStrategy:
     def __init__(self, stages: Iterable[StageClient], release_to: ReleaseTo | str = ReleaseTo.auto, *,
                  swap_timeout: float = SWAP_TIMEOUT):
         self.clients = {client.stage: client for client in stages}
@@ -91,7 +91,7 @@ class SequentialPlacement:
         self.swaps = 0
         self.swap_seconds = 0.0
 
-    # -- the placement hook ------------------------------------------------------------------
+    # -- the residency hook ------------------------------------------------------------------
 
     @asynccontextmanager
     async def use(self, stage: str, cost: SwapCost | None = None) -> AsyncIterator[None]:

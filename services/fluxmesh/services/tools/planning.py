@@ -27,7 +27,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fluxmesh.rpc.errors import InvalidArgument, NotFound
-from fluxmesh.services import model_folder
+from fluxmesh.services.runtime import model_folder
+
 
 __all__ = ["Layout", "Plan", "StageNeed", "make_plan", "parse_size"]
 

@@ -82,7 +82,7 @@ def _has_non_finite(data: bytes, dtype: str) -> bool:
 
     This runs on the event loop's thread, and any multi-threaded torch kernel there would give
     that thread an OpenMP team of its own whose idle spinning slows the model thread's kernels
-    by a third on a 2-core host (see fluxmesh.services.worker). numpy's elementwise ops are
+    by a third on a 2-core host (see fluxmesh.services.runtime.worker). numpy's elementwise ops are
     single-threaded, and reading bits needs no bfloat16 support.
     """
     if dtype not in _EXPONENT_MASKS:

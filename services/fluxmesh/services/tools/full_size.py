@@ -65,7 +65,7 @@ def write_full_size_model(path: str | Path, *, weights: str = "random", dtype: s
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    from fluxmesh.services.tiny_model import write_tiny_model
+    from fluxmesh.services.tools.tiny_model import write_tiny_model
 
     if weights not in ("random", "sparse"):
         raise ValueError(f"weights={weights!r}: choose random or sparse")

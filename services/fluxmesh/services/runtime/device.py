@@ -1,9 +1,7 @@
-"""Where a stage runs: device, dtype, CPU threads, and what it holds in memory."""
+"""Where a stage runs: its device and dtype, and its CPU threads."""
 
 from __future__ import annotations
 
-import resource
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -15,12 +13,14 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
 
 
 @dataclass(frozen=True)
-class Placement:
-    device: torch.device
+class Device:
+    """The torch device and dtype a stage computes on."""
+
+    torch_device: torch.device
     dtype: torch.dtype
 
     @classmethod
-    def parse(cls, device: str = "auto", dtype: str = "auto") -> "Placement":
+    def parse(cls, device: str = "auto", dtype: str = "auto") -> "Device":
         """`auto` picks cuda:0 when there is one (else mps, else cpu); bf16 on accelerators, fp32 on CPU."""
         if device == "auto":
             device = "cuda:0" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
@@ -37,7 +37,7 @@ class Placement:
         return cls(resolved, _DTYPES[dtype])
 
     def describe(self) -> str:
-        return f"{self.device} {str(self.dtype).removeprefix('torch.')}"
+        return f"{self.torch_device} {str(self.dtype).removeprefix('torch.')}"
 
 
 def configure_threads(threads: int | None) -> None:
@@ -45,29 +45,3 @@ def configure_threads(threads: int | None) -> None:
     must be told, or they fight for cores and every timing lies."""
     if threads:
         torch.set_num_threads(threads)
-
-
-def module_bytes(*modules: torch.nn.Module | None) -> int:
-    """Bytes held by parameters and buffers (quantized GGUF parameters count as stored)."""
-    total = 0
-    for module in modules:
-        if module is None:
-            continue
-        for tensor in [*module.parameters(), *module.buffers()]:
-            total += tensor.numel() * tensor.element_size()
-    return total
-
-
-def current_rss_bytes() -> int:
-    """The process's resident set size now (what `ps` shows), unlike the peak below."""
-    import psutil
-
-    return int(psutil.Process().memory_info().rss)
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    """CUDA peak allocated on a GPU; the process's peak RSS otherwise."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)

@@ -21,9 +21,9 @@ STEPS_PER_SECOND = Gauge("fluxmesh_denoiser_steps_per_second", "Speed of the mos
 
 
 def watch_stage(stage: str, engine) -> None:
-    """Export what `engine` (any stage engine: `weight_bytes()`, `placement`) holds."""
+    """Export what `engine` (any stage engine: `weight_bytes()`, `device`) holds."""
     WEIGHT_BYTES.labels(stage).set_function(engine.weight_bytes)
-    device = engine.placement.device
+    device = engine.device.torch_device
     if device.type == "cuda":
         DEVICE_ALLOCATED.labels(str(device)).set_function(lambda: torch.cuda.memory_allocated(device))
         DEVICE_PEAK.labels(str(device)).set_function(lambda: torch.cuda.max_memory_allocated(device))

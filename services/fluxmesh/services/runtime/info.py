@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-from fluxmesh.services.runtime import Placement, peak_memory_bytes
+from fluxmesh.services.runtime.device import Device
+from fluxmesh.services.runtime.memory import peak_memory_bytes
 from fluxmesh.v1 import common_pb2
 
 
-def stage_info(stage: str, model: str, placement: Placement, weight_bytes: int, *, residency: str = "",
+def stage_info(stage: str, model: str, device: Device, weight_bytes: int, *, residency: str = "",
                **details) -> common_pb2.StageInfo:
-    """`residency`: "resident", "offloaded" or "released" (see fluxmesh.services.residency)."""
+    """`residency`: "resident", "offloaded" or "released" (see fluxmesh.services.residency.state)."""
     return common_pb2.StageInfo(
         stage=stage,
         model=model,
-        dtype=str(placement.dtype).removeprefix("torch."),
-        device=str(placement.device),
+        dtype=str(device.dtype).removeprefix("torch."),
+        device=str(device.torch_device),
         weight_bytes=weight_bytes,
-        peak_memory_bytes=peak_memory_bytes(placement.device),
+        peak_memory_bytes=peak_memory_bytes(device.torch_device),
         details={key: str(value) for key, value in details.items()},
         residency=residency,
     )

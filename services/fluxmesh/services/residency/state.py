@@ -36,7 +36,8 @@ import torch
 
 from fluxmesh.rpc.allocator import trim_heap
 from fluxmesh.rpc.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
-from fluxmesh.services.runtime import Placement, current_rss_bytes, module_bytes
+from fluxmesh.services.runtime.device import Device
+from fluxmesh.services.runtime.memory import current_rss_bytes, module_bytes
 
 __all__ = ["RESIDENT", "OFFLOADED", "RELEASED", "STANDBY", "INITIAL_STATES", "Residency", "StageWeights",
            "Transition", "residency_state"]
@@ -54,7 +55,7 @@ MAX_TRANSITIONS = 1000
 class StageWeights(Protocol):
     """What an engine offers so its weights can be moved or dropped."""
 
-    placement: Placement
+    device: Device
 
     def load_weights(self, device: torch.device) -> None:
         """Read the weights from the model files onto `device` (and rebind whatever uses them)."""
@@ -88,7 +89,7 @@ class Residency:
         self.stage = stage
         self.weights = weights
         weights.residency = self  # what the stage's Info reports (residency_state)
-        self.device = weights.placement.device
+        self.device = weights.device.torch_device
         self.state = RELEASED
         self._transitions: deque[Transition] = deque(maxlen=MAX_TRANSITIONS)
         self._lock = threading.Lock()  # appended on the model thread, read on the event loop

@@ -1,7 +1,7 @@
 """Where the stages' weights live while requests run.
 
-Every stage call in the Generator goes through `placement.use(stage)`. With all stages
-resident (one GPU each, or enough memory) that is a no-op; `SequentialPlacement`
+Every stage call in the Generator goes through `residency.use(stage)`. With all stages
+resident (one GPU each, or enough memory) that is a no-op; `SequentialStrategy`
 (sequential.py: one accelerator taking turns) decides there when a stage's weights are loaded
 and released.
 """
@@ -32,7 +32,7 @@ class SwapCost:
     order: int = field(default_factory=next_order)
 
 
-class ResidentPlacement:
+class ResidentStrategy:
     """Every stage keeps its weights on its device: nothing to do."""
 
     @asynccontextmanager

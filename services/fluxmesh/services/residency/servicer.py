@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from fluxmesh.rpc.server import Service
-from fluxmesh.services.residency import Residency
-from fluxmesh.services.worker import ModelWorker
+from fluxmesh.services.residency.state import Residency
+from fluxmesh.services.runtime.worker import ModelWorker
 from fluxmesh.v1 import residency_pb2, residency_pb2_grpc
 
 

@@ -1,0 +1,8 @@
+"""Where the stages' weights live while requests run: every stage call in the Generator goes
+through `residency.use(stage)`. `ResidentStrategy` (every stage keeps its weights) and
+`SequentialStrategy` (one accelerator taking turns) are the two strategies."""
+
+from fluxmesh.orchestrator.residency.resident import ResidentStrategy, SwapCost, next_order
+from fluxmesh.orchestrator.residency.sequential import SequentialStrategy
+
+__all__ = ["ResidentStrategy", "SequentialStrategy", "SwapCost", "next_order"]

@@ -1,0 +1,1 @@
+"""Preview math shared by the stages: the latent-to-RGB map."""

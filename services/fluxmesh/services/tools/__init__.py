@@ -1,0 +1,1 @@
+"""Offline tools that serve no request: memory planning, tiny models, full-size shapes."""

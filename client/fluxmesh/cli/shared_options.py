@@ -1,8 +1,10 @@
-"""Option groups several `fluxmesh` commands share, declared once.
+"""Options several `fluxmesh` commands share, declared once.
 
-Every `fluxmesh serve ...` takes the same TLS, token and metrics flags, and every client command
-takes the same TLS and token flags. Rather than repeating a dozen parameters in each command, a
-command declares one parameter typed with a group (`serving: ServeOptions = ServeOptions()`) and
+Single options that several commands take are `Annotated` aliases (`Model`, `Device`, ...).
+Groups of them are dataclasses: every `fluxmesh serve ...` takes the same TLS, token and metrics
+flags, the three stage commands the same model and device flags, and every client command the
+same TLS and token flags. Rather than repeating a dozen parameters in each command, a command
+declares one parameter typed with a group (`serving: ServeOptions = ServeOptions()`) and
 `@with_option_groups` expands it into the group's flags for typer, then hands the command the
 group back as one object. Typer has no option groups of its own; this is the smallest shim.
 """
@@ -19,6 +21,9 @@ from typing import Annotated, Optional
 
 import typer
 
+from fluxmesh.orchestrator.residency.sequential import ReleaseTo
+from fluxmesh.services.residency.names import InitialState
+
 if typing.TYPE_CHECKING:
     from fluxmesh.orchestrator.priorities import PriorityPolicy
     from fluxmesh.rpc.security import ClientSecurity, ServerSecurity
@@ -28,6 +33,41 @@ _PANEL_STAGES = "Stage connections (orchestrator -> stages)"
 _PANEL_CLIENT = "Connection security"
 
 PathOption = Optional[Path]
+
+# Single options several commands take.
+Model = Annotated[str, typer.Option(help="Diffusers-layout model folder or Hub id (HF_TOKEN for gated models).")]
+Host = Annotated[str, typer.Option(help="Interface to listen on.")]
+Device = Annotated[str, typer.Option(help="auto, cpu, cuda:N or mps.")]
+Dtype = Annotated[str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), bfloat16, float16 or float32.")]
+Threads = Annotated[Optional[int], typer.Option(help="torch CPU threads for this process (default: torch's).")]
+LoraDir = Annotated[PathOption, typer.Option(help="Directory of LoRA .safetensors files requests may name.")]
+TransformerGguf = Annotated[PathOption, typer.Option(help="GGUF-quantized FLUX transformer (city96/BFL or diffusers "
+                                                          "names).")]
+T5Gguf = Annotated[PathOption, typer.Option(help="GGUF-quantized T5-XXL encoder (t5encoder architecture).")]
+Sequential = Annotated[bool, typer.Option(
+    help="One accelerator for all stages: only one stage's weights on it at a time, requests grouped by phase.")]
+ReleaseToOption = Annotated[ReleaseTo, typer.Option(
+    help="Sequential mode: released weights stay in CPU memory (cpu), are freed and read from disk again (disk), "
+         "or auto: cpu for stages on an accelerator, disk for stages on the CPU.")]
+MaxPriority = Annotated[int, typer.Option(
+    help="Highest request priority a caller may use (lower is always allowed); a token file line "
+         "'TOKEN max-priority=N' gives that token its own.")]
+Address = Annotated[str, typer.Option(help="Orchestrator address.")]
+
+
+@dataclass(frozen=True)
+class StageServeOptions:
+    """What `fluxmesh serve encoder|denoiser|vae` share: the model, where to listen, device and weights."""
+
+    model: Model
+    host: Host = "[::]"
+    device: Device = "auto"
+    dtype: Dtype = "auto"
+    threads: Threads = None
+    residency: Annotated[InitialState, typer.Option(
+        help="Weights at start: resident (on --device), offloaded (CPU memory), released (not read until "
+             "Residency.Load), standby (offloaded on an accelerator, released on CPU: what sequential mode uses)."
+    )] = InitialState.resident
 
 
 @dataclass(frozen=True)
@@ -131,7 +171,7 @@ class ClientOptions:
         return {"credentials": security.credentials(), "token": security.token}
 
 
-GROUPS = (ServeOptions, StageClientOptions, ClientOptions)
+GROUPS = (StageServeOptions, ServeOptions, StageClientOptions, ClientOptions)
 
 
 def with_option_groups(command):
@@ -145,8 +185,9 @@ def with_option_groups(command):
             groups[parameter.name] = annotation
             group_hints = typing.get_type_hints(annotation, include_extras=True)
             for field in dataclasses.fields(annotation):
+                default = inspect.Parameter.empty if field.default is dataclasses.MISSING else field.default
                 parameters.append(inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY,
-                                                    default=field.default, annotation=group_hints[field.name]))
+                                                    default=default, annotation=group_hints[field.name]))
         else:
             parameters.append(parameter.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=annotation))
 

@@ -6,6 +6,7 @@
         result.image.save("fox.png")
 """
 
+from fluxmesh.client._core import PreviewKind
 from fluxmesh.client.aio import AsyncClient, AsyncGenerationStream
 from fluxmesh.client.events import Event, LoraInfo, Queued, Result, Stage, StageFinished, StageStarted, Step, Timings
 from fluxmesh.client.sync import Client, GenerationStream
@@ -19,6 +20,7 @@ __all__ = [
     "FluxmeshError",
     "GenerationStream",
     "LoraInfo",
+    "PreviewKind",
     "Queued",
     "Result",
     "Stage",

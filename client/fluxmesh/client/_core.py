@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Iterable
+from enum import Enum
 
 import grpc
 from PIL import Image
@@ -17,7 +18,16 @@ from fluxmesh.v1 import common_pb2, generator_pb2
 
 Lora = tuple[str, float]
 ImageInput = bytes | str | os.PathLike | Image.Image  # PNG/JPEG bytes, a path to one, or a PIL image
-PREVIEW_KINDS = {"fast": generator_pb2.PREVIEW_KIND_FAST, "vae": generator_pb2.PREVIEW_KIND_VAE}
+
+
+class PreviewKind(str, Enum):
+    """How live previews are made."""
+
+    fast = "fast"  # the latents through a linear map to RGB: cheap, soft
+    vae = "vae"  # the latents decoded by the VAE stage: the picture the result would be now
+
+
+PREVIEW_KINDS = {PreviewKind.fast.value: generator_pb2.PREVIEW_KIND_FAST, PreviewKind.vae.value: generator_pb2.PREVIEW_KIND_VAE}
 
 
 def build_request(
@@ -35,7 +45,7 @@ def build_request(
     init_image: ImageInput | None = None,
     mask_image: ImageInput | None = None,
     strength: float | None = None,
-    preview: str | None = None,
+    preview: PreviewKind | str | None = None,
     preview_every: int = 0,
     priority: int = 0,  # higher runs first when requests wait in line
     negative_prompt: str | None = None,  # true CFG (with true_cfg_scale > 1); "" is a valid negative prompt
@@ -70,9 +80,10 @@ def build_request(
     if true_cfg_scale is not None:
         request.true_cfg_scale = true_cfg_scale
     if preview is not None:
-        if preview not in PREVIEW_KINDS:
+        kind = preview.value if isinstance(preview, PreviewKind) else preview
+        if kind not in PREVIEW_KINDS:
             raise ValueError(f"preview: {preview!r}; expected one of {sorted(PREVIEW_KINDS)}")
-        request.preview.kind = PREVIEW_KINDS[preview]
+        request.preview.kind = PREVIEW_KINDS[kind]
         request.preview.every = preview_every
     return request
 

@@ -36,6 +36,7 @@ import torch
 
 from fluxmesh.rpc.allocator import trim_heap
 from fluxmesh.rpc.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from fluxmesh.services.residency.names import INITIAL_STATES, OFFLOADED, RELEASED, RESIDENT, STANDBY
 from fluxmesh.services.runtime.device import Device
 from fluxmesh.services.runtime.memory import current_rss_bytes, module_bytes
 
@@ -44,11 +45,6 @@ __all__ = ["RESIDENT", "OFFLOADED", "RELEASED", "STANDBY", "INITIAL_STATES", "Re
 
 log = logging.getLogger(__name__)
 
-RESIDENT, OFFLOADED, RELEASED = "resident", "offloaded", "released"
-# Start-up only: what sequential mode's `--release-to auto` would leave the stage in — offloaded
-# on an accelerator (fast to load again), released on CPU (where "offloaded" frees nothing).
-STANDBY = "standby"
-INITIAL_STATES = (RESIDENT, OFFLOADED, RELEASED, STANDBY)
 MAX_TRANSITIONS = 1000
 
 

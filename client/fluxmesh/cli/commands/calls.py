@@ -1,0 +1,129 @@
+"""Commands that call a running server: generate, loras, info, health."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from fluxmesh.cli.shared_options import Address, ClientOptions, with_option_groups
+from fluxmesh.client import PreviewKind
+
+app = typer.Typer()
+
+
+def _output_paths(output: Path, count: int) -> list[Path]:
+    if count == 1:
+        return [output]
+    return [output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(count)]
+
+
+@app.command()
+@with_option_groups
+def generate(
+    prompt: Annotated[str, typer.Option("--prompt", "-p")],
+    address: Address = "localhost:50050",
+    width: Annotated[int, typer.Option(help="Default 1024, or the init image's width.")] = 0,
+    height: Annotated[int, typer.Option(help="Default 1024, or the init image's height.")] = 0,
+    steps: Annotated[Optional[int], typer.Option(help="Default: 28 (dev) or 4 (schnell).")] = None,
+    guidance: Annotated[Optional[float], typer.Option(help="Default 3.5; ignored by schnell.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Default: chosen by the server and printed.")] = None,
+    num_images: Annotated[int, typer.Option()] = 1,
+    prompt_2: Annotated[str, typer.Option(help="Separate T5 prompt.")] = "",
+    lora: Annotated[Optional[list[str]], typer.Option(help="NAME[:WEIGHT] (repeatable; weight 1.0 by default).")] = None,
+    output: Annotated[Path, typer.Option("--output", "-o")] = Path("fluxmesh.png"),
+    timeout: Annotated[Optional[float], typer.Option(help="Deadline in seconds.")] = None,
+    init_image: Annotated[Optional[Path], typer.Option(help="PNG/JPEG to start from (image to image).")] = None,
+    strength: Annotated[Optional[float], typer.Option(help="How much of the init image to repaint, in (0, 1] "
+                                                           "(default 0.6; 1.0 for FLUX.1-Fill).")] = None,
+    mask: Annotated[Optional[Path], typer.Option(help="PNG/JPEG mask, white = repaint (inpainting).")] = None,
+    preview: Annotated[Optional[PreviewKind], typer.Option(help="Live previews: fast (latents to RGB) or vae.")] = None,
+    preview_every: Annotated[int, typer.Option(help="A preview every N steps.")] = 1,
+    preview_dir: Annotated[Optional[Path], typer.Option(help="Where previews go (default: OUTPUT's name + "
+                                                             "'-previews').")] = None,
+    priority: Annotated[int, typer.Option(help="Place in line: higher runs first (up to what the server "
+                                               "allows this caller), lower lets others go first.")] = 0,
+    negative_prompt: Annotated[Optional[str], typer.Option(help="True CFG: what to steer away from (may be "
+                                                                "''); needs --true-cfg-scale > 1.")] = None,
+    true_cfg_scale: Annotated[Optional[float], typer.Option(help="True CFG scale, as FluxPipeline's (1: off; "
+                                                                 "> 1 runs the negative prompt too, twice the "
+                                                                 "cost per step).")] = None,
+    connection: ClientOptions = ClientOptions(),
+) -> None:
+    """Generate image(s) through a running orchestrator, with a per-step progress bar."""
+    from fluxmesh.cli.previews import PreviewWriter
+    from fluxmesh.cli.progress import follow
+    from fluxmesh.client import Client, FluxmeshError
+    from fluxmesh.client._core import parse_lora
+
+    try:
+        with Client(address, timeout=timeout, **connection.client_kwargs()) as client:
+            writer = PreviewWriter(preview_dir or output.with_name(f"{output.stem}-previews")) if preview else None
+            result = follow(client.stream(prompt, prompt_2=prompt_2, width=width, height=height, steps=steps,
+                                          guidance=guidance, seed=seed, num_images=num_images,
+                                          loras=[parse_lora(text) for text in lora or []],
+                                          init_image=init_image, mask_image=mask, strength=strength,
+                                          preview=preview, preview_every=preview_every,
+                                          priority=priority, negative_prompt=negative_prompt,
+                                          true_cfg_scale=true_cfg_scale),
+                            previews=writer)
+    except FluxmeshError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+    for path, data in zip(_output_paths(output, len(result.png)), result.png):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        typer.echo(str(path))
+    if writer is not None and writer.written:
+        typer.echo(f"{writer.written} previews in {writer.directory}", err=True)
+
+
+@app.command()
+@with_option_groups
+def loras(
+    address: Address = "localhost:50050",
+    connection: ClientOptions = ClientOptions(),
+) -> None:
+    """List the LoRAs the server offers (names for --lora)."""
+    from fluxmesh.client import Client
+
+    with Client(address, **connection.client_kwargs()) as client:
+        for lora in client.list_loras():
+            typer.echo(f"{lora.name}\t{lora.size_bytes / 2**20:.1f} MiB{'  (cached)' if lora.cached else ''}")
+
+
+@app.command()
+@with_option_groups
+def health(
+    address: Annotated[str, typer.Argument(help="host:port of any fluxmesh process.")],
+    service: Annotated[str, typer.Option(help="Service name; empty for the whole server.")] = "",
+    timeout: Annotated[float, typer.Option()] = 3.0,
+    connection: ClientOptions = ClientOptions(),
+) -> None:
+    """Exit 0 when ADDRESS reports SERVING on grpc.health.v1, 1 otherwise (for health checks)."""
+    from grpc_health.v1 import health_pb2
+
+    from fluxmesh.cli.supervisor import health_status
+
+    status = health_status(address, service, timeout, credentials=connection.security().credentials())
+    name = "UNREACHABLE" if status is None else health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+    typer.echo(name)
+    raise typer.Exit(0 if status == health_pb2.HealthCheckResponse.SERVING else 1)
+
+
+@app.command()
+@with_option_groups
+def info(
+    address: Address = "localhost:50050",
+    connection: ClientOptions = ClientOptions(),
+) -> None:
+    """What each stage holds: model, device, dtype, weight and peak memory."""
+    from fluxmesh.client import Client
+
+    with Client(address, **connection.client_kwargs()) as client:
+        reply = client.info()
+    for stage in reply.stages:
+        typer.echo(f"{stage.stage:9s} {stage.model} on {stage.device} {stage.dtype}: "
+                   f"weights {stage.weight_bytes / 2**20:.1f} MiB, peak {stage.peak_memory_bytes / 2**20:.1f} MiB"
+                   + (f", {stage.residency}" if stage.residency else ""))

@@ -1,0 +1,144 @@
+"""`fluxmesh up` and `fluxmesh demo`: all four processes on this machine, stopped together."""
+
+from __future__ import annotations
+
+import signal
+import tempfile
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from fluxmesh.cli.shared_options import (
+    Device,
+    Dtype,
+    LoraDir,
+    MaxPriority,
+    Model,
+    ReleaseToOption,
+    Sequential,
+    ServeOptions,
+    T5Gguf,
+    Threads,
+    TransformerGguf,
+    with_option_groups,
+)
+from fluxmesh.orchestrator.priorities import DEFAULT_MAX_PRIORITY
+from fluxmesh.orchestrator.residency.sequential import ReleaseTo
+from fluxmesh.services.residency.names import InitialState
+from fluxmesh.services.tools.tiny_model import ModelSize
+
+app = typer.Typer()
+
+
+@app.command()
+@with_option_groups
+def up(
+    model: Model,
+    port: Annotated[int, typer.Option(help="Orchestrator port; stages take free ports.")] = 50050,
+    host: Annotated[str, typer.Option(help="Interface the orchestrator (the public API) listens on; the stages "
+                                           "always listen on 127.0.0.1, reached by the orchestrator alone.")]
+    = "127.0.0.1",
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    threads: Threads = None,
+    transformer_gguf: TransformerGguf = None,
+    t5_gguf: T5Gguf = None,
+    lora_dir: LoraDir = None,
+    sequential: Sequential = False,
+    release_to: ReleaseToOption = ReleaseTo.auto,
+    max_priority: MaxPriority = DEFAULT_MAX_PRIORITY,
+    serving: ServeOptions = ServeOptions(),
+) -> None:
+    """Start encoder, denoiser, vae and orchestrator locally; stop them all on exit.
+
+    The TLS, token and metrics flags apply to the orchestrator, the one process others reach.
+    """
+    import time
+
+    from fluxmesh.cli.supervisor import start_local
+
+    serving.security()  # a bad TLS or token flag fails here, before four processes start
+    raise_on_sigterm()
+    cluster = start_local(model, port=port, host=host,
+                          common_args=_stage_flags(device, dtype, threads) + _sequential_stage_flags(sequential, release_to),
+                          stage_args=_model_file_flags(transformer_gguf, t5_gguf, lora_dir),
+                          orchestrator_args=[*_sequential_flags(sequential, release_to), *serving.as_flags(),
+                                             "--max-priority", str(max_priority)],
+                          orchestrator_tls=serving.tls_cert is not None)
+    with cluster:
+        typer.echo(f"fluxmesh up: Generator on {cluster.address} (Ctrl-C to stop)", err=True)
+        try:
+            while all(c.process.poll() is None for c in cluster.children):
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            pass
+        dead = [c.name for c in cluster.children if c.process.poll() is not None]
+        if dead:
+            typer.echo(f"fluxmesh up: {', '.join(dead)} exited; stopping the rest", err=True)
+            raise typer.Exit(1)
+
+
+@app.command()
+def demo(
+    output: Annotated[Path, typer.Option("--output", "-o")] = Path("fluxmesh-demo.png"),
+    prompt: Annotated[str, typer.Option("--prompt", "-p")] = "a red fox in the snow, highly detailed",
+    model_dir: Annotated[Optional[Path], typer.Option(help="Where to write the tiny model (default: a temp dir).")] = None,
+    size: Annotated[ModelSize, typer.Option()] = ModelSize.tiny,
+    width: Annotated[int, typer.Option()] = 256,
+    height: Annotated[int, typer.Option()] = 256,
+    steps: Annotated[int, typer.Option()] = 8,
+    seed: Annotated[int, typer.Option()] = 42,
+) -> None:
+    """Tiny model + all four processes + one generation -> PNG. Needs no download and no GPU."""
+    from fluxmesh.cli.progress import follow
+    from fluxmesh.cli.supervisor import free_port, start_local
+    from fluxmesh.client import Client
+    from fluxmesh.services.tools.tiny_model import write_tiny_model
+
+    raise_on_sigterm()
+    with tempfile.TemporaryDirectory(prefix="fluxmesh-demo-") as tmp:
+        folder = write_tiny_model(model_dir or Path(tmp) / "tiny-flux", size=size)
+        typer.echo(f"tiny model: {folder}", err=True)
+        with start_local(str(folder), port=free_port()) as cluster, Client(cluster.address) as client:
+            result = follow(client.stream(prompt, width=width, height=height, steps=steps, seed=seed))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_bytes(result.png[0])
+    typer.echo(str(output))
+
+
+def raise_on_sigterm() -> None:
+    """Turn SIGTERM into KeyboardInterrupt so `with cluster:` stops the children."""
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+
+
+def _stage_flags(device: str, dtype: str, threads: int | None) -> list[str]:
+    flags = ["--device", device, "--dtype", dtype]
+    return flags + (["--threads", str(threads)] if threads else [])
+
+
+def _sequential_stage_flags(sequential: bool, release_to: ReleaseTo) -> list[str]:
+    """Stages start in the state sequential mode releases them to, so they never all load at once."""
+    if not sequential:
+        return []
+    start = {ReleaseTo.auto: InitialState.standby, ReleaseTo.cpu: InitialState.offloaded,
+             ReleaseTo.disk: InitialState.released}
+    return ["--residency", start[release_to].value]
+
+
+def _sequential_flags(sequential: bool, release_to: ReleaseTo) -> list[str]:
+    return ["--sequential", "--release-to", release_to.value] if sequential else []
+
+
+def _model_file_flags(transformer_gguf: Path | None, t5_gguf: Path | None, lora_dir: Path | None) -> dict[str, list[str]]:
+    """Which stage gets which community file: GGUF transformer -> denoiser, GGUF T5 -> encoder,
+    the LoRA directory -> both (CLIP-side keys are applied by the encoder)."""
+    flags: dict[str, list[str]] = {"encoder": [], "denoiser": []}
+    if transformer_gguf:
+        flags["denoiser"] += ["--transformer-gguf", str(transformer_gguf)]
+    if t5_gguf:
+        flags["encoder"] += ["--t5-gguf", str(t5_gguf)]
+    if lora_dir:
+        for stage in ("encoder", "denoiser"):
+            flags[stage] += ["--lora-dir", str(lora_dir)]
+    return flags

@@ -1,0 +1,142 @@
+"""`fluxmesh serve ...`: run one fluxmesh process (a stage or the orchestrator) in the foreground."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Annotated, Any, Optional
+
+import typer
+
+from fluxmesh.cli.shared_options import (
+    Host,
+    LoraDir,
+    MaxPriority,
+    ReleaseToOption,
+    Sequential,
+    ServeOptions,
+    StageClientOptions,
+    StageServeOptions,
+    T5Gguf,
+    TransformerGguf,
+    with_option_groups,
+)
+from fluxmesh.orchestrator.priorities import DEFAULT_MAX_PRIORITY
+from fluxmesh.orchestrator.residency.sequential import ReleaseTo
+
+app = typer.Typer(help="Serve one fluxmesh process.", no_args_is_help=True)
+
+StageAddress = "host:port, several comma-separated (replicas), or dns:///name:port (round robin)"
+
+
+def address(host: str, port: int) -> str:
+    """`host:port`, with an IPv6 host in brackets."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+@contextlib.contextmanager
+def start_errors_as_messages(process: str) -> Iterator[None]:
+    """A port that is taken is the operator's to fix: one line naming it, exit 1, no traceback."""
+    from fluxmesh.rpc.server import ServerStartError
+
+    try:
+        yield
+    except ServerStartError as error:
+        typer.echo(f"fluxmesh serve {process}: {error}", err=True)
+        raise typer.Exit(1) from None
+
+
+def _serve_stage(name: str, port: int, stage: StageServeOptions, serving: ServeOptions, *,
+                 dtype: str | None = None, **extra: Any) -> None:
+    security = serving.security()  # a bad flag fails here, before torch is even imported
+    from fluxmesh.rpc.allocator import tune_for_tensor_traffic
+    from fluxmesh.services.app import StageOptions, serve_stage
+
+    tune_for_tensor_traffic()
+
+    with start_errors_as_messages(name):
+        serve_stage(StageOptions(stage=name, model=stage.model, address=address(stage.host, port),
+                                 device=stage.device, dtype=dtype or stage.dtype, threads=stage.threads,
+                                 residency=stage.residency.value, security=security,
+                                 metrics_port=serving.metrics_port, **extra))
+
+
+@app.command("encoder")
+@with_option_groups
+def serve_encoder(
+    stage: StageServeOptions,
+    port: Annotated[int, typer.Option()] = 50051,
+    max_sequence_length: Annotated[Optional[int], typer.Option(help="Default T5 length (512 dev, 256 schnell).")] = None,
+    t5_gguf: T5Gguf = None,
+    lora_dir: LoraDir = None,
+    serving: ServeOptions = ServeOptions(),
+) -> None:
+    """CLIP-L + T5-XXL text encoder stage."""
+    _serve_stage("encoder", port, stage, serving, max_sequence_length=max_sequence_length, t5_gguf=t5_gguf,
+                 lora_dir=lora_dir)
+
+
+@app.command("denoiser")
+@with_option_groups
+def serve_denoiser(
+    stage: StageServeOptions,
+    port: Annotated[int, typer.Option()] = 50052,
+    transformer_gguf: TransformerGguf = None,
+    compute_dtype: Annotated[Optional[str], typer.Option(help="Dtype GGUF weights dequantize to (default: --dtype).")] = None,
+    lora_dir: LoraDir = None,
+    serving: ServeOptions = ServeOptions(),
+) -> None:
+    """FLUX transformer stage (optionally GGUF-quantized, with per-request LoRAs)."""
+    _serve_stage("denoiser", port, stage, serving, dtype=compute_dtype, transformer_gguf=transformer_gguf,
+                 lora_dir=lora_dir)
+
+
+@app.command("vae")
+@with_option_groups
+def serve_vae(
+    stage: StageServeOptions,
+    port: Annotated[int, typer.Option()] = 50053,
+    serving: ServeOptions = ServeOptions(),
+) -> None:
+    """AutoencoderKL decoder stage."""
+    _serve_stage("vae", port, stage, serving)
+
+
+@app.command("orchestrator")
+@with_option_groups
+def serve_orchestrator(
+    encoder: Annotated[str, typer.Option(help=f"Encoder stage: {StageAddress}.")] = "localhost:50051",
+    denoiser: Annotated[str, typer.Option(help=f"Denoiser stage: {StageAddress}.")] = "localhost:50052",
+    vae: Annotated[str, typer.Option(help=f"VAE stage: {StageAddress}.")] = "localhost:50053",
+    port: Annotated[int, typer.Option()] = 50050,
+    host: Host = "[::]",
+    max_active: Annotated[Optional[int], typer.Option(
+        help="Requests running through the stages at once (default 2; 8 with --sequential, the group size "
+             "that shares one round of swaps).")] = None,
+    sequential: Sequential = False,
+    release_to: ReleaseToOption = ReleaseTo.auto,
+    max_queue: Annotated[int, typer.Option(help="Requests waiting before RESOURCE_EXHAUSTED.")] = 32,
+    request_timeout: Annotated[float, typer.Option(help="Deadline (s) for requests that come without one; "
+                                                        "0: none.")] = 3600.0,
+    max_request_mib: Annotated[Optional[int], typer.Option(help="Largest request message accepted (MiB); larger "
+                                                                "is RESOURCE_EXHAUSTED. Default: room for a "
+                                                                "32 MiB init image and mask (65).")] = None,
+    max_priority: MaxPriority = DEFAULT_MAX_PRIORITY,
+    serving: ServeOptions = ServeOptions(),
+    stage_connections: StageClientOptions = StageClientOptions(),
+) -> None:
+    """The public Generator service (no torch)."""
+    from fluxmesh.orchestrator.app import OrchestratorOptions
+    from fluxmesh.orchestrator.app import serve_orchestrator as run
+    from fluxmesh.rpc.allocator import tune_for_tensor_traffic
+
+    tune_for_tensor_traffic()
+
+    options = OrchestratorOptions(encoder=encoder, denoiser=denoiser, vae=vae, address=address(host, port),
+                                  max_active=max_active, max_queue=max_queue, security=serving.security(),
+                                  stage_security=stage_connections.security(), metrics_port=serving.metrics_port,
+                                  request_timeout=request_timeout or None, sequential=sequential,
+                                  release_to=release_to.value, priorities=serving.priority_policy(max_priority),
+                                  **({"max_request_bytes": max_request_mib * 2**20} if max_request_mib else {}))
+    with start_errors_as_messages("orchestrator"):
+        run(options)

@@ -85,3 +85,52 @@ def test_unknown_initial_state_is_named(dev_model):
 
     with pytest.raises(InvalidArgument, match="residency: 'sideways'"):
         Residency("vae", VaeEngine(dev_model, Device.parse("cpu"), load=False), "sideways")
+
+
+@pytest.mark.parametrize("keep_in_cpu_memory", [False, True], ids=["release", "offload"])
+@pytest.mark.parametrize("stage", ["encoder", "denoiser"])
+def test_several_loras_survive_every_release_mode_on_the_model_thread(dev_model, tmp_path, stage, keep_in_cpu_memory):
+    """As the servers run them: model calls under the worker's inference mode, transitions
+    outside it. Adapters of two or more LoRAs used to be created in one mode and deleted in the
+    other ("Setting requires_grad=True on inference tensor outside InferenceMode")."""
+    import asyncio
+
+    from fluxmesh.services.runtime.worker import ModelWorker
+    from lora_fixtures import write_lora
+
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    for i, fmt in enumerate(("peft", "kohya", "peft")):
+        write_lora(fmt, loras / f"l{i}.safetensors", dev_model, seed=10 + i)
+    names = (("l0", 1.0), ("l1", 0.5), ("l2", -0.7))
+    if stage == "denoiser":
+        from fluxmesh.services.denoiser.engine import DenoiserEngine
+
+        engine = DenoiserEngine(dev_model, Device.parse("cpu"), lora_dir=loras, load=False)
+
+        def call(with_loras):
+            return engine.denoise(_job(dev_model, loras=names if with_loras else ()))
+    else:
+        from fluxmesh.services.encoder.engine import TextEncoderEngine
+
+        engine = TextEncoderEngine(dev_model, Device.parse("cpu"), lora_dir=loras, load=False)
+
+        def call(with_loras):
+            return engine.encode(["a fox"], [], 8, names if with_loras else ()).pooled_prompt_embeds
+
+    residency = Residency(stage, engine, "released")
+    worker = ModelWorker(stage)
+
+    async def rounds():
+        outputs = []
+        for _ in range(3):
+            await worker.run_unchecked(residency.load)
+            outputs.append((await worker.run(call, True), await worker.run(call, False)))
+            await worker.run_unchecked(residency.release, keep_in_cpu_memory)
+        return outputs
+
+    outputs = asyncio.run(rounds())
+    styled, plain = outputs[0]
+    assert not torch.equal(styled, plain)  # the LoRAs are active
+    for again_styled, again_plain in outputs[1:]:
+        assert torch.equal(again_styled, styled) and torch.equal(again_plain, plain)

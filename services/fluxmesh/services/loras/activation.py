@@ -9,6 +9,12 @@ the base model's output, bit for bit. Nothing is fused, so a GGUF base stays qua
 
 Not thread-safe by design: the adapters live in the model, so activation and the inference
 that follows belong to one request at a time (the caller's model lock).
+
+Every change to the adapters runs outside `torch.inference_mode`, whatever mode the caller is in:
+the base weights are ordinary tensors (loaded that way), and PEFT's `set_adapter`/`delete_adapter`
+set `requires_grad` on the adapter tensors, which torch refuses for an inference tensor outside
+inference mode. Adapters created under the model thread's inference mode and deleted by a
+release (outside it) broke every release of a request with two or more LoRAs.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from fluxmesh.rpc.errors import InvalidArgument
 
@@ -66,6 +74,10 @@ class LoraActivator:
         Returns the (name, weight) pairs that touch this model (a LoRA may have no keys for it).
         """
         requested = self.library.check(loras, field)
+        with _adapter_mode():
+            return self._activate(requested, field)
+
+    def _activate(self, requested: list[tuple[str, float]], field: str) -> list[tuple[str, float]]:
         files = [self.library.load(name, f"{field}[{i}].name") for i, (name, _) in enumerate(requested)]
         try:
             ids, weights, active = [], [], []
@@ -90,7 +102,8 @@ class LoraActivator:
 
     def deactivate(self) -> None:
         """Base model output from now on; the adapters stay loaded for the next request."""
-        self._ops.disable(self.model)
+        with _adapter_mode():
+            self._ops.disable(self.model)
         self.active = []
 
     def loaded(self) -> list[str]:
@@ -100,8 +113,9 @@ class LoraActivator:
     def close(self) -> None:
         """Delete every adapter from the model and stop listening (e.g. before releasing it)."""
         self.library.remove_eviction_listener(self._on_evict)
-        for name in list(self._adapters):
-            self._forget(name)
+        with _adapter_mode():
+            for name in list(self._adapters):
+                self._forget(name)
         self.active = []
 
     # -- internals -------------------------------------------------------------------------
@@ -134,7 +148,13 @@ class LoraActivator:
     def _on_evict(self, name: str, weights: LoraWeights) -> None:
         known = self._adapters.get(name)
         if known is not None and known.weights is weights:
-            self._forget(name)
+            with _adapter_mode():
+                self._forget(name)
+
+
+def _adapter_mode() -> torch.inference_mode:
+    """The one autograd mode adapters are created, switched and deleted in (see the module doc)."""
+    return torch.inference_mode(False)
 
 
 def _infer_component(model: Any) -> str:

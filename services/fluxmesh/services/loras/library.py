@@ -242,7 +242,9 @@ def _read_safetensors(name: str, path: Path, field: str) -> tuple[dict[str, Any]
     from safetensors import SafetensorError, safe_open
 
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
+        # Ordinary tensors, not inference tensors, even on the model thread: PEFT may adopt them
+        # as adapter weights (see activation.py).
+        with torch.inference_mode(False), safe_open(str(path), framework="pt", device="cpu") as f:
             header = f.metadata() or {}
             tensors = {key: f.get_tensor(key) for key in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:

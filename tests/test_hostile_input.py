@@ -45,9 +45,21 @@ PROMPT = "a photo of a cat sitting on a windowsill"
 
 
 @pytest.fixture(scope="module")
-def lora_dir(tmp_path_factory) -> Path:
+def lora_dir(tmp_path_factory, dev_model) -> Path:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from lora_fixtures import write_lora
+
     directory = tmp_path_factory.mktemp("loras")
     (directory / "broken.safetensors").write_bytes(b"\x80\x04 not a safetensors file")
+    write_lora("kohya", directory / "good.safetensors", dev_model, seed=1)
+    tensors = load_file(str(directory / "good.safetensors"))
+    save_file({k: v.to(torch.float8_e4m3fn) for k, v in tensors.items()}, str(directory / "float8.safetensors"))
+    # Entries no request can use: ListLoras skips them (and logs them) instead of failing.
+    (directory / "dangling.safetensors").symlink_to(directory / "gone.safetensors")
+    (directory / "loop.safetensors").symlink_to(directory / "loop.safetensors")
+    (directory / "back\\slash.safetensors").write_bytes((directory / "good.safetensors").read_bytes())
     return directory
 
 
@@ -242,6 +254,10 @@ CASES: list[tuple[str, str, Build, grpc.StatusCode, str]] = [
      "/etc/passwd"),
     ("gen-lora-not-safetensors", GENERATE, lambda v: v.generating(loras=[_lora("broken")]), C.INVALID_ARGUMENT,
      "broken"),
+    ("gen-lora-float8", GENERATE, lambda v: v.generating(loras=[_lora("float8")]), C.INVALID_ARGUMENT,
+     "(float8.safetensors): tensor"),
+    ("gen-lora-loop", GENERATE, lambda v: v.generating(loras=[_lora("loop")]), C.INVALID_ARGUMENT,
+     "'loop' is a symlink loop"),
     ("gen-lora-weight-nan", GENERATE, lambda v: v.generating(loras=[_lora("x", math.nan)]), C.INVALID_ARGUMENT,
      "loras[0].weight:"),
     ("gen-lora-weight-big", GENERATE, lambda v: v.generating(loras=[_lora("x", 5.0)]), C.INVALID_ARGUMENT,
@@ -347,6 +363,8 @@ CASES: list[tuple[str, str, Build, grpc.StatusCode, str]] = [
         negative_pooled_prompt_embeds=_tensor(v.pooled), true_cfg_scale=4.0), C.INVALID_ARGUMENT,
      "negative_prompt_embeds.data:"),
     ("den-lora-unknown", DENOISE, lambda v: v.with_tensors(loras=[_lora("missing")]), C.NOT_FOUND, "loras[0]"),
+    ("den-lora-float8", DENOISE, lambda v: v.with_tensors(loras=[_lora("float8")]), C.INVALID_ARGUMENT,
+     "is float8_e4m3fn"),
     ("den-lora-escapes", DENOISE, lambda v: v.with_tensors(loras=[_lora("sub/../../x")]), C.INVALID_ARGUMENT,
      "loras[0]"),
     ("den-corrupt-bytes", DENOISE, lambda v: CORRUPT, C.INVALID_ARGUMENT, "request:"),
@@ -399,6 +417,16 @@ def _valid_call(v: Valid, service: str, method: str = "") -> tuple[str, object]:
         "denoiser": (DENOISE, v.denoise),
         "vae": (DECODE, v.decode),
     }[service]
+
+
+@pytest.mark.parametrize("service,method", [("orchestrator", "/fluxmesh.v1.Generator/ListLoras"),
+                                            ("denoiser", "/fluxmesh.v1.Denoiser/ListLoras")])
+def test_odd_lora_directory_entries_do_not_break_the_listing(addresses, rpc, lora_dir, service, method):
+    code, details, [raw] = rpc(addresses[service], method, common_pb2.ListLorasRequest())
+    assert code == C.OK, details
+    assert sorted(lora.name for lora in common_pb2.ListLorasResponse.FromString(raw).loras) == [
+        "broken", "float8", "good"]  # files a request may name (reading them is another matter)
+    assert str(lora_dir).encode() not in raw
 
 
 def test_the_corpus_covers_every_rpc():

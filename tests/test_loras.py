@@ -309,6 +309,35 @@ def test_names_and_resolution(lora_dir, tmp_path):
         library.check([("nope", 1.0)])
 
 
+def test_odd_directory_entries_are_skipped_and_logged(lora_dir, tmp_path, caplog):
+    """One odd entry must not break the listing for everyone (nor show a server path)."""
+    import shutil
+
+    shutil.copy(lora_dir / "kohya" / "a.safetensors", tmp_path / "good.safetensors")
+    (tmp_path / "dangling.safetensors").symlink_to(tmp_path / "gone.safetensors")
+    (tmp_path / "loop.safetensors").symlink_to(tmp_path / "loop.safetensors")
+    shutil.copy(lora_dir / "kohya" / "a.safetensors", tmp_path / "back\\slash.safetensors")
+    os.mkfifo(tmp_path / "fifo.safetensors")
+    shutil.copy(lora_dir / "kohya" / "a.safetensors", os.fsencode(tmp_path) + b"/latin\xe9.safetensors")
+
+    library = LoraLibrary(tmp_path)
+    with caplog.at_level("WARNING", logger="fluxmesh.services.loras.library"):
+        assert library.names() == ["good"]
+        assert library.names() == ["good"]
+    skipped = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
+    assert len(skipped) == 5, skipped  # each odd entry logged once, not on every listing
+    with pytest.raises(InvalidArgument, match="'loop' is a symlink loop") as info:
+        library.check([("loop", 1.0)])
+    assert str(tmp_path) not in info.value.message
+    with pytest.raises(NotFound):
+        library.check([("dangling", 1.0)])
+
+    from fluxmesh.services.loras.stage import StageLoras
+
+    assert [(name, cached) for name, _, cached in StageLoras(tmp_path, None, "transformer").listing()] == [
+        ("good", False)]
+
+
 @pytest.mark.parametrize("weight", [math.nan, math.inf, -math.inf, 4.01, -5, "1", None, True])
 def test_weights_are_checked(weight, lora_dir):
     with pytest.raises(InvalidArgument) as info:
@@ -343,8 +372,16 @@ def test_bad_files_are_invalid_arguments_and_change_nothing(dev_model, lora_dir,
             wide[key] = torch.zeros(out * 2, inp) if "lora_up" in key else torch.zeros(out, inp * 2)
     save_file(wide, str(tmp_path / "wide.safetensors"))
 
+    # Types torch has no kernels for (isfinite on float8 raised NotImplementedError, which
+    # reached clients as UNIMPLEMENTED) or that are no LoRA weights at all.
+    good = load_file(str(tmp_path / "good.safetensors"))
+    save_file({k: v.to(torch.float8_e4m3fn) for k, v in good.items()}, str(tmp_path / "float8.safetensors"))
+    save_file({k: (v * 100).to(torch.int32) if v.ndim else v for k, v in good.items()}, str(tmp_path / "ints.safetensors"))
+
     served = Served(dev_model, tmp_path)
     for name, reason in [
+        ("float8", r"\(float8.safetensors\): tensor '.*' is float8_e4m3fn; LoRA weights must be float32"),
+        ("ints", r"\(ints.safetensors\): tensor '.*' is int32"),
         ("garbage", "not a readable safetensors file"),
         ("truncated", "not a readable safetensors file"),
         ("weights", "no recognisable FLUX LoRA keys"),

@@ -108,22 +108,40 @@ class LoraLibrary:
         self._cache: OrderedDict[str, tuple[tuple[int, int], LoraWeights]] = OrderedDict()
         self._listeners: list[weakref.ReferenceType] = []
         self._lock = threading.RLock()
+        self._skipped: set[str] = set()  # odd directory entries already logged
 
     # -- names -----------------------------------------------------------------------------
 
     def names(self) -> list[str]:
-        """Every `*.safetensors` under the directory (subfolders too), as request names."""
+        """Every `*.safetensors` under the directory (subfolders too) that a request could name.
+
+        An entry no request could use — a dangling symlink, a symlink loop, one pointing out of
+        the directory, a name `resolve` refuses (a backslash, not UTF-8), something that is not
+        a regular file — is skipped and logged once: one odd file must not break the listing
+        for everyone, nor show the server's paths to a client.
+        """
         found = []
         for root, dirs, files in os.walk(self.directory):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             for file in files:
                 if not file.endswith(SUFFIX) or file.startswith("."):
                     continue
-                path = Path(root, file)
-                if not _inside(path.resolve(), self.directory):
-                    continue  # a symlink pointing out is not ours to serve
-                found.append(path.relative_to(self.directory).as_posix()[: -len(SUFFIX)])
+                name = Path(root, file).relative_to(self.directory).as_posix()[: -len(SUFFIX)]
+                try:
+                    name.encode("utf-8")  # a file name that is not UTF-8 cannot travel in a proto string
+                    self.resolve(name)
+                except (InvalidArgument, NotFound, UnicodeEncodeError) as e:
+                    self._skip(name, str(e))
+                    continue
+                found.append(name)
         return sorted(found)
+
+    def _skip(self, name: str, reason: str) -> None:
+        with self._lock:
+            if name in self._skipped:
+                return
+            self._skipped.add(name)
+        logger.warning("LoRA directory %s: skipping %r: %s", self.directory, name, reason)
 
     def resolve(self, name: Any, field: str = "lora.name") -> Path:
         """The file for `name`; InvalidArgument if the name leaves the directory, NotFound if absent."""
@@ -135,7 +153,11 @@ class LoraLibrary:
         if pure.is_absolute() or any(part in ("", ".", "..") for part in name.split("/")):
             raise InvalidArgument(field, f"{name!r} must be a path relative to the LoRA directory, without '..'")
         path = self.directory.joinpath(*pure.parts[:-1], pure.name + SUFFIX)
-        if not _inside(path.resolve(), self.directory):
+        try:
+            target = path.resolve()
+        except (OSError, RuntimeError):  # a symlink loop (RuntimeError before Python 3.13)
+            raise InvalidArgument(field, f"{name!r} is a symlink loop") from None
+        if not _inside(target, self.directory):
             raise InvalidArgument(field, f"{name!r} points outside the LoRA directory")
         if not path.is_file():
             raise NotFound(f"{field}: no LoRA named {name!r} in the LoRA directory")
@@ -172,7 +194,10 @@ class LoraLibrary:
         A file changed on disk (size or mtime) is read again and its old entry evicted.
         """
         path = self.resolve(name, field)
-        stat = path.stat()
+        try:
+            stat = path.stat()
+        except OSError:  # removed since resolve: as if it had never been there
+            raise NotFound(f"{field}: no LoRA named {name!r} in the LoRA directory") from None
         stamp = (stat.st_mtime_ns, stat.st_size)
         with self._lock:
             entry = self._cache.get(name)
@@ -237,6 +262,12 @@ def _inside(path: Path, directory: Path) -> bool:
     return path == directory or directory in path.parents
 
 
+def _lora_dtypes() -> tuple[Any, ...]:
+    import torch
+
+    return (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
 def _read_safetensors(name: str, path: Path, field: str) -> tuple[dict[str, Any], dict[str, str]]:
     import torch
     from safetensors import SafetensorError, safe_open
@@ -252,6 +283,13 @@ def _read_safetensors(name: str, path: Path, field: str) -> tuple[dict[str, Any]
     if not tensors:
         raise InvalidArgument(field, f"LoRA {name!r}: the file holds no tensors")
     for key, tensor in tensors.items():
+        # Checked before any math on them: torch has no kernels for float8 and friends. An
+        # integer scalar is an alpha some trainers write.
+        integer_scalar = tensor.ndim == 0 and not (tensor.is_floating_point() or tensor.is_complex())
+        if tensor.dtype not in _lora_dtypes() and not integer_scalar:
+            raise InvalidArgument(
+                field, f"LoRA {name!r} ({path.name}): tensor {key!r} is {str(tensor.dtype).removeprefix('torch.')}; "
+                f"LoRA weights must be {', '.join(str(d).removeprefix('torch.') for d in _lora_dtypes())}")
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise InvalidArgument(field, f"LoRA {name!r}: tensor {key!r} holds NaN or infinity")
     return tensors, header

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fluxmesh.rpc.errors import FailedPrecondition
+from fluxmesh.rpc.errors import FailedPrecondition, FluxmeshError
 from fluxmesh.services.loras.activation import LoraActivator
 from fluxmesh.services.loras.library import LoraLibrary
 
@@ -52,4 +52,11 @@ class StageLoras:
         if self.library is None:
             return []
         cached = set(self.library.cached())
-        return [(name, self.library.resolve(name).stat().st_size, name in cached) for name in self.library.names()]
+        listed = []
+        for name in self.library.names():
+            try:
+                size = self.library.resolve(name).stat().st_size
+            except (FluxmeshError, OSError):  # removed or changed since it was listed
+                continue
+            listed.append((name, size, name in cached))
+        return listed

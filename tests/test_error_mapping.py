@@ -1,0 +1,48 @@
+"""The one interceptor that turns exceptions into statuses: only a method nobody implemented is
+UNIMPLEMENTED; a NotImplementedError from inside a handler (torch raises them for dtypes it has
+no kernel for) is a server fault, INTERNAL, logged with its traceback."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+import pytest
+import torch
+
+from fluxmesh.rpc.interceptors import ErrorMappingInterceptor
+from fluxmesh.v1 import common_pb2, vae_pb2, vae_pb2_grpc
+
+
+class HalfVae(vae_pb2_grpc.VaeServicer):
+    """Info runs into torch's NotImplementedError; Decode is left to the generated base class."""
+
+    async def Info(self, request, context):
+        torch.isfinite(torch.zeros(2, dtype=torch.float8_e4m3fn))
+        raise AssertionError("unreachable: torch has no isfinite for float8")
+
+
+@pytest.fixture
+async def vae_stub():
+    server = grpc.aio.server(interceptors=[ErrorMappingInterceptor()])
+    vae_pb2_grpc.add_VaeServicer_to_server(HalfVae(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        yield vae_pb2_grpc.VaeStub(channel)
+    await server.stop(None)
+
+
+async def test_only_a_missing_method_is_unimplemented(vae_stub, caplog):
+    with pytest.raises(grpc.aio.AioRpcError) as missing:
+        await vae_stub.Decode(vae_pb2.DecodeRequest(), timeout=10)
+    assert missing.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert missing.value.details() == "/fluxmesh.v1.Vae/Decode is not implemented by this server"
+
+    with caplog.at_level(logging.ERROR, logger="fluxmesh.rpc.interceptors"):
+        with pytest.raises(grpc.aio.AioRpcError) as torch_error:
+            await vae_stub.Info(common_pb2.InfoRequest(), timeout=10)
+    assert torch_error.value.code() == grpc.StatusCode.INTERNAL, torch_error.value.details()
+    assert "NotImplementedError" in torch_error.value.details()
+    [record] = [r for r in caplog.records if "Info failed" in r.getMessage()]
+    assert record.exc_info is not None and record.exc_info[0] is NotImplementedError  # the traceback is logged

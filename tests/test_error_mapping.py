@@ -39,9 +39,9 @@ async def test_only_a_missing_method_is_unimplemented(vae_stub, caplog):
     assert missing.value.code() == grpc.StatusCode.UNIMPLEMENTED
     assert missing.value.details() == "/fluxmesh.v1.Vae/Decode is not implemented by this server"
 
-    with caplog.at_level(logging.ERROR, logger="fluxmesh.rpc.interceptors"):
-        with pytest.raises(grpc.aio.AioRpcError) as torch_error:
-            await vae_stub.Info(common_pb2.InfoRequest(), timeout=10)
+    with caplog.at_level(logging.ERROR, logger="fluxmesh.rpc.interceptors"), \
+            pytest.raises(grpc.aio.AioRpcError) as torch_error:
+        await vae_stub.Info(common_pb2.InfoRequest(), timeout=10)
     assert torch_error.value.code() == grpc.StatusCode.INTERNAL, torch_error.value.details()
     assert "NotImplementedError" in torch_error.value.details()
     [record] = [r for r in caplog.records if "Info failed" in r.getMessage()]

@@ -3,6 +3,8 @@
 Each process exports on its own `--metrics-port` (plain HTTP, `/metrics`):
 * `fluxmesh_rpc_handled_total{service,method,code}`: calls by final status: errors by status code.
 * `fluxmesh_rpc_seconds{service,method}`: call latency.
+* `fluxmesh_rpc_in_flight{service,method}`: calls received and not yet finished (running or waiting
+  for the model thread): at a stage, the load an autoscaler scales on (deploy/kubernetes).
 * `process_resident_memory_bytes` and friends (prometheus_client's process collector): memory held.
 The orchestrator adds queue and per-stage metrics (`fluxmesh.orchestrator.metrics`), the stages
 add weights, device memory and denoising speed (`fluxmesh.services.runtime.metrics`).
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 import logging
 
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +26,9 @@ RPC_HANDLED = Counter(
 )
 RPC_SECONDS = Histogram(
     "fluxmesh_rpc_seconds", "RPC latency from receipt to final status", ["service", "method"], buckets=LATENCY_BUCKETS
+)
+RPC_IN_FLIGHT = Gauge(
+    "fluxmesh_rpc_in_flight", "RPCs received and not yet finished", ["service", "method"]
 )
 
 _serving: set[int] = set()

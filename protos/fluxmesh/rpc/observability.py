@@ -2,8 +2,9 @@
 
 The interceptor binds the caller's `x-request-id` to the call's context (so every log line the
 call produces names it), logs one line per call with its final status and time, and counts the
-call in `fluxmesh_rpc_handled_total` / `fluxmesh_rpc_seconds`. Health checks and reflection are
-counted but not logged: a monitor polling twice a second would bury the request lines.
+call in `fluxmesh_rpc_handled_total` / `fluxmesh_rpc_seconds` (and in `fluxmesh_rpc_in_flight`
+while it runs). Health checks and reflection are counted but not logged: a monitor polling twice
+a second would bury the request lines.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import grpc
 
 from fluxmesh.rpc import request_ids
 from fluxmesh.rpc.handlers import wrap_handler
-from fluxmesh.rpc.metrics import RPC_HANDLED, RPC_SECONDS
+from fluxmesh.rpc.metrics import RPC_HANDLED, RPC_IN_FLIGHT, RPC_SECONDS
 
 log = logging.getLogger("fluxmesh.rpc.access")
 
@@ -61,6 +62,8 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
             deadline = None if remaining is None else time.monotonic() + remaining
             peer = context.peer()
             code = "OK"
+            in_flight = RPC_IN_FLIGHT.labels(service, method)
+            in_flight.inc()
             with request_ids.bind(request_id):
                 try:
                     yield
@@ -68,6 +71,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
                     code = _final_code(context, error, deadline)
                     raise
                 finally:
+                    in_flight.dec()
                     seconds = time.perf_counter() - started
                     RPC_HANDLED.labels(service, method, code).inc()
                     RPC_SECONDS.labels(service, method).observe(seconds)

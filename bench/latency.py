@@ -47,8 +47,9 @@ def main() -> None:
                  generator=torch.Generator("cpu").manual_seed(1)).images[0]
 
         # Stages run one after another for a single request, so each may use every core, as the
-        # in-process pipeline does.
-        with start_local(str(folder), port=free_port()) as cluster, Client(cluster.address) as client:
+        # in-process pipeline does (not `fluxmesh up`'s default, which divides them for load).
+        with start_local(str(folder), port=free_port(), share_cores=False) as cluster, \
+                Client(cluster.address) as client:
             def split():
                 client.generate(PROMPT, width=args.width, height=args.height, steps=args.steps, guidance=3.5, seed=1)
 

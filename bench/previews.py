@@ -35,7 +35,8 @@ def denoise_ratios(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = tiny_model(Path(tmp) / "small")
         flags = ["--threads", str(args.stage_threads)] if args.stage_threads else []
-        with start_local(str(folder), port=free_port(), common_args=flags) as cluster, \
+        # --stage-threads 0: torch's default in every stage (not up's division of the cores)
+        with start_local(str(folder), port=free_port(), common_args=flags, share_cores=bool(flags)) as cluster, \
                 Client(cluster.address, timeout=600) as client:
             def run(options) -> tuple[float, int]:
                 previews, result = 0, None

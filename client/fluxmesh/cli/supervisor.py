@@ -17,10 +17,10 @@ import time
 from dataclasses import dataclass, field
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from fluxmesh.cli.lifeline import child_environment
 from fluxmesh.cli.ports import free_port
+from fluxmesh.rpc.cores import CPU_SHARE_ENV, divide_cores, host_cores
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -132,20 +132,26 @@ def start_local(
     orchestrator_args: list[str] | None = None,
     orchestrator_tls: bool = False,
     timeout: float = 300.0,
+    share_cores: bool = True,
 ) -> Cluster:
     """Start encoder, denoiser, vae and the orchestrator; returns once all are SERVING.
 
     Only the orchestrator listens on `host`: the stages are this machine's children, reached by
     the orchestrator alone, so they listen on loopback and are never exposed unauthenticated.
+    `share_cores`: each stage gets its share of this host's cores as its torch threads
+    (fluxmesh.rpc.cores) unless the args give --threads; False leaves torch's default (all).
     """
     cluster = Cluster()
+    shares = divide_cores(host_cores())
     try:
         addresses = {}
         for stage in STAGES:
             stage_port = free_port(LOOPBACK)
             addresses[stage] = f"{LOOPBACK}:{stage_port}"
             args = ["serve", stage, "--model", model, "--host", LOOPBACK, "--port", str(stage_port)]
-            cluster.start(stage, args + (common_args or []) + (stage_args or {}).get(stage, []), addresses[stage])
+            env = {CPU_SHARE_ENV: str(shares[stage])} if share_cores else None
+            cluster.start(stage, args + (common_args or []) + (stage_args or {}).get(stage, []), addresses[stage],
+                          env)
         cluster.start(
             "orchestrator",
             ["serve", "orchestrator", "--host", host, "--port", str(port),

@@ -45,8 +45,8 @@ def build_service(options: StageOptions) -> list[Service]:
 
 def _stage_service(options: StageOptions) -> Service:
     """The stage's engine (weights not read yet) wrapped in its servicer."""
-    configure_threads(options.threads)
     device = Device.parse(options.device, options.dtype)
+    configure_threads(options.threads, device)
     folder = resolve_model(options.model, options.stage)
     if options.stage == "encoder":
         from fluxmesh.services.encoder.engine import TextEncoderEngine

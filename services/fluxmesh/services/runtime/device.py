@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
-
+from fluxmesh.rpc.cores import CPU_SHARE_ENV, parse_share
 from fluxmesh.rpc.errors import InvalidArgument
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -40,8 +41,26 @@ class Device:
         return f"{self.torch_device} {str(self.dtype).removeprefix('torch.')}"
 
 
-def configure_threads(threads: int | None) -> None:
+# CPU threads of a stage computing on an accelerator: its CPU work is tensor copies, packing and
+# previews, and idle OpenMP teams spin, taking cores from the stages that compute on the CPU.
+ACCELERATOR_STAGE_THREADS = 2
+
+
+def stage_threads(threads: int | None, device: Device, cpu_share: int | None = None) -> int | None:
+    """The torch threads a stage runs with (None: torch's default, every core).
+
+    An explicit `threads` wins; else the host share `fluxmesh up` gave it (fluxmesh.rpc.cores);
+    a stage on an accelerator keeps at most ACCELERATOR_STAGE_THREADS either way."""
+    if threads:
+        return threads
+    if device.torch_device.type == "cpu":
+        return cpu_share
+    return min(cpu_share or ACCELERATOR_STAGE_THREADS, ACCELERATOR_STAGE_THREADS)
+
+
+def configure_threads(threads: int | None, device: Device) -> None:
     """Set this process's torch CPU threads: with several stage processes on one host, each
     must be told, or they fight for cores and every timing lies."""
-    if threads:
-        torch.set_num_threads(threads)
+    chosen = stage_threads(threads, device, parse_share(os.environ.get(CPU_SHARE_ENV)))
+    if chosen:
+        torch.set_num_threads(chosen)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from fluxmesh.services.runtime.device import Device
 from fluxmesh.services.runtime.memory import peak_memory_bytes
 from fluxmesh.v1 import common_pb2
@@ -17,7 +18,8 @@ def stage_info(stage: str, model: str, device: Device, weight_bytes: int, *, res
         device=str(device.torch_device),
         weight_bytes=weight_bytes,
         peak_memory_bytes=peak_memory_bytes(device.torch_device),
-        details={key: str(value) for key, value in details.items()},
+        # threads: what the process computes with (--threads, `fluxmesh up`'s share, or torch's)
+        details={key: str(value) for key, value in {"threads": torch.get_num_threads(), **details}.items()},
         residency=residency,
     )
 

@@ -1,0 +1,75 @@
+"""`fluxmesh up` divides a CPU host's cores between its stages; explicit --threads wins; a stage
+on an accelerator keeps its CPU threads few."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+from fluxmesh.cli.lifeline import child_environment
+from fluxmesh.cli.supervisor import free_port, health_status
+from fluxmesh.rpc.cores import CPU_SHARE_ENV, STAGE_WEIGHTS, divide_cores, parse_share
+
+
+@pytest.mark.parametrize("cores, expected", [(1, (1, 1, 1)), (2, (1, 1, 1)), (4, (1, 2, 1)), (6, (1, 4, 1)),
+                                             (16, (4, 8, 4)), (64, (16, 32, 16))])
+def test_cores_are_divided_by_stage_weight(cores, expected):
+    shares = divide_cores(cores)
+    assert tuple(shares[stage] for stage in ("encoder", "denoiser", "vae")) == expected
+    assert set(shares) == set(STAGE_WEIGHTS)
+    if cores >= len(STAGE_WEIGHTS):  # never more threads than cores once each stage has one
+        assert sum(shares.values()) == cores
+
+
+def test_explicit_threads_win_and_accelerator_stages_keep_few():
+    import torch
+    from fluxmesh.services.runtime.device import (
+        ACCELERATOR_STAGE_THREADS,
+        Device,
+        stage_threads,
+    )
+
+    cpu = Device(torch.device("cpu"), torch.float32)
+    gpu = Device(torch.device("cuda", 0), torch.bfloat16)  # constructed, not used: no GPU needed
+    assert stage_threads(None, cpu, None) is None  # plain `serve` on CPU: torch's default
+    assert stage_threads(None, cpu, 3) == 3
+    assert stage_threads(5, cpu, 3) == 5
+    assert stage_threads(None, gpu, 8) == ACCELERATOR_STAGE_THREADS
+    assert stage_threads(None, gpu, None) == ACCELERATOR_STAGE_THREADS
+    assert stage_threads(None, gpu, 1) == 1
+    assert stage_threads(6, gpu, 8) == 6
+    assert [parse_share(v) for v in (None, "", "0", "-2", "x", "3")] == [None, None, None, None, None, 3]
+
+
+def test_a_stage_started_with_a_share_computes_with_it(dev_model):
+    """The share reaches the process through its environment (as `fluxmesh up` sets it), and the
+    stage's Info reports the threads it computes with."""
+    from fluxmesh.v1 import common_pb2, vae_pb2_grpc
+
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "fluxmesh.cli", "serve", "vae", "--model", str(dev_model),
+                                "--host", "127.0.0.1", "--port", str(port)],
+                               env=child_environment({CPU_SHARE_ENV: "1"}), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while health_status(f"127.0.0.1:{port}") != 1:
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            info = vae_pb2_grpc.VaeStub(channel).Info(common_pb2.InfoRequest(), timeout=10)
+        assert info.details["threads"] == "1"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_explicit_threads_are_reported(stage_addresses):
+    from fluxmesh.v1 import common_pb2, denoiser_pb2_grpc
+
+    with grpc.insecure_channel(stage_addresses["denoiser"]) as channel:
+        info = denoiser_pb2_grpc.DenoiserStub(channel).Info(common_pb2.InfoRequest(), timeout=10)
+    assert info.details["threads"] == "1"  # the test clusters' --threads 1

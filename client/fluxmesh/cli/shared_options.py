@@ -21,8 +21,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from fluxmesh.orchestrator.residency.sequential import ReleaseTo
-from fluxmesh.services.residency.names import InitialState
+from fluxmesh.contract import ReleaseTo, StartResidency
 
 if typing.TYPE_CHECKING:
     from fluxmesh.orchestrator.priorities import PriorityPolicy
@@ -64,10 +63,10 @@ class StageServeOptions:
     device: Device = "auto"
     dtype: Dtype = "auto"
     threads: Threads = None
-    residency: Annotated[InitialState, typer.Option(
+    residency: Annotated[StartResidency, typer.Option(
         help="Weights at start: resident (on --device), offloaded (CPU memory), released (not read until "
              "Residency.Load), standby (offloaded on an accelerator, released on CPU: what sequential mode uses)."
-    )] = InitialState.resident
+    )] = StartResidency.resident
 
 
 @dataclass(frozen=True)

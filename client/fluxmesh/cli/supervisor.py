@@ -19,12 +19,13 @@ from dataclasses import dataclass, field
 import grpc
 from fluxmesh.cli.lifeline import child_environment
 from fluxmesh.cli.ports import free_port
+from fluxmesh.contract import Stage
 from fluxmesh.rpc.cores import CPU_SHARE_ENV, divide_cores, host_cores
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-STAGES = ("encoder", "denoiser", "vae")
+STAGES = tuple(Stage)
 LOOPBACK = "127.0.0.1"
 
 

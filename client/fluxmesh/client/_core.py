@@ -8,26 +8,16 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Iterable
-from enum import Enum
 
 import grpc
 from PIL import Image
 
+from fluxmesh.contract import PreviewKind
 from fluxmesh.rpc.errors import FluxmeshError
 from fluxmesh.v1 import common_pb2, generator_pb2
 
 Lora = tuple[str, float]
 ImageInput = bytes | str | os.PathLike | Image.Image  # PNG/JPEG bytes, a path to one, or a PIL image
-
-
-class PreviewKind(str, Enum):
-    """How live previews are made."""
-
-    fast = "fast"  # the latents through a linear map to RGB: cheap, soft
-    vae = "vae"  # the latents decoded by the VAE stage: the picture the result would be now
-
-
-PREVIEW_KINDS = {PreviewKind.fast.value: generator_pb2.PREVIEW_KIND_FAST, PreviewKind.vae.value: generator_pb2.PREVIEW_KIND_VAE}
 
 
 def build_request(
@@ -80,10 +70,7 @@ def build_request(
     if true_cfg_scale is not None:
         request.true_cfg_scale = true_cfg_scale
     if preview is not None:
-        kind = preview.value if isinstance(preview, PreviewKind) else preview
-        if kind not in PREVIEW_KINDS:
-            raise ValueError(f"preview: {preview!r}; expected one of {sorted(PREVIEW_KINDS)}")
-        request.preview.kind = PREVIEW_KINDS[kind]
+        request.preview.kind = PreviewKind.parse(str(preview)).pb  # InvalidArgument (a ValueError) naming it
         request.preview.every = preview_every
     return request
 

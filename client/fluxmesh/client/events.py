@@ -4,24 +4,13 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass, field
-from enum import Enum
 
 from PIL import Image
 
+from fluxmesh.contract import Phase
 from fluxmesh.v1 import generator_pb2, common_pb2
 
-
-class Stage(str, Enum):
-    encode = "encode"
-    denoise = "denoise"
-    decode = "decode"
-
-
-_STAGES = {
-    generator_pb2.STAGE_ENCODE: Stage.encode,
-    generator_pb2.STAGE_DENOISE: Stage.denoise,
-    generator_pb2.STAGE_DECODE: Stage.decode,
-}
+Stage = Phase  # the SDK's name for a request's phase: Stage.encode, Stage.denoise, Stage.decode
 
 
 @dataclass(frozen=True)
@@ -111,9 +100,9 @@ def event_from_pb(message: generator_pb2.GenerateEvent) -> Event:
     if kind == "queued":
         return Queued(rid, message.queued.position)
     if kind == "stage_started":
-        return StageStarted(rid, _STAGES[message.stage_started.stage])
+        return StageStarted(rid, Phase.from_pb(message.stage_started.stage))
     if kind == "stage_finished":
-        return StageFinished(rid, _STAGES[message.stage_finished.stage], message.stage_finished.seconds)
+        return StageFinished(rid, Phase.from_pb(message.stage_finished.stage), message.stage_finished.seconds)
     if kind == "step":
         s = message.step
         return Step(rid, s.step, s.total, s.seconds, [_image(i) for i in s.previews], s.preview_step,

@@ -14,18 +14,14 @@ import math
 import struct
 from dataclasses import dataclass
 
+from fluxmesh import contract
+from fluxmesh.contract import LIMITS, Limits, PreviewKind
 from fluxmesh.rpc.errors import InvalidArgument
 from fluxmesh.rpc.images import check_mask, open_image
 from fluxmesh.v1 import denoiser_pb2, generator_pb2, vae_pb2
 
 DEFAULT_STRENGTH = 0.6  # FluxImg2ImgPipeline's and FluxInpaintPipeline's default
 DEFAULT_FILL_STRENGTH = 1.0  # FluxFillPipeline's default: Fill models repaint from noise
-
-PREVIEW_KINDS = {
-    generator_pb2.PREVIEW_KIND_UNSPECIFIED: None,
-    generator_pb2.PREVIEW_KIND_FAST: "fast",
-    generator_pb2.PREVIEW_KIND_VAE: "vae",
-}
 
 
 @dataclass(frozen=True)
@@ -44,12 +40,12 @@ class EditParams:
 
 @dataclass(frozen=True)
 class PreviewParams:
-    kind: str  # "fast" | "vae"
+    kind: PreviewKind
     every: int
 
 
 def check_edit(request: generator_pb2.GenerateRequest, *, fill_model: bool, size_multiple: int,
-               min_side: int, max_side: int) -> EditParams | None:
+               limits: Limits = LIMITS) -> EditParams | None:
     """None for text to image; errors name the field."""
     has_strength = request.HasField("strength")
     if not request.init_image:
@@ -63,12 +59,11 @@ def check_edit(request: generator_pb2.GenerateRequest, *, fill_model: bool, size
     if fill_model and not request.mask_image:
         raise InvalidArgument("mask_image", "this is a FLUX.1-Fill model: it needs a mask_image")
     strength = as_typed(request.strength) if has_strength else DEFAULT_FILL_STRENGTH if fill_model else DEFAULT_STRENGTH
-    if not (0 < strength <= 1):  # also false for NaN
-        raise InvalidArgument("strength", f"{strength} is outside (0, 1]")
+    contract.check_strength(strength)
     init = open_image(request.init_image, "init_image")
     if request.mask_image:
         check_mask(open_image(request.mask_image, "mask_image"), init, "mask_image")
-    width, height = fit_size(init.width, init.height, size_multiple, min_side, max_side)
+    width, height = contract.fit_size(init.width, init.height, size_multiple, limits)
     return EditParams(request.init_image, request.mask_image, strength, width, height, fill_model)
 
 
@@ -87,37 +82,10 @@ def as_typed(value: float) -> float:
     return value
 
 
-def check_steps(edit: EditParams | None, steps: int) -> None:
-    """img2img-style pipelines run the last int(steps * strength) steps; at least one must be left."""
-    if edit is not None and steps_after_strength(steps, edit.strength) < 1:
-        raise InvalidArgument("strength", f"{edit.strength} leaves no step of {steps} to run")
-
-
-def steps_after_strength(steps: int, strength: float) -> int:
-    # FluxImg2ImgPipeline.get_timesteps, in the same float arithmetic.
-    init_timestep = min(steps * strength, steps)
-    return steps - int(max(steps - init_timestep, 0))
-
-
-def fit_size(width: int, height: int, multiple: int, min_side: int, max_side: int) -> tuple[int, int]:
-    """The init image's size as a request size: scaled down (aspect kept) to fit max_side, then
-    rounded down to the size multiple (as VaeImageProcessor does), at least min_side."""
-    scale = min(1.0, max_side / max(width, height))
-    fitted = []
-    for side in (width, height):
-        side = math.floor(side * scale)
-        fitted.append(max(min_side, side - side % multiple))
-    return fitted[0], fitted[1]
-
-
-def check_preview(request: generator_pb2.GenerateRequest, max_steps: int) -> PreviewParams | None:
-    preview = request.preview
-    if preview.kind not in PREVIEW_KINDS:
-        raise InvalidArgument("preview.kind", f"{preview.kind} is not a PreviewKind")
-    if not 0 <= preview.every <= max_steps:
-        raise InvalidArgument("preview.every", f"{preview.every} is outside [0, {max_steps}]")
-    kind = PREVIEW_KINDS[preview.kind]
-    return PreviewParams(kind, preview.every or 1) if kind else None
+def check_preview(request: generator_pb2.GenerateRequest, limits: Limits = LIMITS) -> PreviewParams | None:
+    kind = PreviewKind.from_pb(request.preview.kind)
+    contract.check_preview_every(request.preview.every, limits)
+    return PreviewParams(kind, request.preview.every or 1) if kind else None
 
 
 async def encode_init(vae, placement, swaps, edit: EditParams | None, *, width: int, height: int,

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 
 import grpc
 
+from fluxmesh.contract import Stage
 from fluxmesh.orchestrator.replicas import Deadline, ReplicaSet, channel_options
 from fluxmesh.rpc.channels import aio_channel
 from fluxmesh.rpc.errors import FluxmeshError, StageUnavailable
@@ -43,7 +44,7 @@ class StageClient:
     """One stage: a single server, several replicas (comma-separated) or a dns:/// target
     (see replicas.py for how calls are spread, failed over and retried)."""
 
-    stage = ""
+    stage: Stage
     stub_class: type = object
 
     def __init__(self, address: str, *, credentials: grpc.ChannelCredentials | None = None,
@@ -88,7 +89,7 @@ class StageClient:
 
 
 class EncoderClient(StageClient):
-    stage = "encoder"
+    stage = Stage.encoder
     stub_class = encoder_pb2_grpc.TextEncoderStub
 
     async def encode(self, request: encoder_pb2.EncodeRequest, timeout: float | None) -> encoder_pb2.EncodeResponse:
@@ -96,7 +97,7 @@ class EncoderClient(StageClient):
 
 
 class DenoiserClient(StageClient):
-    stage = "denoiser"
+    stage = Stage.denoiser
     stub_class = denoiser_pb2_grpc.DenoiserStub
 
     async def denoise(
@@ -133,7 +134,7 @@ class DenoiserClient(StageClient):
 
 
 class VaeClient(StageClient):
-    stage = "vae"
+    stage = Stage.vae
     stub_class = vae_pb2_grpc.VaeStub
 
     async def decode(self, request: vae_pb2.DecodeRequest, timeout: float | None) -> vae_pb2.DecodeResponse:

@@ -24,8 +24,7 @@ from fluxmesh.cli.shared_options import (
     with_option_groups,
 )
 from fluxmesh.orchestrator.priorities import DEFAULT_MAX_PRIORITY
-from fluxmesh.orchestrator.residency.sequential import ReleaseTo
-from fluxmesh.services.residency.names import InitialState
+from fluxmesh.contract import ReleaseTo, StartResidency
 from fluxmesh.services.tools.tiny_model import ModelSize
 
 app = typer.Typer()
@@ -121,9 +120,7 @@ def _sequential_stage_flags(sequential: bool, release_to: ReleaseTo) -> list[str
     """Stages start in the state sequential mode releases them to, so they never all load at once."""
     if not sequential:
         return []
-    start = {ReleaseTo.auto: InitialState.standby, ReleaseTo.cpu: InitialState.offloaded,
-             ReleaseTo.disk: InitialState.released}
-    return ["--residency", start[release_to].value]
+    return ["--residency", StartResidency.for_release(release_to).value]
 
 
 def _sequential_flags(sequential: bool, release_to: ReleaseTo) -> list[str]:

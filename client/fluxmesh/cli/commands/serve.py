@@ -22,7 +22,7 @@ from fluxmesh.cli.shared_options import (
     with_option_groups,
 )
 from fluxmesh.orchestrator.priorities import DEFAULT_MAX_PRIORITY
-from fluxmesh.orchestrator.residency.sequential import ReleaseTo
+from fluxmesh.contract import ReleaseTo
 
 app = typer.Typer(help="Serve one fluxmesh process.", no_args_is_help=True)
 

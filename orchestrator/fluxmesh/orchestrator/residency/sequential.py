@@ -28,10 +28,10 @@ import time
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from enum import Enum
 
 import grpc
 
+from fluxmesh.contract import ReleaseTo
 from fluxmesh.orchestrator.residency.resident import SwapCost, next_order
 from fluxmesh.orchestrator.replicas import Replica, is_dns_target
 from fluxmesh.orchestrator.stages import StageClient, stage_errors
@@ -50,12 +50,6 @@ SWAP_TIMEOUT = 900.0  # reading FLUX.1-dev's 24 GB transformer from a slow disk 
 # while the first request of a full group waits for 8 encodes and 8 denoises before its decode.
 # Each admitted request holds only its embeddings in the orchestrator (<= 8 MiB at T5 length 512).
 SEQUENTIAL_MAX_ACTIVE = 8
-
-
-class ReleaseTo(str, Enum):
-    auto = "auto"  # cpu for stages on an accelerator, disk for stages on the CPU
-    cpu = "cpu"  # keep released weights in CPU memory
-    disk = "disk"  # free them entirely; read the model files again on the next load
 
 
 @dataclass(eq=False)
@@ -207,9 +201,10 @@ class SequentialStrategy:
 
     async def _release(self, stage: str) -> bool:
         """Release `stage` on every replica; True when weights actually moved."""
-        keep = self.release_to is ReleaseTo.cpu
-        if self.release_to is ReleaseTo.auto:
-            keep = (await self._device(stage)) != "cpu"
+        release_to = self.release_to
+        if release_to is ReleaseTo.auto:
+            release_to = release_to.on(await self._device(stage))
+        keep = release_to is ReleaseTo.cpu
         request = residency_pb2.ReleaseRequest(keep_in_cpu_memory=keep)
         return await self._each_replica(stage, "Release", request)
 

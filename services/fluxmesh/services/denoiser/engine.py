@@ -10,7 +10,6 @@ shift (mu), the guidance embedding and the loop exactly diffusers'.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
+from fluxmesh import contract
 from fluxmesh.rpc.errors import Cancelled, InvalidArgument
 from fluxmesh.services.denoiser.modes import (Geometry, InitImage, VaeConfig, check_init, choose_mode,
                                               is_fill_transformer)
@@ -27,7 +27,6 @@ from fluxmesh.services.denoiser.previews import Previewer, PreviewSpec, StepPrev
 from fluxmesh.services.loras.stage import StageLoras
 from fluxmesh.services.runtime.device import Device
 from fluxmesh.services.runtime.memory import module_bytes
-from fluxmesh.rpc.limits import MAX_IMAGES, MAX_SEQUENCE_LENGTH, MAX_SIDE, MAX_STEPS, MAX_TRUE_CFG_SCALE
 from fluxmesh.services.runtime import model_folder
 
 log = logging.getLogger(__name__)
@@ -127,11 +126,8 @@ class DenoiserEngine:
         """Reject a request before any compute, naming the field."""
         embeds, pooled = job.prompt_embeds, job.pooled_prompt_embeds
         for field, tensor in (("prompt_embeds", embeds), ("pooled_prompt_embeds", pooled)):
-            if not tensor.is_floating_point():
-                raise InvalidArgument(f"{field}.dtype", f"{str(tensor.dtype).removeprefix('torch.')} is not a float dtype")
-        if not 1 <= embeds.shape[1] <= MAX_SEQUENCE_LENGTH:  # attention cost grows with its square
-            raise InvalidArgument("prompt_embeds.shape", f"sequence length {embeds.shape[1]} is outside "
-                                                         f"[1, {MAX_SEQUENCE_LENGTH}]")
+            contract.check_float_dtype(f"{field}.dtype", str(tensor.dtype))
+        contract.check_sequence_length("prompt_embeds.shape", embeds.shape[1])
         if embeds.shape[-1] != self.joint_attention_dim:
             raise InvalidArgument("prompt_embeds.shape", f"last dimension {embeds.shape[-1]} != {self.joint_attention_dim}")
         if pooled.shape[-1] != self.pooled_projection_dim:
@@ -140,17 +136,10 @@ class DenoiserEngine:
             )
         if embeds.shape[0] != pooled.shape[0]:
             raise InvalidArgument("pooled_prompt_embeds.shape", f"batch {pooled.shape[0]} != prompt_embeds batch {embeds.shape[0]}")
-        for field, value in (("width", job.width), ("height", job.height)):
-            if value % self.size_multiple or not self.size_multiple <= value <= MAX_SIDE:
-                raise InvalidArgument(field, f"{value} must be a multiple of {self.size_multiple} in [{self.size_multiple}, {MAX_SIDE}]")
-        if not 1 <= job.steps <= MAX_STEPS:
-            raise InvalidArgument("steps", f"{job.steps} is outside [1, {MAX_STEPS}]")
-        if not 1 <= job.num_images <= MAX_IMAGES:
-            raise InvalidArgument("num_images", f"{job.num_images} is outside [1, {MAX_IMAGES}]")
-        if embeds.shape[0] * job.num_images > MAX_IMAGES:
-            raise InvalidArgument("num_images", f"{embeds.shape[0]} prompts x {job.num_images} images exceeds {MAX_IMAGES}")
-        if not math.isfinite(job.guidance):
-            raise InvalidArgument("guidance", f"{job.guidance} is not finite")
+        contract.check_size(job.width, job.height, self.size_multiple)
+        contract.check_steps(job.steps)
+        contract.check_num_images(job.num_images, prompts=embeds.shape[0])
+        contract.check_guidance(job.guidance)
         self.loras.check(job.loras)
         self._check_true_cfg(job)
         if job.init is not None:
@@ -165,9 +154,7 @@ class DenoiserEngine:
         if (negative is None) != (pooled is None):
             missing = "negative_prompt_embeds" if negative is None else "negative_pooled_prompt_embeds"
             raise InvalidArgument(missing, "true CFG needs both negative embeddings")
-        if not math.isfinite(job.true_cfg_scale) or not 1.0 <= job.true_cfg_scale <= MAX_TRUE_CFG_SCALE:
-            raise InvalidArgument("true_cfg_scale", f"{job.true_cfg_scale} must be finite within "
-                                                    f"[1, {MAX_TRUE_CFG_SCALE:g}]")
+        contract.check_true_cfg_scale(job.true_cfg_scale)
         if job.true_cfg != (job.true_cfg_scale > 1.0):  # diffusers would ignore the one without the other
             raise InvalidArgument("true_cfg_scale", "negative embeddings and true_cfg_scale > 1 go together")
         if not job.true_cfg:
@@ -176,8 +163,7 @@ class DenoiserEngine:
                                     ("negative_pooled_prompt_embeds", pooled, job.pooled_prompt_embeds)):
             if tensor.shape != like.shape:
                 raise InvalidArgument(f"{field}.shape", f"{list(tensor.shape)} != {list(like.shape)} of the prompt's")
-            if not tensor.is_floating_point():
-                raise InvalidArgument(f"{field}.dtype", f"{str(tensor.dtype).removeprefix('torch.')} is not a float dtype")
+            contract.check_float_dtype(f"{field}.dtype", str(tensor.dtype))
         if self.fill:
             raise InvalidArgument("true_cfg_scale", "FLUX.1-Fill models have no true CFG (FluxFillPipeline)")
 

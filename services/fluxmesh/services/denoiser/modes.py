@@ -28,11 +28,11 @@ from diffusers.configuration_utils import FrozenDict
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.utils.torch_utils import randn_tensor
 
+from fluxmesh import contract
 from fluxmesh.rpc.errors import InvalidArgument
 from fluxmesh.services.denoiser.previews import X0Scheduler
 
-__all__ = ["Geometry", "InitImage", "Mode", "VaeConfig", "check_init", "choose_mode", "is_fill_transformer",
-           "steps_after_strength"]
+__all__ = ["Geometry", "InitImage", "Mode", "VaeConfig", "check_init", "choose_mode", "is_fill_transformer"]
 
 
 @dataclass(frozen=True)
@@ -65,20 +65,11 @@ class VaeConfig:
     decode = encode
 
 
-def steps_after_strength(steps: int, strength: float) -> int:
-    """How many steps an img2img pipeline runs: its `get_timesteps` arithmetic."""
-    init_timestep = min(steps * strength, steps)
-    t_start = int(max(steps - init_timestep, 0))
-    return steps - t_start
-
-
 def check_init(init: InitImage, *, width: int, height: int, steps: int, latent_channels: int,
                vae_scale_factor: int) -> None:
     """Shapes against the request's size, strength against its steps; errors name the field."""
-    if not (0 < init.strength <= 1):  # also false for NaN
-        raise InvalidArgument("init.strength", f"{init.strength} is outside (0, 1]")
-    if steps_after_strength(steps, init.strength) < 1:
-        raise InvalidArgument("init.strength", f"{init.strength} leaves no step of {steps} to run")
+    contract.check_strength(init.strength, "init.strength")
+    contract.check_strength_leaves_a_step(init.strength, steps, "init.strength")
     latent = (1, 2 * latent_channels, height // vae_scale_factor, width // vae_scale_factor)
     tensors = [("init.posterior", init.posterior, latent)]
     if (init.mask is None) != (init.masked_posterior is None):
@@ -92,8 +83,8 @@ def check_init(init: InitImage, *, width: int, height: int, steps: int, latent_c
             raise InvalidArgument(f"{field}.shape", f"{list(tensor.shape)} does not match {width}x{height}: "
                                                     f"expected {list(shape)}")
     for field, tensor in (("init.posterior", init.posterior), ("init.masked_posterior", init.masked_posterior)):
-        if tensor is not None and not tensor.is_floating_point():
-            raise InvalidArgument(f"{field}.dtype", f"{str(tensor.dtype).removeprefix('torch.')} is not a float dtype")
+        if tensor is not None:
+            contract.check_float_dtype(f"{field}.dtype", str(tensor.dtype))
     if init.mask is not None and not bool(((init.mask == 0) | (init.mask == 1)).all()):
         raise InvalidArgument("init.mask.data", "values must be 0 or 1")
 

@@ -16,6 +16,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from PIL import Image
 
+from fluxmesh import contract
 from fluxmesh.rpc.errors import InvalidArgument
 from fluxmesh.services.previews.latent_rgb import LatentRgb
 from fluxmesh.v1 import common_pb2
@@ -90,8 +91,7 @@ class PreviewSpec:
         return self.every > 0 and (self.fast or self.x0) and step % self.every == 0
 
     def check(self, latent_channels: int) -> None:
-        if self.every < 0:
-            raise InvalidArgument("preview.every", f"{self.every} must be >= 0")
+        contract.check_preview_every(self.every)
         if self.latent_rgb:
             try:
                 LatentRgb.from_flat(self.latent_rgb, latent_channels)

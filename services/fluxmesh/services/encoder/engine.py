@@ -15,11 +15,11 @@ import torch
 from diffusers import FluxPipeline
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
+from fluxmesh import contract
 from fluxmesh.rpc.errors import InvalidArgument
 from fluxmesh.services.loras.stage import LoraList, StageLoras
 from fluxmesh.services.runtime.device import Device
 from fluxmesh.services.runtime.memory import module_bytes
-from fluxmesh.rpc.limits import MAX_PROMPT_CHARS, MAX_PROMPTS
 from fluxmesh.services.runtime import model_folder
 
 log = logging.getLogger(__name__)
@@ -93,19 +93,14 @@ class TextEncoderEngine:
 
     def check(self, prompts: list[str], prompts_2: list[str], max_sequence_length: int) -> int:
         """Validate an encode request's prompts; returns the sequence length to use."""
-        if not prompts:
-            raise InvalidArgument("prompts", "at least one prompt is required")
-        if len(prompts) > MAX_PROMPTS:
-            raise InvalidArgument("prompts", f"{len(prompts)} prompts; the limit is {MAX_PROMPTS}")
+        contract.check_prompt_count(len(prompts))
         if prompts_2 and len(prompts_2) != len(prompts):
             raise InvalidArgument("prompts_2", f"{len(prompts_2)} entries for {len(prompts)} prompts")
         for field, values in (("prompts", prompts), ("prompts_2", prompts_2)):
             for i, text in enumerate(values):
-                if len(text) > MAX_PROMPT_CHARS:
-                    raise InvalidArgument(f"{field}[{i}]", f"{len(text)} characters; the limit is {MAX_PROMPT_CHARS}")
+                contract.check_prompt_text(f"{field}[{i}]", text)
         length = max_sequence_length or self.default_max_sequence_length
-        if not 1 <= length <= 512:
-            raise InvalidArgument("max_sequence_length", f"{length} is outside [1, 512]")
+        contract.check_sequence_length("max_sequence_length", length)
         return length
 
     def encode(

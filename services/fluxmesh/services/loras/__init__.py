@@ -11,7 +11,9 @@ Activation and the inference after it must not interleave with another request's
 model (the adapters live in the model).
 """
 
-from .activation import LoraActivator
-from .library import MAX_WEIGHT, LoraLibrary, LoraWeights, check_lora_weight
+from fluxmesh.contract import check_lora_weight
 
-__all__ = ["MAX_WEIGHT", "LoraActivator", "LoraLibrary", "LoraWeights", "check_lora_weight"]
+from .activation import LoraActivator
+from .library import LoraLibrary, LoraWeights
+
+__all__ = ["LoraActivator", "LoraLibrary", "LoraWeights", "check_lora_weight"]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import threading
 import weakref
@@ -24,9 +23,9 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from fluxmesh.rpc.errors import InvalidArgument, NotFound
-from fluxmesh.rpc.limits import MAX_LORA_WEIGHT as MAX_WEIGHT
+from fluxmesh import contract
 
-__all__ = ["COMPONENTS", "MAX_WEIGHT", "LoraLibrary", "LoraWeights", "check_lora_weight"]
+__all__ = ["COMPONENTS", "LoraLibrary", "LoraWeights"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,16 +63,6 @@ class LoraWeights:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for sd in self.parts.values() for t in sd.values())
-
-
-def check_lora_weight(weight: Any, field: str) -> float:
-    """A LoRA weight must be a finite number within [-MAX_WEIGHT, MAX_WEIGHT]."""
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-        raise InvalidArgument(field, f"must be a number, got {weight!r}")
-    weight = float(weight)
-    if not math.isfinite(weight) or abs(weight) > MAX_WEIGHT:
-        raise InvalidArgument(field, f"must be finite and within [-{MAX_WEIGHT:g}, {MAX_WEIGHT:g}], got {weight!r}")
-    return weight
 
 
 class LoraLibrary:
@@ -164,23 +153,11 @@ class LoraLibrary:
         return path
 
     def check(self, loras: Iterable[tuple[Any, Any]], field: str = "loras") -> list[tuple[str, float]]:
-        """Validate a request's `[(name, weight), ...]` up front: names exist, weights in range.
-
-        Duplicate names are refused (diffusers would silently keep the last weight).
-        """
-        checked: list[tuple[str, float]] = []
-        seen: set[str] = set()
-        for i, entry in enumerate(loras):
-            try:
-                name, weight = entry
-            except (TypeError, ValueError):
-                raise InvalidArgument(f"{field}[{i}]", f"must be a (name, weight) pair, got {entry!r}") from None
+        """Validate a request's `[(name, weight), ...]` up front: the contract's rules (weights in
+        range, no name twice), then every name resolves to a file inside the directory."""
+        checked = list(contract.check_loras(loras, field))
+        for i, (name, _) in enumerate(checked):
             self.resolve(name, f"{field}[{i}].name")
-            weight = check_lora_weight(weight, f"{field}[{i}].weight")
-            if name in seen:
-                raise InvalidArgument(f"{field}[{i}].name", f"{name!r} is listed twice")
-            seen.add(name)
-            checked.append((name, weight))
         if len(checked) > self.max_cached:
             # More than the cache holds would evict an adapter of this very request mid-way.
             raise InvalidArgument(field, f"at most {self.max_cached} LoRAs per request, got {len(checked)}")

@@ -34,17 +34,18 @@ from typing import Protocol
 
 import torch
 
+from fluxmesh.contract import StartResidency, WeightState
 from fluxmesh.rpc.allocator import trim_heap
 from fluxmesh.rpc.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
-from fluxmesh.services.residency.names import INITIAL_STATES, OFFLOADED, RELEASED, RESIDENT, STANDBY
 from fluxmesh.services.runtime.device import Device
 from fluxmesh.services.runtime.memory import current_rss_bytes, module_bytes
 
-__all__ = ["RESIDENT", "OFFLOADED", "RELEASED", "STANDBY", "INITIAL_STATES", "Residency", "StageWeights",
+__all__ = ["RESIDENT", "OFFLOADED", "RELEASED", "Residency", "StageWeights",
            "Transition", "residency_state"]
 
 log = logging.getLogger(__name__)
 
+RESIDENT, OFFLOADED, RELEASED = WeightState.resident, WeightState.offloaded, WeightState.released
 MAX_TRANSITIONS = 1000
 
 
@@ -79,9 +80,9 @@ class Residency:
     """One stage's weights and their state. Call `load`/`release`/`require_resident` on the
     stage's model thread; `state`, `status` and `transitions` are safe from anywhere."""
 
-    def __init__(self, stage: str, weights: StageWeights, initial: str = RESIDENT):
-        if initial not in INITIAL_STATES:
-            raise InvalidArgument("residency", f"{initial!r}; expected one of {', '.join(INITIAL_STATES)}")
+    def __init__(self, stage: str, weights: StageWeights, initial: str = StartResidency.resident):
+        if initial not in tuple(StartResidency):
+            raise InvalidArgument("residency", f"{initial!r}; expected one of {', '.join(StartResidency)}")
         self.stage = stage
         self.weights = weights
         weights.residency = self  # what the stage's Info reports (residency_state)
@@ -89,8 +90,7 @@ class Residency:
         self.state = RELEASED
         self._transitions: deque[Transition] = deque(maxlen=MAX_TRANSITIONS)
         self._lock = threading.Lock()  # appended on the model thread, read on the event loop
-        if initial == STANDBY:
-            initial = RELEASED if self.device.type == "cpu" else OFFLOADED
+        initial = StartResidency(initial).state(self.device.type)
         if initial == RESIDENT:
             self.load()
         elif initial == OFFLOADED:

@@ -12,15 +12,11 @@ import sys
 import numpy as np
 import torch
 
+from fluxmesh.contract import WIRE_DTYPES
 from fluxmesh.rpc.errors import InvalidArgument
 from fluxmesh.v1 import common_pb2
 
-DTYPES: dict[str, torch.dtype] = {
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "float32": torch.float32,
-    "uint8": torch.uint8,
-}
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in WIRE_DTYPES}
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 # A decoded tensor may not be larger than this: a hostile shape must not allocate a host.

@@ -26,6 +26,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from fluxmesh import contract
 from fluxmesh.rpc.errors import InvalidArgument, NotFound
 from fluxmesh.services.runtime import model_folder
 
@@ -271,11 +272,8 @@ def make_plan(
     if dtype not in _DTYPE_BYTES:
         raise InvalidArgument("dtype", f"{dtype!r}; expected one of {', '.join(_DTYPE_BYTES)}")
     multiple = 2 * model_folder.vae_scale_factor(folder)
-    for name, value in (("width", width), ("height", height)):
-        if value <= 0 or value % multiple:
-            raise InvalidArgument(name, f"{value} must be a positive multiple of {multiple}")
-    if num_images < 1:
-        raise InvalidArgument("num_images", f"{num_images} must be at least 1")
+    contract.check_size(width, height, multiple)  # a plan for a request the stages would take
+    contract.check_num_images(num_images)
     from transformers import CLIPTextModel, T5EncoderModel
 
     b = _DTYPE_BYTES[dtype]

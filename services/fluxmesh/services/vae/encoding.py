@@ -19,7 +19,7 @@ import torch
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
-from fluxmesh.rpc.errors import InvalidArgument
+from fluxmesh import contract
 
 
 @dataclass(frozen=True)
@@ -64,11 +64,8 @@ class ImageEncoder:
         self.engine = engine
         self.image_processor, self.mask_processor = processors(engine.size_multiple, engine.latent_channels)
 
-    def check(self, width: int, height: int, max_side: int) -> None:
-        multiple = self.engine.size_multiple
-        for field, value in (("width", width), ("height", height)):
-            if value <= 0 or value % multiple or value > max_side:
-                raise InvalidArgument(field, f"{value} must be a multiple of {multiple} in [{multiple}, {max_side}]")
+    def check(self, width: int, height: int) -> None:
+        contract.check_size(width, height, self.engine.size_multiple)
 
     def encode(self, image: Image.Image, mask: Image.Image | None, width: int, height: int,
                fill: bool = False) -> EncodedImage:

@@ -15,15 +15,14 @@ from diffusers import AutoencoderKL, FluxPipeline
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
+from fluxmesh import contract
+from fluxmesh.contract import LIMITS
 from fluxmesh.rpc.errors import InvalidArgument
 from fluxmesh.services.runtime.device import Device
 from fluxmesh.services.runtime.memory import module_bytes
-from fluxmesh.rpc.limits import MAX_IMAGES, MAX_SIDE
 from fluxmesh.services.runtime import model_folder
 
 log = logging.getLogger(__name__)
-
-# What one decode may ask for: a hostile size must not allocate a host (same bounds as the denoiser).
 
 
 class VaeEngine:
@@ -59,14 +58,11 @@ class VaeEngine:
         return module_bytes(self.vae)
 
     def check(self, latents: torch.Tensor, width: int, height: int) -> None:
-        for field, value in (("width", width), ("height", height)):
-            if value <= 0 or value % self.size_multiple or value > MAX_SIDE:
-                raise InvalidArgument(field, f"{value} must be a multiple of {self.size_multiple} in "
-                                             f"[{self.size_multiple}, {MAX_SIDE}]")
-        if not latents.is_floating_point():
-            raise InvalidArgument("latents.dtype", f"{str(latents.dtype).removeprefix('torch.')} is not a float dtype")
-        if not 1 <= latents.shape[0] <= MAX_IMAGES:
-            raise InvalidArgument("latents.shape", f"batch of {latents.shape[0]} is outside [1, {MAX_IMAGES}]")
+        # A hostile size must not allocate a host: the contract's bounds, as the denoiser's.
+        contract.check_size(width, height, self.size_multiple)
+        contract.check_float_dtype("latents.dtype", str(latents.dtype))
+        if not 1 <= latents.shape[0] <= LIMITS.max_images:
+            raise InvalidArgument("latents.shape", f"batch of {latents.shape[0]} is outside [1, {LIMITS.max_images}]")
         seq = (height // self.size_multiple) * (width // self.size_multiple)
         expected = (seq, self.latent_channels * 4)
         if tuple(latents.shape[1:]) != expected:

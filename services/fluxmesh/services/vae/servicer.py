@@ -11,7 +11,7 @@ from fluxmesh.services.residency.state import residency_state
 from fluxmesh.rpc.errors import FluxmeshError
 from fluxmesh.services.previews.latent_rgb import LatentRgb, fit_latent_rgb, is_flux_vae
 from fluxmesh.services.runtime.tensors import from_pb, to_pb
-from fluxmesh.services.vae.engine import MAX_SIDE, VaeEngine, encode_png
+from fluxmesh.services.vae.engine import VaeEngine, encode_png
 from fluxmesh.services.vae.encoding import ImageEncoder
 from fluxmesh.services.vae.previews import PreviewLane
 from fluxmesh.services.runtime.worker import ModelWorker
@@ -54,7 +54,7 @@ class VaeServicer(vae_pb2_grpc.VaeServicer):
         ]
 
     async def Encode(self, request: vae_pb2.EncodeImageRequest, context) -> vae_pb2.EncodeImageResponse:
-        self.encoder.check(request.width, request.height, MAX_SIDE)
+        self.encoder.check(request.width, request.height)
         image, mask = await asyncio.to_thread(_open_images, request)  # decoding is CPU work: off the loop
         self.requests += 1
         encoded = await self.worker.run(self.encoder.encode, image, mask, request.width, request.height, request.fill)

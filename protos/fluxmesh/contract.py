@@ -1,0 +1,322 @@
+"""The request contract every fluxmesh process shares: limits, rules and closed vocabularies.
+
+The orchestrator checks a request against it first, each stage again on what it receives (a
+stage may be driven by something other than our orchestrator), and the SDK and CLI take their
+choices from it: one module, so the processes can never disagree. Torch-free and cheap to import
+(the orchestrator, SDK and CLI never import torch); stages pass plain values (a tensor's dtype
+as its name, its shape as ints).
+
+Every check raises `InvalidArgument(field, reason)`: the message starts with the field's name
+and shows the value.
+
+Ceilings live in `Limits`. `LIMITS` holds today's values; a process whose operator lowers a
+ceiling builds its own `Limits` (`LIMITS.lowered(max_side=1024)`) and passes it to the checks,
+which all take `limits=` for that reason. The per-request work budget belongs there too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from fluxmesh.rpc.errors import InvalidArgument
+from fluxmesh.v1 import generator_pb2
+
+__all__ = [
+    "LIMITS", "Limits", "Stage", "Phase", "PreviewKind", "WeightState", "ReleaseTo", "StartResidency",
+    "FLOAT_DTYPES", "WIRE_DTYPES", "check_side", "check_size", "check_steps", "check_num_images", "check_guidance",
+    "check_prompt_text", "check_prompt_count", "check_sequence_length", "check_strength", "steps_after_strength",
+    "check_strength_leaves_a_step", "check_true_cfg_scale", "check_lora_weight", "check_loras", "check_preview_every",
+    "check_float_dtype", "fit_size",
+]
+
+
+# -- ceilings ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Limits:
+    """The ceilings a request is held to. Defaults are the project's; operators may only lower them."""
+
+    min_side: int = 64  # pixels; a side is also a multiple of the model's size granularity
+    max_side: int = 2048
+    max_steps: int = 100
+    max_images: int = 8  # per request, prompts x images
+    max_prompts: int = 8  # one encoder batch: as many as the denoiser takes
+    max_prompt_chars: int = 20_000
+    max_sequence_length: int = 512  # T5 tokens (attention cost grows with its square)
+    max_lora_weight: float = 4.0
+    max_true_cfg_scale: float = 30.0  # FluxPipeline's true_cfg_scale; 1 is off
+
+    def lowered(self, **ceilings: float) -> "Limits":
+        """These limits with some ceilings lowered (an operator's flags); raising one is refused,
+        so no flag can let through what the stages were never built to take."""
+        for name, value in ceilings.items():
+            if name == "min_side" or name not in _CEILINGS:
+                raise InvalidArgument(name, "is not a ceiling that can be lowered")
+            if not 0 < value <= getattr(self, name):
+                raise InvalidArgument(name, f"{value} must be within (0, {getattr(self, name)}]")
+        return dataclasses.replace(self, **ceilings)
+
+
+_CEILINGS = {f.name for f in dataclasses.fields(Limits)}
+LIMITS = Limits()
+
+
+# -- closed vocabularies ----------------------------------------------------------------------
+
+class Stage(StrEnum):
+    """The three stage services (process, --stage name, Residency stage)."""
+
+    encoder = "encoder"
+    denoiser = "denoiser"
+    vae = "vae"
+
+
+class Phase(StrEnum):
+    """What a request goes through, in order; each runs on one stage."""
+
+    encode = "encode"
+    denoise = "denoise"
+    decode = "decode"
+
+    @property
+    def stage(self) -> Stage:
+        return _STAGE_OF[self]
+
+    @property
+    def pb(self) -> int:
+        """The generator_pb2.StageKind value events carry."""
+        return _PHASE_PB[self]
+
+    @classmethod
+    def from_pb(cls, value: int) -> "Phase":
+        return _PHASE_FROM_PB[value]
+
+
+_STAGE_OF = {Phase.encode: Stage.encoder, Phase.denoise: Stage.denoiser, Phase.decode: Stage.vae}
+_PHASE_PB = {Phase.encode: generator_pb2.STAGE_ENCODE, Phase.denoise: generator_pb2.STAGE_DENOISE,
+             Phase.decode: generator_pb2.STAGE_DECODE}
+_PHASE_FROM_PB = {v: k for k, v in _PHASE_PB.items()}
+
+
+class PreviewKind(StrEnum):
+    """Live previews: fast (latents -> RGB by a linear map, in the denoiser) or vae (x0 decoded)."""
+
+    fast = "fast"
+    vae = "vae"
+
+    @property
+    def pb(self) -> int:
+        return _PREVIEW_PB[self]
+
+    @classmethod
+    def from_pb(cls, value: int, field: str = "preview.kind") -> "PreviewKind | None":
+        """None for PREVIEW_KIND_UNSPECIFIED (no previews)."""
+        if value == generator_pb2.PREVIEW_KIND_UNSPECIFIED:
+            return None
+        for kind, number in _PREVIEW_PB.items():
+            if number == value:
+                return kind
+        raise InvalidArgument(field, f"{value} is not a PreviewKind")
+
+    @classmethod
+    def parse(cls, text: str, field: str = "preview") -> "PreviewKind":
+        try:
+            return cls(text)
+        except ValueError:
+            raise InvalidArgument(field, f"{text!r}; expected one of {', '.join(cls)}") from None
+
+
+_PREVIEW_PB = {PreviewKind.fast: generator_pb2.PREVIEW_KIND_FAST, PreviewKind.vae: generator_pb2.PREVIEW_KIND_VAE}
+
+
+# -- weight residency -------------------------------------------------------------------------
+
+class WeightState(StrEnum):
+    """Where a stage's weights are (fluxmesh.v1.Residency)."""
+
+    resident = "resident"  # on the stage's device: model calls run
+    offloaded = "offloaded"  # in CPU memory (on a CPU stage: the same memory, nothing moves)
+    released = "released"  # not held; loading reads the model files again
+
+
+class ReleaseTo(StrEnum):
+    """Sequential mode: where a stage's weights go when it gives up the accelerator."""
+
+    auto = "auto"  # cpu for stages on an accelerator, disk for stages on the CPU
+    cpu = "cpu"  # keep released weights in CPU memory (offloaded)
+    disk = "disk"  # free them entirely (released); read the model files again on the next load
+
+    def on(self, device: str) -> "ReleaseTo":
+        """The choice for a stage on `device` ("cpu", "cuda:0", "mps"). The auto rule, once: on
+        the CPU, "CPU memory" is the very memory being freed, so auto drops the weights."""
+        if self is not ReleaseTo.auto:
+            return self
+        return ReleaseTo.disk if device.partition(":")[0] == "cpu" else ReleaseTo.cpu
+
+    def state(self, device: str) -> WeightState:
+        """The state a release leaves a stage on `device` in."""
+        return WeightState.offloaded if self.on(device) is ReleaseTo.cpu else WeightState.released
+
+
+class StartResidency(StrEnum):
+    """A stage's weights at start-up (`--residency`): a WeightState, or standby."""
+
+    resident = "resident"
+    offloaded = "offloaded"
+    released = "released"
+    standby = "standby"  # where ReleaseTo.auto leaves weights; the stage applies it (it knows its device)
+
+    @classmethod
+    def for_release(cls, release_to: ReleaseTo) -> "StartResidency":
+        """How stages start in sequential mode: as a release would leave them, so they never
+        all load at once."""
+        return cls.standby if release_to is ReleaseTo.auto else cls(release_to.state("any"))
+
+    def state(self, device: str) -> WeightState:
+        return ReleaseTo.auto.state(device) if self is StartResidency.standby else WeightState(self)
+
+
+# -- tensors ----------------------------------------------------------------------------------
+
+FLOAT_DTYPES = ("bfloat16", "float16", "float32")
+WIRE_DTYPES = (*FLOAT_DTYPES, "uint8")  # what a fluxmesh.v1.Tensor may carry
+
+
+def check_float_dtype(field: str, dtype: str) -> None:
+    """`dtype` as a wire name or torch's str() ("torch.float32")."""
+    name = str(dtype).removeprefix("torch.")
+    if name not in FLOAT_DTYPES:
+        raise InvalidArgument(field, f"{name} is not a float dtype")
+
+
+# -- sizes, steps, counts ---------------------------------------------------------------------
+
+def check_side(field: str, value: int, multiple: int, limits: Limits = LIMITS) -> None:
+    """A side in pixels: a multiple of the model's size granularity within [min_side, max_side]."""
+    if value % multiple or not limits.min_side <= value <= limits.max_side:
+        raise InvalidArgument(field, f"{value} must be a multiple of {multiple} within "
+                                     f"[{limits.min_side}, {limits.max_side}]")
+
+
+def check_size(width: int, height: int, multiple: int, limits: Limits = LIMITS) -> None:
+    check_side("width", width, multiple, limits)
+    check_side("height", height, multiple, limits)
+
+
+def fit_size(width: int, height: int, multiple: int, limits: Limits = LIMITS) -> tuple[int, int]:
+    """An image's size as a request size: scaled down (aspect kept) to fit max_side, then
+    rounded down to the size multiple (as VaeImageProcessor does), at least min_side."""
+    scale = min(1.0, limits.max_side / max(width, height))
+    fitted = []
+    for side in (width, height):
+        side = math.floor(side * scale)
+        fitted.append(max(limits.min_side, side - side % multiple))
+    return fitted[0], fitted[1]
+
+
+def check_steps(steps: int, limits: Limits = LIMITS, field: str = "steps") -> None:
+    if not 1 <= steps <= limits.max_steps:
+        raise InvalidArgument(field, f"{steps} is outside [1, {limits.max_steps}]")
+
+
+def check_num_images(num_images: int, prompts: int = 1, limits: Limits = LIMITS) -> None:
+    """Images per prompt, and prompts x images: one denoiser batch."""
+    if not 1 <= num_images <= limits.max_images:
+        raise InvalidArgument("num_images", f"{num_images} is outside [1, {limits.max_images}]")
+    if prompts * num_images > limits.max_images:
+        raise InvalidArgument("num_images", f"{prompts} prompts x {num_images} images exceeds {limits.max_images}")
+
+
+def check_guidance(guidance: float, field: str = "guidance") -> None:
+    if not math.isfinite(guidance):
+        raise InvalidArgument(field, f"{guidance} is not finite")
+
+
+def check_prompt_text(field: str, text: str, limits: Limits = LIMITS) -> None:
+    if len(text) > limits.max_prompt_chars:
+        raise InvalidArgument(field, f"{len(text)} characters; the limit is {limits.max_prompt_chars}")
+
+
+def check_prompt_count(count: int, limits: Limits = LIMITS, field: str = "prompts") -> None:
+    if count < 1:
+        raise InvalidArgument(field, "at least one prompt is required")
+    if count > limits.max_prompts:
+        raise InvalidArgument(field, f"{count} prompts; the limit is {limits.max_prompts}")
+
+
+def check_sequence_length(field: str, length: int, limits: Limits = LIMITS, *, zero_is_default: bool = False) -> None:
+    """T5 tokens. `zero_is_default`: a request's 0 means "the model's default" (256 or 512)."""
+    low = 0 if zero_is_default else 1
+    if not low <= length <= limits.max_sequence_length:
+        raise InvalidArgument(field, f"{length} is outside [{low}, {limits.max_sequence_length}] T5 tokens")
+
+
+# -- image editing ----------------------------------------------------------------------------
+
+def check_strength(strength: float, field: str = "strength") -> None:
+    if not (0 < strength <= 1):  # also false for NaN
+        raise InvalidArgument(field, f"{strength} is outside (0, 1]")
+
+
+def steps_after_strength(steps: int, strength: float) -> int:
+    """How many steps an img2img-style pipeline runs: FluxImg2ImgPipeline.get_timesteps, in the
+    same float arithmetic."""
+    init_timestep = min(steps * strength, steps)
+    return steps - int(max(steps - init_timestep, 0))
+
+
+def check_strength_leaves_a_step(strength: float, steps: int, field: str = "strength") -> None:
+    if steps_after_strength(steps, strength) < 1:
+        raise InvalidArgument(field, f"{strength} leaves no step of {steps} to run")
+
+
+# -- guidance, LoRAs, previews ----------------------------------------------------------------
+
+def check_true_cfg_scale(scale: float, limits: Limits = LIMITS, field: str = "true_cfg_scale") -> None:
+    if not math.isfinite(scale) or not 1.0 <= scale <= limits.max_true_cfg_scale:
+        raise InvalidArgument(field, f"{scale} must be finite within [1, {limits.max_true_cfg_scale:g}]")
+
+
+def check_lora_weight(weight: Any, field: str, limits: Limits = LIMITS) -> float:
+    """A finite number within [-max_lora_weight, max_lora_weight]."""
+    bound = limits.max_lora_weight
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        raise InvalidArgument(field, f"must be a number, got {weight!r}")
+    weight = float(weight)
+    if not math.isfinite(weight) or abs(weight) > bound:
+        raise InvalidArgument(field, f"{weight} must be finite within [-{bound:g}, {bound:g}]")
+    return weight
+
+
+def check_loras(loras: Iterable[Any], field: str = "loras", limits: Limits = LIMITS) -> tuple[tuple[str, float], ...]:
+    """`[(name, weight), ...]` or LoraWeight messages: names non-empty, weights in range, no name
+    twice (diffusers would silently keep the last weight). The stages resolve the names."""
+    checked: list[tuple[str, float]] = []
+    seen: set[str] = set()
+    for i, entry in enumerate(loras):
+        if hasattr(entry, "name") and hasattr(entry, "weight"):
+            name, weight = entry.name, entry.weight
+        else:
+            try:
+                name, weight = entry
+            except (TypeError, ValueError):
+                raise InvalidArgument(f"{field}[{i}]", f"must be a (name, weight) pair, got {entry!r}") from None
+        if not isinstance(name, str) or not name:
+            raise InvalidArgument(f"{field}[{i}].name", f"must be a non-empty LoRA name, got {name!r}")
+        weight = check_lora_weight(weight, f"{field}[{i}].weight", limits)
+        if name in seen:
+            raise InvalidArgument(f"{field}[{i}].name", f"{name!r} is listed twice")
+        seen.add(name)
+        checked.append((name, weight))
+    return tuple(checked)
+
+
+def check_preview_every(every: int, limits: Limits = LIMITS, field: str = "preview.every") -> None:
+    """0 (every step) to max_steps."""
+    if not 0 <= every <= limits.max_steps:
+        raise InvalidArgument(field, f"{every} is outside [0, {limits.max_steps}]")

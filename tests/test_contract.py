@@ -45,9 +45,10 @@ def test_steps_after_strength_is_diffusers_arithmetic():
     # FluxImg2ImgPipeline.get_timesteps: int(steps * strength)-based, in float arithmetic
     assert contract.steps_after_strength(28, 0.6) == 17
     assert contract.steps_after_strength(5, 0.8) == 4
-    assert contract.steps_after_strength(4, 0.1) == 0
-    with pytest.raises(InvalidArgument, match=r"init.strength: 0.1 leaves no step of 4"):
-        contract.check_strength_leaves_a_step(0.1, 4, "init.strength")
+    assert contract.steps_after_strength(4, 0.1) == 1  # int() truncates: a small strength still runs one
+    assert contract.steps_after_strength(1, 1e-300) == 0  # 1 - 1e-300 rounds to 1.0
+    with pytest.raises(InvalidArgument, match=r"init.strength: 1e-300 leaves no step of 1"):
+        contract.check_strength_leaves_a_step(1e-300, 1, "init.strength")
     for bad in (0.0, 1.5, math.nan):
         with pytest.raises(InvalidArgument, match="strength"):
             contract.check_strength(bad)

@@ -195,7 +195,9 @@ def sequential_up(tmp_path_factory):
     model = write_tiny_model(tmp_path_factory.mktemp("models") / "small", size="small")
     port = free_port()
     up = subprocess.Popen([sys.executable, "-m", "fluxmesh.cli", "up", "--model", str(model), "--port", str(port),
-                           "--threads", "1", "--sequential"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                           "--threads", "1", "--sequential",
+                           # these tests count swaps per request: every request must reach the encoder
+                           "--prompt-cache-mib", "0"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     resident = Cluster()
     try:
         deadline = time.monotonic() + 180
@@ -334,3 +336,44 @@ def test_true_cfg_in_sequential_mode_keeps_the_pixels_and_three_swaps(sequential
         sequential = client.generate(PROMPT, **options)
     assert sequential.swaps == 3  # the first releases the two others; both encodes share one turn
     assert sequential.png == resident.png
+
+
+def test_the_prompt_cache_skips_the_encoder_and_its_swap_on_a_repeated_burst(sequential_up):
+    """A sequential orchestrator with the prompt cache on (its default) on the same stages: a
+    burst of one prompt encodes it once; a second burst of it never loads the encoder (two swaps,
+    not three) and keeps diffusers' pixels."""
+    from factories import max_abs_diff, reference_images
+
+    stages = sequential_up["stages"]
+    cached = Cluster()
+    port = free_port()
+    cached.start("cached", ["serve", "orchestrator", "--host", "127.0.0.1", "--port", str(port), "--sequential",
+                            *[f"--{s}={stages[s][1]}" for s in STAGES]], f"127.0.0.1:{port}")
+    prompt = "a paper boat on a pond, repeated"
+
+    def burst(seeds):
+        def one(seed):
+            with Client(cached.address, timeout=300) as client:
+                return client.generate(prompt, width=64, height=64, steps=2, seed=seed)
+
+        with concurrent.futures.ThreadPoolExecutor(len(seeds)) as pool:
+            return list(pool.map(one, seeds))
+
+    def encoder_requests() -> int:
+        with Client(cached.address) as client:
+            return int(next(s for s in client.info().stages if s.stage == "encoder").details["requests"])
+
+    try:
+        cached.wait_serving(120)
+        before = encoder_requests()
+        first = burst([21, 22, 23, 24])
+        assert encoder_requests() == before + 1  # one encoder call for the four
+        assert sorted(r.timings.cached_encodes for r in first) == [0, 1, 1, 1]
+        again = burst([25, 26, 27, 28])
+        assert encoder_requests() == before + 1
+        assert all(r.timings.cached_encodes == 1 and r.swaps == 2 for r in again), [r.swaps for r in again]
+    finally:
+        cached.stop()
+    expected = reference_images(sequential_up["model"], prompt=prompt, width=64, height=64, steps=2, guidance=3.5,
+                                seed=25)[0]
+    assert max_abs_diff(again[0].image, expected) <= 1

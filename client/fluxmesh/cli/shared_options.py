@@ -38,7 +38,9 @@ Model = Annotated[str, typer.Option(help="Diffusers-layout model folder or Hub i
 Host = Annotated[str, typer.Option(help="Interface to listen on.")]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda:N or mps.")]
 Dtype = Annotated[str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), bfloat16, float16 or float32.")]
-Threads = Annotated[Optional[int], typer.Option(help="torch CPU threads for this process (default: torch's).")]
+Threads = Annotated[Optional[int], typer.Option(
+    help="torch CPU threads per stage (default: torch's; under `fluxmesh up` the host's cores divided between the "
+         "stages; 2 for a stage on a GPU).")]
 LoraDir = Annotated[PathOption, typer.Option(help="Directory of LoRA .safetensors files requests may name.")]
 TransformerGguf = Annotated[PathOption, typer.Option(help="GGUF-quantized FLUX transformer (city96/BFL or diffusers "
                                                           "names).")]
@@ -51,6 +53,9 @@ ReleaseToOption = Annotated[ReleaseTo, typer.Option(
 MaxPriority = Annotated[int, typer.Option(
     help="Highest request priority a caller may use (lower is always allowed); a token file line "
          "'TOKEN max-priority=N' gives that token its own.")]
+PromptCacheMib = Annotated[Optional[int], typer.Option(
+    help="MiB of prompt embeddings the orchestrator keeps (exact: a repeated prompt skips the encoder); "
+         "0 turns the cache off. Default 256.")]
 Address = Annotated[str, typer.Option(help="Orchestrator address.")]
 
 

@@ -51,6 +51,7 @@ class Timings:
     decode: float
     total: float
     swap: float = 0.0
+    cached_encodes: int = 0  # encoder calls the orchestrator's prompt cache answered instead
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,7 @@ def event_from_pb(message: generator_pb2.GenerateEvent) -> Event:
             images=[_image(i) for i in r.images],
             seed=r.seed,
             timings=Timings(t.queued_seconds, t.encode_seconds, t.denoise_seconds, t.decode_seconds, t.total_seconds,
-                            t.swap_seconds),
+                            t.swap_seconds, t.cached_encodes),
             width=r.width,
             height=r.height,
             steps=r.steps,

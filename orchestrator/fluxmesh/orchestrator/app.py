@@ -9,6 +9,7 @@ from fluxmesh.orchestrator.admission import AdmissionQueue
 from fluxmesh.orchestrator.generator import GeneratorServicer, Stages
 from fluxmesh.orchestrator.monitor import StageMonitor
 from fluxmesh.orchestrator.priorities import PriorityPolicy
+from fluxmesh.orchestrator.prompt_cache import DEFAULT_PROMPT_CACHE_MIB
 from fluxmesh.orchestrator.residency.sequential import SEQUENTIAL_MAX_ACTIVE, SequentialStrategy
 from fluxmesh.orchestrator.stages import DenoiserClient, EncoderClient, VaeClient
 from fluxmesh.orchestrator.metrics import watch_queue
@@ -41,6 +42,7 @@ class OrchestratorOptions:
     max_request_bytes: int = MAX_REQUEST_BYTES
     request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT  # for requests without a deadline
     priorities: PriorityPolicy = PriorityPolicy()  # how high each caller may set `priority`
+    prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_MIB * 2**20  # prompt_cache.py; 0: off
 
 
 def build_server(options: OrchestratorOptions) -> tuple[Server, StageMonitor]:
@@ -52,7 +54,7 @@ def build_server(options: OrchestratorOptions) -> tuple[Server, StageMonitor]:
     queue = AdmissionQueue(max_active=max_active, max_waiting=options.max_queue)
     watch_queue(queue)
     servicer = GeneratorServicer(stages, queue, residency, request_timeout=options.request_timeout,
-                                 priorities=options.priorities)
+                                 priorities=options.priorities, prompt_cache_bytes=options.prompt_cache_bytes)
     service = Service("fluxmesh.v1.Generator", servicer, generator_pb2_grpc.add_GeneratorServicer_to_server)
     server = Server([service], address=options.address, security=options.security,
                     max_receive_bytes=options.max_request_bytes, metrics_port=options.metrics_port)

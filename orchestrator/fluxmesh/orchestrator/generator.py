@@ -19,6 +19,7 @@ from fluxmesh.orchestrator.previews import VaePreviews, preview_options, step_ev
 from fluxmesh.orchestrator.metrics import record_result
 from fluxmesh.orchestrator.residency.resident import ResidentStrategy, SwapCost
 from fluxmesh.orchestrator.priorities import PriorityPolicy
+from fluxmesh.orchestrator.prompt_cache import PromptCache
 from fluxmesh.orchestrator.request import GenerateParams, ModelFacts, check_request
 from fluxmesh.orchestrator.stages import DenoiserClient, EncoderClient, VaeClient
 from fluxmesh.v1 import (
@@ -47,8 +48,11 @@ class Stages:
 
 class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
     def __init__(self, stages: Stages, queue: AdmissionQueue, residency=None, *,
-                 request_timeout: float | None = None, priorities: PriorityPolicy | None = None):
+                 request_timeout: float | None = None, priorities: PriorityPolicy | None = None,
+                 prompt_cache_bytes: int = 0):
         self.stages = stages
+        # Exact: the encoder's reply bytes, keyed by the request and the encoder's identity.
+        self.prompt_cache = PromptCache(prompt_cache_bytes, lambda: self.stages.encoder.info(timeout=10.0))
         self.queue = queue
         self.priorities = priorities or PriorityPolicy()
         self.request_timeout = request_timeout  # deadline for requests that come without one
@@ -90,7 +94,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
             yield event(stage_started=generator_pb2.StageStarted(stage=ENCODE))
             t0 = time.perf_counter()
             (embeddings, negative), init = await _both(  # prompt and init image on their own stages, at once
-                self._encode_prompts(params, swaps, context),
+                self._encode_prompts(params, swaps, timings, context),
                 encode_init(self.stages.vae, self.residency, swaps, params.edit, width=params.width,
                             height=params.height, timeout=_time_left(context)),
             )
@@ -146,15 +150,23 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
         finally:
             await self.queue.leave(ticket)
 
-    async def _encode_prompts(self, params: GenerateParams, swaps: SwapCost, context):
+    async def _encode_prompts(self, params: GenerateParams, swaps: SwapCost, timings: generator_pb2.Timings,
+                              context):
         """The prompt's embeddings, and the negative prompt's (or None) for true CFG: two calls, as
-        diffusers encodes them apart (one batch could differ from it in the last bits)."""
-        async with self.residency.use("encoder", swaps):
-            positive = self.stages.encoder.encode(_encode_request(params), _time_left(context))
-            if params.true_cfg is None:
-                return await positive, None
-            negative = self.stages.encoder.encode(_encode_request(params, negative=True), _time_left(context))
-            return tuple(await _both(positive, negative))
+        diffusers encodes them apart (one batch could differ from it in the last bits). What the
+        prompt cache holds skips the encoder, and its swap when every one of them hit."""
+        requests = [_encode_request(params)]
+        if params.true_cfg is not None:
+            requests.append(_encode_request(params, negative=True))
+
+        async def encode_many(missing: list[encoder_pb2.EncodeRequest]):
+            async with self.residency.use("encoder", swaps):
+                if len(missing) == 1:
+                    return [await self.stages.encoder.encode(missing[0], _time_left(context))]
+                return await _both(*(self.stages.encoder.encode(r, _time_left(context)) for r in missing))
+
+        replies, timings.cached_encodes = await self.prompt_cache.encode(requests, encode_many)
+        return replies[0], (replies[1] if len(replies) > 1 else None)
 
     async def _denoise_plan(self, params: GenerateParams, embeddings, negative, init, context):
         """The denoise request (with the init image and preview options, if any), the vae preview

@@ -111,7 +111,7 @@ class Step(_message.Message):
     def __init__(self, step: _Optional[int] = ..., total: _Optional[int] = ..., seconds: _Optional[float] = ..., previews: _Optional[_Iterable[_Union[_common_pb2.Image, _Mapping]]] = ..., preview_step: _Optional[int] = ...) -> None: ...
 
 class Timings(_message.Message):
-    __slots__ = ("queued_seconds", "encode_seconds", "denoise_seconds", "decode_seconds", "total_seconds", "swaps", "swap_seconds")
+    __slots__ = ("queued_seconds", "encode_seconds", "denoise_seconds", "decode_seconds", "total_seconds", "swaps", "swap_seconds", "cached_encodes")
     QUEUED_SECONDS_FIELD_NUMBER: _ClassVar[int]
     ENCODE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     DENOISE_SECONDS_FIELD_NUMBER: _ClassVar[int]
@@ -119,6 +119,7 @@ class Timings(_message.Message):
     TOTAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     SWAPS_FIELD_NUMBER: _ClassVar[int]
     SWAP_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_ENCODES_FIELD_NUMBER: _ClassVar[int]
     queued_seconds: float
     encode_seconds: float
     denoise_seconds: float
@@ -126,7 +127,8 @@ class Timings(_message.Message):
     total_seconds: float
     swaps: int
     swap_seconds: float
-    def __init__(self, queued_seconds: _Optional[float] = ..., encode_seconds: _Optional[float] = ..., denoise_seconds: _Optional[float] = ..., decode_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., swaps: _Optional[int] = ..., swap_seconds: _Optional[float] = ...) -> None: ...
+    cached_encodes: int
+    def __init__(self, queued_seconds: _Optional[float] = ..., encode_seconds: _Optional[float] = ..., denoise_seconds: _Optional[float] = ..., decode_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., swaps: _Optional[int] = ..., swap_seconds: _Optional[float] = ..., cached_encodes: _Optional[int] = ...) -> None: ...
 
 class Result(_message.Message):
     __slots__ = ("images", "seed", "timings", "width", "height", "steps", "guidance", "warnings")

@@ -14,6 +14,7 @@ from fluxmesh.cli.shared_options import (
     Dtype,
     LoraDir,
     MaxPriority,
+    PromptCacheMib,
     Model,
     ReleaseToOption,
     Sequential,
@@ -47,6 +48,7 @@ def up(
     sequential: Sequential = False,
     release_to: ReleaseToOption = ReleaseTo.auto,
     max_priority: MaxPriority = DEFAULT_MAX_PRIORITY,
+    prompt_cache_mib: PromptCacheMib = None,
     serving: ServeOptions = ServeOptions(),
 ) -> None:
     """Start encoder, denoiser, vae and orchestrator locally; stop them all on exit.
@@ -63,7 +65,9 @@ def up(
                           common_args=_stage_flags(device, dtype, threads) + _sequential_stage_flags(sequential, release_to),
                           stage_args=_model_file_flags(transformer_gguf, t5_gguf, lora_dir),
                           orchestrator_args=[*_sequential_flags(sequential, release_to), *serving.as_flags(),
-                                             "--max-priority", str(max_priority)],
+                                             "--max-priority", str(max_priority),
+                                             *(["--prompt-cache-mib", str(prompt_cache_mib)]
+                                               if prompt_cache_mib is not None else [])],
                           orchestrator_tls=serving.tls_cert is not None)
     with cluster:
         typer.echo(f"fluxmesh up: Generator on {cluster.address} (Ctrl-C to stop)", err=True)

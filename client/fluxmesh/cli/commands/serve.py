@@ -12,6 +12,7 @@ from fluxmesh.cli.shared_options import (
     Host,
     LoraDir,
     MaxPriority,
+    PromptCacheMib,
     ReleaseToOption,
     Sequential,
     ServeOptions,
@@ -122,6 +123,7 @@ def serve_orchestrator(
                                                                 "is RESOURCE_EXHAUSTED. Default: room for a "
                                                                 "32 MiB init image and mask (65).")] = None,
     max_priority: MaxPriority = DEFAULT_MAX_PRIORITY,
+    prompt_cache_mib: PromptCacheMib = None,
     serving: ServeOptions = ServeOptions(),
     stage_connections: StageClientOptions = StageClientOptions(),
 ) -> None:
@@ -137,6 +139,8 @@ def serve_orchestrator(
                                   stage_security=stage_connections.security(), metrics_port=serving.metrics_port,
                                   request_timeout=request_timeout or None, sequential=sequential,
                                   release_to=release_to.value, priorities=serving.priority_policy(max_priority),
-                                  **({"max_request_bytes": max_request_mib * 2**20} if max_request_mib else {}))
+                                  **({"max_request_bytes": max_request_mib * 2**20} if max_request_mib else {}),
+                                  **({"prompt_cache_bytes": prompt_cache_mib * 2**20}
+                                     if prompt_cache_mib is not None else {}))
     with start_errors_as_messages("orchestrator"):
         run(options)

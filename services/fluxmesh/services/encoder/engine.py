@@ -19,6 +19,7 @@ from fluxmesh import contract
 from fluxmesh.rpc.errors import InvalidArgument
 from fluxmesh.services.loras.stage import LoraList, StageLoras
 from fluxmesh.services.runtime.device import Device
+from fluxmesh.services.runtime.fingerprint import files_fingerprint
 from fluxmesh.services.runtime.memory import module_bytes
 from fluxmesh.services.runtime import model_folder
 
@@ -53,6 +54,7 @@ class TextEncoderEngine:
         self.tokenizer_2 = T5TokenizerFast.from_pretrained(folder, subfolder="tokenizer_2", local_files_only=True)
         self.pipe = self._pipeline(None, None)  # tokenizers only until the weights are loaded
         self.loras = StageLoras(lora_dir, None, "text_encoder")  # bound to each CLIP loaded
+        self.lora_dir = lora_dir
         log.info("encoder: CLIP + T5%s from %s for %s, T5 length %d, LoRAs: %s",
                  f" (GGUF {t5_gguf})" if t5_gguf else "", folder, device.describe(),
                  self.default_max_sequence_length, lora_dir or "none")
@@ -90,6 +92,16 @@ class TextEncoderEngine:
 
     def weight_bytes(self) -> int:
         return module_bytes(self.pipe.text_encoder, self.pipe.text_encoder_2)
+
+    def identity(self) -> str:
+        """What the embeddings depend on besides the request (the prompt cache's key, through
+        Info): the files read, dtype, device kind, default T5 length and the LoRA files."""
+        folder = self.folder
+        return files_fingerprint(
+            [folder / sub for sub in ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2")]
+            + [self.t5_gguf, self.lora_dir],
+            str(self.device.dtype), self.device.torch_device.type, self.default_max_sequence_length,
+        )
 
     def check(self, prompts: list[str], prompts_2: list[str], max_sequence_length: int) -> int:
         """Validate an encode request's prompts; returns the sequence length to use."""

@@ -37,5 +37,6 @@ class TextEncoderServicer(encoder_pb2_grpc.TextEncoderServicer):
             self.engine.weight_bytes(),
             residency=residency_state(self.engine),
             max_sequence_length=self.engine.default_max_sequence_length,
+            identity=self.engine.identity(),  # the orchestrator's prompt cache keys by it
             requests=self.requests,
         )

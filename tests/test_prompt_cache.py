@@ -66,14 +66,14 @@ def test_a_repeat_is_answered_with_the_encoders_own_bytes_and_no_call():
 
 
 @pytest.mark.parametrize("changed", [
-    dict(prompt="a dog"), dict(prompts_2=["a cat, in T5"]), dict(max_sequence_length=128),
-    dict(loras=[("style", 1.0)]), dict(loras=[("style", 0.5)]), dict(loras=[("other", 1.0)]),
+    {"prompt": "a dog"}, {"prompts_2": ["a cat, in T5"]}, {"max_sequence_length": 128},
+    {"loras": [("style", 1.0)]}, {"loras": [("style", 0.5)]}, {"loras": [("other", 1.0)]},
 ])
 def test_everything_that_changes_the_embedding_changes_the_key(changed):
     encoder = FakeEncoder()
     cache = PromptCache(1 << 20, encoder.info)
     # a LoRA added to none; another weight or another LoRA than style at 1.0
-    base = dict(loras=[("style", 1.0)]) if changed.get("loras", [("style", 1.0)]) != [("style", 1.0)] else {}
+    base = {"loras": [("style", 1.0)]} if changed.get("loras", [("style", 1.0)]) != [("style", 1.0)] else {}
 
     async def scenario():
         await cache.encode([_request(**base)], encoder.encode_many)
@@ -168,7 +168,7 @@ def test_the_encoder_identity_follows_its_lora_files(dev_model, tmp_path):
 
 def test_end_to_end_a_repeat_skips_the_encoder_and_keeps_the_pixels(dev_cluster, dev_model):
     prompt = "a lighthouse at dusk, cached"  # unique to this test: the session cluster is shared
-    options = dict(width=64, height=64, steps=2, guidance=3.5)
+    options = {"width": 64, "height": 64, "steps": 2, "guidance": 3.5}
 
     def encoder_requests(client) -> int:
         return int(next(s for s in client.info().stages if s.stage == "encoder").details["requests"])

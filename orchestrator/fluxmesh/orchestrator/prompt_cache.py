@@ -110,7 +110,7 @@ class PromptCache:
         if data is None and key in self._in_flight:
             try:  # another request is encoding this very prompt: its reply, not a second call
                 data = await asyncio.shield(self._in_flight[key])
-            except Exception:
+            except Exception:  # noqa: BLE001 - its failure is its own: this request encodes itself
                 return None
         if data is None:
             return None

@@ -496,3 +496,66 @@ def test_quantize_cli(tiny, tmp_path):
     assert gguf.GGUFReader(out).fields["general.architecture"].contents() == "t5encoder"
     with pytest.raises(InvalidArgument, match="component"):
         quantize_cli(tiny, tmp_path / "x.gguf", "Q8_0", "bfl", component="vae")
+
+
+def test_quantize_never_writes_over_its_source_and_replaces_only_with_force(tiny, tmp_path):
+    import hashlib
+    import shutil
+
+    model = shutil.copytree(tiny, tmp_path / "model")  # the shared fixture must stay intact
+    weights = model / "transformer" / "diffusion_pytorch_model.safetensors"
+    t5_weights = model / "text_encoder_2" / "model.safetensors"
+    sums = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (weights, t5_weights)}
+    (tmp_path / "alias.gguf").symlink_to(weights)
+
+    for quantize, source, target in ((quantize_transformer, model, weights), (quantize_transformer, weights, weights),
+                                     (quantize_transformer, model, tmp_path / "alias.gguf"),
+                                     (quantize_t5, model, t5_weights)):
+        for force in (False, True):
+            with pytest.raises(InvalidArgument, match="output: .* is a source file of this conversion"):
+                quantize(source, target, "Q8_0", force=force)
+    with pytest.raises(InvalidArgument, match="is a folder"):
+        quantize_transformer(model, tmp_path, "Q8_0")
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sums} == sums
+
+    out = tmp_path / "flux.gguf"
+    out.write_bytes(b"someone else's file")
+    with pytest.raises(InvalidArgument, match="exists; pass --force"):
+        quantize_cli(model, out, "Q8_0", "bfl")
+    assert out.read_bytes() == b"someone else's file"
+    assert quantize_cli(model, out, "Q8_0", "bfl", force=True) == out
+    assert "Q8_0" in _types(out).values()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["alias.gguf", "flux.gguf", "model"]  # no temporary left
+
+
+def test_a_failed_quantize_leaves_the_old_output_whole(tiny, tmp_path, monkeypatch):
+    from fluxmesh.services.gguf import quantize as module
+
+    out = tmp_path / "flux.gguf"
+    quantize_transformer(tiny, out, "F16")
+    before = out.read_bytes()
+
+    def broken(array, qtype):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(module, "_encode", broken)
+    with pytest.raises(OSError, match="disk full"):
+        quantize_transformer(tiny, out, "Q8_0", force=True)
+    assert out.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["flux.gguf"]
+
+
+def test_quantize_command_refuses_in_one_line(tiny, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "x.gguf"
+    out.write_bytes(b"keep me")
+    done = subprocess.run([sys.executable, "-m", "fluxmesh.cli", "quantize", str(tiny), str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip().count("\n") == 0, done.stderr
+    assert "exists; pass --force" in done.stderr and out.read_bytes() == b"keep me"
+    done = subprocess.run([sys.executable, "-m", "fluxmesh.cli", "quantize", str(tiny), str(out), "--force"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert gguf.GGUFReader(out).fields["general.architecture"].contents() == "flux"

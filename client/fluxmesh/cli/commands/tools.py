@@ -37,13 +37,15 @@ def quantize(
     naming: Annotated[Naming, typer.Option(help="Tensor names: bfl (as community files) or diffusers.")] = Naming.bfl,
     component: Annotated[Component, typer.Option(help="transformer, or t5 (the text_encoder_2 of a model "
                                                       "folder).")] = Component.transformer,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUTPUT if it exists (never one of the source's "
+                                                         "files).")] = False,
 ) -> None:
     """Write a GGUF file in the community (city96) layout, loadable by fluxmesh, ComfyUI-GGUF and diffusers."""
     from fluxmesh.rpc.errors import FluxmeshError
     from fluxmesh.services.gguf import quantize_cli
 
     try:
-        typer.echo(str(quantize_cli(source, output, type.value, naming.value, component.value)))
+        typer.echo(str(quantize_cli(source, output, type.value, naming.value, component.value, force=force)))
     except FluxmeshError as error:
         typer.echo(f"error: {error.message}", err=True)
         raise typer.Exit(2) from None

@@ -107,17 +107,36 @@ def _nbytes(shape: tuple[int, ...], qtype: G) -> int:
     return math.prod(shape) // block * size
 
 
+def _check_output(output: Path, inputs: list[Path], force: bool) -> None:
+    """Refuse, before any work, to write over a file this run reads (never, even with `force`:
+    the source would be gone once the rename lands) or over any existing file without `force`."""
+    if output.is_dir():
+        raise InvalidArgument("output", f"{output} is a folder; name the .gguf file to write")
+    if not output.exists():
+        return
+    for source in inputs:
+        if source.exists() and os.path.samefile(output, source):
+            raise InvalidArgument("output", f"{output} is a source file of this conversion; write elsewhere")
+    if not force:
+        raise InvalidArgument("output", f"{output} exists; pass --force (force=True) to replace it")
+
+
 def _write(output: Path, arch: str, metadata: Callable[[gguf.GGUFWriter], None], tensors: list[_Tensor]) -> Path:
     """Stream `tensors` into a GGUF file: header and tensor infos first, then data one by one.
 
-    Written to a `.part` file and renamed at the end, so a failed run leaves no half-file that
-    looks like a model.
+    Written to a new temporary file beside `output` (a unique name: a fixed `.part` name could
+    be another run's, or a symlink to anywhere) and renamed at the end, so a failed run leaves no
+    half-file that looks like a model and an existing output stays whole until the new one is.
     """
+    import tempfile
+
     import torch
 
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    part = output.with_name(output.name + ".part")
+    fd, name = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".part")
+    os.close(fd)
+    part = Path(name)
     writer = gguf.GGUFWriter(path=None, arch=arch)
     metadata(writer)
     for t in tensors:
@@ -132,6 +151,7 @@ def _write(output: Path, arch: str, metadata: Callable[[gguf.GGUFWriter], None],
                 raise RuntimeError(f"{t.name}: built shape {tuple(tensor.shape)} != planned {t.shape}")
             writer.write_tensor_data(_encode(tensor.detach().to(torch.float32).numpy(), t.qtype))
         writer.close()
+        part.chmod(0o644)  # mkstemp makes it 0600; a model file is as readable as any other
         os.replace(part, output)
     except BaseException:
         writer.close()
@@ -246,8 +266,13 @@ def quantize_transformer(
     output: str | Path,
     qtype: str | QuantType = QuantType.Q8_0,
     naming: str | Naming = Naming.bfl,
+    *,
+    force: bool = False,
 ) -> Path:
     """Write a FLUX transformer as GGUF and return the output path.
+
+    An existing `output` is replaced only with `force`, and never when it is one of the source's
+    own files.
 
     `source`: a diffusers model folder, its `transformer/` folder, or a single .safetensors file
     (BFL or diffusers names, with or without the `model.diffusion_model.` prefix).
@@ -258,7 +283,8 @@ def quantize_transformer(
         naming_out = Naming(getattr(naming, "value", naming))
     except ValueError:
         raise InvalidArgument("naming", f"{naming!r}: choose 'bfl' or 'diffusers'") from None
-    _, files = _component_files(Path(source), "transformer", "FLUX transformer")
+    folder, files = _component_files(Path(source), "transformer", "FLUX transformer")
+    _check_output(Path(output), [*files, *folder.glob("*.json")], force)
     plan = _transformer_plan(_SafetensorsSource(files), naming_out, target, Path(source))
 
     def metadata(writer: gguf.GGUFWriter) -> None:
@@ -323,8 +349,10 @@ def _t5_vocab(tokenizer_json: Path, vocab_size: int) -> dict[str, object]:
     return {"tokens": tokens, "scores": scores, "types": types, "ids": ids, "charsmap": charsmap}
 
 
-def quantize_t5(source: str | Path, output: str | Path, qtype: str | QuantType = QuantType.Q8_0) -> Path:
+def quantize_t5(source: str | Path, output: str | Path, qtype: str | QuantType = QuantType.Q8_0, *,
+                force: bool = False) -> Path:
     """Write a T5 encoder (FLUX's `text_encoder_2`) as a t5encoder GGUF and return the output path.
+    `output` is treated as `quantize_transformer` treats it.
 
     `source`: a diffusers model folder (uses `text_encoder_2/` and `tokenizer_2/`) or the
     `text_encoder_2` folder itself (the tokenizer is then looked up beside it).
@@ -340,6 +368,7 @@ def quantize_t5(source: str | Path, output: str | Path, qtype: str | QuantType =
     if tokenizer is None:
         reason = "no tokenizer_2/tokenizer.json beside the T5 encoder (the GGUF carries the vocabulary)"
         raise GGUFFileError(source, reason)
+    _check_output(Path(output), [*files, *folder.glob("*.json"), *tokenizer.glob("*")], force)
     vocab = _t5_vocab(tokenizer / "tokenizer.json", config["vocab_size"])
 
     src = _SafetensorsSource(files)

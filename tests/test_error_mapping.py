@@ -46,3 +46,18 @@ async def test_only_a_missing_method_is_unimplemented(vae_stub, caplog):
     assert "NotImplementedError" in torch_error.value.details()
     [record] = [r for r in caplog.records if "Info failed" in r.getMessage()]
     assert record.exc_info is not None and record.exc_info[0] is NotImplementedError  # the traceback is logged
+
+
+@pytest.mark.parametrize("details,expected", [
+    ("loras[0].name: no LoRA named 'x'", "denoiser stage: loras[0].name: no LoRA named 'x'"),
+    ("denoiser stage: weights are released; call fluxmesh.v1.Residency/Load first",
+     "denoiser stage: weights are released; call fluxmesh.v1.Residency/Load first"),
+])
+def test_the_orchestrator_names_a_stage_once(details, expected):
+    from fluxmesh.orchestrator.stages import stage_errors
+    from fluxmesh.rpc.errors import FluxmeshError
+
+    with pytest.raises(FluxmeshError) as relayed, stage_errors("denoiser", "127.0.0.1:1"):
+        raise grpc.aio.AioRpcError(grpc.StatusCode.FAILED_PRECONDITION, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                   details)
+    assert relayed.value.message == expected and relayed.value.code == grpc.StatusCode.FAILED_PRECONDITION

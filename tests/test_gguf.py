@@ -559,3 +559,42 @@ def test_quantize_command_refuses_in_one_line(tiny, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert gguf.GGUFReader(out).fields["general.architecture"].contents() == "flux"
+
+
+def _gguf_with_metadata(path, entries: list[bytes]):
+    import struct
+
+    def kv(key: str, kind: int, payload: bytes) -> bytes:
+        return struct.pack("<Q", len(key)) + key.encode() + struct.pack("<I", kind) + payload
+
+    arch = kv("general.architecture", 8, struct.pack("<Q", 4) + b"flux")
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, len(entries) + 1) + arch + b"".join(entries))
+    return path
+
+
+def test_metadata_beyond_the_bounds_is_refused_before_parsing(tmp_path):
+    """gguf-py builds objects for every entry and array item: 200,000 entries took 40 s and
+    650 MiB before the file was refused for having no tensors. The header walk refuses at once."""
+    import struct
+    import time
+
+    from fluxmesh.services.gguf.loading import MAX_ARRAY_ITEMS, MAX_METADATA_ENTRIES, read_gguf
+
+    many = _gguf_with_metadata(tmp_path / "many.gguf", [struct.pack("<Q", 2) + b"k%d" % (i % 10) + b"\0\0\0\0\1"
+                                                        for i in range(200_000)])
+    items = MAX_ARRAY_ITEMS + 1
+    big_array = _gguf_with_metadata(tmp_path / "array.gguf", [
+        struct.pack("<Q", 3) + b"big" + struct.pack("<IIQ", 9, 0, items) + bytes(items)])
+    long_string = _gguf_with_metadata(tmp_path / "string.gguf", [
+        struct.pack("<Q", 1) + b"s" + struct.pack("<IQ", 8, 1 << 40)])
+    cut = _gguf_with_metadata(tmp_path / "cut.gguf", [struct.pack("<Q", 1) + b"a"])
+    for path, reason in ((many, f"200001 metadata entries; the limit is {MAX_METADATA_ENTRIES}"),
+                         (big_array, f"metadata arrays hold more than {MAX_ARRAY_ITEMS} items"),
+                         (long_string, "a 1099511627776-byte string"),
+                         (cut, "the metadata ends early")):
+        started = time.monotonic()
+        with pytest.raises(GGUFFileError, match=reason):
+            read_gguf(path, ("flux",))  # what the loaders and `plan` open files with
+        assert time.monotonic() - started < 2.0
+        with pytest.raises(GGUFFileError, match=reason):
+            load_gguf_transformer(path, tmp_path)

@@ -195,6 +195,20 @@ def _png(width: int = 64, height: int = 64, mode: str = "RGB", fmt: str = "PNG",
     return buffer.getvalue()
 
 
+def _one_row_png(width: int = 64, height: int = 64) -> bytes:
+    """A well-formed PNG whose pixel data ends after its first row (Pillow fills the rest black)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    row = b"\x00" + bytes([200, 30, 30]) * width
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(row))
+            + chunk(b"IEND", b""))
+
+
 def _image_request(**changes) -> vae_pb2.EncodeImageRequest:
     return vae_pb2.EncodeImageRequest(**{"image": _png(), "width": 64, "height": 64, **changes})
 
@@ -270,6 +284,10 @@ CASES: list[tuple[str, str, Build, grpc.StatusCode, str]] = [
      C.INVALID_ARGUMENT, "preview.every:"),
     ("gen-init-image-garbage", GENERATE, lambda v: v.generating(init_image=b"\x89PNG\r\n\x1a\n garbage"),
      C.INVALID_ARGUMENT, "init_image:"),
+    ("gen-init-image-one-row", GENERATE, lambda v: v.generating(init_image=_one_row_png()), C.INVALID_ARGUMENT,
+     "init_image: truncated PNG"),
+    ("gen-mask-one-row", GENERATE, lambda v: v.generating(init_image=_png(), mask_image=_one_row_png()),
+     C.INVALID_ARGUMENT, "mask_image: truncated PNG"),
     ("gen-init-image-gif", GENERATE, lambda v: v.generating(init_image=_png(fmt="GIF")), C.INVALID_ARGUMENT,
      "init_image:"),
     ("gen-init-image-huge-header", GENERATE, lambda v: v.generating(init_image=_png(8192, 16, "L")),
@@ -397,6 +415,8 @@ CASES: list[tuple[str, str, Build, grpc.StatusCode, str]] = [
     ("vae-encode-width-huge", ENCODE_IMAGE, lambda v: _image_request(width=1 << 20), C.INVALID_ARGUMENT, "width:"),
     ("vae-encode-mask-size", ENCODE_IMAGE, lambda v: _image_request(mask=_png(16, 16, "L")), C.INVALID_ARGUMENT,
      "mask:"),
+    ("vae-encode-one-row", ENCODE_IMAGE, lambda v: _image_request(image=_one_row_png()), C.INVALID_ARGUMENT,
+     "image: truncated PNG"),
     ("vae-encode-mask-colour", ENCODE_IMAGE, lambda v: _image_request(mask=_png()), C.INVALID_ARGUMENT, "mask:"),
     ("vae-encode-corrupt", ENCODE_IMAGE, lambda v: CORRUPT, C.INVALID_ARGUMENT, "request:"),
     # --- Residency (every stage) ----------------------------------------------------------------

@@ -101,3 +101,40 @@ def test_plan_command_json_and_errors(dev_model):
                                            ("800MiB", 800 * 2**20), ("1TiB", 2**40)])
 def test_parse_size(text, expected):
     assert parse_size(text) == expected
+
+
+def test_plan_refuses_the_gguf_files_the_stages_refuse(dev_model, schnell_model, tmp_path):
+    """A GGUF made from another model: `plan` used to say "fits" for what `serve` then refused.
+    Both now ask the same header check, and give the same reason."""
+    import shutil
+
+    import torch
+
+    from fluxmesh.rpc.errors import FluxmeshError
+    from fluxmesh.services.gguf import load_gguf_t5, load_gguf_transformer, quantize_t5, quantize_transformer
+
+    other = shutil.copytree(dev_model, tmp_path / "other")  # the dev model with a wider T5 MLP
+    config = json.loads((other / "text_encoder_2" / "config.json").read_text())
+    config["d_ff"] *= 2
+    (other / "text_encoder_2" / "config.json").write_text(json.dumps(config))
+    schnell_transformer = quantize_transformer(schnell_model, tmp_path / "schnell.gguf", "Q8_0")
+    dev_t5 = quantize_t5(dev_model, tmp_path / "t5.gguf", "Q8_0")
+
+    def refusal(call) -> str | None:
+        try:
+            call()
+        except FluxmeshError as error:
+            return error.message
+        return None
+
+    for folder, kind, file, load in ((dev_model, "transformer_gguf", schnell_transformer, load_gguf_transformer),
+                                     (schnell_model, "transformer_gguf", schnell_transformer, load_gguf_transformer),
+                                     (other, "t5_gguf", dev_t5, load_gguf_t5),
+                                     (dev_model, "t5_gguf", dev_t5, load_gguf_t5)):
+        served = refusal(lambda: load(file, folder, torch.float32))
+        planned = refusal(lambda: make_plan(folder, vram=GIB, width=64, height=64, **{kind: file}))
+        assert planned == served, (folder.name, kind)
+    assert "does not fit the model folder's transformer" in refusal(
+        lambda: make_plan(dev_model, vram=GIB, width=64, height=64, transformer_gguf=schnell_transformer))
+    assert "the model folder's T5 has d_ff=" in refusal(
+        lambda: make_plan(other, vram=GIB, width=64, height=64, t5_gguf=dev_t5))

@@ -37,7 +37,11 @@ def stage_errors(stage: str, address: str):
     except grpc.aio.AioRpcError as error:
         if error.code() == grpc.StatusCode.UNAVAILABLE:
             raise StageUnavailable(stage, f"{address}: {error.details()}") from None
-        raise FluxmeshError(f"{stage} stage: {error.details()}", code=error.code()) from None
+        details = error.details() or ""
+        # Named once: a stage's own messages may already start with its name ("denoiser
+        # stage: weights are released ...").
+        named = details if details.startswith(f"{stage} stage") else f"{stage} stage: {details}"
+        raise FluxmeshError(named, code=error.code()) from None
 
 
 class StageClient:

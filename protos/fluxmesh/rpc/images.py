@@ -6,6 +6,8 @@ truly one channel. Errors are `InvalidArgument` naming the field. Pillow only, n
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 
 from PIL import Image, ImageChops, UnidentifiedImageError
 
@@ -33,11 +35,50 @@ def open_image(data: bytes, field: str) -> Image.Image:
         if image.width > MAX_IMAGE_SIDE or image.height > MAX_IMAGE_SIDE:
             raise InvalidArgument(field, f"{image.width}x{image.height} exceeds {MAX_IMAGE_SIDE} pixels per side")
         image.load()
+        if image.format == "PNG":
+            _check_png_complete(data, image.width, image.height, field)
     except InvalidArgument:
         raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise InvalidArgument(field, f"not a decodable PNG/JPEG image ({error})") from None
     return image
+
+
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by IHDR colour type
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+
+
+def _check_png_complete(data: bytes, width: int, height: int, field: str) -> None:
+    """Refuse a PNG whose pixel data ends before the last row.
+
+    Pillow decodes what the IDAT stream holds and leaves the rest of the image black without a
+    word when the stream *ends* early (a crafted or re-terminated file; a file merely cut short
+    mid-stream Pillow does refuse). The check is the PNG rule itself: the inflated IDAT data is
+    exactly one filter byte plus the packed pixels of every row (of every Adam7 pass).
+    """
+    header = data[16:29]  # IHDR follows the 8-byte signature and its own length and type
+    if len(header) < 13:
+        raise InvalidArgument(field, "PNG header is cut short")
+    _, _, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", header)
+    bits = depth * _PNG_CHANNELS.get(colour, 4)
+    passes = _ADAM7 if interlace else ((0, 0, 1, 1),)
+    expected = 0
+    for x0, y0, dx, dy in passes:
+        columns, rows = -(-(width - x0) // dx), -(-(height - y0) // dy)
+        if columns > 0 and rows > 0:
+            expected += rows * (1 + -(-columns * bits // 8))
+    inflate, got, offset = zlib.decompressobj(), 0, 8
+    while offset + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[offset:offset + 8])
+        if kind == b"IDAT":
+            # Bounded: never inflate more than one byte past what the rows need (no zip bomb).
+            got += len(inflate.decompress(data[offset + 8:offset + 8 + length], expected + 1 - got))
+        elif kind == b"IEND":
+            break
+        offset += 12 + length
+    if got < expected:
+        raise InvalidArgument(field, f"truncated PNG: pixel data for {got * 100 // expected}% of the image "
+                                     f"({got} of {expected} bytes)")
 
 
 def check_mask(mask: Image.Image, init: Image.Image, field: str = "mask_image") -> None:

@@ -30,7 +30,7 @@ from fluxmesh.rpc.errors import NotFound
 from . import naming
 from .errors import GGUFFileError
 
-__all__ = ["load_gguf_t5", "load_gguf_transformer", "read_gguf"]
+__all__ = ["check_t5_fits", "check_transformer_fits", "load_gguf_t5", "load_gguf_transformer", "read_gguf"]
 
 _FLOATS = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16}
 
@@ -42,8 +42,81 @@ def _supported_types() -> set[gguf.GGMLQuantizationType]:
     return _FLOATS | set(SUPPORTED_GGUF_QUANT_TYPES)
 
 
+# What the reader accepts before gguf-py parses the file. gguf-py builds Python objects for every
+# metadata entry and every array item: 200,000 entries took 40 s and 650 MiB, a 2-million-item
+# array 50 s and 2 GiB. Real files are far below: a FLUX transformer has ~20 entries and ~800
+# tensors; a T5 encoder ~30 entries, ~220 tensors and ~330,000 array items (its vocabulary three
+# times over and the SentencePiece charsmap).
+MAX_METADATA_ENTRIES = 1024
+MAX_TENSORS = 65_536
+MAX_ARRAY_ITEMS = 1 << 19  # all arrays together
+MAX_STRING_BYTES = 16 << 20
+_FIXED_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUFValueType -> bytes
+_STRING, _ARRAY = 8, 9
+
+
+def _check_header_bounds(path: Path) -> None:
+    """Walk the GGUF header's counts and metadata (lengths only, nothing decoded) and refuse a
+    file beyond the bounds above before gguf-py spends minutes and gigabytes on it.
+
+    Hand-written because gguf-py has no limits to set; it reads only what the GGUF spec (v2/v3)
+    puts before the tensor infos.
+    """
+    import struct
+
+    with path.open("rb") as f:
+        def take(fmt: str):
+            size = struct.calcsize("<" + fmt)
+            data = f.read(size)
+            if len(data) < size:
+                raise GGUFFileError(path, "truncated GGUF file (the metadata ends early)")
+            return struct.unpack("<" + fmt, data)
+
+        def skip_string(what: str) -> None:
+            (length,) = take("Q")
+            if length > MAX_STRING_BYTES:
+                raise GGUFFileError(path, f"{what}: a {length}-byte string (limit {MAX_STRING_BYTES})")
+            f.seek(length, 1)
+
+        items = 0
+
+        def skip_value(kind: int, what: str, depth: int = 0) -> None:
+            nonlocal items
+            if kind in _FIXED_SIZES:
+                f.seek(_FIXED_SIZES[kind], 1)
+            elif kind == _STRING:
+                skip_string(what)
+            elif kind == _ARRAY and depth < 2:
+                item_kind, count = take("IQ")
+                items += count
+                if items > MAX_ARRAY_ITEMS:
+                    raise GGUFFileError(path, f"metadata arrays hold more than {MAX_ARRAY_ITEMS} items (at {what})")
+                if item_kind in _FIXED_SIZES:
+                    f.seek(count * _FIXED_SIZES[item_kind], 1)
+                else:
+                    for _ in range(count):
+                        skip_value(item_kind, what, depth + 1)
+            else:
+                raise GGUFFileError(path, f"{what}: unknown or too deeply nested metadata type {kind}")
+
+        magic, version = f.read(4), take("I")[0]
+        if magic != b"GGUF":
+            raise GGUFFileError(path, f"not a GGUF file (starts with {magic!r}, expected b'GGUF')")
+        if version not in (2, 3):
+            raise GGUFFileError(path, f"GGUF version {version} is not supported (2 or 3)")
+        tensors, entries = take("QQ")
+        if tensors > MAX_TENSORS:
+            raise GGUFFileError(path, f"{tensors} tensors; a FLUX or T5 file has at most {MAX_TENSORS}")
+        if entries > MAX_METADATA_ENTRIES:
+            raise GGUFFileError(path, f"{entries} metadata entries; the limit is {MAX_METADATA_ENTRIES}")
+        for i in range(entries):
+            skip_string(f"metadata entry {i}")
+            skip_value(take("I")[0], f"metadata entry {i}")
+
+
 def read_gguf(path: str | Path, architectures: tuple[str, ...]) -> gguf.GGUFReader:
-    """Open and check a GGUF file: magic, complete data, architecture, supported tensor types."""
+    """Open and check a GGUF file: magic, bounded metadata, complete data, architecture,
+    supported tensor types."""
     path = Path(path)
     if not path.is_file():
         raise NotFound(f"{path}: no such GGUF file")
@@ -51,6 +124,7 @@ def read_gguf(path: str | Path, architectures: tuple[str, ...]) -> gguf.GGUFRead
         magic = f.read(4)
     if magic != b"GGUF":
         raise GGUFFileError(path, f"not a GGUF file (starts with {magic!r}, expected b'GGUF')")
+    _check_header_bounds(path)
     try:
         reader = gguf.GGUFReader(path)
     except Exception as e:  # gguf-py reports a short file as reshape/index errors
@@ -105,6 +179,35 @@ def _check_fits(path: Path, state_dict: dict, config: dict) -> None:
             raise GGUFFileError(path, f"tensor {key!r} has shape {got}, the model folder's transformer needs {shape}")
 
 
+def _to_diffusers_names(path: Path, state_dict: dict, config: dict) -> dict:
+    if not naming.is_bfl_naming(state_dict):
+        return state_dict
+    inner_dim = config["num_attention_heads"] * config["attention_head_dim"]
+    try:
+        return naming.bfl_to_diffusers(state_dict, inner_dim)
+    except KeyError as e:
+        raise GGUFFileError(path, e.args[0]) from None
+    except RuntimeError as e:  # torch.split: rows do not add up for this width
+        raise GGUFFileError(path, f"BFL tensors do not split for inner_dim {inner_dim} ({e})") from None
+
+
+def check_transformer_fits(gguf_file: str | Path, model_folder: str | Path) -> gguf.GGUFReader:
+    """Everything `load_gguf_transformer` checks, from the file's header alone (no tensor data
+    read): the GGUF is sound and its tensors, as named and shaped, are the model folder's
+    transformer. `fluxmesh plan` and `serve denoiser` both ask this, so they cannot disagree."""
+    path = Path(gguf_file)
+    reader = read_gguf(path, ("flux",))
+    from diffusers import FluxTransformer2DModel  # after the file checks: a bad file is refused at once
+
+    folder, subfolder = _component(model_folder, "transformer")
+    config = FluxTransformer2DModel.load_config(folder, subfolder=subfolder, local_files_only=True)
+    # Shapes as diffusers' loader sees them (GGUF stores dims innermost first); meta tensors
+    # carry them through the same BFL->diffusers split the loader makes.
+    shapes = {t.name: torch.empty(tuple(int(n) for n in reversed(t.shape)), device="meta") for t in reader.tensors}
+    _check_fits(path, _to_diffusers_names(path, shapes, config), config)
+    return reader
+
+
 def load_gguf_transformer(
     gguf_file: str | Path,
     model_folder: str | Path,
@@ -116,23 +219,15 @@ def load_gguf_transformer(
 
     Works for BFL-named (community) and diffusers-named files. Offline: nothing is fetched.
     """
+    path = Path(gguf_file)
+    check_transformer_fits(path, model_folder)  # before gigabytes of tensor data are read
     from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig
     from diffusers.models.model_loading_utils import load_gguf_checkpoint
 
-    path = Path(gguf_file)
-    read_gguf(path, ("flux",))
     folder, subfolder = _component(model_folder, "transformer")
     config = FluxTransformer2DModel.load_config(folder, subfolder=subfolder, local_files_only=True)
-    state_dict = load_gguf_checkpoint(str(path))
-    if naming.is_bfl_naming(state_dict):
-        inner_dim = config["num_attention_heads"] * config["attention_head_dim"]
-        try:
-            state_dict = naming.bfl_to_diffusers(state_dict, inner_dim)
-        except KeyError as e:
-            raise GGUFFileError(path, e.args[0]) from None
-        except RuntimeError as e:  # torch.split: rows do not add up for this width
-            raise GGUFFileError(path, f"BFL tensors do not split for inner_dim {inner_dim} ({e})") from None
-    _check_fits(path, state_dict, config)
+    state_dict = _to_diffusers_names(path, load_gguf_checkpoint(str(path)), config)
+    _check_fits(path, state_dict, config)  # the data's shapes are the header's; cheap to confirm
     model = FluxTransformer2DModel.from_single_file(
         state_dict,
         config=str(folder),
@@ -145,10 +240,10 @@ def load_gguf_transformer(
     return model.eval()
 
 
-def load_gguf_t5(gguf_file: str | Path, model_folder: str | Path, dtype: torch.dtype = torch.float32):
-    """A `T5EncoderModel` from a t5encoder GGUF (city96 layout), config from `model_folder`
-    (model root or its text_encoder_2/ folder). Weights are dequantized to `dtype` at load."""
-    from transformers import T5Config, T5EncoderModel
+def check_t5_fits(gguf_file: str | Path, model_folder: str | Path):
+    """What can be checked of a T5 GGUF without loading it: a sound file whose hyper-parameters
+    are the model folder's T5's. Returns (the T5 folder, its config, the reader); `plan` asks it too."""
+    from transformers import T5Config
 
     path = Path(gguf_file)
     reader = read_gguf(path, ("t5encoder", "t5"))
@@ -161,6 +256,16 @@ def load_gguf_t5(gguf_file: str | Path, model_folder: str | Path, dtype: torch.d
         if field is not None and field.contents() != getattr(config, attr):
             wanted = f"{attr}={getattr(config, attr)}"
             raise GGUFFileError(path, f"{arch}.{key} is {field.contents()}, the model folder's T5 has {wanted}")
+    return folder, config, reader
+
+
+def load_gguf_t5(gguf_file: str | Path, model_folder: str | Path, dtype: torch.dtype = torch.float32):
+    """A `T5EncoderModel` from a t5encoder GGUF (city96 layout), config from `model_folder`
+    (model root or its text_encoder_2/ folder). Weights are dequantized to `dtype` at load."""
+    from transformers import T5EncoderModel
+
+    path = Path(gguf_file)
+    folder, config, _ = check_t5_fits(path, model_folder)
     try:
         model, info = T5EncoderModel.from_pretrained(
             folder, gguf_file=str(path), config=config, dtype=dtype, local_files_only=True, output_loading_info=True

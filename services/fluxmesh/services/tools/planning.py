@@ -169,23 +169,25 @@ def _loaded_bytes(folder: Path, dtype: str, model_class=None) -> int:
     return total
 
 
-def _gguf_transformer_bytes(path: Path, dtype: str) -> int:
-    """Quantized tensors stay as stored; float tensors are loaded in the compute dtype."""
+def _gguf_transformer_bytes(path: Path, folder: Path, dtype: str) -> int:
+    """Quantized tensors stay as stored; float tensors are loaded in the compute dtype. A file
+    the denoiser would refuse for this model folder is refused here too, for the same reason."""
     from gguf import GGMLQuantizationType as G
 
-    from fluxmesh.services.gguf import read_gguf
+    from fluxmesh.services.gguf.loading import check_transformer_fits
 
-    reader = read_gguf(path, ("flux",))
+    reader = check_transformer_fits(path, folder)
     floats = (G.F32, G.F16, G.BF16)
     return sum(int(t.n_elements) * _DTYPE_BYTES[dtype] if t.tensor_type in floats else int(t.n_bytes)
                for t in reader.tensors)
 
 
-def _gguf_t5_bytes(path: Path, dtype: str) -> int:
-    """transformers dequantizes a T5 GGUF to the dtype as it loads it."""
-    from fluxmesh.services.gguf import read_gguf
+def _gguf_t5_bytes(path: Path, folder: Path, dtype: str) -> int:
+    """transformers dequantizes a T5 GGUF to the dtype as it loads it (a file the encoder would
+    refuse for this model folder is refused here too)."""
+    from fluxmesh.services.gguf.loading import check_t5_fits
 
-    reader = read_gguf(path, ("t5encoder", "t5"))
+    _, _, reader = check_t5_fits(path, folder)
     return sum(int(t.n_elements) for t in reader.tensors) * _DTYPE_BYTES[dtype]
 
 
@@ -283,11 +285,11 @@ def make_plan(
     # + CLIP's position_ids: an int64 buffer the model makes itself, not stored in the file.
     clip = _loaded_bytes(folder / "text_encoder", dtype, CLIPTextModel) + 8 * clip_config["max_position_embeddings"]
     if t5_gguf:
-        t5, t5_from = _gguf_t5_bytes(Path(t5_gguf), dtype), f"T5 {Path(t5_gguf).name} (GGUF, dequantized to {dtype})"
+        t5, t5_from = _gguf_t5_bytes(Path(t5_gguf), folder, dtype), f"T5 {Path(t5_gguf).name} (GGUF, dequantized to {dtype})"
     else:
         t5, t5_from = _loaded_bytes(folder / "text_encoder_2", dtype, T5EncoderModel), f"T5 safetensors as {dtype}"
     if transformer_gguf:
-        transformer = _gguf_transformer_bytes(Path(transformer_gguf), dtype)
+        transformer = _gguf_transformer_bytes(Path(transformer_gguf), folder, dtype)
         transformer_from = f"{Path(transformer_gguf).name} (GGUF, kept quantized)"
     else:
         transformer = _loaded_bytes(folder / "transformer", dtype)

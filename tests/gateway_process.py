@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import httpx
-
 from fluxmesh.cli.lifeline import child_environment
 from fluxmesh.cli.supervisor import free_port
 

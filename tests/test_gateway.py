@@ -6,20 +6,22 @@ from __future__ import annotations
 
 import base64
 import io
+import subprocess
+import sys
 import time
 
 import grpc
 import httpx
 import openai
 import pytest
-from PIL import Image
-
 from factories import PROMPT
+from fluxmesh.cli.lifeline import child_environment
 from fluxmesh.cli.supervisor import Cluster, free_port, health_status
 from fluxmesh.client import Client
 from fluxmesh.gateway.errors import HTTP_STATUS, from_fluxmesh
 from fluxmesh.rpc.errors import FluxmeshError
 from gateway_process import Gateway
+from PIL import Image
 
 TOKEN = "gateway-test-token"
 
@@ -376,3 +378,28 @@ def test_https_with_the_same_tls_flags_as_the_grpc_ports(dev_cluster, tmp_path):
             httpx.get(f"{gateway.url}/health")  # not trusted without the CA
     finally:
         gateway.stop()
+
+
+def test_demo_serve_prints_the_page_address_and_serves_it(tmp_path):
+    """`fluxmesh demo --serve` (the same start-up `up --http-port` uses): the page's address is
+    printed, the page and the API answer there, and SIGTERM stops every process."""
+    port = free_port()
+    log = tmp_path / "demo.log"
+    with open(log, "wb") as output:  # a file, not a pipe: five processes write to it
+        demo = subprocess.Popen([sys.executable, "-m", "fluxmesh.cli", "demo", "--serve", "--http-port", str(port),
+                                 "-o", str(tmp_path / "demo.png"), "--width", "64", "--height", "64", "--steps", "2"],
+                                stdout=output, stderr=subprocess.STDOUT, env=child_environment())
+    try:
+        page = f"http://127.0.0.1:{port}/"
+        deadline = time.monotonic() + 240
+        while f"the page is on {page}" not in log.read_text(errors="replace"):
+            assert demo.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+            time.sleep(0.2)
+        assert (tmp_path / "demo.png").stat().st_size > 0
+        assert "fluxmesh" in httpx.get(page).text
+        reply = httpx.post(page + "v1/images/generations", json={"prompt": PROMPT, "size": "64x64", "steps": 1},
+                           timeout=60)
+        assert reply.status_code == 200 and reply.json()["data"][0]["b64_json"]
+    finally:
+        demo.terminate()
+        assert demo.wait(timeout=60) == 0

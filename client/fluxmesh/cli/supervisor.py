@@ -29,7 +29,7 @@ STAGES = tuple(Stage)
 LOOPBACK = "127.0.0.1"
 
 
-def _reachable(host: str) -> str:
+def reachable(host: str) -> str:
     """Where this machine reaches a server listening on `host` (a wildcard: over loopback)."""
     if host in ("0.0.0.0", "", "[::]", "::"):
         return LOOPBACK if host in ("0.0.0.0", "") else "[::1]"
@@ -157,7 +157,7 @@ def start_local(
             "orchestrator",
             ["serve", "orchestrator", "--host", host, "--port", str(port),
              *[f"--{stage}={addresses[stage]}" for stage in STAGES], *(orchestrator_args or [])],
-            f"{_reachable(host)}:{port}",
+            f"{reachable(host)}:{port}",
             probe_tcp_only=orchestrator_tls,
         )
         cluster.wait_serving(timeout)

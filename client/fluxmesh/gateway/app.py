@@ -10,12 +10,11 @@ from dataclasses import dataclass, field
 import grpc
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from starlette.middleware.body_limit import RequestBodyLimitMiddleware
-
 from fluxmesh.gateway import errors
 from fluxmesh.gateway.routes import router
 from fluxmesh.gateway.store import ResultStore
 from fluxmesh.gateway.upstream import Upstream
+from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +43,8 @@ def create_app(options: GatewayOptions) -> FastAPI:
         finally:
             await app.state.upstream.close()
 
-    app = FastAPI(title="fluxmesh", version="1", lifespan=lifespan,
+    # No /docs or /redoc: FastAPI's load Swagger UI and ReDoc from a CDN; /openapi.json stays.
+    app = FastAPI(title="fluxmesh", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="OpenAI-compatible images API in front of a fluxmesh orchestrator, and a web "
                               "page at /. `Authorization: Bearer` tokens are passed on to the orchestrator.")
     app.state.options = options

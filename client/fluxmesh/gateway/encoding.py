@@ -17,9 +17,8 @@ DEFAULT_QUALITY = 95  # Pillow's advice: above 95 JPEG grows without looking bet
 def encode(data: bytes, output_format: str, compression: int | None = None) -> bytes:
     """`data` (PNG or JPEG bytes) as `output_format`."""
     source = Image.open(io.BytesIO(data))
-    if source.format == output_format.upper():
-        if output_format == "png" or compression is None:
-            return data
+    if source.format == output_format.upper() and (output_format == "png" or compression is None):
+        return data
     image = source.convert("RGB")
     buffer = io.BytesIO()
     if output_format == "png":

@@ -15,9 +15,8 @@ import grpc
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException
-
 from fluxmesh.rpc.errors import FluxmeshError
+from starlette.exceptions import HTTPException
 
 # google.rpc.Code's documented HTTP mapping (code.proto); CANCELLED is nginx's 499 "client closed".
 HTTP_STATUS = {

@@ -18,14 +18,21 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from starlette.requests import Request
-
-from fluxmesh.client import AsyncClient, Event, FluxmeshError, Queued, Result, StageStarted, Step
+from fluxmesh.client import (
+    AsyncClient,
+    Event,
+    FluxmeshError,
+    Queued,
+    Result,
+    StageStarted,
+    Step,
+)
 from fluxmesh.client._core import parse_lora
 from fluxmesh.gateway.encoding import MEDIA_TYPES, encode
 from fluxmesh.gateway.errors import GatewayError, from_fluxmesh
 from fluxmesh.gateway.schemas import Generation, ImageOptions, LoraSpec
 from fluxmesh.gateway.store import ResultStore
+from starlette.requests import Request
 
 T = TypeVar("T")
 
@@ -46,13 +53,13 @@ def make_job(options: ImageOptions, *, event_prefix: str, init_image: bytes | No
         raise GatewayError(400, "output_compression: applies to jpeg and webp only (PNG is lossless)",
                            param="output_compression", code="invalid_value")
     width, height = options.dimensions()
-    arguments: dict[str, Any] = dict(
-        prompt=options.prompt, prompt_2=options.prompt_2, width=width, height=height, steps=options.steps,
-        guidance=options.guidance, seed=options.seed, num_images=options.n,
-        max_sequence_length=options.max_sequence_length, loras=[_lora(lora) for lora in options.loras],
-        priority=options.priority, negative_prompt=options.negative_prompt, true_cfg_scale=options.true_cfg_scale,
-        timeout=options.timeout,
-    )
+    arguments: dict[str, Any] = {
+        "prompt": options.prompt, "prompt_2": options.prompt_2, "width": width, "height": height,
+        "steps": options.steps, "guidance": options.guidance, "seed": options.seed, "num_images": options.n,
+        "max_sequence_length": options.max_sequence_length, "loras": [_lora(lora) for lora in options.loras],
+        "priority": options.priority, "negative_prompt": options.negative_prompt,
+        "true_cfg_scale": options.true_cfg_scale, "timeout": options.timeout,
+    }
     if init_image is not None:
         arguments.update(init_image=init_image, mask_image=mask_image, strength=strength)
     if options.stream and options.partial_images:
@@ -145,9 +152,7 @@ class PartialImages:
         if not step.preview_data or self.sent >= self.wanted:
             return False
         shown = step.preview_step or step.step
-        if shown < math.ceil(step.total * (self.sent + 1) / (self.wanted + 1)):
-            return False
-        return True
+        return shown >= math.ceil(step.total * (self.sent + 1) / (self.wanted + 1))
 
 
 async def stream_events(first: Event, rest: AsyncIterator[Event], job: Job, store: ResultStore,

@@ -6,7 +6,6 @@ from functools import cache
 from importlib import resources
 
 from fastapi.responses import Response
-
 from fluxmesh.gateway.errors import GatewayError
 
 ASSETS = {"page.js": "text/javascript", "page.css": "text/css"}

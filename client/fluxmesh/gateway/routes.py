@@ -8,14 +8,28 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-
 from fluxmesh.client import AsyncClient
 from fluxmesh.gateway import page
 from fluxmesh.gateway.errors import GatewayError
-from fluxmesh.gateway.generation import (Job, cancelled_on_disconnect, collect, events, images_response, make_job,
-                                         stream_events)
-from fluxmesh.gateway.schemas import (ErrorResponse, ImageEditRequest, ImageGenerationRequest, ImageOptions,
-                                      ImagesResponse, LoraList, ModelCard, ModelList)
+from fluxmesh.gateway.generation import (
+    Job,
+    cancelled_on_disconnect,
+    collect,
+    events,
+    images_response,
+    make_job,
+    stream_events,
+)
+from fluxmesh.gateway.schemas import (
+    ErrorResponse,
+    ImageEditRequest,
+    ImageGenerationRequest,
+    ImageOptions,
+    ImagesResponse,
+    LoraList,
+    ModelCard,
+    ModelList,
+)
 from fluxmesh.rpc.security import presented_token, token_matches
 
 router = APIRouter()

@@ -14,9 +14,8 @@ import re
 from typing import Literal
 
 from fastapi import UploadFile
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-
 from fluxmesh.rpc.limits import MAX_STEPS
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 OutputFormat = Literal["png", "jpeg", "webp"]
 SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")

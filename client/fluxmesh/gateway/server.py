@@ -7,7 +7,6 @@ import logging
 import ssl
 
 import uvicorn
-
 from fluxmesh.gateway.app import GatewayOptions, create_app
 from fluxmesh.rpc.security import ServerSecurity
 

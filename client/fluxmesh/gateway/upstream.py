@@ -15,7 +15,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import grpc
-
 from fluxmesh.client import AsyncClient
 
 

@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from fluxmesh.cli.commands.serve_http import HttpPort, serve_until_interrupted, start_gateway
 from fluxmesh.cli.shared_options import (
     Device,
     Dtype,
@@ -49,11 +50,13 @@ def up(
     release_to: ReleaseToOption = ReleaseTo.auto,
     max_priority: MaxPriority = DEFAULT_MAX_PRIORITY,
     prompt_cache_mib: PromptCacheMib = None,
+    http_port: HttpPort = None,
     serving: ServeOptions = ServeOptions(),
 ) -> None:
     """Start encoder, denoiser, vae and orchestrator locally; stop them all on exit.
 
-    The TLS, token and metrics flags apply to the orchestrator, the one process others reach.
+    The TLS, token and metrics flags apply to the orchestrator, the one process others reach
+    (and TLS to the HTTP gateway of --http-port, which passes callers' tokens on).
     """
     import time
 
@@ -71,6 +74,9 @@ def up(
                           orchestrator_tls=serving.tls_cert is not None)
     with cluster:
         typer.echo(f"fluxmesh up: Generator on {cluster.address} (Ctrl-C to stop)", err=True)
+        if http_port is not None:
+            page = start_gateway(cluster, port=http_port, host=host, serving=serving)
+            typer.echo(f"fluxmesh up: OpenAI images API and page on {page}", err=True)
         try:
             while all(c.process.poll() is None for c in cluster.children):
                 time.sleep(0.5)
@@ -92,6 +98,9 @@ def demo(
     height: Annotated[int, typer.Option()] = 256,
     steps: Annotated[int, typer.Option()] = 8,
     seed: Annotated[int, typer.Option()] = 42,
+    serve: Annotated[bool, typer.Option(help="Then keep serving, with the web page on --http-port, until "
+                                             "Ctrl-C.")] = False,
+    http_port: Annotated[int, typer.Option(help="The page's port with --serve.")] = 8000,
 ) -> None:
     """Tiny model + all four processes + one generation -> PNG. Needs no download and no GPU."""
     from fluxmesh.cli.progress import follow
@@ -105,9 +114,13 @@ def demo(
         typer.echo(f"tiny model: {folder}", err=True)
         with start_local(str(folder), port=free_port()) as cluster, Client(cluster.address) as client:
             result = follow(client.stream(prompt, width=width, height=height, steps=steps, seed=seed))
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_bytes(result.png[0])
-    typer.echo(str(output))
+            output.parent.mkdir(parents=True, exist_ok=True)
+            output.write_bytes(result.png[0])
+            typer.echo(str(output))
+            if serve:
+                page = start_gateway(cluster, port=http_port, host="127.0.0.1")
+                typer.echo(f"fluxmesh demo: the page is on {page} (Ctrl-C to stop)", err=True)
+                serve_until_interrupted(cluster)
 
 
 def raise_on_sigterm() -> None:

@@ -144,3 +144,8 @@ def serve_orchestrator(
                                      if prompt_cache_mib is not None else {}))
     with start_errors_as_messages("orchestrator"):
         run(options)
+
+
+from fluxmesh.cli.commands.serve_http import serve_http  # noqa: E402 (its own module: it imports no torch)
+
+app.command("http")(serve_http)

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
-
 from fluxmesh.cli.shared_options import ServeOptions, with_option_groups
 
+if TYPE_CHECKING:
+    from fluxmesh.cli.supervisor import Cluster
+
 _PANEL = "Connection to the orchestrator"
+HttpPort = Annotated[Optional[int], typer.Option(help="Also serve the OpenAI images API and the web page on this "
+                                                      "port (fluxmesh serve http).")]
 
 
 @with_option_groups
@@ -60,3 +64,36 @@ def serve_http(
                              model_name=model_name)
     serve_metrics(serving.metrics_port)
     serve(options, host=host, port=port, security=security)
+
+
+def start_gateway(cluster: Cluster, *, port: int, host: str, serving: ServeOptions | None = None) -> str:
+    """Add `fluxmesh serve http` in front of a local cluster's orchestrator (`up --http-port`,
+    `demo --serve`); returns the page's address once the gateway accepts connections.
+
+    The gateway gets up's certificate for HTTPS and trusts it (or --tls-ca) to reach the
+    orchestrator over TLS; tokens need no flag, callers' tokens pass through it."""
+    from fluxmesh.cli.supervisor import reachable
+
+    serving = serving or ServeOptions()
+    args = ["serve", "http", "--orchestrator", cluster.address, "--host", host, "--port", str(port)]
+    if serving.require_client_cert:
+        raise typer.BadParameter("--http-port with --require-client-cert: the gateway has no client certificate "
+                                 "to show the orchestrator; run `fluxmesh serve http` with --orchestrator-tls-cert")
+    if serving.tls_cert is not None:
+        args += ["--tls-cert", str(serving.tls_cert), "--tls-key", str(serving.tls_key),
+                 "--orchestrator-tls-ca", str(serving.tls_ca or serving.tls_cert)]
+    where = f"{reachable(host)}:{port}"
+    cluster.start("http", args, where, probe_tcp_only=True)
+    cluster.wait_serving()
+    return f"{'https' if serving.tls_cert else 'http'}://{where}/"
+
+
+def serve_until_interrupted(cluster: Cluster) -> None:
+    """Until Ctrl-C (or SIGTERM turned into it), or until one of the children exits."""
+    import time
+
+    try:
+        while all(c.process.poll() is None for c in cluster.children):
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass

@@ -1,0 +1,137 @@
+"""The gateway's web page in a real headless Chromium (Debian's chromium + chromedriver, through
+selenium), against a token-protected orchestrator on the shared stages: the page asks for the
+token, generates with a step count and live previews, shows errors next to their field, and
+cancels a generation midway (the denoiser stops)."""
+
+from __future__ import annotations
+
+import base64
+import re
+import shutil
+import time
+
+import pytest
+from factories import PROMPT
+from fluxmesh.cli.supervisor import Cluster, free_port, health_status
+from fluxmesh.client import Client
+from gateway_process import Gateway
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+TOKEN = "page-test-token"
+
+
+@pytest.fixture(scope="module")
+def protected(stage_addresses, tmp_path_factory):
+    """(orchestrator address, gateway) — the orchestrator wants TOKEN."""
+    folder = tmp_path_factory.mktemp("page")
+    (folder / "tokens").write_text(f"{TOKEN}\n")
+    port = free_port()
+    with Cluster() as cluster:
+        cluster.start("orchestrator", [
+            "serve", "orchestrator", "--host", "127.0.0.1", "--port", str(port), "--token-file",
+            str(folder / "tokens"),
+            *[f"--{stage}={address}" for stage, address in stage_addresses.items() if stage != "orchestrator"],
+        ], f"127.0.0.1:{port}")
+        deadline = time.monotonic() + 60
+        while health_status(cluster.address) != 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        gateway = Gateway(cluster.address, log=folder / "gateway.log")
+        yield cluster.address, gateway
+        gateway.stop()
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    if not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)):
+        pytest.fail(f"the page test needs {CHROMIUM} and {CHROMEDRIVER} (apt install chromium chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1280,1100",
+                 f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def _wait(driver, condition, timeout: float = 60.0, what: str = ""):
+    return WebDriverWait(driver, timeout, poll_frequency=0.05).until(lambda d: condition(d), what)
+
+
+def _text(driver, element_id: str) -> str:
+    return driver.find_element(By.ID, element_id).text
+
+
+def _set(driver, element_id: str, value: str) -> None:
+    field = driver.find_element(By.ID, element_id)
+    field.clear()
+    field.send_keys(value)
+
+
+def _steps_run(client: Client) -> int:
+    return next(int(s.details["steps_run"]) for s in client.info().stages if s.stage == "denoiser")
+
+
+def test_the_page_generates_shows_errors_and_cancels(browser, protected, tmp_path):
+    address, gateway = protected
+    browser.get(gateway.url + "/")
+    # without the token the server refuses, and the page says so
+    _wait(browser, lambda d: "not connected" in _text(d, "model"), what="a refusal without the token")
+    assert "bearer token" in _text(browser, "form-error")
+    _set(browser, "token", TOKEN + "\n")
+    browser.execute_script("document.getElementById('token').dispatchEvent(new Event('change'))")
+    _wait(browser, lambda d: "tiny-dev" in _text(d, "model"), what="the model card with the token")
+    assert "dev" in _text(browser, "model") and "16" in _text(browser, "model")
+
+    # an error is shown next to the field it names
+    _set(browser, "prompt", PROMPT)
+    _set(browser, "width", "100")
+    browser.find_element(By.ID, "generate").click()
+    size_error = browser.find_element(By.CSS_SELECTOR, '.field[data-param="size"] .error')
+    _wait(browser, lambda d: size_error.text, what="the size error")
+    assert "width: 100" in size_error.text and "multiple of 16" in size_error.text
+
+    # a generation: step count, one preview per step, the image, the gallery with its seed
+    _set(browser, "width", "128")
+    _set(browser, "height", "128")
+    _set(browser, "steps", "8")
+    _set(browser, "seed", "7")
+    browser.find_element(By.ID, "generate").click()
+    _wait(browser, lambda d: _text(d, "status").startswith("done"), what="the first generation")
+    assert size_error.text == ""  # the old error is gone
+    preview = browser.find_element(By.ID, "preview")
+    assert preview.get_attribute("data-count") == "8" and preview.get_attribute("data-step") == "8"
+    figures = browser.find_elements(By.CSS_SELECTOR, "#gallery figure")
+    assert len(figures) == 1 and figures[0].get_attribute("data-seed") == "7"
+    assert "seed 7" in figures[0].text and "128×128" in figures[0].text and "8 steps" in figures[0].text
+    shown = figures[0].find_element(By.TAG_NAME, "img").get_attribute("src")
+    with Client(address, token=TOKEN, timeout=60) as client:
+        want = client.generate(prompt=PROMPT, width=128, height=128, steps=8, seed=7, guidance=3.5)
+    assert base64.b64decode(shown.split(",", 1)[1]) == want.png[0]  # the page shows the real image
+    screenshot = tmp_path / "page-finished-generation.png"
+    browser.save_screenshot(str(screenshot))
+    print(f"\nscreenshot of a finished generation: {screenshot}")
+
+    # a second, long generation: watch it count steps and preview, then cancel it midway
+    with Client(address, token=TOKEN, timeout=60) as client:
+        before = _steps_run(client)
+        _set(browser, "width", "1024")
+        _set(browser, "height", "1024")
+        _set(browser, "steps", "100")
+        browser.find_element(By.ID, "generate").click()
+        _wait(browser, lambda d: re.match(r"step ([2-9]|\d\d) / 100", _text(d, "status")), what="steps counting")
+        assert int(preview.get_attribute("data-count")) >= 1
+        browser.find_element(By.ID, "cancel").click()
+        _wait(browser, lambda d: _text(d, "status") == "cancelled", what="the cancellation")
+        time.sleep(1.5)
+        ran = _steps_run(client) - before
+        time.sleep(1.0)
+        assert _steps_run(client) - before == ran < 100  # the denoiser stopped, long before the end
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#gallery figure")) == 1
+    assert browser.find_element(By.ID, "generate").is_enabled()

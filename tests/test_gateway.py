@@ -185,6 +185,26 @@ def test_a_deadline_that_passes_is_504(oai):
     assert caught.value.status_code == 504 and caught.value.code == "deadline_exceeded"
 
 
+def test_the_gateways_own_tokens_are_checked_before_anything_is_called():
+    """With --token-file/--token-env the gateway refuses by itself (its orchestrator here does not
+    even exist): a caller without an accepted token never reaches the orchestrator."""
+    from fastapi.testclient import TestClient
+
+    from fluxmesh.gateway import GatewayOptions, create_app
+
+    app = create_app(GatewayOptions(orchestrator=f"127.0.0.1:{free_port()}", tokens=("right",)))
+    body = {"prompt": PROMPT, "size": "64x64"}
+    with TestClient(app) as http:
+        for headers, says in (({}, "missing bearer token"), ({"Authorization": "Bearer wrong"}, "invalid bearer token"),
+                              ({"Authorization": "Basic eDp5"}, "Bearer <token>")):
+            reply = http.post("/v1/images/generations", json=body, headers=headers)
+            assert reply.status_code == 401 and says in reply.json()["error"]["message"], reply.text
+        assert http.get("/v1/loras", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        # the right token gets past the gateway, to an orchestrator that is not there
+        reply = http.post("/v1/images/generations", json=body, headers={"Authorization": "Bearer right"})
+        assert reply.status_code == 503, reply.text
+
+
 def test_every_grpc_code_has_an_http_status_and_429_says_when_to_retry():
     assert set(HTTP_STATUS) == set(grpc.StatusCode) - {grpc.StatusCode.OK}
     status, body, headers = from_fluxmesh(FluxmeshError("queue full", code=grpc.StatusCode.RESOURCE_EXHAUSTED))

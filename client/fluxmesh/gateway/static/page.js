@@ -88,7 +88,7 @@ function request() {
     name: pick.value, weight: Number(pick.parentElement.querySelector(".lora-weight").value) }));
   const body = {
     prompt: $("prompt").value, size: `${$("width").value}x${$("height").value}`, steps, seed, loras,
-    stream: true, partial_images: steps, progress: true, response_format: "b64_json", output_format: "png",
+    stream: true, partial_images: Math.min(Math.max(steps, 0), 100), progress: true, response_format: "b64_json", output_format: "png",
   };
   if (!$("guidance").disabled) body.guidance = Number($("guidance").value);
   return body;

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import ssl
 import subprocess
 import sys
 import time
@@ -388,10 +389,11 @@ def test_https_with_the_same_tls_flags_as_the_grpc_ports(dev_cluster, tmp_path):
 
     authority = Authority(tmp_path, "http")
     server = authority.issue("server", server=True)
+    trust = ssl.create_default_context(cafile=str(authority.pem))
     gateway = Gateway(dev_cluster.address, "--tls-cert", str(server.cert), "--tls-key", str(server.key),
-                      log=tmp_path / "g.log", scheme="https", verify=str(authority.pem))
+                      log=tmp_path / "g.log", scheme="https", verify=trust)
     try:
-        reply = httpx.post(f"{gateway.url}/v1/images/generations", verify=str(authority.pem), timeout=60,
+        reply = httpx.post(f"{gateway.url}/v1/images/generations", verify=trust, timeout=60,
                            json={"prompt": PROMPT, "size": "64x64", "steps": 1, "seed": 1})
         assert reply.status_code == 200 and reply.json()["data"][0]["b64_json"]
         with pytest.raises(httpx.ConnectError):

@@ -14,7 +14,7 @@ import re
 from typing import Literal
 
 from fastapi import UploadFile
-from fluxmesh.rpc.limits import MAX_STEPS
+from fluxmesh.contract import LIMITS, PreviewKind
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 OutputFormat = Literal["png", "jpeg", "webp"]
@@ -43,7 +43,7 @@ class ImageOptions(BaseModel):
     output_compression: int | None = Field(None, ge=0, le=100, description="jpeg/webp quality (default 95; "
                                                                            "webp 100 is lossless).")
     stream: bool = Field(False, description="Server-sent events: partial images, then the completed image.")
-    partial_images: int = Field(0, ge=0, le=MAX_STEPS, description="Partial images to stream before the final "
+    partial_images: int = Field(0, ge=0, le=LIMITS.max_steps, description="Partial images to stream before the final "
                                                                    "one (OpenAI allows 0-3; fluxmesh up to one "
                                                                    "per step).")
     user: str | None = None
@@ -64,7 +64,7 @@ class ImageOptions(BaseModel):
     loras: list[LoraSpec | str] = Field(default_factory=list, description="Stacked LoRAs: {name, weight} or "
                                                                           "'NAME[:WEIGHT]' (GET /v1/loras).")
     priority: int = Field(0, description="Higher runs first when requests wait (up to what the server allows).")
-    preview: Literal["fast", "vae"] = Field("fast", description="How partial images are made.")
+    preview: PreviewKind = Field(PreviewKind.fast, description="How partial images are made.")
     progress: bool = Field(False, description="With stream: also `fluxmesh.step` / `fluxmesh.queued` events.")
     timeout: float | None = Field(None, gt=0, description="Deadline in seconds (504 when it passes).")
 

@@ -31,7 +31,8 @@ __all__ = [
     "FLOAT_DTYPES", "WIRE_DTYPES", "check_side", "check_size", "check_steps", "check_num_images", "check_guidance",
     "check_prompt_text", "check_prompt_count", "check_sequence_length", "check_strength", "steps_after_strength",
     "check_strength_leaves_a_step", "check_true_cfg_scale", "check_lora_weight", "check_loras", "check_preview_every",
-    "check_float_dtype", "fit_size",
+    "check_float_dtype", "fit_size", "REDUX_SEQUENCE_LENGTH", "check_redux_scale",
+    "check_conditioning_length",
 ]
 
 
@@ -50,6 +51,9 @@ class Limits:
     max_sequence_length: int = 512  # T5 tokens (attention cost grows with its square)
     max_lora_weight: float = 4.0
     max_true_cfg_scale: float = 30.0  # FluxPipeline's true_cfg_scale; 1 is off
+    max_redux_images: int = 4  # FluxPriorReduxPipeline image prompts per request (their entries are summed)
+    max_redux_scale: float = 4.0  # its prompt_embeds_scale / pooled_prompt_embeds_scale
+    max_image_prompt_tokens: int = 1024  # tokens an image prompt appends to T5's (Redux's SigLIP at 384 px: 729)
 
     def lowered(self, **ceilings: float) -> "Limits":
         """These limits with some ceilings lowered (an operator's flags); raising one is refused,
@@ -280,6 +284,25 @@ def check_strength_leaves_a_step(strength: float, steps: int, field: str = "stre
 def check_true_cfg_scale(scale: float, limits: Limits = LIMITS, field: str = "true_cfg_scale") -> None:
     if not math.isfinite(scale) or not 1.0 <= scale <= limits.max_true_cfg_scale:
         raise InvalidArgument(field, f"{scale} must be finite within [1, {limits.max_true_cfg_scale:g}]")
+
+
+# -- FLUX.1 family references ----------------------------------------------------------------
+
+# FluxPriorReduxPipeline encodes its prompt with 512 T5 tokens whatever the model (and its zero
+# text embeddings are 512 long): a Redux request's T5 part is always that long.
+REDUX_SEQUENCE_LENGTH = 512
+
+
+def check_conditioning_length(field: str, length: int, limits: Limits = LIMITS) -> None:
+    """The sequence the transformer attends to as text: T5's tokens plus any image prompt's (Redux)."""
+    high = limits.max_sequence_length + limits.max_image_prompt_tokens
+    if not 1 <= length <= high:
+        raise InvalidArgument(field, f"{length} is outside [1, {high}] tokens (T5's plus an image prompt's)")
+
+
+def check_redux_scale(field: str, scale: float, limits: Limits = LIMITS) -> None:
+    if not math.isfinite(scale) or not 0.0 <= scale <= limits.max_redux_scale:
+        raise InvalidArgument(field, f"{scale} must be finite within [0, {limits.max_redux_scale:g}]")
 
 
 def check_lora_weight(weight: Any, field: str, limits: Limits = LIMITS) -> float:

@@ -88,17 +88,17 @@ def check_preview(request: generator_pb2.GenerateRequest, limits: Limits = LIMIT
     return PreviewParams(kind, request.preview.every or 1) if kind else None
 
 
-async def encode_init(vae, placement, swaps, edit: EditParams | None, *, width: int, height: int,
+async def encode_init(vae, edit: EditParams | None, *, width: int, height: int,
                       timeout: float | None) -> denoiser_pb2.InitImage | None:
-    """The init image (and mask) through the vae stage's Encode, as the denoiser takes it."""
+    """The init image (and mask) through the vae stage's Encode, as the denoiser takes it (the
+    caller holds the vae's turn)."""
     if edit is None:
         return None
-    async with placement.use("vae", swaps):
-        encoded = await vae.encode_image(
-            vae_pb2.EncodeImageRequest(image=edit.init_image, mask=edit.mask_image, width=width, height=height,
-                                       fill=edit.fill),
-            timeout,
-        )
+    encoded = await vae.encode_image(
+        vae_pb2.EncodeImageRequest(image=edit.init_image, mask=edit.mask_image, width=width, height=height,
+                                   fill=edit.fill),
+        timeout,
+    )
     init = denoiser_pb2.InitImage(posterior=encoded.posterior, strength=edit.strength)
     if edit.inpainting:
         init.masked_posterior.CopyFrom(encoded.masked_posterior)

@@ -15,6 +15,7 @@ from fluxmesh.rpc.security import presented_token
 from fluxmesh.orchestrator import deadlines
 from fluxmesh.orchestrator.admission import AdmissionQueue
 from fluxmesh.orchestrator.editing import encode_init
+from fluxmesh.orchestrator.references import Capabilities, encode_references, encoder_image_prompts
 from fluxmesh.orchestrator.previews import VaePreviews, preview_options, step_events
 from fluxmesh.orchestrator.metrics import record_result
 from fluxmesh.orchestrator.residency.resident import ResidentStrategy, SwapCost
@@ -64,10 +65,14 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
         """Size granularity and guidance embedding, asked of the denoiser once it answers."""
         if self._facts is None:
             details = (await self.stages.denoiser.info(timeout=timeout)).details
+            encoder = (await self.stages.encoder.info(timeout=timeout)).details
             self._facts = ModelFacts(
                 size_multiple=int(details.get("size_multiple", 16)),
                 guidance_embeds=details.get("guidance_embeds", "True") == "True",
                 fill=details.get("fill", "False") == "True",
+                capabilities=Capabilities(kontext=details.get("kontext") == "True",
+                                          control=details.get("control") == "True",
+                                          redux=encoder.get("redux") == "True"),
             )
         return self._facts
 
@@ -93,10 +98,9 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
             swaps = SwapCost()
             yield event(stage_started=generator_pb2.StageStarted(stage=ENCODE))
             t0 = time.perf_counter()
-            (embeddings, negative), init = await _both(  # prompt and init image on their own stages, at once
+            (embeddings, negative), (init, conditioning) = await _both(  # prompt and images on their own stages, at once
                 self._encode_prompts(params, swaps, timings, context),
-                encode_init(self.stages.vae, self.residency, swaps, params.edit, width=params.width,
-                            height=params.height, timeout=_time_left(context)),
+                self._encode_images(params, swaps, context),
             )
             timings.encode_seconds = time.perf_counter() - t0
             yield event(stage_finished=generator_pb2.StageFinished(stage=ENCODE, seconds=timings.encode_seconds))
@@ -106,6 +110,8 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
             latents = None
             denoise_request, previews, preview_warning = await self._denoise_plan(params, embeddings, negative, init,
                                                                                   context)
+            if conditioning is not None:
+                denoise_request.conditioning.CopyFrom(conditioning)
             async with self.residency.use("denoiser", swaps):
                 denoising = self.stages.denoiser.denoise(denoise_request, _time_left(context))
                 # Closed on the spot when the caller goes away: that cancels the Denoise call, so
@@ -167,6 +173,17 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
 
         replies, timings.cached_encodes = await self.prompt_cache.encode(requests, encode_many)
         return replies[0], (replies[1] if len(replies) > 1 else None)
+
+    async def _encode_images(self, params: GenerateParams, swaps: SwapCost, context):
+        """The init image and the KONTEXT / CONTROL references, in one vae turn (or none at all)."""
+        if params.edit is None and not params.references.for_vae:
+            return None, None
+        async with self.residency.use("vae", swaps):
+            init = await encode_init(self.stages.vae, params.edit, width=params.width, height=params.height,
+                                     timeout=_time_left(context))
+            conditioning = await encode_references(self.stages.vae, params.references, width=params.width,
+                                                   height=params.height, timeout=_time_left(context))
+        return init, conditioning
 
     async def _denoise_plan(self, params: GenerateParams, embeddings, negative, init, context):
         """The denoise request (with the init image and preview options, if any), the vae preview
@@ -242,12 +259,16 @@ def _truncation_warnings(embeddings: encoder_pb2.EncodeResponse | None, what: st
 def _encode_request(params: GenerateParams, *, negative: bool = False) -> encoder_pb2.EncodeRequest:
     prompt, prompt_2 = ((params.true_cfg.negative_prompt, params.true_cfg.negative_prompt_2) if negative
                         else (params.prompt, params.prompt_2))
-    return encoder_pb2.EncodeRequest(
+    request = encoder_pb2.EncodeRequest(
         prompts=[prompt],
         prompts_2=[prompt_2] if prompt_2 else [],
         max_sequence_length=params.max_sequence_length,
         loras=_loras_pb(params),
     )
+    if not negative and params.references.redux:  # image prompts join the prompt's T5 sequence
+        request.image_prompts.extend(encoder_image_prompts(params.references))
+        request.zero_text = not prompt and not prompt_2
+    return request
 
 
 def _denoise_request(params: GenerateParams, embeddings: encoder_pb2.EncodeResponse,

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from fluxmesh import contract
 from fluxmesh.contract import LIMITS, Limits
 from fluxmesh.orchestrator.editing import EditParams, PreviewParams, check_edit, check_preview
+from fluxmesh.orchestrator.references import Capabilities, References, check_references
 from fluxmesh.rpc.errors import InvalidArgument
 from fluxmesh.v1 import generator_pb2
 
@@ -23,6 +24,7 @@ class ModelFacts:
     size_multiple: int = 16
     guidance_embeds: bool = True
     fill: bool = False  # a FLUX.1-Fill model: every request needs an init image and a mask
+    capabilities: Capabilities = Capabilities()  # Kontext / Control / Redux (see references.py)
 
 
 @dataclass(frozen=True)
@@ -49,18 +51,26 @@ class GenerateParams:
     edit: EditParams | None = None  # image to image / inpainting / Fill
     preview: PreviewParams | None = None
     true_cfg: TrueCfg | None = None
+    references: References = References()
 
 
 def check_request(request: generator_pb2.GenerateRequest, model: ModelFacts,
                   limits: Limits = LIMITS) -> GenerateParams:
     """Fill defaults and validate every field against `limits`; errors name the field and show the value."""
-    if not request.prompt.strip():
-        raise InvalidArgument("prompt", "must not be empty")
+    has_redux = any(r.role == generator_pb2.REFERENCE_ROLE_REDUX for r in request.references)
+    if not request.prompt.strip() and not (has_redux and not request.prompt_2):
+        # Redux alone may go without one: zero text embeddings, as FluxPriorReduxPipeline without text encoders
+        raise InvalidArgument("prompt", "must not be empty" + ("" if not has_redux else " when prompt_2 is set"))
     for field in ("prompt", "prompt_2"):
         contract.check_prompt_text(field, getattr(request, field), limits)
     edit = check_edit(request, fill_model=model.fill, size_multiple=model.size_multiple, limits=limits)
-    width = request.width or (edit.width if edit else DEFAULT_SIDE)
-    height = request.height or (edit.height if edit else DEFAULT_SIDE)
+    references = check_references(request, model.capabilities, size_multiple=model.size_multiple,
+                                  has_init=bool(request.init_image), has_negative=request.HasField("negative_prompt"),
+                                  limits=limits)
+    # unset sides: the init image's, else a Kontext reference's (as the reference implementation edits), else 1024
+    kontext = references.kontext
+    width = request.width or (edit.width if edit else kontext.width if kontext else DEFAULT_SIDE)
+    height = request.height or (edit.height if edit else kontext.height if kontext else DEFAULT_SIDE)
     contract.check_size(width, height, model.size_multiple, limits)
     default_steps = DEFAULT_STEPS_DEV if model.guidance_embeds else DEFAULT_STEPS_SCHNELL
     steps = request.steps if request.HasField("steps") else default_steps
@@ -90,6 +100,7 @@ def check_request(request: generator_pb2.GenerateRequest, model: ModelFacts,
         edit=edit,
         preview=preview,
         true_cfg=true_cfg,
+        references=references,
     )
 
 

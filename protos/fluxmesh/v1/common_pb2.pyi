@@ -13,10 +13,19 @@ class ImageFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     IMAGE_FORMAT_PNG: _ClassVar[ImageFormat]
     IMAGE_FORMAT_RAW_RGB: _ClassVar[ImageFormat]
     IMAGE_FORMAT_JPEG: _ClassVar[ImageFormat]
+
+class ControlPreprocess(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CONTROL_PREPROCESS_NONE: _ClassVar[ControlPreprocess]
+    CONTROL_PREPROCESS_CANNY: _ClassVar[ControlPreprocess]
+    CONTROL_PREPROCESS_DEPTH: _ClassVar[ControlPreprocess]
 IMAGE_FORMAT_UNSPECIFIED: ImageFormat
 IMAGE_FORMAT_PNG: ImageFormat
 IMAGE_FORMAT_RAW_RGB: ImageFormat
 IMAGE_FORMAT_JPEG: ImageFormat
+CONTROL_PREPROCESS_NONE: ControlPreprocess
+CONTROL_PREPROCESS_CANNY: ControlPreprocess
+CONTROL_PREPROCESS_DEPTH: ControlPreprocess
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data")

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DenoiseRequest(_message.Message):
-    __slots__ = ("prompt_embeds", "pooled_prompt_embeds", "width", "height", "steps", "guidance", "seed", "num_images", "loras", "init", "preview", "negative_prompt_embeds", "negative_pooled_prompt_embeds", "true_cfg_scale")
+    __slots__ = ("prompt_embeds", "pooled_prompt_embeds", "width", "height", "steps", "guidance", "seed", "num_images", "loras", "init", "preview", "negative_prompt_embeds", "negative_pooled_prompt_embeds", "true_cfg_scale", "conditioning")
     PROMPT_EMBEDS_FIELD_NUMBER: _ClassVar[int]
     POOLED_PROMPT_EMBEDS_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +23,7 @@ class DenoiseRequest(_message.Message):
     NEGATIVE_PROMPT_EMBEDS_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_POOLED_PROMPT_EMBEDS_FIELD_NUMBER: _ClassVar[int]
     TRUE_CFG_SCALE_FIELD_NUMBER: _ClassVar[int]
+    CONDITIONING_FIELD_NUMBER: _ClassVar[int]
     prompt_embeds: _common_pb2.Tensor
     pooled_prompt_embeds: _common_pb2.Tensor
     width: int
@@ -37,7 +38,16 @@ class DenoiseRequest(_message.Message):
     negative_prompt_embeds: _common_pb2.Tensor
     negative_pooled_prompt_embeds: _common_pb2.Tensor
     true_cfg_scale: float
-    def __init__(self, prompt_embeds: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., pooled_prompt_embeds: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., loras: _Optional[_Iterable[_Union[_common_pb2.LoraWeight, _Mapping]]] = ..., init: _Optional[_Union[InitImage, _Mapping]] = ..., preview: _Optional[_Union[PreviewOptions, _Mapping]] = ..., negative_prompt_embeds: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., negative_pooled_prompt_embeds: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., true_cfg_scale: _Optional[float] = ...) -> None: ...
+    conditioning: Conditioning
+    def __init__(self, prompt_embeds: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., pooled_prompt_embeds: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., loras: _Optional[_Iterable[_Union[_common_pb2.LoraWeight, _Mapping]]] = ..., init: _Optional[_Union[InitImage, _Mapping]] = ..., preview: _Optional[_Union[PreviewOptions, _Mapping]] = ..., negative_prompt_embeds: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., negative_pooled_prompt_embeds: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., true_cfg_scale: _Optional[float] = ..., conditioning: _Optional[_Union[Conditioning, _Mapping]] = ...) -> None: ...
+
+class Conditioning(_message.Message):
+    __slots__ = ("kontext_latents", "control_posterior")
+    KONTEXT_LATENTS_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_POSTERIOR_FIELD_NUMBER: _ClassVar[int]
+    kontext_latents: _common_pb2.Tensor
+    control_posterior: _common_pb2.Tensor
+    def __init__(self, kontext_latents: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., control_posterior: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class InitImage(_message.Message):
     __slots__ = ("posterior", "strength", "masked_posterior", "mask")

@@ -8,16 +8,30 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class EncodeRequest(_message.Message):
-    __slots__ = ("prompts", "prompts_2", "max_sequence_length", "loras")
+    __slots__ = ("prompts", "prompts_2", "max_sequence_length", "loras", "image_prompts", "zero_text")
     PROMPTS_FIELD_NUMBER: _ClassVar[int]
     PROMPTS_2_FIELD_NUMBER: _ClassVar[int]
     MAX_SEQUENCE_LENGTH_FIELD_NUMBER: _ClassVar[int]
     LORAS_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    ZERO_TEXT_FIELD_NUMBER: _ClassVar[int]
     prompts: _containers.RepeatedScalarFieldContainer[str]
     prompts_2: _containers.RepeatedScalarFieldContainer[str]
     max_sequence_length: int
     loras: _containers.RepeatedCompositeFieldContainer[_common_pb2.LoraWeight]
-    def __init__(self, prompts: _Optional[_Iterable[str]] = ..., prompts_2: _Optional[_Iterable[str]] = ..., max_sequence_length: _Optional[int] = ..., loras: _Optional[_Iterable[_Union[_common_pb2.LoraWeight, _Mapping]]] = ...) -> None: ...
+    image_prompts: _containers.RepeatedCompositeFieldContainer[ImagePrompt]
+    zero_text: bool
+    def __init__(self, prompts: _Optional[_Iterable[str]] = ..., prompts_2: _Optional[_Iterable[str]] = ..., max_sequence_length: _Optional[int] = ..., loras: _Optional[_Iterable[_Union[_common_pb2.LoraWeight, _Mapping]]] = ..., image_prompts: _Optional[_Iterable[_Union[ImagePrompt, _Mapping]]] = ..., zero_text: _Optional[bool] = ...) -> None: ...
+
+class ImagePrompt(_message.Message):
+    __slots__ = ("image", "scale", "pooled_scale")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    POOLED_SCALE_FIELD_NUMBER: _ClassVar[int]
+    image: bytes
+    scale: float
+    pooled_scale: float
+    def __init__(self, image: _Optional[bytes] = ..., scale: _Optional[float] = ..., pooled_scale: _Optional[float] = ...) -> None: ...
 
 class EncodeResponse(_message.Message):
     __slots__ = ("prompt_embeds", "pooled_prompt_embeds", "truncated_tokens")

@@ -8,6 +8,15 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ReferenceRole(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REFERENCE_ROLE_UNSPECIFIED: _ClassVar[ReferenceRole]
+    REFERENCE_ROLE_KONTEXT: _ClassVar[ReferenceRole]
+    REFERENCE_ROLE_CONTROL: _ClassVar[ReferenceRole]
+    REFERENCE_ROLE_REDUX: _ClassVar[ReferenceRole]
+    REFERENCE_ROLE_IP_ADAPTER: _ClassVar[ReferenceRole]
+    REFERENCE_ROLE_CONTROLNET: _ClassVar[ReferenceRole]
+
 class PreviewKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     PREVIEW_KIND_UNSPECIFIED: _ClassVar[PreviewKind]
@@ -20,6 +29,12 @@ class Stage(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STAGE_ENCODE: _ClassVar[Stage]
     STAGE_DENOISE: _ClassVar[Stage]
     STAGE_DECODE: _ClassVar[Stage]
+REFERENCE_ROLE_UNSPECIFIED: ReferenceRole
+REFERENCE_ROLE_KONTEXT: ReferenceRole
+REFERENCE_ROLE_CONTROL: ReferenceRole
+REFERENCE_ROLE_REDUX: ReferenceRole
+REFERENCE_ROLE_IP_ADAPTER: ReferenceRole
+REFERENCE_ROLE_CONTROLNET: ReferenceRole
 PREVIEW_KIND_UNSPECIFIED: PreviewKind
 PREVIEW_KIND_FAST: PreviewKind
 PREVIEW_KIND_VAE: PreviewKind
@@ -29,7 +44,7 @@ STAGE_DENOISE: Stage
 STAGE_DECODE: Stage
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "prompt_2", "width", "height", "steps", "guidance", "seed", "num_images", "max_sequence_length", "loras", "priority", "preview", "init_image", "mask_image", "strength", "negative_prompt", "negative_prompt_2", "true_cfg_scale")
+    __slots__ = ("prompt", "prompt_2", "width", "height", "steps", "guidance", "seed", "num_images", "max_sequence_length", "loras", "priority", "preview", "init_image", "mask_image", "strength", "negative_prompt", "negative_prompt_2", "true_cfg_scale", "references")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_2_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -48,6 +63,7 @@ class GenerateRequest(_message.Message):
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_2_FIELD_NUMBER: _ClassVar[int]
     TRUE_CFG_SCALE_FIELD_NUMBER: _ClassVar[int]
+    REFERENCES_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     prompt_2: str
     width: int
@@ -66,7 +82,30 @@ class GenerateRequest(_message.Message):
     negative_prompt: str
     negative_prompt_2: str
     true_cfg_scale: float
-    def __init__(self, prompt: _Optional[str] = ..., prompt_2: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., loras: _Optional[_Iterable[_Union[_common_pb2.LoraWeight, _Mapping]]] = ..., priority: _Optional[int] = ..., preview: _Optional[_Union[Preview, _Mapping]] = ..., init_image: _Optional[bytes] = ..., mask_image: _Optional[bytes] = ..., strength: _Optional[float] = ..., negative_prompt: _Optional[str] = ..., negative_prompt_2: _Optional[str] = ..., true_cfg_scale: _Optional[float] = ...) -> None: ...
+    references: _containers.RepeatedCompositeFieldContainer[Reference]
+    def __init__(self, prompt: _Optional[str] = ..., prompt_2: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., loras: _Optional[_Iterable[_Union[_common_pb2.LoraWeight, _Mapping]]] = ..., priority: _Optional[int] = ..., preview: _Optional[_Union[Preview, _Mapping]] = ..., init_image: _Optional[bytes] = ..., mask_image: _Optional[bytes] = ..., strength: _Optional[float] = ..., negative_prompt: _Optional[str] = ..., negative_prompt_2: _Optional[str] = ..., true_cfg_scale: _Optional[float] = ..., references: _Optional[_Iterable[_Union[Reference, _Mapping]]] = ...) -> None: ...
+
+class Reference(_message.Message):
+    __slots__ = ("role", "image", "scale", "pooled_scale", "preprocess", "keep_size", "controlnet_mode", "control_start", "control_end")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    POOLED_SCALE_FIELD_NUMBER: _ClassVar[int]
+    PREPROCESS_FIELD_NUMBER: _ClassVar[int]
+    KEEP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    CONTROLNET_MODE_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_START_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_END_FIELD_NUMBER: _ClassVar[int]
+    role: ReferenceRole
+    image: bytes
+    scale: float
+    pooled_scale: float
+    preprocess: _common_pb2.ControlPreprocess
+    keep_size: bool
+    controlnet_mode: int
+    control_start: float
+    control_end: float
+    def __init__(self, role: _Optional[_Union[ReferenceRole, str]] = ..., image: _Optional[bytes] = ..., scale: _Optional[float] = ..., pooled_scale: _Optional[float] = ..., preprocess: _Optional[_Union[_common_pb2.ControlPreprocess, str]] = ..., keep_size: _Optional[bool] = ..., controlnet_mode: _Optional[int] = ..., control_start: _Optional[float] = ..., control_end: _Optional[float] = ...) -> None: ...
 
 class Preview(_message.Message):
     __slots__ = ("kind", "every")

@@ -22,18 +22,20 @@ class DecodeRequest(_message.Message):
     def __init__(self, latents: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., format: _Optional[_Union[_common_pb2.ImageFormat, str]] = ..., preview: _Optional[bool] = ...) -> None: ...
 
 class EncodeImageRequest(_message.Message):
-    __slots__ = ("image", "mask", "width", "height", "fill")
+    __slots__ = ("image", "mask", "width", "height", "fill", "preprocess")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     MASK_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     FILL_FIELD_NUMBER: _ClassVar[int]
+    PREPROCESS_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     mask: bytes
     width: int
     height: int
     fill: bool
-    def __init__(self, image: _Optional[bytes] = ..., mask: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., fill: _Optional[bool] = ...) -> None: ...
+    preprocess: _common_pb2.ControlPreprocess
+    def __init__(self, image: _Optional[bytes] = ..., mask: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., fill: _Optional[bool] = ..., preprocess: _Optional[_Union[_common_pb2.ControlPreprocess, str]] = ...) -> None: ...
 
 class EncodeImageResponse(_message.Message):
     __slots__ = ("latents", "posterior", "masked_posterior", "mask", "scaling_factor", "shift_factor")

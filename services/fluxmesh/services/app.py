@@ -25,6 +25,7 @@ class StageOptions:
     threads: int | None = None
     max_sequence_length: int | None = None  # encoder only
     t5_gguf: Path | None = None  # encoder only
+    redux: str | None = None  # encoder only: a FLUX.1-Redux folder or Hub id
     transformer_gguf: Path | None = None  # denoiser only
     lora_dir: Path | None = None  # encoder (CLIP-side keys) and denoiser
     security: ServerSecurity = ServerSecurity()  # TLS / mutual TLS / token the stage demands
@@ -53,8 +54,9 @@ def _stage_service(options: StageOptions) -> Service:
         from fluxmesh.services.encoder.servicer import TextEncoderServicer
         from fluxmesh.v1 import encoder_pb2_grpc
 
+        redux = resolve_model(options.redux, "redux") if options.redux else None
         engine = TextEncoderEngine(folder, device, max_sequence_length=options.max_sequence_length,
-                                   t5_gguf=options.t5_gguf, lora_dir=options.lora_dir, load=False)
+                                   t5_gguf=options.t5_gguf, lora_dir=options.lora_dir, redux=redux, load=False)
         return Service("fluxmesh.v1.TextEncoder", TextEncoderServicer(engine, options.model),
                        encoder_pb2_grpc.add_TextEncoderServicer_to_server)
     if options.stage == "denoiser":

@@ -70,11 +70,14 @@ def serve_encoder(
     max_sequence_length: Annotated[Optional[int], typer.Option(help="Default T5 length (512 dev, 256 schnell).")] = None,
     t5_gguf: T5Gguf = None,
     lora_dir: LoraDir = None,
+    redux: Annotated[Optional[str], typer.Option(
+        help="A FLUX.1-Redux folder (image_encoder/, feature_extractor/, image_embedder/) or Hub id: "
+             "REDUX references become image prompts.")] = None,
     serving: ServeOptions = ServeOptions(),
 ) -> None:
     """CLIP-L + T5-XXL text encoder stage."""
     _serve_stage("encoder", port, stage, serving, max_sequence_length=max_sequence_length, t5_gguf=t5_gguf,
-                 lora_dir=lora_dir)
+                 lora_dir=lora_dir, redux=redux)
 
 
 @app.command("denoiser")

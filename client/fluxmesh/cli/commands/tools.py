@@ -10,7 +10,7 @@ import typer
 
 from fluxmesh.cli.shared_options import T5Gguf, TransformerGguf
 from fluxmesh.services.gguf.types import Component, Naming, QuantType
-from fluxmesh.services.tools.tiny_model import ModelSize
+from fluxmesh.services.tools.tiny_model import ModelSize, Variant
 
 app = typer.Typer()
 
@@ -22,11 +22,14 @@ def tiny_model(
     size: Annotated[ModelSize, typer.Option(help="tiny (tests) or small (about 1 s per generation, "
                                                  "benchmarks).")] = ModelSize.tiny,
     seed: Annotated[int, typer.Option()] = 0,
+    variant: Annotated[Variant, typer.Option(
+        help="base (FLUX.1-dev/schnell), fill, kontext, control (Canny/Depth) or redux (a FLUX.1-Redux folder "
+             "for `serve encoder --redux`, matching this --size).")] = Variant.base,
 ) -> None:
     """Write a tiny random-weight FLUX model in the exact diffusers folder layout (offline)."""
     from fluxmesh.services.tools.tiny_model import write_tiny_model
 
-    typer.echo(str(write_tiny_model(directory, schnell=schnell, size=size, seed=seed)))
+    typer.echo(str(write_tiny_model(directory, schnell=schnell, size=size, seed=seed, variant=variant)))
 
 
 @app.command()

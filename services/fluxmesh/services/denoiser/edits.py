@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fluxmesh.rpc.errors import InvalidArgument
+from fluxmesh.services.denoiser.family import Conditioning
 from fluxmesh.services.denoiser.modes import InitImage
 from fluxmesh.services.denoiser.previews import PreviewSpec
 from fluxmesh.services.runtime.tensors import from_pb
@@ -31,3 +32,14 @@ def preview_from_pb(request: denoiser_pb2.DenoiseRequest) -> PreviewSpec | None:
         return None
     preview = request.preview
     return PreviewSpec(every=preview.every, fast=preview.fast, x0=preview.x0, latent_rgb=tuple(preview.latent_rgb))
+
+
+def conditioning_from_pb(request: denoiser_pb2.DenoiseRequest) -> Conditioning | None:
+    if not request.HasField("conditioning"):
+        return None
+    conditioning = request.conditioning
+    tensors = {field: from_pb(getattr(conditioning, field), f"conditioning.{field}", ndim=4)
+               for field in ("kontext_latents", "control_posterior") if conditioning.HasField(field)}
+    if len(tensors) > 1:
+        raise InvalidArgument("conditioning", "kontext_latents and control_posterior are for different models")
+    return Conditioning(**tensors)

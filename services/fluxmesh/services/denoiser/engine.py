@@ -21,6 +21,8 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransfo
 
 from fluxmesh import contract
 from fluxmesh.rpc.errors import Cancelled, InvalidArgument
+from fluxmesh.services.denoiser.family import (Conditioning, check_conditioning, choose_family_mode,
+                                               is_control_transformer)
 from fluxmesh.services.denoiser.modes import (Geometry, InitImage, VaeConfig, check_init, choose_mode,
                                               is_fill_transformer)
 from fluxmesh.services.denoiser.previews import Previewer, PreviewSpec, StepPreview, X0Scheduler
@@ -50,6 +52,7 @@ class DenoiseJob:
     negative_prompt_embeds: torch.Tensor | None = None
     negative_pooled_prompt_embeds: torch.Tensor | None = None
     true_cfg_scale: float = 1.0
+    conditioning: Conditioning | None = None  # Kontext reference / Control image (family.py)
 
     @property
     def true_cfg(self) -> bool:
@@ -90,6 +93,9 @@ class DenoiserEngine:
         in_channels = int(config.get("in_channels", 64))
         out_channels = int(config.get("out_channels") or in_channels)
         self.fill = is_fill_transformer(in_channels, out_channels, self.vae_scale_factor)
+        self.control = is_control_transformer(in_channels, out_channels)  # FLUX.1-Canny/Depth
+        # FLUX.1-Kontext has FLUX.1-dev's shapes: only its model_index.json says what it is.
+        self.kontext = model_folder.read_index(folder).get("_class_name", "").startswith("FluxKontext")
         log.info("denoiser: transformer%s from %s for %s, guidance embedding: %s, LoRAs: %s",
                  f" (GGUF {transformer_gguf})" if transformer_gguf else "", folder, device.describe(),
                  self.guidance_embeds, lora_dir or "none")
@@ -127,7 +133,8 @@ class DenoiserEngine:
         embeds, pooled = job.prompt_embeds, job.pooled_prompt_embeds
         for field, tensor in (("prompt_embeds", embeds), ("pooled_prompt_embeds", pooled)):
             contract.check_float_dtype(f"{field}.dtype", str(tensor.dtype))
-        contract.check_sequence_length("prompt_embeds.shape", embeds.shape[1])
+        # image prompts (Redux) append their tokens to T5's
+        contract.check_conditioning_length("prompt_embeds.shape", embeds.shape[1])
         if embeds.shape[-1] != self.joint_attention_dim:
             raise InvalidArgument("prompt_embeds.shape", f"last dimension {embeds.shape[-1]} != {self.joint_attention_dim}")
         if pooled.shape[-1] != self.pooled_projection_dim:
@@ -145,7 +152,12 @@ class DenoiserEngine:
         if job.init is not None:
             check_init(job.init, width=job.width, height=job.height, steps=job.steps,
                        latent_channels=self.latent_channels, vae_scale_factor=self.vae_scale_factor)
-        choose_mode(job.init, fill_transformer=self.fill)  # a Fill model runs only Fill requests
+        check_conditioning(job.conditioning, job.init, kontext_model=self.kontext, control_model=self.control,
+                           width=job.width, height=job.height, latent_channels=self.latent_channels,
+                           vae_scale_factor=self.vae_scale_factor)
+        if job.conditioning is not None and job.conditioning.control_posterior is not None and job.true_cfg:
+            raise InvalidArgument("true_cfg_scale", "FluxControlPipeline has no true CFG")
+        self._mode(job)  # a Fill model runs only Fill requests
         if job.preview is not None:
             job.preview.check(self.latent_channels)
 
@@ -167,13 +179,16 @@ class DenoiserEngine:
         if self.fill:
             raise InvalidArgument("true_cfg_scale", "FLUX.1-Fill models have no true CFG (FluxFillPipeline)")
 
+    def _mode(self, job: DenoiseJob):
+        return choose_family_mode(job.conditioning) or choose_mode(job.init, fill_transformer=self.fill)
+
     def pipeline(self, pipeline_class: type = FluxPipeline, *, x0: bool = False) -> FluxPipeline:
         """A per-request pipeline: shared transformer, fresh scheduler (one that keeps the x0
         estimate when previews need it)."""
         scheduler_class = X0Scheduler if x0 else FlowMatchEulerDiscreteScheduler
         pipe = pipeline_class(
             scheduler=scheduler_class.from_config(self.scheduler_config),
-            vae=VaeConfig(self.vae_config),
+            vae=VaeConfig(self.vae_config, self.device.dtype),
             text_encoder=None,
             tokenizer=None,
             text_encoder_2=None,
@@ -206,7 +221,7 @@ class DenoiserEngine:
                 "true_cfg_scale": job.true_cfg_scale,
             }
         started = [time.perf_counter()]
-        mode = choose_mode(job.init, fill_transformer=self.fill)
+        mode = self._mode(job)
         previewer = (Previewer(job.preview, job.width, job.height, self.vae_scale_factor, self.latent_channels)
                      if job.preview is not None else None)
 

@@ -56,8 +56,9 @@ class VaeConfig:
     shift, block count for the scale factor); the weights live in the vae service.
     """
 
-    def __init__(self, config: dict[str, Any]):
+    def __init__(self, config: dict[str, Any], dtype: torch.dtype = torch.float32):
         self.config = FrozenDict(config)
+        self.dtype = dtype  # FluxControlPipeline casts its (here: already encoded) control image to it
 
     def encode(self, *args, **kwargs):
         raise RuntimeError("the VAE runs in the vae service; the denoiser is handed latents")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from fluxmesh.services.denoiser.edits import init_from_pb, preview_from_pb
+from fluxmesh.services.denoiser.edits import conditioning_from_pb, init_from_pb, preview_from_pb
 from fluxmesh.services.denoiser.engine import DenoiseJob, DenoiserEngine
 from fluxmesh.services.runtime.info import lora_listing, stage_info
 from fluxmesh.services.runtime.metrics import record_step
@@ -40,6 +40,7 @@ def job_from_pb(request: denoiser_pb2.DenoiseRequest) -> DenoiseJob:
         negative_pooled_prompt_embeds=(from_pb(request.negative_pooled_prompt_embeds, "negative_pooled_prompt_embeds",
                                                ndim=2) if request.HasField("negative_pooled_prompt_embeds") else None),
         true_cfg_scale=request.true_cfg_scale or 1.0,
+        conditioning=conditioning_from_pb(request),
     )
 
 
@@ -95,6 +96,8 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
             residency=residency_state(self.engine),
             guidance_embeds=self.engine.guidance_embeds,
             fill=self.engine.fill,  # FLUX.1-Fill: needs an init image and a mask
+            kontext=self.engine.kontext,  # FLUX.1-Kontext: KONTEXT references
+            control=self.engine.control,  # FLUX.1-Canny/Depth: needs a CONTROL reference
             transformer_gguf=self.engine.transformer_gguf or "",
             size_multiple=self.engine.size_multiple,
             steps_run=self.steps_run,

@@ -17,6 +17,7 @@ from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokeniz
 
 from fluxmesh import contract
 from fluxmesh.rpc.errors import InvalidArgument
+from fluxmesh.services.encoder.redux import ImagePrompt, ReduxImages
 from fluxmesh.services.loras.stage import LoraList, StageLoras
 from fluxmesh.services.runtime.device import Device
 from fluxmesh.services.runtime.fingerprint import files_fingerprint
@@ -43,9 +44,11 @@ class TextEncoderEngine:
         max_sequence_length: int | None = None,
         t5_gguf: Path | None = None,
         lora_dir: Path | None = None,
+        redux: Path | None = None,
         load: bool = True,
     ):
-        """`load=False` leaves the weights unread: the stage's `Residency` loads them when told."""
+        """`load=False` leaves the weights unread: the stage's `Residency` loads them when told.
+        `redux`: a FLUX.1-Redux folder, for image prompts (see encoder/redux.py)."""
         self.folder = folder
         self.device = device
         self.t5_gguf = t5_gguf
@@ -55,6 +58,10 @@ class TextEncoderEngine:
         self.pipe = self._pipeline(None, None)  # tokenizers only until the weights are loaded
         self.loras = StageLoras(lora_dir, None, "text_encoder")  # bound to each CLIP loaded
         self.lora_dir = lora_dir
+        # Widths of the zero text embeddings a Redux request without a prompt gets (from the configs)
+        self.text_widths = (int(model_folder.read_config(folder, "text_encoder_2")["d_model"]),
+                            int(model_folder.read_config(folder, "text_encoder")["projection_dim"]))
+        self.redux = ReduxImages(redux, joint_attention_dim=self.text_widths[0]) if redux is not None else None
         log.info("encoder: CLIP + T5%s from %s for %s, T5 length %d, LoRAs: %s",
                  f" (GGUF {t5_gguf})" if t5_gguf else "", folder, device.describe(),
                  self.default_max_sequence_length, lora_dir or "none")
@@ -80,18 +87,24 @@ class TextEncoderEngine:
         else:
             t5 = T5EncoderModel.from_pretrained(folder, subfolder="text_encoder_2", torch_dtype=dtype,
                                                 local_files_only=True, use_safetensors=True)
+        if self.redux is not None:
+            self.redux.load(device, dtype)
         self.pipe = self._pipeline(clip.to(device).eval(), t5.to(device).eval())
         self.loras.bind(self.pipe.text_encoder)
 
     def drop_weights(self) -> None:
         self.loras.bind(None)
         self.pipe = self._pipeline(None, None)
+        if self.redux is not None:
+            self.redux.drop()
 
     def weight_modules(self) -> list[torch.nn.Module]:
-        return [m for m in (self.pipe.text_encoder, self.pipe.text_encoder_2) if m is not None]
+        redux = self.redux.modules() if self.redux is not None else []
+        return [m for m in (self.pipe.text_encoder, self.pipe.text_encoder_2) if m is not None] + redux
 
     def weight_bytes(self) -> int:
-        return module_bytes(self.pipe.text_encoder, self.pipe.text_encoder_2)
+        redux = self.redux.weight_bytes() if self.redux is not None else 0
+        return module_bytes(self.pipe.text_encoder, self.pipe.text_encoder_2) + redux
 
     def identity(self) -> str:
         """What the embeddings depend on besides the request (the prompt cache's key, through
@@ -99,11 +112,14 @@ class TextEncoderEngine:
         folder = self.folder
         return files_fingerprint(
             [folder / sub for sub in ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2")]
-            + [self.t5_gguf, self.lora_dir],
+            + [self.t5_gguf, self.lora_dir]
+            + ([self.redux.folder / sub for sub in ("image_embedder", "image_encoder", "feature_extractor")]
+               if self.redux is not None else []),
             str(self.device.dtype), self.device.torch_device.type, self.default_max_sequence_length,
         )
 
-    def check(self, prompts: list[str], prompts_2: list[str], max_sequence_length: int) -> int:
+    def check(self, prompts: list[str], prompts_2: list[str], max_sequence_length: int,
+              image_prompts: list[ImagePrompt] = ()) -> int:
         """Validate an encode request's prompts; returns the sequence length to use."""
         contract.check_prompt_count(len(prompts))
         if prompts_2 and len(prompts_2) != len(prompts):
@@ -111,14 +127,41 @@ class TextEncoderEngine:
         for field, values in (("prompts", prompts), ("prompts_2", prompts_2)):
             for i, text in enumerate(values):
                 contract.check_prompt_text(f"{field}[{i}]", text)
+        if image_prompts:
+            self._check_image_prompts(prompts, image_prompts, max_sequence_length)
+            return contract.REDUX_SEQUENCE_LENGTH
         length = max_sequence_length or self.default_max_sequence_length
         contract.check_sequence_length("max_sequence_length", length)
         return length
 
+    def _check_image_prompts(self, prompts: list[str], image_prompts: list[ImagePrompt],
+                             max_sequence_length: int) -> None:
+        if self.redux is None:
+            raise InvalidArgument("image_prompts", "this encoder has no Redux image encoder (start it with --redux)")
+        if len(prompts) != 1:
+            raise InvalidArgument("prompts", f"{len(prompts)} prompts with image prompts; FluxPriorReduxPipeline takes one")
+        limit = contract.LIMITS.max_redux_images
+        if len(image_prompts) > limit:
+            raise InvalidArgument("image_prompts", f"{len(image_prompts)} images; the limit is {limit}")
+        if max_sequence_length not in (0, contract.REDUX_SEQUENCE_LENGTH):
+            raise InvalidArgument("max_sequence_length", f"{max_sequence_length}: with image prompts the T5 part is "
+                                                         f"{contract.REDUX_SEQUENCE_LENGTH} tokens, as "
+                                                         "FluxPriorReduxPipeline's")
+        for i, prompt in enumerate(image_prompts):
+            for field in ("scale", "pooled_scale"):
+                contract.check_redux_scale(f"image_prompts[{i}].{field}", getattr(prompt, field))
+
     def encode(
-        self, prompts: list[str], prompts_2: list[str], max_sequence_length: int, loras: LoraList = ()
+        self, prompts: list[str], prompts_2: list[str], max_sequence_length: int, loras: LoraList = (),
+        image_prompts: list[ImagePrompt] = (), zero_text: bool = False,
     ) -> Embeddings:
         self.loras.activate(list(loras))
+        if image_prompts:
+            zero_shapes = ((max_sequence_length, self.text_widths[0]), (self.text_widths[1],)) if zero_text else None
+            embeds, pooled = self.redux.embed(self.pipe, prompts[0], prompts_2[0] if prompts_2 else None,
+                                              list(image_prompts), zero_shapes)
+            truncated = [0] if zero_text else self._truncated(prompts_2 or prompts, max_sequence_length)
+            return Embeddings(embeds, pooled, truncated)
         prompt_embeds, pooled, _text_ids = self.pipe.encode_prompt(
             prompt=prompts,
             prompt_2=prompts_2 or None,

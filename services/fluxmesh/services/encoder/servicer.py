@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from fluxmesh.rpc.errors import InvalidArgument
+from fluxmesh.rpc.images import open_image
 from fluxmesh.services.encoder.engine import TextEncoderEngine
+from fluxmesh.services.encoder.redux import ImagePrompt
 from fluxmesh.services.runtime.info import stage_info
 from fluxmesh.services.residency.state import residency_state
 from fluxmesh.services.runtime.tensors import to_pb
@@ -19,10 +22,12 @@ class TextEncoderServicer(encoder_pb2_grpc.TextEncoderServicer):
 
     async def Encode(self, request: encoder_pb2.EncodeRequest, context) -> encoder_pb2.EncodeResponse:
         prompts, prompts_2 = list(request.prompts), list(request.prompts_2)
-        length = self.engine.check(prompts, prompts_2, request.max_sequence_length)
+        images = _image_prompts(request)
+        length = self.engine.check(prompts, prompts_2, request.max_sequence_length, images)
         loras = self.engine.loras.check([(lora.name, lora.weight) for lora in request.loras])
         self.requests += 1
-        result = await self.worker.run(self.engine.encode, prompts, prompts_2, length, loras)
+        result = await self.worker.run(self.engine.encode, prompts, prompts_2, length, loras, images,
+                                       request.zero_text)
         return encoder_pb2.EncodeResponse(
             prompt_embeds=to_pb(result.prompt_embeds),
             pooled_prompt_embeds=to_pb(result.pooled_prompt_embeds),
@@ -38,5 +43,16 @@ class TextEncoderServicer(encoder_pb2_grpc.TextEncoderServicer):
             residency=residency_state(self.engine),
             max_sequence_length=self.engine.default_max_sequence_length,
             identity=self.engine.identity(),  # the orchestrator's prompt cache keys by it
+            redux=self.engine.redux is not None,  # FLUX.1-Redux image prompts (--redux)
             requests=self.requests,
         )
+
+
+def _image_prompts(request: encoder_pb2.EncodeRequest) -> list[ImagePrompt]:
+    if request.zero_text and not request.image_prompts:
+        raise InvalidArgument("zero_text", "applies only with image_prompts")
+    if request.zero_text and (any(request.prompts) or any(request.prompts_2)):
+        raise InvalidArgument("zero_text", "zero text embeddings with a non-empty prompt")
+    # RGB, as the prior pipeline's SigLIP processor converts (do_convert_rgb)
+    return [ImagePrompt(open_image(p.image, f"image_prompts[{i}].image").convert("RGB"), p.scale, p.pooled_scale)
+            for i, p in enumerate(request.image_prompts)]

@@ -17,6 +17,7 @@ STAGE_SUBFOLDERS = {
     "encoder": ["tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "transformer/config.json"],
     "denoiser": ["transformer", "scheduler", "vae/config.json"],
     "vae": ["vae"],
+    "redux": ["image_encoder", "feature_extractor", "image_embedder"],  # a FLUX.1-Redux folder (encoder --redux)
 }
 
 
@@ -34,6 +35,11 @@ def resolve_model(model: str, stage: str) -> Path:
     for sub in STAGE_SUBFOLDERS[stage]:
         patterns.append(sub if sub.endswith(".json") else f"{sub}/*")
     return Path(snapshot_download(model, allow_patterns=patterns))
+
+
+def read_index(folder: Path) -> dict[str, Any]:
+    """The folder's model_index.json (its `_class_name` names the pipeline the model is for)."""
+    return json.loads((folder / "model_index.json").read_text())
 
 
 def read_config(folder: Path, component: str) -> dict[str, Any]:

@@ -20,12 +20,26 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-__all__ = ["ModelSize", "write_tiny_model"]
+__all__ = ["ModelSize", "Variant", "write_tiny_model", "write_tiny_redux"]
 
 
 class ModelSize(str, Enum):
     tiny = "tiny"  # fractions of a second per generation: for tests
     small = "small"  # about a second per 256x256 generation on 2 cores: for benchmarks
+
+
+class Variant(str, Enum):
+    """Which member of the FLUX.1 family the folder is laid out as."""
+
+    base = "base"  # FLUX.1-dev / -schnell
+    fill = "fill"  # FLUX.1-Fill-dev: FluxFillPipeline, in_channels 384
+    kontext = "kontext"  # FLUX.1-Kontext-dev: dev-shaped, model_index names FluxKontextPipeline
+    control = "control"  # FLUX.1-Canny-dev / Depth-dev: FluxControlPipeline, in_channels doubled (128)
+    redux = "redux"  # FLUX.1-Redux-dev: SigLIP + Redux image embedder (no transformer), FluxPriorReduxPipeline
+
+
+_PIPELINES = {Variant.base: "FluxPipeline", Variant.fill: "FluxFillPipeline", Variant.kontext: "FluxKontextPipeline",
+              Variant.control: "FluxControlPipeline"}
 
 
 @dataclass(frozen=True)
@@ -147,6 +161,7 @@ def write_tiny_model(
     seed: int = 0,
     t5_width: int | None = None,
     fill: bool = False,
+    variant: Variant | str = Variant.base,
 ) -> Path:
     """Write a random-weight FLUX model folder at `path` and return it.
 
@@ -156,8 +171,13 @@ def write_tiny_model(
     are then exactly as large on the wire as FLUX.1's (512x4096).
     `fill=True` writes a FLUX.1-Fill-style model: the transformer also takes the packed masked-image
     latents and the packed pixel mask (in_channels 64 + 64 + 4 * 8 * 8 = 384, out_channels 64, as
-    FLUX.1-Fill-dev) and model_index.json names `FluxFillPipeline`.
+    FLUX.1-Fill-dev) and model_index.json names `FluxFillPipeline` (the same as `variant="fill"`).
+    `variant` (see `Variant`): kontext and control write those models' folders; redux writes a
+    FLUX.1-Redux folder whose image embedder fits this size's T5 width (`write_tiny_redux`).
     """
+    variant = Variant.fill if fill else Variant(variant)
+    if variant == Variant.redux:
+        return write_tiny_redux(path, size=size, seed=seed, t5_width=t5_width)
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
@@ -215,10 +235,12 @@ def write_tiny_model(
     # 4 * 16 latent channels twice, plus the 8x8 pixel mask of each latent pixel, 2x2-packed.
     vae_scale = 8
     packed = 4 * 16
+    # FluxControlPipeline: cat(latents, control-image latents) along the packed channels (128).
+    in_channels = {Variant.fill: packed * 2 + 4 * vae_scale * vae_scale, Variant.control: packed * 2}.get(variant, packed)
     transformer = FluxTransformer2DModel(
         patch_size=1,
-        in_channels=packed * 2 + 4 * vae_scale * vae_scale if fill else packed,
-        out_channels=packed if fill else None,  # None: same as in_channels
+        in_channels=in_channels,
+        out_channels=packed if in_channels != packed else None,  # None: same as in_channels
         num_layers=dims.double_blocks,
         num_single_layers=dims.single_blocks,
         attention_head_dim=dims.head_dim,
@@ -265,7 +287,7 @@ def write_tiny_model(
     _write_json(
         root / "model_index.json",
         {
-            "_class_name": "FluxFillPipeline" if fill else "FluxPipeline",
+            "_class_name": _PIPELINES[variant],
             "_diffusers_version": _diffusers_version(),
             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
             "text_encoder": ["transformers", "CLIPTextModel"],
@@ -276,6 +298,42 @@ def write_tiny_model(
             "vae": ["diffusers", "AutoencoderKL"],
         },
     )
+    return root
+
+
+def write_tiny_redux(path: str | Path, *, size: ModelSize | str = ModelSize.tiny, seed: int = 0,
+                     t5_width: int | None = None) -> Path:
+    """A FLUX.1-Redux folder as black-forest-labs/FLUX.1-Redux-dev lays it out: `image_encoder/`
+    (SiglipVisionModel), `feature_extractor/` (SiglipImageProcessor), `image_embedder/`
+    (ReduxImageEncoder: SigLIP width -> 3 x T5 width -> T5 width) and a model_index.json naming
+    FluxPriorReduxPipeline. The embedder's output width is the T5 width of `write_tiny_model`'s
+    model of the same size (or `t5_width`), so the two go together."""
+    import torch
+    from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder
+    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+
+    dims = _DIMS[ModelSize(size)]
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    image_size = 32 if ModelSize(size) == ModelSize.tiny else 64  # patch 8: 16 or 64 image tokens (real: 729)
+    torch.manual_seed(seed)
+    vision = SiglipVisionModel(SiglipVisionConfig(
+        hidden_size=dims.text_width, intermediate_size=dims.text_width * 2, num_hidden_layers=dims.text_layers,
+        num_attention_heads=dims.heads, image_size=image_size, patch_size=8,
+    ))
+    _save(vision, root / "image_encoder")
+    # The real processor: bicubic resize to the encoder's size, [-1, 1] (mean = std = 0.5).
+    SiglipImageProcessor(size={"height": image_size, "width": image_size}, resample=3, image_mean=[0.5] * 3,
+                         image_std=[0.5] * 3).save_pretrained(root / "feature_extractor")
+    embedder = ReduxImageEncoder(redux_dim=dims.text_width, txt_in_features=t5_width or dims.t5_width)
+    _save(embedder, root / "image_embedder")
+    _write_json(root / "model_index.json", {
+        "_class_name": "FluxPriorReduxPipeline",
+        "_diffusers_version": _diffusers_version(),
+        "feature_extractor": ["transformers", "SiglipImageProcessor"],
+        "image_embedder": ["flux", "ReduxImageEncoder"],
+        "image_encoder": ["transformers", "SiglipVisionModel"],
+    })
     return root
 
 

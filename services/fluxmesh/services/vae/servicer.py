@@ -8,9 +8,10 @@ import json
 from fluxmesh.rpc.images import check_mask, open_image
 from fluxmesh.services.runtime.info import stage_info
 from fluxmesh.services.residency.state import residency_state
-from fluxmesh.rpc.errors import FluxmeshError
+from fluxmesh.rpc.errors import FluxmeshError, InvalidArgument
 from fluxmesh.services.previews.latent_rgb import LatentRgb, fit_latent_rgb, is_flux_vae
 from fluxmesh.services.runtime.tensors import from_pb, to_pb
+from fluxmesh.services.vae.control import preprocess
 from fluxmesh.services.vae.engine import VaeEngine, encode_png
 from fluxmesh.services.vae.encoding import ImageEncoder
 from fluxmesh.services.vae.previews import PreviewLane
@@ -96,4 +97,6 @@ def _open_images(request: vae_pb2.EncodeImageRequest):
     mask = open_image(request.mask, "mask") if request.mask else None
     if mask is not None:
         check_mask(mask, image, "mask")
-    return image, mask
+    if request.preprocess and mask is not None:
+        raise InvalidArgument("preprocess", "a control image has no mask")
+    return preprocess(image, request.preprocess), mask

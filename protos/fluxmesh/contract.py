@@ -32,7 +32,7 @@ __all__ = [
     "check_prompt_text", "check_prompt_count", "check_sequence_length", "check_strength", "steps_after_strength",
     "check_strength_leaves_a_step", "check_true_cfg_scale", "check_lora_weight", "check_loras", "check_preview_every",
     "check_float_dtype", "fit_size", "REDUX_SEQUENCE_LENGTH", "check_redux_scale",
-    "check_conditioning_length",
+    "check_conditioning_length", "PREFERRED_KONTEXT_RESOLUTIONS",
 ]
 
 
@@ -291,6 +291,15 @@ def check_true_cfg_scale(scale: float, limits: Limits = LIMITS, field: str = "tr
 # FluxPriorReduxPipeline encodes its prompt with 512 T5 tokens whatever the model (and its zero
 # text embeddings are 512 long): a Redux request's T5 part is always that long.
 REDUX_SEQUENCE_LENGTH = 512
+
+
+# diffusers' pipeline_flux_kontext.PREFERRED_KONTEXT_RESOLUTIONS (width, height): the sizes
+# Kontext was trained on. Copied, not imported: the orchestrator never imports diffusers (torch).
+PREFERRED_KONTEXT_RESOLUTIONS = (
+    (672, 1568), (688, 1504), (720, 1456), (752, 1392), (800, 1328), (832, 1248), (880, 1184), (944, 1104),
+    (1024, 1024), (1104, 944), (1184, 880), (1248, 832), (1328, 800), (1392, 752), (1456, 720), (1504, 688),
+    (1568, 672),
+)
 
 
 def check_conditioning_length(field: str, length: int, limits: Limits = LIMITS) -> None:

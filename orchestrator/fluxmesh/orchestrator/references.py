@@ -18,24 +18,16 @@ from dataclasses import dataclass
 from fluxmesh.rpc.errors import FailedPrecondition, InvalidArgument
 from fluxmesh.rpc.images import open_image
 from fluxmesh import contract
-from fluxmesh.contract import LIMITS, REDUX_SEQUENCE_LENGTH, Limits
+from fluxmesh.contract import LIMITS, PREFERRED_KONTEXT_RESOLUTIONS, REDUX_SEQUENCE_LENGTH, Limits
 from fluxmesh.v1 import common_pb2, denoiser_pb2, encoder_pb2, generator_pb2, vae_pb2
 
 __all__ = ["Capabilities", "ControlReference", "KontextReference", "ReduxImage", "References", "check_references",
-           "encode_references", "kontext_size", "PREFERRED_KONTEXT_RESOLUTIONS"]
+           "encode_references", "kontext_size"]
 
 KONTEXT, CONTROL, REDUX = (generator_pb2.REFERENCE_ROLE_KONTEXT, generator_pb2.REFERENCE_ROLE_CONTROL,
                            generator_pb2.REFERENCE_ROLE_REDUX)
 IP_ADAPTER, CONTROLNET = generator_pb2.REFERENCE_ROLE_IP_ADAPTER, generator_pb2.REFERENCE_ROLE_CONTROLNET
 CANNY, DEPTH = common_pb2.CONTROL_PREPROCESS_CANNY, common_pb2.CONTROL_PREPROCESS_DEPTH
-
-# diffusers' pipeline_flux_kontext.PREFERRED_KONTEXT_RESOLUTIONS (width, height): the sizes
-# Kontext was trained on. Copied, not imported: the orchestrator never imports diffusers (torch).
-PREFERRED_KONTEXT_RESOLUTIONS = [
-    (672, 1568), (688, 1504), (720, 1456), (752, 1392), (800, 1328), (832, 1248), (880, 1184), (944, 1104),
-    (1024, 1024), (1104, 944), (1184, 880), (1248, 832), (1328, 800), (1392, 752), (1456, 720), (1504, 688),
-    (1568, 672),
-]
 
 
 @dataclass(frozen=True)

@@ -77,6 +77,8 @@ def plan(
         = None,
     context_overhead: Annotated[str, typer.Option(help="CUDA context per stage process, outside torch's "
                                                        "allocator.")] = "0.5GiB",
+    redux: Annotated[Optional[Path], typer.Option(help="A FLUX.1-Redux folder the encoder loads too (--redux).")]
+        = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Each stage's weights (from the files) and activations (from the resolution), and which
@@ -91,7 +93,7 @@ def plan(
         result = make_plan(model, vram=parse_size(vram), width=width, height=height, num_images=num_images,
                            dtype=dtype.value, transformer_gguf=transformer_gguf, t5_gguf=t5_gguf,
                            max_sequence_length=max_sequence_length,
-                           context_bytes=parse_size(context_overhead, "context_overhead"))
+                           context_bytes=parse_size(context_overhead, "context_overhead"), redux=redux)
     except FluxmeshError as error:
         typer.echo(f"error: {error.message}", err=True)
         raise typer.Exit(2) from None

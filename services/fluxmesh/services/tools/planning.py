@@ -267,7 +267,11 @@ def make_plan(
     t5_gguf: str | Path | None = None,
     max_sequence_length: int | None = None,
     context_bytes: int = CONTEXT_BYTES,
+    redux: str | Path | None = None,
 ) -> Plan:
+    """`redux`: a FLUX.1-Redux folder the encoder loads too (--redux); its image tokens lengthen
+    the denoiser's text sequence. A Kontext model's denoiser also attends to its reference's
+    tokens (counted at Kontext's largest preferred resolution)."""
     folder = Path(model)
     if not (folder / "model_index.json").is_file():
         raise NotFound(f"{folder}: not a diffusers model folder (no model_index.json); plan reads local files")
@@ -288,6 +292,14 @@ def make_plan(
         t5, t5_from = _gguf_t5_bytes(Path(t5_gguf), folder, dtype), f"T5 {Path(t5_gguf).name} (GGUF, dequantized to {dtype})"
     else:
         t5, t5_from = _loaded_bytes(folder / "text_encoder_2", dtype, T5EncoderModel), f"T5 safetensors as {dtype}"
+    encoder_from = [f"CLIP safetensors as {dtype}", t5_from]
+    extra_tokens = redux_weights = 0  # extra tokens: beside T5's and the output's, in the denoiser
+    if redux:
+        redux_weights, redux_tokens = _redux_needs(Path(redux), dtype)
+        extra_tokens += redux_tokens
+        encoder_from.append(f"Redux SigLIP + image embedder as {dtype}")
+    if model_folder.read_index(folder).get("_class_name", "").startswith("FluxKontext"):
+        extra_tokens += _kontext_reference_tokens(folder)
     if transformer_gguf:
         transformer = _gguf_transformer_bytes(Path(transformer_gguf), folder, dtype)
         transformer_from = f"{Path(transformer_gguf).name} (GGUF, kept quantized)"
@@ -295,9 +307,10 @@ def make_plan(
         transformer = _loaded_bytes(folder / "transformer", dtype)
         transformer_from = f"transformer safetensors as {dtype}"
     stages = [
-        StageNeed("encoder", clip + t5, _encoder_activations(folder, length, b), (f"CLIP safetensors as {dtype}", t5_from)),
+        StageNeed("encoder", clip + t5 + redux_weights, _encoder_activations(folder, length, b), tuple(encoder_from)),
         StageNeed("denoiser", transformer,
-                  _denoiser_activations(folder, width, height, length, num_images, b, bool(transformer_gguf)),
+                  _denoiser_activations(folder, width, height, length + extra_tokens, num_images, b,
+                                        bool(transformer_gguf)),
                   (transformer_from,)),
         StageNeed("vae", _loaded_bytes(folder / "vae", dtype), _vae_activations(folder, width, height, num_images, b),
                   (f"VAE safetensors as {dtype}",)),
@@ -308,6 +321,26 @@ def make_plan(
     if not any(layout.fits for layout in plan.layouts[:2]) and largest == "denoiser" and not transformer_gguf:
         plan.quantization = _quantized(folder, stages, vram, context_bytes, dtype, width, height, length, num_images)
     return plan
+
+
+def _redux_needs(folder: Path, dtype: str) -> tuple[int, int]:
+    """A Redux folder's loaded bytes (SigLIP vision model + image embedder) and its image tokens."""
+    from transformers import SiglipVisionModel
+
+    if not (folder / "image_embedder").is_dir():
+        raise NotFound(f"{folder}: not a FLUX.1-Redux folder (no image_embedder/)")
+    vision = model_folder.read_config(folder, "image_encoder")
+    weights = _loaded_bytes(folder / "image_encoder", dtype, SiglipVisionModel) + _loaded_bytes(
+        folder / "image_embedder", dtype)
+    # + SigLIP's position_ids: an int64 buffer the model makes itself, not stored in the file.
+    tokens = (vision["image_size"] // vision["patch_size"]) ** 2
+    return weights + 8 * tokens, tokens
+
+
+def _kontext_reference_tokens(folder: Path) -> int:
+    """The most tokens a snapped Kontext reference brings (one per 2x2 latent patch)."""
+    patch = 2 * model_folder.vae_scale_factor(folder)
+    return max((w // patch) * (h // patch) for w, h in contract.PREFERRED_KONTEXT_RESOLUTIONS)
 
 
 def _layouts(stages: list[StageNeed], vram: int, context: int) -> list[Layout]:

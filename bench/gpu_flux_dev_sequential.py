@@ -29,7 +29,6 @@ import argparse
 import concurrent.futures
 import os
 import shlex
-import shutil
 import statistics
 import subprocess
 import sys
@@ -215,7 +214,7 @@ def report(m: dict, args, command: str, on_gpu: bool) -> None:
     print(f"seconds per step: {med(steps):.3f} (median of {len(steps)} steps over {len(m['measured'])} requests)")
     results = [r for r, _ in m["measured"]]
     print(f"measured burst of {len(results)}: {m['burst_seconds']:.1f}s; swaps per request "
-          f"{[r.swaps for r in results]}, swap seconds {[round(r.timings.swap, 2) for r in results]}")
+          f"{[r.timings.swaps for r in results]}, swap seconds {[round(r.timings.swap, 2) for r in results]}")
     print(f"warm-up request (first loads from disk, CUDA init): {m['warmup']:.1f}s")
     for stage, transitions in m["transitions"].items():
         loads = [s for to, s in transitions if to == "resident"]

@@ -107,9 +107,9 @@ def measure(model: Path, args, trim: bool) -> dict:
                 since = time.time()
                 peaks, total, sequential_out = sampled(cluster.address)
                 results["sequential"].append((peaks, total))
-                results["equal"] &= [r.png for r in resident_out] == [r.png for r in sequential_out]
+                results["equal"] &= [r.image_data for r in resident_out] == [r.image_data for r in sequential_out]
                 results["released"].append({n: p.memory_info().rss for n, p in processes.items()})
-                results["swaps"].append(([r.swaps for r in sequential_out], _transitions(stages, since)))
+                results["swaps"].append(([r.timings.swaps for r in sequential_out], _transitions(stages, since)))
     return results
 
 

@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from factories import PROMPT, max_abs_diff
-from fluxmesh.client import AsyncClient, Client, FluxmeshError, Queued, Result, Stage, StageFinished, StageStarted, Step
+from fluxmesh.client import AsyncClient, Client, FluxmeshError, Result, Stage, StageFinished, StageStarted, Step
 
 
 def test_stream_yields_stages_steps_and_result_in_order(dev_cluster):
@@ -100,3 +100,38 @@ def test_prompt_truncation_is_reported_not_silent(dev_cluster):
         whole = client.generate("a red fox", width=64, height=64, steps=1, seed=1, max_sequence_length=16)
     assert len(cut.warnings) == 1 and "truncated" in cut.warnings[0] and "16" in cut.warnings[0]
     assert whole.warnings == []
+
+
+def test_generate_options_are_the_keyword_parameters_of_every_generate_method():
+    """One GenerateOptions: its fields are what generate/stream (sync and async) take, by keyword,
+    so a misspelt option fails at the call, before any request is sent."""
+    import dataclasses
+    import inspect
+
+    from fluxmesh.client import GenerateOptions, GeneratorInfo, StageInfo
+
+    fields = [field.name for field in dataclasses.fields(GenerateOptions)]
+    assert {"steps", "seed", "preview", "timeout"} <= set(fields)
+    for method in (Client.generate, Client.stream, AsyncClient.generate, AsyncClient.stream):
+        parameters = list(inspect.signature(method).parameters.values())
+        assert [p.name for p in parameters] == ["self", "prompt", *fields], method
+        assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in parameters[2:]), method
+        assert "steps:" in method.__doc__
+    assert inspect.iscoroutinefunction(AsyncClient.generate)
+    assert inspect.signature(Client.info).return_annotation in (GeneratorInfo, "GeneratorInfo")
+    assert "details" in {field.name for field in dataclasses.fields(StageInfo)}
+    with Client("localhost:1") as client:
+        with pytest.raises(TypeError, match="stepz"):
+            client.generate(PROMPT, stepz=2)
+        with pytest.raises(ValueError, match="preview: 'slow'"):
+            client.stream(PROMPT, preview="slow")
+
+
+def test_info_is_typed(dev_cluster):
+    from fluxmesh.client import GeneratorInfo
+
+    with Client(dev_cluster.address, timeout=60) as client:
+        info = client.info()
+    assert isinstance(info, GeneratorInfo) and info.size_multiple == 16 and info.guidance_embeds
+    assert [stage.stage for stage in info.stages] == ["encoder", "denoiser", "vae"]
+    assert all(stage.weight_bytes > 0 and isinstance(stage.details, dict) for stage in info.stages)

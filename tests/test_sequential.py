@@ -257,7 +257,7 @@ def test_burst_of_four_costs_three_swaps_and_never_two_stages_loaded(sequential_
 
     loads = [t for s in statuses.values() for t in s.transitions if t.to_state == "resident" and t.started_unix >= since]
     assert len(loads) == 3, [(t.from_state, t.to_state) for t in loads]
-    assert all(r.swaps == 3 and r.timings.swap > 0 for r in results)
+    assert all(r.timings.swaps == 3 and r.timings.swap > 0 for r in results)
     held = {stage: _holding(status, since) for stage, status in statuses.items()}
     for a in STAGES:
         for b in STAGES:
@@ -321,8 +321,8 @@ def test_sequential_lowers_peak_rss_and_keeps_the_pixels(sequential_up):
     print(f"peak RSS of the stages: resident {resident_peak / 2**20:.0f} MiB, "
           f"sequential {sequential_peak / 2**20:.0f} MiB")
     assert sequential_peak < resident_peak
-    assert [r.png for r in sequential] == [r.png for r in resident]  # the same bytes, not just close
-    assert all(r.swaps == 0 for r in resident) and all(r.swaps == 3 for r in sequential)
+    assert [r.image_data for r in sequential] == [r.image_data for r in resident]  # the same bytes, not just close
+    assert all(r.timings.swaps == 0 for r in resident) and all(r.timings.swaps == 3 for r in sequential)
 
 
 def test_true_cfg_in_sequential_mode_keeps_the_pixels_and_three_swaps(sequential_up):
@@ -334,8 +334,8 @@ def test_true_cfg_in_sequential_mode_keeps_the_pixels_and_three_swaps(sequential
         resident = client.generate(PROMPT, **options)
     with Client(sequential_up["sequential"], timeout=300) as client:
         sequential = client.generate(PROMPT, **options)
-    assert sequential.swaps == 3  # the first releases the two others; both encodes share one turn
-    assert sequential.png == resident.png
+    assert sequential.timings.swaps == 3  # the first releases the two others; both encodes share one turn
+    assert sequential.image_data == resident.image_data
 
 
 def test_the_prompt_cache_skips_the_encoder_and_its_swap_on_a_repeated_burst(sequential_up):
@@ -371,7 +371,7 @@ def test_the_prompt_cache_skips_the_encoder_and_its_swap_on_a_repeated_burst(seq
         assert sorted(r.timings.cached_encodes for r in first) == [0, 1, 1, 1]
         again = burst([25, 26, 27, 28])
         assert encoder_requests() == before + 1
-        assert all(r.timings.cached_encodes == 1 and r.swaps == 2 for r in again), [r.swaps for r in again]
+        assert all(r.timings.cached_encodes == 1 and r.timings.swaps == 2 for r in again), [r.timings.swaps for r in again]
     finally:
         cached.stop()
     expected = reference_images(sequential_up["model"], prompt=prompt, width=64, height=64, steps=2, guidance=3.5,

@@ -6,9 +6,21 @@
         result.image.save("fox.png")
 """
 
-from fluxmesh.client._core import PreviewKind
 from fluxmesh.client.aio import AsyncClient, AsyncGenerationStream
-from fluxmesh.client.events import Event, LoraInfo, Queued, Result, Stage, StageFinished, StageStarted, Step, Timings
+from fluxmesh.client.events import (
+    Event,
+    GeneratorInfo,
+    LoraInfo,
+    Queued,
+    Result,
+    Stage,
+    StageFinished,
+    StageInfo,
+    StageStarted,
+    Step,
+    Timings,
+)
+from fluxmesh.client.options import GenerateOptions, ImageInput, PreviewKind
 from fluxmesh.client.sync import Client, GenerationStream
 from fluxmesh.rpc.errors import FluxmeshError
 
@@ -18,13 +30,17 @@ __all__ = [
     "Client",
     "Event",
     "FluxmeshError",
+    "GenerateOptions",
     "GenerationStream",
+    "GeneratorInfo",
+    "ImageInput",
     "LoraInfo",
     "PreviewKind",
     "Queued",
     "Result",
     "Stage",
     "StageFinished",
+    "StageInfo",
     "StageStarted",
     "Step",
     "Timings",

@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from types import TracebackType
+from typing import Any
 
 import grpc
 
 from fluxmesh.client import _core
-from fluxmesh.client.events import Event, LoraInfo, Result, event_from_pb, loras_from_pb
+from fluxmesh.client.events import Event, GeneratorInfo, LoraInfo, Result, event_from_pb, info_from_pb, loras_from_pb
+from fluxmesh.client.options import GenerateOptions, takes_generate_options
 from fluxmesh.rpc.channels import aio_channel
-from fluxmesh.rpc.errors import FluxmeshError
-from fluxmesh.v1 import generator_pb2, generator_pb2_grpc, common_pb2
+from fluxmesh.v1 import common_pb2, generator_pb2_grpc
 
 
 class AsyncGenerationStream:
     """An async iterator of events for one request; `cancel()` stops the generation."""
 
-    def __init__(self, call):
+    def __init__(self, call: Any):
         self._call = call
 
     async def __aiter__(self) -> AsyncIterator[Event]:
@@ -31,6 +33,8 @@ class AsyncGenerationStream:
 
 
 class AsyncClient:
+    """The asyncio twin of `Client`: the same arguments, awaited."""
+
     def __init__(self, address: str, *, token: str | None = None, credentials: grpc.ChannelCredentials | None = None,
                  timeout: float | None = None):
         self.address = address
@@ -39,35 +43,45 @@ class AsyncClient:
         self._channel = aio_channel(address, credentials=credentials)
         self._stub = generator_pb2_grpc.GeneratorStub(self._channel)
 
-    async def __aenter__(self) -> "AsyncClient":
+    async def __aenter__(self) -> AsyncClient:
         return self
 
-    async def __aexit__(self, *exc) -> None:
+    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                        traceback: TracebackType | None) -> None:
         await self.close()
 
     async def close(self) -> None:
         await self._channel.close()
 
-    def stream(self, prompt: str, *, timeout: float | None = None, **options) -> AsyncGenerationStream:
-        request = _core.build_request(prompt, **options)
-        call = self._stub.Generate(request, timeout=timeout or self.timeout, metadata=self._metadata)
+    @takes_generate_options
+    def stream(self, prompt: str, options: GenerateOptions) -> AsyncGenerationStream:
+        """Start a generation and return its events as they happen (ends with a `Result`)."""
+        return self._stream(prompt, options)
+
+    def _stream(self, prompt: str, options: GenerateOptions) -> AsyncGenerationStream:
+        call = self._stub.Generate(options.to_request(prompt), timeout=options.timeout or self.timeout,
+                                   metadata=self._metadata)
         return AsyncGenerationStream(call)
 
-    async def generate(self, prompt: str, **options) -> Result:
+    @takes_generate_options
+    async def generate(self, prompt: str, options: GenerateOptions) -> Result:
+        """Generate and return the result (PIL images, seed, per-stage timings)."""
         result = None
         # To the end of the stream, not just the Result: leaving early cancels a finishing call.
-        async for event in self.stream(prompt, **options):
+        async for event in self._stream(prompt, options):
             if isinstance(event, Result):
                 result = event
         if result is None:
-            raise FluxmeshError("the stream ended without a result", code=grpc.StatusCode.INTERNAL)
+            raise _core.no_result()
         return result
 
-    async def info(self, timeout: float | None = 10.0) -> generator_pb2.GeneratorInfo:
+    async def info(self, timeout: float | None = 10.0) -> GeneratorInfo:
+        """What the orchestrator's stages hold (model, device, dtype, memory) and the model's facts."""
         try:
-            return await self._stub.Info(common_pb2.InfoRequest(), timeout=timeout, metadata=self._metadata)
+            reply = await self._stub.Info(common_pb2.InfoRequest(), timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as error:
             raise _core.translate(error) from None
+        return info_from_pb(reply)
 
     async def list_loras(self, timeout: float | None = 10.0) -> list[LoraInfo]:
         """The LoRAs the server offers, by the names requests use."""

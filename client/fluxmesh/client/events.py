@@ -1,4 +1,8 @@
-"""Typed events and results the SDK yields, decoded from GenerateEvent messages."""
+"""Typed events, results and server facts the SDK returns, decoded from the protobuf messages.
+
+Spelling: a decoded picture list is `images`/`previews`, its encoded bytes `image_data`/
+`preview_data` (as the wire's `Image.data`); every duration and count of a request is in `Timings`.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from fluxmesh.contract import Phase
-from fluxmesh.v1 import generator_pb2, common_pb2
+from fluxmesh.v1 import common_pb2, generator_pb2
 
 Stage = Phase  # the SDK's name for a request's phase: Stage.encode, Stage.denoise, Stage.decode
 
@@ -34,6 +38,8 @@ class StageFinished:
 
 @dataclass(frozen=True)
 class Step:
+    """Denoising step `step` of `total` done, `seconds` after the previous one."""
+
     request_id: str
     step: int
     total: int
@@ -45,17 +51,22 @@ class Step:
 
 @dataclass(frozen=True)
 class Timings:
+    """Seconds spent per phase of one request, and the weight swaps it waited on."""
+
     queued: float
     encode: float
     denoise: float
     decode: float
     total: float
-    swap: float = 0.0
+    swap: float = 0.0  # sequential mode: seconds of weight swaps this request waited on
+    swaps: int = 0  # ... and how many (requests of one group share them: do not add them up)
     cached_encodes: int = 0  # encoder calls the orchestrator's prompt cache answered instead
 
 
 @dataclass(frozen=True)
 class Result:
+    """The finished request: its images, the seed and settings they came from, and timings."""
+
     request_id: str
     images: list[Image.Image]
     seed: int
@@ -64,9 +75,8 @@ class Result:
     height: int
     steps: int
     guidance: float
-    png: list[bytes] = field(repr=False, default_factory=list)
+    image_data: list[bytes] = field(repr=False, default_factory=list)  # the encoded images (PNG), as sent
     warnings: list[str] = field(default_factory=list)
-    swaps: int = 0  # sequential mode: weight swaps this request waited on
 
     @property
     def image(self) -> Image.Image:
@@ -80,17 +90,45 @@ class LoraInfo:
     cached: bool
 
 
-def loras_from_pb(message) -> list[LoraInfo]:
-    return [LoraInfo(l.name, l.size_bytes, l.cached) for l in message.loras]
+def loras_from_pb(message: common_pb2.ListLorasResponse) -> list[LoraInfo]:
+    return [LoraInfo(lora.name, lora.size_bytes, lora.cached) for lora in message.loras]
+
+
+@dataclass(frozen=True)
+class StageInfo:
+    """What one stage process holds."""
+
+    stage: str  # encoder, denoiser or vae
+    model: str  # folder or Hub id
+    device: str
+    dtype: str
+    weight_bytes: int  # bytes of weights held now
+    peak_memory_bytes: int  # CUDA peak allocated on an accelerator, peak RSS on CPU
+    residency: str  # resident, offloaded (in CPU memory) or released
+    details: dict[str, str] = field(default_factory=dict)  # stage-specific facts and counters
+
+
+@dataclass(frozen=True)
+class GeneratorInfo:
+    """What `info()` returns: the stages behind the orchestrator and the model's facts."""
+
+    stages: list[StageInfo]
+    size_multiple: int  # width and height must be multiples of this
+    guidance_embeds: bool  # dev-style (takes guidance) or schnell-style
+
+
+def info_from_pb(message: generator_pb2.GeneratorInfo) -> GeneratorInfo:
+    stages = [StageInfo(stage=s.stage, model=s.model, device=s.device, dtype=s.dtype, weight_bytes=s.weight_bytes,
+                        peak_memory_bytes=s.peak_memory_bytes, residency=s.residency, details=dict(s.details))
+              for s in message.stages]
+    return GeneratorInfo(stages=stages, size_multiple=message.size_multiple, guidance_embeds=message.guidance_embeds)
 
 
 Event = Queued | StageStarted | StageFinished | Step | Result
 
 
 def _image(message: common_pb2.Image) -> Image.Image:
-    if message.format == common_pb2.IMAGE_FORMAT_RAW_RGB:
-        return Image.frombytes("RGB", (message.width, message.height), message.data)
-    image = Image.open(io.BytesIO(message.data))
+    image = Image.open(io.BytesIO(message.data))  # PNG results, JPEG previews: the server sends no other
     image.load()
     return image
 
@@ -116,13 +154,12 @@ def event_from_pb(message: generator_pb2.GenerateEvent) -> Event:
             images=[_image(i) for i in r.images],
             seed=r.seed,
             timings=Timings(t.queued_seconds, t.encode_seconds, t.denoise_seconds, t.decode_seconds, t.total_seconds,
-                            t.swap_seconds, t.cached_encodes),
+                            t.swap_seconds, t.swaps, t.cached_encodes),
             width=r.width,
             height=r.height,
             steps=r.steps,
             guidance=r.guidance,
-            png=[i.data for i in r.images if i.format != common_pb2.IMAGE_FORMAT_RAW_RGB],
+            image_data=[i.data for i in r.images],
             warnings=list(r.warnings),
-            swaps=t.swaps,
         )
     raise ValueError(f"unknown event {kind!r}")

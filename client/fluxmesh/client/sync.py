@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from types import TracebackType
+from typing import Any
 
 import grpc
 
 from fluxmesh.client import _core
-from fluxmesh.client.events import Event, LoraInfo, Result, event_from_pb, loras_from_pb
+from fluxmesh.client.events import Event, GeneratorInfo, LoraInfo, Result, event_from_pb, info_from_pb, loras_from_pb
+from fluxmesh.client.options import GenerateOptions, takes_generate_options
 from fluxmesh.rpc.channels import sync_channel
-from fluxmesh.rpc.errors import FluxmeshError
-from fluxmesh.v1 import generator_pb2, generator_pb2_grpc, common_pb2
+from fluxmesh.v1 import common_pb2, generator_pb2_grpc
 
 
 class GenerationStream:
     """An iterator of events for one request; `cancel()` stops the generation server-side."""
 
-    def __init__(self, call):
+    def __init__(self, call: Any):
         self._call = call
 
     def __iter__(self) -> Iterator[Event]:
@@ -31,7 +33,11 @@ class GenerationStream:
 
 
 class Client:
-    """Talks to a fluxmesh orchestrator. Use as a context manager or call `close()`."""
+    """Talks to a fluxmesh orchestrator. Use as a context manager or call `close()`.
+
+    `token` is sent as a bearer token; `credentials` (e.g. `grpc.ssl_channel_credentials(...)`)
+    enable TLS; `timeout` is the deadline in seconds of every generation that names none.
+    """
 
     def __init__(self, address: str, *, token: str | None = None, credentials: grpc.ChannelCredentials | None = None,
                  timeout: float | None = None):
@@ -41,38 +47,46 @@ class Client:
         self._channel = sync_channel(address, credentials=credentials)
         self._stub = generator_pb2_grpc.GeneratorStub(self._channel)
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: TracebackType | None) -> None:
         self.close()
 
     def close(self) -> None:
         self._channel.close()
 
-    def stream(self, prompt: str, *, timeout: float | None = None, **options) -> GenerationStream:
+    @takes_generate_options
+    def stream(self, prompt: str, options: GenerateOptions) -> GenerationStream:
         """Start a generation and return its events as they happen (ends with a `Result`)."""
-        request = _core.build_request(prompt, **options)
-        call = self._stub.Generate(request, timeout=timeout or self.timeout, metadata=self._metadata)
+        return self._stream(prompt, options)
+
+    def _stream(self, prompt: str, options: GenerateOptions) -> GenerationStream:
+        call = self._stub.Generate(options.to_request(prompt), timeout=options.timeout or self.timeout,
+                                   metadata=self._metadata)
         return GenerationStream(call)
 
-    def generate(self, prompt: str, **options) -> Result:
+    @takes_generate_options
+    def generate(self, prompt: str, options: GenerateOptions) -> Result:
         """Generate and return the result (PIL images, seed, per-stage timings)."""
         result = None
         # Read to the end of the stream, not just to the Result: leaving early would cancel a call
         # that is about to finish (the server sees CANCELLED instead of OK).
-        for event in self.stream(prompt, **options):
+        for event in self._stream(prompt, options):
             if isinstance(event, Result):
                 result = event
         if result is None:
-            raise FluxmeshError("the stream ended without a result", code=grpc.StatusCode.INTERNAL)
+            raise _core.no_result()
         return result
 
-    def info(self, timeout: float | None = 10.0) -> generator_pb2.GeneratorInfo:
+    def info(self, timeout: float | None = 10.0) -> GeneratorInfo:
+        """What the orchestrator's stages hold (model, device, dtype, memory) and the model's facts."""
         try:
-            return self._stub.Info(common_pb2.InfoRequest(), timeout=timeout, metadata=self._metadata)
+            reply = self._stub.Info(common_pb2.InfoRequest(), timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as error:
             raise _core.translate(error) from None
+        return info_from_pb(reply)
 
     def list_loras(self, timeout: float | None = 10.0) -> list[LoraInfo]:
         """The LoRAs the server offers, by the names requests use."""

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from fluxmesh.cli.shared_options import Address, ClientOptions, with_option_groups
-from fluxmesh.client import PreviewKind
+from fluxmesh.client.options import option_help, parse_lora
+from fluxmesh.contract import PreviewKind
 
 app = typer.Typer()
 
@@ -24,38 +25,33 @@ def _output_paths(output: Path, count: int) -> list[Path]:
 def generate(
     prompt: Annotated[str, typer.Option("--prompt", "-p")],
     address: Address = "localhost:50050",
-    width: Annotated[int, typer.Option(help="Default 1024, or the init image's width.")] = 0,
-    height: Annotated[int, typer.Option(help="Default 1024, or the init image's height.")] = 0,
-    steps: Annotated[Optional[int], typer.Option(help="Default: 28 (dev) or 4 (schnell).")] = None,
-    guidance: Annotated[Optional[float], typer.Option(help="Default 3.5; ignored by schnell.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Default: chosen by the server and printed.")] = None,
-    num_images: Annotated[int, typer.Option()] = 1,
-    prompt_2: Annotated[str, typer.Option(help="Separate T5 prompt.")] = "",
-    lora: Annotated[Optional[list[str]], typer.Option(help="NAME[:WEIGHT] (repeatable; weight 1.0 by default).")] = None,
+    width: Annotated[int, typer.Option(help=option_help("width"))] = 0,
+    height: Annotated[int, typer.Option(help=option_help("height"))] = 0,
+    steps: Annotated[int | None, typer.Option(help=option_help("steps"))] = None,
+    guidance: Annotated[float | None, typer.Option(help=option_help("guidance"))] = None,
+    seed: Annotated[int | None, typer.Option(help="Default: chosen by the server and printed.")] = None,
+    num_images: Annotated[int, typer.Option(help=option_help("num_images"))] = 1,
+    prompt_2: Annotated[str, typer.Option(help=option_help("prompt_2"))] = "",
+    lora: Annotated[list[str] | None, typer.Option(help="NAME[:WEIGHT] (repeatable; weight 1.0 by default).")] = None,
     output: Annotated[Path, typer.Option("--output", "-o")] = Path("fluxmesh.png"),
-    timeout: Annotated[Optional[float], typer.Option(help="Deadline in seconds.")] = None,
-    init_image: Annotated[Optional[Path], typer.Option(help="PNG/JPEG to start from (image to image).")] = None,
-    strength: Annotated[Optional[float], typer.Option(help="How much of the init image to repaint, in (0, 1] "
-                                                           "(default 0.6; 1.0 for FLUX.1-Fill).")] = None,
-    mask: Annotated[Optional[Path], typer.Option(help="PNG/JPEG mask, white = repaint (inpainting).")] = None,
-    preview: Annotated[Optional[PreviewKind], typer.Option(help="Live previews: fast (latents to RGB) or vae.")] = None,
-    preview_every: Annotated[int, typer.Option(help="A preview every N steps.")] = 1,
-    preview_dir: Annotated[Optional[Path], typer.Option(help="Where previews go (default: OUTPUT's name + "
+    timeout: Annotated[float | None, typer.Option(help="Deadline in seconds.")] = None,
+    init_image: Annotated[Path | None, typer.Option(help="PNG/JPEG to start from (image to image).")] = None,
+    strength: Annotated[float | None, typer.Option(help=option_help("strength"))] = None,
+    mask: Annotated[Path | None, typer.Option(help="PNG/JPEG mask, white = repaint (inpainting).")] = None,
+    preview: Annotated[PreviewKind | None, typer.Option(help="Live previews: fast (latents to RGB) or vae.")] = None,
+    preview_every: Annotated[int, typer.Option(help=option_help("preview_every"))] = 1,
+    preview_dir: Annotated[Path | None, typer.Option(help="Where previews go (default: OUTPUT's name + "
                                                              "'-previews').")] = None,
-    priority: Annotated[int, typer.Option(help="Place in line: higher runs first (up to what the server "
-                                               "allows this caller), lower lets others go first.")] = 0,
-    negative_prompt: Annotated[Optional[str], typer.Option(help="True CFG: what to steer away from (may be "
+    priority: Annotated[int, typer.Option(help=option_help("priority"))] = 0,
+    negative_prompt: Annotated[str | None, typer.Option(help="True CFG: what to steer away from (may be "
                                                                 "''); needs --true-cfg-scale > 1.")] = None,
-    true_cfg_scale: Annotated[Optional[float], typer.Option(help="True CFG scale, as FluxPipeline's (1: off; "
-                                                                 "> 1 runs the negative prompt too, twice the "
-                                                                 "cost per step).")] = None,
+    true_cfg_scale: Annotated[float | None, typer.Option(help=option_help("true_cfg_scale"))] = None,
     connection: ClientOptions = ClientOptions(),
 ) -> None:
     """Generate image(s) through a running orchestrator, with a per-step progress bar."""
     from fluxmesh.cli.previews import PreviewWriter
     from fluxmesh.cli.progress import follow
     from fluxmesh.client import Client, FluxmeshError
-    from fluxmesh.client._core import parse_lora
 
     try:
         with Client(address, timeout=timeout, **connection.client_kwargs()) as client:
@@ -71,7 +67,7 @@ def generate(
     except FluxmeshError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
-    for path, data in zip(_output_paths(output, len(result.png)), result.png):
+    for path, data in zip(_output_paths(output, len(result.image_data)), result.image_data):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
         typer.echo(str(path))

@@ -1,0 +1,157 @@
+"""What a generation request can say besides its prompt: `GenerateOptions`, spelled out once.
+
+Its fields are the keyword parameters of `Client.generate`/`stream` and of `AsyncClient`'s twins
+(`takes_generate_options` gives those methods the fields as their signature, for type checkers,
+IDEs and `inspect.signature` alike), the help texts of `fluxmesh generate`'s flags, and the one
+place a `GenerateRequest` is built from them. A new request field is one new field here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import io
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+from PIL import Image
+
+from fluxmesh.contract import PreviewKind
+from fluxmesh.v1 import common_pb2, generator_pb2
+
+__all__ = ["GenerateOptions", "ImageInput", "Lora", "PreviewKind", "option_help", "parse_lora",
+           "takes_generate_options"]
+
+Lora = tuple[str, float]
+ImageInput = bytes | str | os.PathLike[str] | Image.Image  # PNG/JPEG bytes, a path to one, or a PIL image
+
+
+def _doc(text: str) -> dict[str, str]:
+    return {"doc": text}
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerateOptions:
+    """Everything about one generation but its prompt. Unset (None) values take the server's default."""
+
+    prompt_2: str = field(default="", metadata=_doc("Separate T5 prompt (default: the prompt)."))
+    width: int = field(default=0, metadata=_doc("Default 1024, or the init image's width."))
+    height: int = field(default=0, metadata=_doc("Default 1024, or the init image's height."))
+    steps: int | None = field(default=None, metadata=_doc("Default: 28 (dev) or 4 (schnell)."))
+    guidance: float | None = field(default=None, metadata=_doc("Default 3.5; ignored by schnell."))
+    seed: int | None = field(default=None, metadata=_doc("Default: chosen by the server and returned."))
+    num_images: int = field(default=1, metadata=_doc("Images per request, from seeds seed, seed+1, ..."))
+    max_sequence_length: int = field(default=0, metadata=_doc("T5 length; 0: the encoder's default "
+                                                              "(512 dev, 256 schnell)."))
+    loras: Iterable[Lora | str] = field(default=(), metadata=_doc("LoRAs by the names the server offers: "
+                                                                  "(name, weight) or a bare name for weight 1.0."))
+    init_image: ImageInput | None = field(default=None, metadata=_doc("Image to start from (image to image)."))
+    mask_image: ImageInput | None = field(default=None, metadata=_doc("Mask, white = repaint (inpainting)."))
+    strength: float | None = field(default=None, metadata=_doc("How much of the init image to repaint, in (0, 1] "
+                                                               "(default 0.6; 1.0 for FLUX.1-Fill)."))
+    preview: PreviewKind | str | None = field(default=None, metadata=_doc("Live previews in Step events: fast "
+                                                                          "(latents to RGB) or vae."))
+    preview_every: int = field(default=1, metadata=_doc("A preview every N steps."))
+    priority: int = field(default=0, metadata=_doc("Place in line: higher runs first (up to what the server "
+                                                   "allows this caller), lower lets others go first."))
+    negative_prompt: str | None = field(default=None, metadata=_doc("True CFG: what to steer away from (may be "
+                                                                    "''); needs true_cfg_scale > 1."))
+    negative_prompt_2: str = field(default="", metadata=_doc("T5 negative prompt (default: the negative prompt)."))
+    true_cfg_scale: float | None = field(default=None, metadata=_doc("True CFG scale, as FluxPipeline's (1: off; "
+                                                                     "> 1 runs the negative prompt too, twice the "
+                                                                     "cost per step)."))
+    timeout: float | None = field(default=None, metadata=_doc("Deadline of this call in seconds (default: the "
+                                                              "client's)."))
+
+    def __post_init__(self) -> None:
+        if self.preview is not None:  # InvalidArgument (a ValueError) naming the field, before any call
+            object.__setattr__(self, "preview", PreviewKind.parse(str(self.preview)))
+
+    def to_request(self, prompt: str) -> generator_pb2.GenerateRequest:
+        """The wire request (unset optional fields stay unset, so the server applies its defaults)."""
+        request = generator_pb2.GenerateRequest(
+            prompt=prompt, prompt_2=self.prompt_2, width=self.width, height=self.height, num_images=self.num_images,
+            max_sequence_length=self.max_sequence_length, loras=[_lora_pb(lora) for lora in self.loras],
+            priority=self.priority, negative_prompt_2=self.negative_prompt_2,
+            steps=self.steps, guidance=self.guidance, seed=self.seed, strength=self.strength,
+            negative_prompt=self.negative_prompt, true_cfg_scale=self.true_cfg_scale,
+            init_image=None if self.init_image is None else image_bytes(self.init_image),
+            mask_image=None if self.mask_image is None else image_bytes(self.mask_image),
+        )
+        if self.preview is not None:
+            request.preview.kind = PreviewKind.parse(str(self.preview)).pb
+            request.preview.every = self.preview_every
+        return request
+
+
+def option_help(name: str) -> str:
+    """The documentation of one GenerateOptions field (the CLI's help text for its flag)."""
+    return str(_FIELDS[name].metadata["doc"])
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(GenerateOptions)}
+
+C = TypeVar("C")
+R = TypeVar("R")
+P = ParamSpec("P")
+
+
+def _keywords_of(options: Callable[P, GenerateOptions]) -> Callable[
+        [Callable[[C, str, GenerateOptions], R]], Callable[Concatenate[C, str, P], R]]:
+    """A decorator that gives `method(self, prompt, options)` the keyword signature of `options`
+    (typing.ParamSpec: type checkers and IDEs read the fields as the method's parameters)."""
+
+    def decorate(method: Callable[[C, str, GenerateOptions], R]) -> Callable[Concatenate[C, str, P], R]:
+        def call(self: C, prompt: str, /, *args: P.args, **keywords: P.kwargs) -> R:
+            return method(self, prompt, options(*args, **keywords))
+
+        async def call_async(self: C, prompt: str, /, *args: P.args, **keywords: P.kwargs) -> Any:
+            return await method(self, prompt, options(*args, **keywords))  # type: ignore[misc]
+
+        wrapper: Any = call_async if inspect.iscoroutinefunction(method) else call
+        functools.update_wrapper(wrapper, method)
+        signature = inspect.signature(method)
+        wrapper.__signature__ = signature.replace(parameters=[
+            *list(signature.parameters.values())[:2], *inspect.signature(options).parameters.values()])
+        wrapper.__doc__ = (method.__doc__ or "").rstrip() + "\n\nKeyword options (GenerateOptions):\n" + "\n".join(
+            f"    {f.name}: {f.metadata['doc']}" for f in dataclasses.fields(GenerateOptions))
+        return wrapper  # type: ignore[no-any-return]
+
+    return decorate
+
+
+takes_generate_options = _keywords_of(GenerateOptions)
+"""Decorates `method(self, prompt, options: GenerateOptions)` into `method(self, prompt, **fields)`:
+callers spell the options as keywords, checked against GenerateOptions' fields."""
+
+
+def image_bytes(image: ImageInput) -> bytes:
+    """PNG/JPEG bytes as they are (the server checks them), a file's bytes, or a PIL image as PNG."""
+    if isinstance(image, Image.Image):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")  # lossless: the server sees exactly these pixels
+        return buffer.getvalue()
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return bytes(image)
+    with open(image, "rb") as file:
+        return file.read()
+
+
+def _lora_pb(lora: Lora | str) -> common_pb2.LoraWeight:
+    """`("name", 0.8)`, or a bare `"name"` for weight 1.0."""
+    name, weight = (lora, 1.0) if isinstance(lora, str) else lora
+    return common_pb2.LoraWeight(name=name, weight=weight)
+
+
+def parse_lora(text: str) -> Lora:
+    """`NAME[:WEIGHT]` as the CLI takes it; the weight defaults to 1.0."""
+    name, sep, weight = text.rpartition(":")
+    if not sep:
+        return text, 1.0
+    try:
+        return name, float(weight)
+    except ValueError:
+        return text, 1.0  # a name that contains ':' but no weight

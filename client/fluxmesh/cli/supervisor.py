@@ -14,7 +14,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import IO
 
 import grpc
 from fluxmesh.cli.lifeline import child_environment
@@ -67,6 +69,8 @@ class Cluster:
 
     children: list[Child] = field(default_factory=list)
     health_credentials: grpc.ChannelCredentials | None = None  # for processes that serve TLS
+    output: IO[str] | None = None  # where the children's stdout and stderr go (None: this process's)
+    on_serving: Callable[[Child], None] | None = None  # told as each child starts SERVING
 
     @property
     def address(self) -> str:
@@ -76,7 +80,8 @@ class Cluster:
               probe_tcp_only: bool = False) -> Child:
         command = [sys.executable, "-m", "fluxmesh.cli", *args]
         log.debug("starting %s: %s", name, " ".join(command))
-        process = subprocess.Popen(command, env=child_environment(env))  # no preexec_fn: see lifeline.py
+        process = subprocess.Popen(command, env=child_environment(env),  # no preexec_fn: see lifeline.py
+                                   stdout=self.output, stderr=subprocess.STDOUT if self.output else None)
         child = Child(name, address, process, probe_tcp_only)
         self.children.append(child)
         return child
@@ -91,6 +96,8 @@ class Cluster:
                     raise TimeoutError(f"{child.name} at {child.address} not SERVING after {timeout:.0f}s")
                 time.sleep(0.1)
             log.info("%s SERVING on %s", child.name, child.address)
+            if self.on_serving is not None:
+                self.on_serving(child)
 
     def _is_up(self, child: Child) -> bool:
         if child.probe_tcp_only:
@@ -116,7 +123,7 @@ class Cluster:
                 child.process.kill()
                 child.process.wait()
 
-    def __enter__(self) -> "Cluster":
+    def __enter__(self) -> Cluster:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -134,6 +141,8 @@ def start_local(
     orchestrator_tls: bool = False,
     timeout: float = 300.0,
     share_cores: bool = True,
+    output: IO[str] | None = None,
+    on_serving: Callable[[Child], None] | None = None,
 ) -> Cluster:
     """Start encoder, denoiser, vae and the orchestrator; returns once all are SERVING.
 
@@ -141,8 +150,10 @@ def start_local(
     the orchestrator alone, so they listen on loopback and are never exposed unauthenticated.
     `share_cores`: each stage gets its share of this host's cores as its torch threads
     (fluxmesh.rpc.cores) unless the args give --threads; False leaves torch's default (all).
+    `output` takes the children's logs (default: this process's stderr); `on_serving` hears of
+    each child as it starts serving.
     """
-    cluster = Cluster()
+    cluster = Cluster(output=output, on_serving=on_serving)
     shares = divide_cores(host_cores())
     try:
         addresses = {}

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import signal
 import tempfile
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, TextIO
 
 import typer
 
@@ -92,7 +94,7 @@ def up(
 def demo(
     output: Annotated[Path, typer.Option("--output", "-o")] = Path("fluxmesh-demo.png"),
     prompt: Annotated[str, typer.Option("--prompt", "-p")] = "a red fox in the snow, highly detailed",
-    model_dir: Annotated[Optional[Path], typer.Option(help="Where to write the tiny model (default: a temp dir).")] = None,
+    model_dir: Annotated[Path | None, typer.Option(help="Where to write the tiny model (default: a temp dir).")] = None,
     size: Annotated[ModelSize, typer.Option()] = ModelSize.tiny,
     width: Annotated[int, typer.Option()] = 256,
     height: Annotated[int, typer.Option()] = 256,
@@ -101,26 +103,57 @@ def demo(
     serve: Annotated[bool, typer.Option(help="Then keep serving, with the web page on --http-port, until "
                                              "Ctrl-C.")] = False,
     http_port: Annotated[int, typer.Option(help="The page's port with --serve.")] = 8000,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="The four processes' logs on the terminal "
+                                                                  "instead of in a file.")] = False,
 ) -> None:
-    """Tiny model + all four processes + one generation -> PNG. Needs no download and no GPU."""
+    """Tiny model + all four processes + one generation -> PNG. Needs no download and no GPU.
+
+    Shows each process as it starts serving and a progress bar; the processes' logs go to a file
+    it names (or, with --verbose, to the terminal).
+    """
     from fluxmesh.cli.progress import follow
-    from fluxmesh.cli.supervisor import free_port, start_local
+    from fluxmesh.cli.supervisor import Child, free_port, start_local
     from fluxmesh.client import Client
     from fluxmesh.services.tools.tiny_model import write_tiny_model
 
     raise_on_sigterm()
+    logs = None if verbose else _log_to_file("fluxmesh-demo-")
+
+    def serving(child: Child) -> None:
+        typer.echo(f"{child.name} SERVING on {child.address}", err=True)
+
     with tempfile.TemporaryDirectory(prefix="fluxmesh-demo-") as tmp:
         folder = write_tiny_model(model_dir or Path(tmp) / "tiny-flux", size=size)
         typer.echo(f"tiny model: {folder}", err=True)
-        with start_local(str(folder), port=free_port()) as cluster, Client(cluster.address) as client:
+        typer.echo("starting encoder, denoiser, vae and orchestrator" + (f" (logs: {logs.name})" if logs else ""),
+                   err=True)
+        try:
+            cluster = start_local(str(folder), port=free_port(), output=logs, on_serving=serving)
+        except (RuntimeError, TimeoutError) as error:
+            typer.echo(f"fluxmesh demo: {error}" + (f" (see {logs.name})" if logs else ""), err=True)
+            raise typer.Exit(1) from None
+        with cluster, Client(cluster.address) as client:
             result = follow(client.stream(prompt, width=width, height=height, steps=steps, seed=seed))
             output.parent.mkdir(parents=True, exist_ok=True)
-            output.write_bytes(result.png[0])
+            output.write_bytes(result.image_data[0])
             typer.echo(str(output))
             if serve:
                 page = start_gateway(cluster, port=http_port, host="127.0.0.1")
                 typer.echo(f"fluxmesh demo: the page is on {page} (Ctrl-C to stop)", err=True)
                 serve_until_interrupted(cluster)
+
+
+def _log_to_file(prefix: str) -> TextIO:
+    """A new log file in the temp folder that this process's logging and its children's share
+    (opened for appending, so the writers of one file description never overwrite each other)."""
+    handle, name = tempfile.mkstemp(prefix=prefix, suffix=".log")
+    os.close(handle)
+    logs = open(name, "a", buffering=1)  # open for the command's whole life
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler):
+            handler.setStream(logs)
+    logging.captureWarnings(True)  # library warnings are log lines too
+    return logs
 
 
 def raise_on_sigterm() -> None:

@@ -75,7 +75,7 @@ async def test_positions_move_back_when_a_higher_priority_arrives():
 
 async def test_a_full_queue_refuses_at_once_and_an_abandoned_place_is_given_back():
     queue = AdmissionQueue(max_active=1, max_waiting=2)
-    first, second = queue.enter(), queue.enter(100)
+    _first, second = queue.enter(), queue.enter(100)
     with pytest.raises(ResourceExhausted, match="queue full: 2 requests waiting"):
         queue.enter(1000)  # priority does not buy a place in a full line
     await queue.leave(second)  # its client went away while waiting

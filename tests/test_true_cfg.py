@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from factories import PROMPT, edit_reference_images, init_and_mask, max_abs_diff, reference_images
-from fluxmesh.client import Client, FluxmeshError
+from fluxmesh.client import Client
 
 NEGATIVE = "blurry, low quality, watermark"
 

@@ -17,7 +17,7 @@ import inspect
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -31,14 +31,14 @@ _PANEL_SERVE = "Security and metrics"
 _PANEL_STAGES = "Stage connections (orchestrator -> stages)"
 _PANEL_CLIENT = "Connection security"
 
-PathOption = Optional[Path]
+PathOption = Path | None
 
 # Single options several commands take.
 Model = Annotated[str, typer.Option(help="Diffusers-layout model folder or Hub id (HF_TOKEN for gated models).")]
 Host = Annotated[str, typer.Option(help="Interface to listen on.")]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda:N or mps.")]
 Dtype = Annotated[str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), bfloat16, float16 or float32.")]
-Threads = Annotated[Optional[int], typer.Option(
+Threads = Annotated[int | None, typer.Option(
     help="torch CPU threads per stage (default: torch's; under `fluxmesh up` the host's cores divided between the "
          "stages; 2 for a stage on a GPU).")]
 LoraDir = Annotated[PathOption, typer.Option(help="Directory of LoRA .safetensors files requests may name.")]
@@ -53,7 +53,7 @@ ReleaseToOption = Annotated[ReleaseTo, typer.Option(
 MaxPriority = Annotated[int, typer.Option(
     help="Highest request priority a caller may use (lower is always allowed); a token file line "
          "'TOKEN max-priority=N' gives that token its own.")]
-PromptCacheMib = Annotated[Optional[int], typer.Option(
+PromptCacheMib = Annotated[int | None, typer.Option(
     help="MiB of prompt embeddings the orchestrator keeps (exact: a repeated prompt skips the encoder); "
          "0 turns the cache off. Default 256.")]
 Address = Annotated[str, typer.Option(help="Orchestrator address.")]
@@ -89,9 +89,9 @@ class ServeOptions:
     token_file: Annotated[PathOption, typer.Option(help="File of accepted bearer tokens, one per line; calls "
                                                         "without one are UNAUTHENTICATED.",
                                                    rich_help_panel=_PANEL_SERVE)] = None
-    token_env: Annotated[Optional[str], typer.Option(help="Environment variable holding an accepted bearer token.",
+    token_env: Annotated[str | None, typer.Option(help="Environment variable holding an accepted bearer token.",
                                                      rich_help_panel=_PANEL_SERVE)] = None
-    metrics_port: Annotated[Optional[int], typer.Option(help="Serve Prometheus metrics on this HTTP port (/metrics).",
+    metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus metrics on this HTTP port (/metrics).",
                                                         rich_help_panel=_PANEL_SERVE)] = None
 
     def as_flags(self) -> list[str]:
@@ -130,12 +130,12 @@ class StageClientOptions:
                                                             "(mutual TLS).", rich_help_panel=_PANEL_STAGES)] = None
     stage_tls_key: Annotated[PathOption, typer.Option(help="Private key of --stage-tls-cert.",
                                                       rich_help_panel=_PANEL_STAGES)] = None
-    stage_tls_server_name: Annotated[Optional[str], typer.Option(help="Name expected in the stages' certificates "
+    stage_tls_server_name: Annotated[str | None, typer.Option(help="Name expected in the stages' certificates "
                                                                       "(default: the address's host).",
                                                                  rich_help_panel=_PANEL_STAGES)] = None
     stage_token_file: Annotated[PathOption, typer.Option(help="File whose first line is the token sent to stages.",
                                                          rich_help_panel=_PANEL_STAGES)] = None
-    stage_token_env: Annotated[Optional[str], typer.Option(help="Environment variable holding the token sent to "
+    stage_token_env: Annotated[str | None, typer.Option(help="Environment variable holding the token sent to "
                                                                 "stages.", rich_help_panel=_PANEL_STAGES)] = None
 
     def security(self) -> ClientSecurity:
@@ -160,7 +160,7 @@ class ClientOptions:
                                                 rich_help_panel=_PANEL_CLIENT)] = None
     token_file: Annotated[PathOption, typer.Option(help="File whose first line is the bearer token to send.",
                                                    rich_help_panel=_PANEL_CLIENT)] = None
-    token_env: Annotated[Optional[str], typer.Option(help="Environment variable holding the bearer token to send.",
+    token_env: Annotated[str | None, typer.Option(help="Environment variable holding the bearer token to send.",
                                                      rich_help_panel=_PANEL_CLIENT)] = None
 
     def security(self) -> ClientSecurity:

@@ -6,7 +6,7 @@ Errors by status code and request latency come from the RPC metrics every server
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Gauge, Histogram
 
 from fluxmesh.orchestrator.admission import AdmissionQueue
 from fluxmesh.rpc.metrics import LATENCY_BUCKETS
@@ -18,7 +18,6 @@ QUEUE_LIMIT = Gauge("fluxmesh_queue_limit", "Requests that may wait before RESOU
 STAGE_SECONDS = Histogram("fluxmesh_stage_seconds", "Time per stage of a completed request, as the orchestrator "
                           "saw it", ["stage"], buckets=LATENCY_BUCKETS)
 QUEUED_SECONDS = Histogram("fluxmesh_queued_seconds", "Time a request waited for its turn", buckets=LATENCY_BUCKETS)
-STAGE_ERRORS = Counter("fluxmesh_stage_errors", "Failed stage calls, by stage and status code", ["stage", "code"])
 DENOISE_STEPS_PER_SECOND = Gauge("fluxmesh_denoise_steps_per_second",
                                  "Denoising steps per second of the most recent request")
 

@@ -101,7 +101,7 @@ class ReplicaSet:
 
     @classmethod
     def connect(cls, stage: str, spec: str, channel: Callable[[str], grpc.aio.Channel],
-                stub: Callable[[grpc.aio.Channel], Any]) -> "ReplicaSet":
+                stub: Callable[[grpc.aio.Channel], Any]) -> ReplicaSet:
         """One replica per target of `spec`; `channel(target)` opens a channel (with whatever
         credentials the caller uses), `stub(channel)` makes the stage's stub."""
         replicas = []

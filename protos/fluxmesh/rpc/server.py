@@ -53,16 +53,13 @@ class Server:
         services: Sequence[Service],
         *,
         address: str,
-        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
-        server_credentials: grpc.ServerCredentials | None = None,
-        grace_seconds: float = DEFAULT_GRACE_SECONDS,
         security: ServerSecurity | None = None,
         max_receive_bytes: int | None = None,
         metrics_port: int | None = None,
     ):
         self.services = list(services)
         self.address = address
-        self.grace_seconds = grace_seconds
+        self.grace_seconds = DEFAULT_GRACE_SECONDS
         self.security = security or ServerSecurity()
         self.metrics_port = metrics_port
         install_log_field()
@@ -80,7 +77,7 @@ class Server:
         # Outermost first: every call is counted and logged with its request id (refusals too),
         # then authenticated, then the handler's errors become statuses.
         self._server = grpc.aio.server(
-            interceptors=[ObservabilityInterceptor(), *self.security.interceptors(), *interceptors,
+            interceptors=[ObservabilityInterceptor(), *self.security.interceptors(),
                           ErrorMappingInterceptor()],
             options=options,
         )
@@ -92,7 +89,7 @@ class Server:
             [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
             self._server,
         )
-        server_credentials = server_credentials or self.security.credentials()
+        server_credentials = self.security.credentials()
         try:
             if server_credentials is not None:
                 self.port = self._server.add_secure_port(address, server_credentials)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -67,7 +67,7 @@ def _serve_stage(name: str, port: int, stage: StageServeOptions, serving: ServeO
 def serve_encoder(
     stage: StageServeOptions,
     port: Annotated[int, typer.Option()] = 50051,
-    max_sequence_length: Annotated[Optional[int], typer.Option(help="Default T5 length (512 dev, 256 schnell).")] = None,
+    max_sequence_length: Annotated[int | None, typer.Option(help="Default T5 length (512 dev, 256 schnell).")] = None,
     t5_gguf: T5Gguf = None,
     lora_dir: LoraDir = None,
     redux: Annotated[Optional[str], typer.Option(
@@ -86,7 +86,7 @@ def serve_denoiser(
     stage: StageServeOptions,
     port: Annotated[int, typer.Option()] = 50052,
     transformer_gguf: TransformerGguf = None,
-    compute_dtype: Annotated[Optional[str], typer.Option(help="Dtype GGUF weights dequantize to (default: --dtype).")] = None,
+    compute_dtype: Annotated[str | None, typer.Option(help="Dtype GGUF weights dequantize to (default: --dtype).")] = None,
     lora_dir: LoraDir = None,
     serving: ServeOptions = ServeOptions(),
 ) -> None:
@@ -114,7 +114,7 @@ def serve_orchestrator(
     vae: Annotated[str, typer.Option(help=f"VAE stage: {StageAddress}.")] = "localhost:50053",
     port: Annotated[int, typer.Option()] = 50050,
     host: Host = "[::]",
-    max_active: Annotated[Optional[int], typer.Option(
+    max_active: Annotated[int | None, typer.Option(
         help="Requests running through the stages at once (default 2; 8 with --sequential, the group size "
              "that shares one round of swaps).")] = None,
     sequential: Sequential = False,
@@ -122,7 +122,7 @@ def serve_orchestrator(
     max_queue: Annotated[int, typer.Option(help="Requests waiting before RESOURCE_EXHAUSTED.")] = 32,
     request_timeout: Annotated[float, typer.Option(help="Deadline (s) for requests that come without one; "
                                                         "0: none.")] = 3600.0,
-    max_request_mib: Annotated[Optional[int], typer.Option(help="Largest request message accepted (MiB); larger "
+    max_request_mib: Annotated[int | None, typer.Option(help="Largest request message accepted (MiB); larger "
                                                                 "is RESOURCE_EXHAUSTED. Default: room for a "
                                                                 "32 MiB init image and mask (65).")] = None,
     max_priority: MaxPriority = DEFAULT_MAX_PRIORITY,

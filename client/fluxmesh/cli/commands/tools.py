@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -73,7 +73,7 @@ def plan(
         = PlanDtype.bfloat16,
     transformer_gguf: TransformerGguf = None,
     t5_gguf: T5Gguf = None,
-    max_sequence_length: Annotated[Optional[int], typer.Option(help="T5 length (default: 512 dev, 256 schnell).")]
+    max_sequence_length: Annotated[int | None, typer.Option(help="T5 length (default: 512 dev, 256 schnell).")]
         = None,
     context_overhead: Annotated[str, typer.Option(help="CUDA context per stage process, outside torch's "
                                                        "allocator.")] = "0.5GiB",

@@ -48,11 +48,11 @@ class LatentRgb:
     bias: np.ndarray  # (3,)
 
     @classmethod
-    def flux(cls) -> "LatentRgb":
+    def flux(cls) -> LatentRgb:
         return cls(np.array(FLUX_LATENT_RGB_FACTORS, np.float32), np.array(FLUX_LATENT_RGB_BIAS, np.float32))
 
     @classmethod
-    def from_flat(cls, values, channels: int) -> "LatentRgb":
+    def from_flat(cls, values, channels: int) -> LatentRgb:
         """`channels * 3` factors (row-major) then 3 bias values, as DenoiseRequest carries them."""
         flat = np.asarray(list(values), np.float32)
         if flat.shape != (channels * 3 + 3,) or not np.isfinite(flat).all():

@@ -192,7 +192,7 @@ class Residency:
             torch.cuda.synchronize(self.device)  # the copy is done before we say so
 
     @contextmanager
-    def _transition(self, target: str) -> Iterator["_Clock"]:
+    def _transition(self, target: str) -> Iterator[_Clock]:
         clock = _Clock(time.time())
         source = self.state
         # Loaders may run under the worker's inference_mode; weights must be ordinary tensors

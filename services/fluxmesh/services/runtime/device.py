@@ -21,7 +21,7 @@ class Device:
     dtype: torch.dtype
 
     @classmethod
-    def parse(cls, device: str = "auto", dtype: str = "auto") -> "Device":
+    def parse(cls, device: str = "auto", dtype: str = "auto") -> Device:
         """`auto` picks cuda:0 when there is one (else mps, else cpu); bf16 on accelerators, fp32 on CPU."""
         if device == "auto":
             device = "cuda:0" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"

@@ -91,7 +91,7 @@ def section_cores(folder: Path, args) -> None:
     results: dict[str, dict[str, list[float]]] = {name: {"serial": [], "concurrent": []} for name in configs}
     clusters = {name: start_local(str(folder), port=free_port(), share_cores=share) for name, share in configs.items()}
     try:
-        for name, cluster in clusters.items():  # warm each
+        for cluster in clusters.values():  # warm each
             burst(cluster.address, 1, 2, args)
         for _ in range(args.rounds):
             for name, cluster in clusters.items():

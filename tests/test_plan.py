@@ -131,8 +131,8 @@ def test_plan_refuses_the_gguf_files_the_stages_refuse(dev_model, schnell_model,
                                      (schnell_model, "transformer_gguf", schnell_transformer, load_gguf_transformer),
                                      (other, "t5_gguf", dev_t5, load_gguf_t5),
                                      (dev_model, "t5_gguf", dev_t5, load_gguf_t5)):
-        served = refusal(lambda: load(file, folder, torch.float32))
-        planned = refusal(lambda: make_plan(folder, vram=GIB, width=64, height=64, **{kind: file}))
+        served = refusal(lambda: load(file, folder, torch.float32))  # noqa: B023 - called at once
+        planned = refusal(lambda: make_plan(folder, vram=GIB, width=64, height=64, **{kind: file}))  # noqa: B023
         assert planned == served, (folder.name, kind)
     assert "does not fit the model folder's transformer" in refusal(
         lambda: make_plan(dev_model, vram=GIB, width=64, height=64, transformer_gguf=schnell_transformer))

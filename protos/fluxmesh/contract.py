@@ -55,7 +55,7 @@ class Limits:
     max_redux_scale: float = 4.0  # its prompt_embeds_scale / pooled_prompt_embeds_scale
     max_image_prompt_tokens: int = 1024  # tokens an image prompt appends to T5's (Redux's SigLIP at 384 px: 729)
 
-    def lowered(self, **ceilings: float) -> "Limits":
+    def lowered(self, **ceilings: float) -> Limits:
         """These limits with some ceilings lowered (an operator's flags); raising one is refused,
         so no flag can let through what the stages were never built to take."""
         for name, value in ceilings.items():
@@ -97,7 +97,7 @@ class Phase(StrEnum):
         return _PHASE_PB[self]
 
     @classmethod
-    def from_pb(cls, value: int) -> "Phase":
+    def from_pb(cls, value: int) -> Phase:
         return _PHASE_FROM_PB[value]
 
 
@@ -118,7 +118,7 @@ class PreviewKind(StrEnum):
         return _PREVIEW_PB[self]
 
     @classmethod
-    def from_pb(cls, value: int, field: str = "preview.kind") -> "PreviewKind | None":
+    def from_pb(cls, value: int, field: str = "preview.kind") -> PreviewKind | None:
         """None for PREVIEW_KIND_UNSPECIFIED (no previews)."""
         if value == generator_pb2.PREVIEW_KIND_UNSPECIFIED:
             return None
@@ -128,7 +128,7 @@ class PreviewKind(StrEnum):
         raise InvalidArgument(field, f"{value} is not a PreviewKind")
 
     @classmethod
-    def parse(cls, text: str, field: str = "preview") -> "PreviewKind":
+    def parse(cls, text: str, field: str = "preview") -> PreviewKind:
         try:
             return cls(text)
         except ValueError:
@@ -155,7 +155,7 @@ class ReleaseTo(StrEnum):
     cpu = "cpu"  # keep released weights in CPU memory (offloaded)
     disk = "disk"  # free them entirely (released); read the model files again on the next load
 
-    def on(self, device: str) -> "ReleaseTo":
+    def on(self, device: str) -> ReleaseTo:
         """The choice for a stage on `device` ("cpu", "cuda:0", "mps"). The auto rule, once: on
         the CPU, "CPU memory" is the very memory being freed, so auto drops the weights."""
         if self is not ReleaseTo.auto:
@@ -176,7 +176,7 @@ class StartResidency(StrEnum):
     standby = "standby"  # where ReleaseTo.auto leaves weights; the stage applies it (it knows its device)
 
     @classmethod
-    def for_release(cls, release_to: ReleaseTo) -> "StartResidency":
+    def for_release(cls, release_to: ReleaseTo) -> StartResidency:
         """How stages start in sequential mode: as a release would leave them, so they never
         all load at once."""
         return cls.standby if release_to is ReleaseTo.auto else cls(release_to.state("any"))

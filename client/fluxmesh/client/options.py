@@ -15,7 +15,7 @@ import io
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 from PIL import Image
 
@@ -82,7 +82,8 @@ class GenerateOptions:
             mask_image=None if self.mask_image is None else image_bytes(self.mask_image),
         )
         if self.preview is not None:
-            request.preview.kind = PreviewKind.parse(str(self.preview)).pb
+            kind = PreviewKind.parse(str(self.preview)).pb
+            request.preview.kind = cast(generator_pb2.PreviewKind, kind)  # the stubs type the enum as a class
             request.preview.every = self.preview_every
         return request
 

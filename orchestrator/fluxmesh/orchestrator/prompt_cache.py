@@ -90,7 +90,7 @@ class PromptCache:
             try:
                 fresh = await encode_many([requests[i] for i in missing])
             except BaseException as error:
-                for key, future in leading.items():
+                for future in leading.values():
                     future.set_exception(error if isinstance(error, Exception) else RuntimeError("cancelled"))
                     future.exception()  # retrieved: waiters fall back to encoding themselves
                 raise

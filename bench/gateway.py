@@ -51,7 +51,7 @@ def main() -> None:
             url = start_gateway(cluster, port=free_port(), host="127.0.0.1") + "v1/images/generations"
 
             def sdk() -> bytes:
-                return client.generate(**sdk_request).png[0]
+                return client.generate(**sdk_request).image_data[0]
 
             def gateway() -> bytes:
                 reply = http.post(url, json=request)

@@ -111,10 +111,10 @@ def test_generate_options_are_the_keyword_parameters_of_every_generate_method():
     from fluxmesh.client import GenerateOptions, GeneratorInfo, StageInfo
 
     fields = [field.name for field in dataclasses.fields(GenerateOptions)]
-    assert {"steps", "seed", "preview", "timeout"} <= set(fields)
+    assert fields[0] == "prompt" and {"steps", "seed", "preview", "timeout"} <= set(fields)
     for method in (Client.generate, Client.stream, AsyncClient.generate, AsyncClient.stream):
         parameters = list(inspect.signature(method).parameters.values())
-        assert [p.name for p in parameters] == ["self", "prompt", *fields], method
+        assert [p.name for p in parameters] == ["self", *fields], method
         assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in parameters[2:]), method
         assert "steps:" in method.__doc__
     assert inspect.iscoroutinefunction(AsyncClient.generate)
@@ -123,6 +123,8 @@ def test_generate_options_are_the_keyword_parameters_of_every_generate_method():
     with Client("localhost:1") as client:
         with pytest.raises(TypeError, match="stepz"):
             client.generate(PROMPT, stepz=2)
+        with pytest.raises(TypeError):
+            client.generate(PROMPT, 64)  # options are keywords only
         with pytest.raises(ValueError, match="preview: 'slow'"):
             client.stream(PROMPT, preview="slow")
 

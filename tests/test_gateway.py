@@ -57,7 +57,7 @@ def test_generate_through_the_gateway_equals_the_grpc_sdk_byte_for_byte(oai, sdk
     reply = oai.images.generate(prompt=PROMPT, size="64x64", extra_body={"steps": 2, "seed": 5, "guidance": 3.0})
     want = sdk.generate(prompt=PROMPT, width=64, height=64, steps=2, seed=5, guidance=3.0)
     assert len(reply.data) == 1 and reply.size == "64x64" and reply.output_format == "png"
-    assert _png(reply.data[0].b64_json) == want.png[0]
+    assert _png(reply.data[0].b64_json) == want.image_data[0]
     assert reply.model_extra["fluxmesh"]["seed"] == 5 and reply.model_extra["fluxmesh"]["steps"] == 2
 
 
@@ -66,7 +66,7 @@ def test_n_images_formats_and_urls(oai, sdk, gateway):
     jpeg = oai.images.generate(prompt=PROMPT, size="64x64", n=2, output_format="jpeg", output_compression=60,
                                extra_body={"steps": 1, "seed": 9})
     assert len(jpeg.data) == 2
-    for data, png in zip(jpeg.data, want.png):
+    for data, png in zip(jpeg.data, want.image_data):
         image = Image.open(io.BytesIO(_png(data.b64_json)))
         assert image.format == "JPEG" and image.size == (64, 64)
         # lossy, but the same picture
@@ -78,14 +78,14 @@ def test_n_images_formats_and_urls(oai, sdk, gateway):
                                extra_body={"steps": 1, "seed": 9})
     lossless = Image.open(io.BytesIO(_png(webp.data[0].b64_json)))
     assert lossless.format == "WEBP"
-    assert lossless.convert("RGB").tobytes() == Image.open(io.BytesIO(one.png[0])).convert("RGB").tobytes()
+    assert lossless.convert("RGB").tobytes() == Image.open(io.BytesIO(one.image_data[0])).convert("RGB").tobytes()
     by_url = oai.images.generate(prompt=PROMPT, size="64x64", response_format="url",
                                  extra_body={"steps": 1, "seed": 9})
     url = by_url.data[0].url
     assert url.startswith(gateway.url) and by_url.data[0].b64_json is None
     fetched = httpx.get(url)
     assert fetched.status_code == 200 and fetched.headers["content-type"] == "image/png"
-    assert fetched.content == one.png[0]
+    assert fetched.content == one.image_data[0]
     assert httpx.get(url.replace(url.rsplit("/", 1)[1][:6], "AAAAAA")).status_code == 404
 
 
@@ -100,7 +100,7 @@ def test_streaming_sends_partial_images_then_the_completed_image(oai, sdk):
     for partial in events[:2]:
         assert Image.open(io.BytesIO(_png(partial.b64_json))).format == "PNG"
     want = sdk.generate(prompt=PROMPT, width=64, height=64, steps=6, seed=3)
-    assert _png(events[-1].b64_json) == want.png[0]  # previews do not change the result
+    assert _png(events[-1].b64_json) == want.image_data[0]  # previews do not change the result
 
 
 def test_progress_events_are_opt_in_and_count_every_step(gateway):
@@ -127,7 +127,7 @@ def test_edit_and_inpaint_through_the_gateway_equal_the_grpc_sdk(oai, sdk):
     edited = oai.images.edit(image=("init.png", init, "image/png"), prompt=PROMPT,
                              extra_body={"strength": 0.5, "steps": 4, "seed": 2})
     want = sdk.generate(prompt=PROMPT, init_image=init, strength=0.5, steps=4, seed=2)
-    assert edited.size == "64x64" and _png(edited.data[0].b64_json) == want.png[0]
+    assert edited.size == "64x64" and _png(edited.data[0].b64_json) == want.image_data[0]
 
     stream = oai.images.edit(image=("init.png", init, "image/png"), mask=("mask.png", mask_png, "image/png"),
                              prompt=PROMPT, stream=True, partial_images=1,
@@ -135,7 +135,7 @@ def test_edit_and_inpaint_through_the_gateway_equal_the_grpc_sdk(oai, sdk):
     events = list(stream)
     assert [e.type for e in events] == ["image_edit.partial_image", "image_edit.completed"]
     want = sdk.generate(prompt=PROMPT, init_image=init, mask_image=mask_png, strength=0.75, steps=4, seed=2)
-    assert _png(events[-1].b64_json) == want.png[0]
+    assert _png(events[-1].b64_json) == want.image_data[0]
 
 
 def test_models_and_loras(oai, gateway):

@@ -54,21 +54,21 @@ class AsyncClient:
         await self._channel.close()
 
     @takes_generate_options
-    def stream(self, prompt: str, options: GenerateOptions) -> AsyncGenerationStream:
+    def stream(self, options: GenerateOptions) -> AsyncGenerationStream:
         """Start a generation and return its events as they happen (ends with a `Result`)."""
-        return self._stream(prompt, options)
+        return self._stream(options)
 
-    def _stream(self, prompt: str, options: GenerateOptions) -> AsyncGenerationStream:
-        call = self._stub.Generate(options.to_request(prompt), timeout=options.timeout or self.timeout,
+    def _stream(self, options: GenerateOptions) -> AsyncGenerationStream:
+        call = self._stub.Generate(options.to_request(), timeout=options.timeout or self.timeout,
                                    metadata=self._metadata)
         return AsyncGenerationStream(call)
 
     @takes_generate_options
-    async def generate(self, prompt: str, options: GenerateOptions) -> Result:
+    async def generate(self, options: GenerateOptions) -> Result:
         """Generate and return the result (PIL images, seed, per-stage timings)."""
         result = None
         # To the end of the stream, not just the Result: leaving early cancels a finishing call.
-        async for event in self._stream(prompt, options):
+        async for event in self._stream(options):
             if isinstance(event, Result):
                 result = event
         if result is None:

@@ -1,9 +1,10 @@
-"""What a generation request can say besides its prompt: `GenerateOptions`, spelled out once.
+"""What a generation request can say: `GenerateOptions`, spelled out once.
 
-Its fields are the keyword parameters of `Client.generate`/`stream` and of `AsyncClient`'s twins
-(`takes_generate_options` gives those methods the fields as their signature, for type checkers,
-IDEs and `inspect.signature` alike), the help texts of `fluxmesh generate`'s flags, and the one
-place a `GenerateRequest` is built from them. A new request field is one new field here.
+Its fields are the parameters of `Client.generate`/`stream` and of `AsyncClient`'s twins (the
+prompt, then keywords: `takes_generate_options` gives those methods the fields as their
+signature, for type checkers, IDEs and `inspect.signature` alike), the help texts of
+`fluxmesh generate`'s flags, and the one place a `GenerateRequest` is built from them. A new
+request field is one new field here.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import inspect
 import io
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 from PIL import Image
@@ -33,10 +34,13 @@ def _doc(text: str) -> dict[str, str]:
     return {"doc": text}
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True)
 class GenerateOptions:
-    """Everything about one generation but its prompt. Unset (None) values take the server's default."""
+    """One generation: its prompt and options. Unset (None) values take the server's default."""
 
+    prompt: str = field(metadata=_doc("What to draw (CLIP reads its first 77 tokens, T5 up to "
+                                      "max_sequence_length)."))
+    _: KW_ONLY
     prompt_2: str = field(default="", metadata=_doc("Separate T5 prompt (default: the prompt)."))
     width: int = field(default=0, metadata=_doc("Default 1024, or the init image's width."))
     height: int = field(default=0, metadata=_doc("Default 1024, or the init image's height."))
@@ -70,10 +74,10 @@ class GenerateOptions:
         if self.preview is not None:  # InvalidArgument (a ValueError) naming the field, before any call
             object.__setattr__(self, "preview", PreviewKind.parse(str(self.preview)))
 
-    def to_request(self, prompt: str) -> generator_pb2.GenerateRequest:
+    def to_request(self) -> generator_pb2.GenerateRequest:
         """The wire request (unset optional fields stay unset, so the server applies its defaults)."""
         request = generator_pb2.GenerateRequest(
-            prompt=prompt, prompt_2=self.prompt_2, width=self.width, height=self.height, num_images=self.num_images,
+            prompt=self.prompt, prompt_2=self.prompt_2, width=self.width, height=self.height, num_images=self.num_images,
             max_sequence_length=self.max_sequence_length, loras=[_lora_pb(lora) for lora in self.loras],
             priority=self.priority, negative_prompt_2=self.negative_prompt_2,
             steps=self.steps, guidance=self.guidance, seed=self.seed, strength=self.strength,
@@ -100,32 +104,32 @@ R = TypeVar("R")
 P = ParamSpec("P")
 
 
-def _keywords_of(options: Callable[P, GenerateOptions]) -> Callable[
-        [Callable[[C, str, GenerateOptions], R]], Callable[Concatenate[C, str, P], R]]:
-    """A decorator that gives `method(self, prompt, options)` the keyword signature of `options`
+def _parameters_of(options: Callable[P, GenerateOptions]) -> Callable[
+        [Callable[[C, GenerateOptions], R]], Callable[Concatenate[C, P], R]]:
+    """A decorator that gives `method(self, options)` the signature of `options`' constructor
     (typing.ParamSpec: type checkers and IDEs read the fields as the method's parameters)."""
 
-    def decorate(method: Callable[[C, str, GenerateOptions], R]) -> Callable[Concatenate[C, str, P], R]:
-        def call(self: C, prompt: str, /, *args: P.args, **keywords: P.kwargs) -> R:
-            return method(self, prompt, options(*args, **keywords))
+    def decorate(method: Callable[[C, GenerateOptions], R]) -> Callable[Concatenate[C, P], R]:
+        def call(self: C, *args: P.args, **keywords: P.kwargs) -> R:
+            return method(self, options(*args, **keywords))
 
-        async def call_async(self: C, prompt: str, /, *args: P.args, **keywords: P.kwargs) -> Any:
-            return await method(self, prompt, options(*args, **keywords))  # type: ignore[misc]
+        async def call_async(self: C, *args: P.args, **keywords: P.kwargs) -> Any:
+            return await method(self, options(*args, **keywords))  # type: ignore[misc]
 
         wrapper: Any = call_async if inspect.iscoroutinefunction(method) else call
         functools.update_wrapper(wrapper, method)
         signature = inspect.signature(method)
         wrapper.__signature__ = signature.replace(parameters=[
-            *list(signature.parameters.values())[:2], *inspect.signature(options).parameters.values()])
-        wrapper.__doc__ = (method.__doc__ or "").rstrip() + "\n\nKeyword options (GenerateOptions):\n" + "\n".join(
+            next(iter(signature.parameters.values())), *inspect.signature(options).parameters.values()])
+        wrapper.__doc__ = (method.__doc__ or "").rstrip() + "\n\nArguments (GenerateOptions):\n" + "\n".join(
             f"    {f.name}: {f.metadata['doc']}" for f in dataclasses.fields(GenerateOptions))
         return wrapper  # type: ignore[no-any-return]
 
     return decorate
 
 
-takes_generate_options = _keywords_of(GenerateOptions)
-"""Decorates `method(self, prompt, options: GenerateOptions)` into `method(self, prompt, **fields)`:
+takes_generate_options = _parameters_of(GenerateOptions)
+"""Decorates `method(self, options: GenerateOptions)` into `method(self, prompt, **options)`:
 callers spell the options as keywords, checked against GenerateOptions' fields."""
 
 

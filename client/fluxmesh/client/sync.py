@@ -58,22 +58,22 @@ class Client:
         self._channel.close()
 
     @takes_generate_options
-    def stream(self, prompt: str, options: GenerateOptions) -> GenerationStream:
+    def stream(self, options: GenerateOptions) -> GenerationStream:
         """Start a generation and return its events as they happen (ends with a `Result`)."""
-        return self._stream(prompt, options)
+        return self._stream(options)
 
-    def _stream(self, prompt: str, options: GenerateOptions) -> GenerationStream:
-        call = self._stub.Generate(options.to_request(prompt), timeout=options.timeout or self.timeout,
+    def _stream(self, options: GenerateOptions) -> GenerationStream:
+        call = self._stub.Generate(options.to_request(), timeout=options.timeout or self.timeout,
                                    metadata=self._metadata)
         return GenerationStream(call)
 
     @takes_generate_options
-    def generate(self, prompt: str, options: GenerateOptions) -> Result:
+    def generate(self, options: GenerateOptions) -> Result:
         """Generate and return the result (PIL images, seed, per-stage timings)."""
         result = None
         # Read to the end of the stream, not just to the Result: leaving early would cancel a call
         # that is about to finish (the server sees CANCELLED instead of OK).
-        for event in self._stream(prompt, options):
+        for event in self._stream(options):
             if isinstance(event, Result):
                 result = event
         if result is None:

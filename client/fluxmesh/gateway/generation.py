@@ -27,7 +27,7 @@ from fluxmesh.client import (
     StageStarted,
     Step,
 )
-from fluxmesh.client._core import parse_lora
+from fluxmesh.client.options import parse_lora
 from fluxmesh.gateway.encoding import MEDIA_TYPES, encode
 from fluxmesh.gateway.errors import GatewayError, from_fluxmesh
 from fluxmesh.gateway.schemas import Generation, ImageOptions, LoraSpec
@@ -132,7 +132,7 @@ def _image_data(data: bytes, job: Job, store: ResultStore, base_url: str) -> dic
 
 
 def images_response(result: Result, job: Job, store: ResultStore, base_url: str) -> dict[str, Any]:
-    return {"created": job.created, "data": [_image_data(png, job, store, base_url) for png in result.png],
+    return {"created": job.created, "data": [_image_data(png, job, store, base_url) for png in result.image_data],
             "output_format": job.options.output_format, "size": f"{result.width}x{result.height}",
             "background": "opaque", "fluxmesh": _generation(result).model_dump()}
 
@@ -183,7 +183,7 @@ async def stream_events(first: Event, rest: AsyncIterator[Event], job: Job, stor
                 partials.sent += 1
         elif isinstance(event, Result):
             generation = _generation(event).model_dump()
-            for data in event.png:
+            for data in event.image_data:
                 yield sse(f"{prefix}.completed", {
                     "type": f"{prefix}.completed", **_image_data(data, job, store, base_url),
                     "created_at": int(time.time()), "output_format": options.output_format,

@@ -175,7 +175,7 @@ async def list_loras(request: Request, bearer: Token) -> LoraList:
     """The LoRAs requests may name (`loras: [{"name": ..., "weight": ...}]`)."""
     async with request.app.state.upstream.client(bearer) as client:
         loras = await client.list_loras()
-    return LoraList(data=[{"name": l.name, "size_bytes": l.size_bytes, "cached": l.cached} for l in loras])
+    return LoraList(data=[{"name": lora.name, "size_bytes": lora.size_bytes, "cached": lora.cached} for lora in loras])
 
 
 @router.get("/health", tags=["gateway"])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from fluxmesh.cli.shared_options import ServeOptions, with_option_groups
@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from fluxmesh.cli.supervisor import Cluster
 
 _PANEL = "Connection to the orchestrator"
-HttpPort = Annotated[Optional[int], typer.Option(help="Also serve the OpenAI images API and the web page on this "
+HttpPort = Annotated[int | None, typer.Option(help="Also serve the OpenAI images API and the web page on this "
                                                       "port (fluxmesh serve http).")]
 
 
@@ -22,23 +22,23 @@ def serve_http(
     port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     max_body_mib: Annotated[int, typer.Option(help="Largest request body accepted (MiB); larger is 413.")] = 65,
-    cors_origin: Annotated[Optional[list[str]], typer.Option(
+    cors_origin: Annotated[list[str] | None, typer.Option(
         help="An origin whose pages may call this API from a browser (repeatable); none: only the gateway's own "
              "page.")] = None,
     result_ttl: Annotated[float, typer.Option(help="Seconds a response_format=url image stays fetchable.")] = 600.0,
     result_store_mib: Annotated[int, typer.Option(help="Memory for response_format=url images (MiB); the "
                                                        "oldest go first.")] = 256,
-    model_name: Annotated[Optional[str], typer.Option(help="The model id /v1/models shows (default: the model "
+    model_name: Annotated[str | None, typer.Option(help="The model id /v1/models shows (default: the model "
                                                            "folder's name, or its Hub id).")] = None,
     orchestrator_tls: Annotated[bool, typer.Option(help="TLS to the orchestrator with the system's roots.",
                                                    rich_help_panel=_PANEL)] = False,
-    orchestrator_tls_ca: Annotated[Optional[Path], typer.Option(help="PEM CA the orchestrator's certificate "
+    orchestrator_tls_ca: Annotated[Path | None, typer.Option(help="PEM CA the orchestrator's certificate "
                                                                      "chains to; enables TLS.",
                                                                 rich_help_panel=_PANEL)] = None,
-    orchestrator_tls_cert: Annotated[Optional[Path], typer.Option(help="Client certificate for an orchestrator "
+    orchestrator_tls_cert: Annotated[Path | None, typer.Option(help="Client certificate for an orchestrator "
                                                                        "that requires mutual TLS.",
                                                                   rich_help_panel=_PANEL)] = None,
-    orchestrator_tls_key: Annotated[Optional[Path], typer.Option(help="Private key of --orchestrator-tls-cert.",
+    orchestrator_tls_key: Annotated[Path | None, typer.Option(help="Private key of --orchestrator-tls-cert.",
                                                                  rich_help_panel=_PANEL)] = None,
     serving: ServeOptions = ServeOptions(),
 ) -> None:

@@ -113,7 +113,7 @@ def test_the_page_generates_shows_errors_and_cancels(browser, protected, tmp_pat
     shown = figures[0].find_element(By.TAG_NAME, "img").get_attribute("src")
     with Client(address, token=TOKEN, timeout=60) as client:
         want = client.generate(prompt=PROMPT, width=128, height=128, steps=8, seed=7, guidance=3.5)
-    assert base64.b64decode(shown.split(",", 1)[1]) == want.png[0]  # the page shows the real image
+    assert base64.b64decode(shown.split(",", 1)[1]) == want.image_data[0]  # the page shows the real image
     screenshot = tmp_path / "page-finished-generation.png"
     browser.save_screenshot(str(screenshot))
     print(f"\nscreenshot of a finished generation: {screenshot}")

@@ -70,7 +70,7 @@ def serve_encoder(
     max_sequence_length: Annotated[int | None, typer.Option(help="Default T5 length (512 dev, 256 schnell).")] = None,
     t5_gguf: T5Gguf = None,
     lora_dir: LoraDir = None,
-    redux: Annotated[Optional[str], typer.Option(
+    redux: Annotated[str | None, typer.Option(
         help="A FLUX.1-Redux folder (image_encoder/, feature_extractor/, image_embedder/) or Hub id: "
              "REDUX references become image prompts.")] = None,
     serving: ServeOptions = ServeOptions(),

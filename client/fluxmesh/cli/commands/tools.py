@@ -77,7 +77,7 @@ def plan(
         = None,
     context_overhead: Annotated[str, typer.Option(help="CUDA context per stage process, outside torch's "
                                                        "allocator.")] = "0.5GiB",
-    redux: Annotated[Optional[Path], typer.Option(help="A FLUX.1-Redux folder the encoder loads too (--redux).")]
+    redux: Annotated[Path | None, typer.Option(help="A FLUX.1-Redux folder the encoder loads too (--redux).")]
         = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:

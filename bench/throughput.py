@@ -1,6 +1,7 @@
 """Throughput under concurrent load: images/s and latency with 1, 4 and 8 clients.
 
-    python bench/throughput.py [--sections cores] [--rounds 3] [--width 256 --height 256 --steps 8]
+    python bench/throughput.py [--sections serving,batch-cost,prompt-cache,cores] [--rounds 3]
+                               [--width 256 --height 256 --steps 8] [--max-batch 4]
 
 Everything runs on the `small` tiny model through the real four processes on loopback (SDK ->
 orchestrator -> encoder -> denoiser -> vae), measured side by side in one run, rounds
@@ -8,9 +9,16 @@ alternating between the configurations so drift on a noisy machine hits them ali
 are medians over rounds.
 
 Sections:
-  cores    `fluxmesh up`'s CPU threads: torch's default in every stage (all cores each) against
-           the cores divided between the stages (fluxmesh.rpc.cores): 8 requests one after
-           another vs 8 at once.
+  serving       images/s and p50/p99 latency with 1, 4 and 8 concurrent clients for the serial
+                denoiser (--max-batch 1), continuous batching (the default --max-batch), and
+                in-process FluxPipeline called serially (one client: it serves one at a time).
+  batch-cost    one forward of the transformer at batch 1, 2, 4, 8 (T5 length 512 and 256):
+                seconds per image, in-process (what --max-batch's default is chosen from).
+  prompt-cache  sequential mode: a burst of 4 requests of one prompt, then 4 more of it, with
+                --prompt-cache-mib 0 and with the cache: swaps per request, encoder calls.
+  cores         `fluxmesh up`'s CPU threads: torch's default in every stage (all cores each)
+                against the cores divided between the stages (fluxmesh.rpc.cores): 8 requests
+                one after another vs 8 at once.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from _common import tiny_model
+from _common import timed, tiny_model
 
 PROMPT = "a red fox in the snow, highly detailed"
 
@@ -108,12 +116,118 @@ def section_cores(folder: Path, args) -> None:
               f"concurrent/serial {concurrent / serial:.2f}")
 
 
-SECTIONS = {"cores": section_cores}
+def section_serving(folder: Path, args) -> None:
+    import torch
+    from diffusers import FluxPipeline
+    from fluxmesh.cli.supervisor import free_port, start_local
+
+    configs = {"serial denoiser (--max-batch 1)": ["--max-batch", "1"],
+               f"batching (--max-batch {args.max_batch})": ["--max-batch", str(args.max_batch)]}
+    loads = {1: 4, 4: 8, 8: 16}  # clients: requests per burst
+    figures: dict[str, dict[int, list[Load]]] = {name: {c: [] for c in loads} for name in configs}
+    clusters = {name: start_local(str(folder), port=free_port(), stage_args={"denoiser": flags})
+                for name, flags in configs.items()}
+    pipe = FluxPipeline.from_pretrained(folder, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    in_process: list[float] = []
+
+    def local(seed: int) -> None:
+        pipe(PROMPT, width=args.width, height=args.height, num_inference_steps=args.steps, guidance_scale=3.5,
+             generator=torch.Generator("cpu").manual_seed(seed))
+
+    try:
+        for cluster in clusters.values():
+            burst(cluster.address, 2, 2, args)  # warm
+        local(0)
+        for _ in range(args.rounds):
+            for name, cluster in clusters.items():
+                for clients, requests in loads.items():
+                    figures[name][clients].append(burst(cluster.address, clients, requests, args))
+            for seed in range(4):
+                started = time.perf_counter()
+                local(seed)
+                in_process.append(time.perf_counter() - started)
+    finally:
+        for cluster in clusters.values():
+            cluster.stop()
+    print(f"== serving: small tiny model, {args.width}x{args.height}, {args.steps} steps, four processes as "
+          f"`fluxmesh up` starts them, median of {args.rounds} rounds")
+    print(f"  {'configuration':34s} {'clients':>7s} {'images/s':>9s} {'p50 s':>7s} {'p99 s':>7s}")
+    for name, by_clients in figures.items():
+        for clients, rounds in by_clients.items():
+            print(f"  {name:34s} {clients:7d} {statistics.median(r.images_per_second for r in rounds):9.2f} "
+                  f"{statistics.median(r.percentile(0.5) for r in rounds):7.2f} "
+                  f"{statistics.median(r.percentile(0.99) for r in rounds):7.2f}")
+    print(f"  {'in-process FluxPipeline, serially':34s} {1:7d} {1 / statistics.median(in_process):9.2f} "
+          f"{statistics.median(in_process):7.2f} {max(in_process):7.2f}")
+    base, batched = (figures[name][8] for name in configs)
+    ratio = statistics.median(r.images_per_second for r in batched) / statistics.median(
+        r.images_per_second for r in base)
+    print(f"  8 clients: batching / serial denoiser images/s {ratio:.2f}")
+
+
+def section_batch_cost(folder: Path, args) -> None:
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    transformer = FluxTransformer2DModel.from_pretrained(folder, subfolder="transformer", local_files_only=True).eval()
+    config = transformer.config
+    seq = (args.height // 16) * (args.width // 16)
+    print(f"== batch-cost: one transformer forward, {args.width}x{args.height}, torch threads "
+          f"{torch.get_num_threads()}, median of {args.rounds * 3}")
+    for length in (512, 256):
+        per_image = {}
+        for batch in (1, 2, 4, 8):
+            inputs = {"hidden_states": torch.randn(batch, seq, config.in_channels),
+                          "encoder_hidden_states": torch.randn(batch, length, config.joint_attention_dim),
+                          "pooled_projections": torch.randn(batch, config.pooled_projection_dim),
+                          "timestep": torch.full((batch,), 0.5), "guidance": torch.full((batch,), 3.5),
+                          "txt_ids": torch.zeros(length, 3), "img_ids": torch.zeros(seq, 3), "return_dict": False}
+            with torch.inference_mode():
+                samples = timed(lambda inputs=inputs: transformer(**inputs), repeats=args.rounds * 3)
+            per_image[batch] = statistics.median(samples) / batch
+        print(f"  T5 {length}: " + "   ".join(f"batch {b}: {t * 1000:6.1f} ms/image ({per_image[1] / t:.2f}x)"
+                                            for b, t in per_image.items()))
+
+
+def section_prompt_cache(folder: Path, args) -> None:
+    import concurrent.futures
+
+    from fluxmesh.cli.supervisor import free_port, start_local
+    from fluxmesh.client import Client
+
+    print("== prompt-cache: sequential mode (stages released between turns), bursts of 4 requests of one "
+          f"prompt, {args.width}x{args.height}, {args.steps} steps")
+    for name, mib in (("--prompt-cache-mib 0", "0"), ("prompt cache on (default)", "256")):
+        with start_local(str(folder), port=free_port(), common_args=["--residency", "standby"],
+                         orchestrator_args=["--sequential", "--prompt-cache-mib", mib]) as cluster:
+            def one(seed: int):
+                with Client(cluster.address, timeout=600) as client:
+                    return client.generate(PROMPT, width=args.width, height=args.height, steps=args.steps,
+                                           seed=seed)
+
+            def encoder_calls() -> int:
+                with Client(cluster.address) as client:
+                    return int(next(s for s in client.info().stages if s.stage == "encoder").details["requests"])
+
+            for label, seeds in (("first burst", [1, 2, 3, 4]), ("repeat burst", [5, 6, 7, 8])):
+                before, started = encoder_calls(), time.perf_counter()
+                with concurrent.futures.ThreadPoolExecutor(4) as pool:
+                    results = list(pool.map(one, seeds))
+                wall = time.perf_counter() - started
+                print(f"  {name:26s} {label:12s} encoder calls {encoder_calls() - before}   swaps per request "
+                      f"{[r.swaps for r in results]}   cached encodes {[r.timings.cached_encodes for r in results]}"
+                      f"   {wall:.1f}s")
+
+
+SECTIONS = {"serving": section_serving, "batch-cost": section_batch_cost, "prompt-cache": section_prompt_cache,
+            "cores": section_cores}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", default="cores", help=f"comma-separated, of {', '.join(SECTIONS)}")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of {', '.join(SECTIONS)}")
+    parser.add_argument("--max-batch", type=int, default=4, help="the batching configuration's --max-batch")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--height", type=int, default=256)

@@ -53,6 +53,9 @@ ReleaseToOption = Annotated[ReleaseTo, typer.Option(
 MaxPriority = Annotated[int, typer.Option(
     help="Highest request priority a caller may use (lower is always allowed); a token file line "
          "'TOKEN max-priority=N' gives that token its own.")]
+MaxBatch = Annotated[int | None, typer.Option(min=1,
+    help="Denoiser: most images that share one transformer forward per step (continuous batching of "
+         "compatible requests; true CFG counts twice). 1 turns batching off. Default 4.")]
 PromptCacheMib = Annotated[int | None, typer.Option(
     help="MiB of prompt embeddings the orchestrator keeps (exact: a repeated prompt skips the encoder); "
          "0 turns the cache off. Default 256.")]

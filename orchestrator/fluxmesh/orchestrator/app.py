@@ -22,6 +22,10 @@ from fluxmesh.v1 import generator_pb2_grpc
 # Room for the largest init image and mask the API accepts, plus prompts and the rest.
 MAX_REQUEST_BYTES = 2 * MAX_IMAGE_BYTES + (1 << 20)
 DEFAULT_REQUEST_TIMEOUT = 3600.0
+# Requests through the stages at once with every stage resident: enough to fill the denoiser's
+# batches (its --max-batch, 4 by default) while others encode and decode. Each holds only its
+# embeddings here (<= 8 MiB at T5 length 512).
+RESIDENT_MAX_ACTIVE = 8
 
 
 @dataclass(frozen=True)
@@ -30,7 +34,7 @@ class OrchestratorOptions:
     denoiser: str
     vae: str
     address: str = "[::]:50050"
-    max_active: int | None = None  # None: 2, or SEQUENTIAL_MAX_ACTIVE in sequential mode
+    max_active: int | None = None  # None: RESIDENT_MAX_ACTIVE, or SEQUENTIAL_MAX_ACTIVE in sequential mode
     max_queue: int = 32
     sequential: bool = False  # one accelerator: stages take turns (sequential.py)
     release_to: str = "auto"  # sequential mode: where released weights go (auto | cpu | disk)
@@ -50,7 +54,7 @@ def build_server(options: OrchestratorOptions) -> tuple[Server, StageMonitor]:
     stages = Stages(EncoderClient(options.encoder, **secure), DenoiserClient(options.denoiser, **secure),
                     VaeClient(options.vae, **secure))
     residency = SequentialStrategy(stages.all(), options.release_to) if options.sequential else None
-    max_active = options.max_active or (SEQUENTIAL_MAX_ACTIVE if options.sequential else 2)
+    max_active = options.max_active or (SEQUENTIAL_MAX_ACTIVE if options.sequential else RESIDENT_MAX_ACTIVE)
     queue = AdmissionQueue(max_active=max_active, max_waiting=options.max_queue)
     watch_queue(queue)
     servicer = GeneratorServicer(stages, queue, residency, request_timeout=options.request_timeout,

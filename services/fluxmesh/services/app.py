@@ -27,6 +27,7 @@ class StageOptions:
     t5_gguf: Path | None = None  # encoder only
     redux: str | None = None  # encoder only: a FLUX.1-Redux folder or Hub id
     transformer_gguf: Path | None = None  # denoiser only
+    max_batch: int | None = None  # denoiser only: rows per shared forward (None: batching.DEFAULT_MAX_BATCH)
     lora_dir: Path | None = None  # encoder (CLIP-side keys) and denoiser
     security: ServerSecurity = ServerSecurity()  # TLS / mutual TLS / token the stage demands
     metrics_port: int | None = None  # Prometheus /metrics on this HTTP port
@@ -66,7 +67,8 @@ def _stage_service(options: StageOptions) -> Service:
 
         engine = DenoiserEngine(folder, device, transformer_gguf=options.transformer_gguf,
                                 lora_dir=options.lora_dir, load=False)
-        return Service("fluxmesh.v1.Denoiser", DenoiserServicer(engine, options.model),
+        batching = {"max_batch": options.max_batch} if options.max_batch else {}
+        return Service("fluxmesh.v1.Denoiser", DenoiserServicer(engine, options.model, **batching),
                        denoiser_pb2_grpc.add_DenoiserServicer_to_server)
     if options.stage == "vae":
         from fluxmesh.services.vae.engine import VaeEngine

@@ -16,6 +16,7 @@ from fluxmesh.cli.shared_options import (
     Device,
     Dtype,
     LoraDir,
+    MaxBatch,
     MaxPriority,
     PromptCacheMib,
     Model,
@@ -53,6 +54,7 @@ def up(
     max_priority: MaxPriority = DEFAULT_MAX_PRIORITY,
     prompt_cache_mib: PromptCacheMib = None,
     http_port: HttpPort = None,
+    max_batch: MaxBatch = None,
     serving: ServeOptions = ServeOptions(),
 ) -> None:
     """Start encoder, denoiser, vae and orchestrator locally; stop them all on exit.
@@ -68,7 +70,7 @@ def up(
     raise_on_sigterm()
     cluster = start_local(model, port=port, host=host,
                           common_args=_stage_flags(device, dtype, threads) + _sequential_stage_flags(sequential, release_to),
-                          stage_args=_model_file_flags(transformer_gguf, t5_gguf, lora_dir),
+                          stage_args=_model_file_flags(transformer_gguf, t5_gguf, lora_dir, max_batch),
                           orchestrator_args=[*_sequential_flags(sequential, release_to), *serving.as_flags(),
                                              "--max-priority", str(max_priority),
                                              *(["--prompt-cache-mib", str(prompt_cache_mib)]
@@ -177,10 +179,13 @@ def _sequential_flags(sequential: bool, release_to: ReleaseTo) -> list[str]:
     return ["--sequential", "--release-to", release_to.value] if sequential else []
 
 
-def _model_file_flags(transformer_gguf: Path | None, t5_gguf: Path | None, lora_dir: Path | None) -> dict[str, list[str]]:
+def _model_file_flags(transformer_gguf: Path | None, t5_gguf: Path | None, lora_dir: Path | None,
+                      max_batch: int | None = None) -> dict[str, list[str]]:
     """Which stage gets which community file: GGUF transformer -> denoiser, GGUF T5 -> encoder,
-    the LoRA directory -> both (CLIP-side keys are applied by the encoder)."""
+    the LoRA directory -> both (CLIP-side keys are applied by the encoder); --max-batch -> denoiser."""
     flags: dict[str, list[str]] = {"encoder": [], "denoiser": []}
+    if max_batch:
+        flags["denoiser"] += ["--max-batch", str(max_batch)]
     if transformer_gguf:
         flags["denoiser"] += ["--transformer-gguf", str(transformer_gguf)]
     if t5_gguf:

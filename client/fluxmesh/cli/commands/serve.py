@@ -11,6 +11,7 @@ import typer
 from fluxmesh.cli.shared_options import (
     Host,
     LoraDir,
+    MaxBatch,
     MaxPriority,
     PromptCacheMib,
     ReleaseToOption,
@@ -88,11 +89,12 @@ def serve_denoiser(
     transformer_gguf: TransformerGguf = None,
     compute_dtype: Annotated[str | None, typer.Option(help="Dtype GGUF weights dequantize to (default: --dtype).")] = None,
     lora_dir: LoraDir = None,
+    max_batch: MaxBatch = None,
     serving: ServeOptions = ServeOptions(),
 ) -> None:
     """FLUX transformer stage (optionally GGUF-quantized, with per-request LoRAs)."""
     _serve_stage("denoiser", port, stage, serving, dtype=compute_dtype, transformer_gguf=transformer_gguf,
-                 lora_dir=lora_dir)
+                 lora_dir=lora_dir, max_batch=max_batch)
 
 
 @app.command("vae")
@@ -115,8 +117,8 @@ def serve_orchestrator(
     port: Annotated[int, typer.Option()] = 50050,
     host: Host = "[::]",
     max_active: Annotated[int | None, typer.Option(
-        help="Requests running through the stages at once (default 2; 8 with --sequential, the group size "
-             "that shares one round of swaps).")] = None,
+        help="Requests running through the stages at once (default 8: enough to fill the denoiser's batches; "
+             "8 with --sequential too, the group size that shares one round of swaps).")] = None,
     sequential: Sequential = False,
     release_to: ReleaseToOption = ReleaseTo.auto,
     max_queue: Annotated[int, typer.Option(help="Requests waiting before RESOURCE_EXHAUSTED.")] = 32,

@@ -23,6 +23,7 @@ from fluxmesh import contract
 from fluxmesh.rpc.errors import Cancelled, InvalidArgument
 from fluxmesh.services.denoiser.family import (Conditioning, check_conditioning, choose_family_mode,
                                                is_control_transformer)
+from fluxmesh.services.denoiser.loop import Lane, run_alone
 from fluxmesh.services.denoiser.modes import (Geometry, InitImage, VaeConfig, check_init, choose_mode,
                                               is_fill_transformer)
 from fluxmesh.services.denoiser.previews import Previewer, PreviewSpec, StepPreview, X0Scheduler
@@ -198,14 +199,41 @@ class DenoiserEngine:
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
+    def batchable(self, job: DenoiseJob) -> bool:
+        """Whether the request runs in the denoiser's own loop (loop.py), where compatible requests
+        share forwards: text to image, image to image, inpainting and Fill. Kontext and Control
+        run their pipeline's own loop, alone."""
+        return job.conditioning is None
+
+    def lane(self, job: DenoiseJob, on_step: StepCallback | None = None,
+             cancelled: threading.Event | None = None) -> Lane:
+        """The request prepared for the loop (on the model thread: it draws the noise)."""
+        return Lane(self, job, on_step, cancelled)
+
     def denoise(
         self,
         job: DenoiseJob,
         on_step: StepCallback | None = None,
         cancelled: threading.Event | None = None,
     ) -> torch.Tensor:
-        """Run the loop; returns packed latents (P*num_images, seq, 4*C). Raises `Cancelled`
-        between steps once `cancelled` is set."""
+        """Run the request alone; returns packed latents (P*num_images, seq, 4*C). Raises
+        `Cancelled` between steps once `cancelled` is set. (The service batches requests through
+        `batching.Batcher`, which runs the same lanes together.)"""
+        if not self.batchable(job):
+            return self._denoise_in_pipeline(job, on_step, cancelled)
+        lane = self.lane(job, on_step, cancelled)
+        # Adapters live in the shared transformer: switch them on the model thread, right before
+        # this request's loop, so concurrent requests never see each other's set.
+        self.loras.activate(list(job.loras))
+        return run_alone(self.transformer, lane)
+
+    def _denoise_in_pipeline(
+        self,
+        job: DenoiseJob,
+        on_step: StepCallback | None = None,
+        cancelled: threading.Event | None = None,
+    ) -> torch.Tensor:
+        """The pipeline's own `__call__` (Kontext, Control): the loop is diffusers'."""
         device, dtype = self.device.torch_device, self.device.dtype
         # diffusers repeats each prompt's embeddings num_images times (repeat + view); do the same
         # here so the batch matches the noise it draws for (P*num_images) latents.

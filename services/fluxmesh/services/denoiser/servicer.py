@@ -1,6 +1,7 @@
 """Denoiser service: streams a StepEvent per step, then the packed latents.
 
-The loop runs on the model thread; step callbacks hop onto the event loop through a queue so
+The loop runs on the model thread, shared with compatible requests (batching.py); step
+callbacks hop onto the event loop through a queue so
 events reach the caller as they happen. If the caller cancels or disconnects, the loop is told
 through a threading.Event and stops at the next step boundary, freeing the stage.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
+from fluxmesh.services.denoiser.batching import DEFAULT_MAX_BATCH, Batcher, stats_details
 from fluxmesh.services.denoiser.edits import conditioning_from_pb, init_from_pb, preview_from_pb
 from fluxmesh.services.denoiser.engine import DenoiseJob, DenoiserEngine
 from fluxmesh.services.runtime.info import lora_listing, stage_info
@@ -45,11 +47,12 @@ def job_from_pb(request: denoiser_pb2.DenoiseRequest) -> DenoiseJob:
 
 
 class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
-    def __init__(self, engine: DenoiserEngine, model_name: str):
+    def __init__(self, engine: DenoiserEngine, model_name: str, *, max_batch: int = DEFAULT_MAX_BATCH):
         self.engine = engine
         self.model_name = model_name
         self.requests = 0  # accepted requests, reported by Info
         self.worker = ModelWorker("denoiser")
+        self.batcher = Batcher(engine, self.worker, max_batch)  # compatible requests share each step
         self.steps_run = 0  # total steps computed by this process: tests read it through Info
 
     async def Denoise(self, request: denoiser_pb2.DenoiseRequest, context):
@@ -70,7 +73,7 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
                     event.x0.CopyFrom(to_pb(preview.x0))
             loop.call_soon_threadsafe(events.put_nowait, event)
 
-        task = asyncio.ensure_future(self.worker.run(self.engine.denoise, job, on_step, cancelled))
+        task = asyncio.ensure_future(self.batcher.denoise(job, on_step, cancelled))
         task.add_done_callback(lambda _: loop.call_soon_threadsafe(events.put_nowait, _DONE))
         try:
             while (event := await events.get()) is not _DONE:
@@ -102,4 +105,5 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
             size_multiple=self.engine.size_multiple,
             steps_run=self.steps_run,
             requests=self.requests,
+            **stats_details(self.batcher),
         )

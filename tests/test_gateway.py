@@ -20,6 +20,7 @@ from fluxmesh.cli.lifeline import child_environment
 from fluxmesh.cli.supervisor import Cluster, free_port, health_status
 from fluxmesh.client import Client
 from fluxmesh.gateway.errors import HTTP_STATUS, from_fluxmesh
+from fluxmesh.gateway.store import ResultStore
 from fluxmesh.rpc.errors import FluxmeshError
 from gateway_process import Gateway
 from PIL import Image
@@ -204,6 +205,21 @@ def test_the_gateways_own_tokens_are_checked_before_anything_is_called():
         # the right token gets past the gateway, to an orchestrator that is not there
         reply = http.post("/v1/images/generations", json=body, headers={"Authorization": "Bearer right"})
         assert reply.status_code == 503, reply.text
+
+
+def test_the_result_store_is_bounded_and_expires():
+    now = [0.0]
+    store = ResultStore(max_bytes=10, ttl=5.0, clock=lambda: now[0])
+    first, second = store.put(b"aaaa", "image/png"), store.put(b"bbbb", "image/png")
+    third = store.put(b"cccc", "image/png")  # 12 bytes would not fit: the oldest goes
+    assert store.get(first) is None and store.get(second).data == b"bbbb" and store.held_bytes == 8
+    now[0] = 4.9
+    assert store.get(third).data == b"cccc"
+    now[0] = 5.0
+    assert store.get(third) is None and len(store) == 0 and store.held_bytes == 0
+    with pytest.raises(ValueError):
+        store.put(b"x" * 11, "image/png")
+    assert len({store.put(b"a", "image/png") for _ in range(5)}) == 5  # ids never repeat
 
 
 def test_every_grpc_code_has_an_http_status_and_429_says_when_to_retry():

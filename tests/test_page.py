@@ -11,6 +11,7 @@ import shutil
 import time
 
 import pytest
+from PIL import Image
 from factories import PROMPT
 from fluxmesh.cli.supervisor import Cluster, free_port, health_status
 from fluxmesh.client import Client
@@ -118,6 +119,22 @@ def test_the_page_generates_shows_errors_and_cancels(browser, protected, tmp_pat
     browser.save_screenshot(str(screenshot))
     print(f"\nscreenshot of a finished generation: {screenshot}")
 
+    # starting from an image: the page sends an edit (multipart), and shows the SDK's image
+    init = tmp_path / "init.png"
+    Image.new("RGB", (128, 128), (30, 90, 200)).save(init)
+    browser.find_element(By.CSS_SELECTOR, "#editing summary").click()
+    browser.find_element(By.ID, "image").send_keys(str(init))
+    _set(browser, "strength", "0.5")
+    _set(browser, "steps", "4")
+    browser.find_element(By.ID, "generate").click()
+    _wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery figure")) == 2, what="the edit")
+    shown = browser.find_elements(By.CSS_SELECTOR, "#gallery figure img")[0].get_attribute("src")
+    with Client(address, token=TOKEN, timeout=60) as client:
+        want = client.generate(prompt=PROMPT, init_image=init.read_bytes(), strength=0.5, width=128, height=128,
+                               steps=4, seed=7, guidance=3.5)
+    assert base64.b64decode(shown.split(",", 1)[1]) == want.png[0]
+    browser.execute_script("document.getElementById('image').value = ''")  # back to text to image
+
     # a second, long generation: watch it count steps and preview, then cancel it midway
     with Client(address, token=TOKEN, timeout=60) as client:
         before = _steps_run(client)
@@ -133,5 +150,5 @@ def test_the_page_generates_shows_errors_and_cancels(browser, protected, tmp_pat
         ran = _steps_run(client) - before
         time.sleep(1.0)
         assert _steps_run(client) - before == ran < 100  # the denoiser stopped, long before the end
-    assert len(browser.find_elements(By.CSS_SELECTOR, "#gallery figure")) == 1
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#gallery figure")) == 2
     assert browser.find_element(By.ID, "generate").is_enabled()

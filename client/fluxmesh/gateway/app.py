@@ -6,6 +6,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from fastapi import FastAPI
@@ -67,13 +68,14 @@ def _document_multipart(app: FastAPI) -> None:
     (and is checked to take) multipart/form-data only, so /openapi.json says that."""
     generate = app.openapi
 
-    def openapi() -> dict:
-        if app.openapi_schema is None:
-            schema = generate()
-            for operation in (op for path in schema["paths"].values() for op in path.values()):
-                content = operation.get("requestBody", {}).get("content", {})
-                if "application/x-www-form-urlencoded" in content:
-                    content["multipart/form-data"] = content.pop("application/x-www-form-urlencoded")
-        return app.openapi_schema
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = generate()  # FastAPI keeps it as app.openapi_schema: changed once, served as changed
+        for operation in (op for path in schema["paths"].values() for op in path.values()):
+            content = operation.get("requestBody", {}).get("content", {})
+            if "application/x-www-form-urlencoded" in content:
+                content["multipart/form-data"] = content.pop("application/x-www-form-urlencoded")
+        return schema
 
-    app.openapi = openapi
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to extend the schema

@@ -13,7 +13,7 @@ import base64
 import json
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -29,7 +29,7 @@ from fluxmesh.client import (
 )
 from fluxmesh.client.options import parse_lora
 from fluxmesh.gateway.encoding import MEDIA_TYPES, encode
-from fluxmesh.gateway.errors import GatewayError, from_fluxmesh
+from fluxmesh.gateway.errors import GatewayError, error_body, from_fluxmesh
 from fluxmesh.gateway.schemas import Generation, ImageOptions, LoraSpec
 from fluxmesh.gateway.store import ResultStore
 from starlette.requests import Request
@@ -73,7 +73,7 @@ def _lora(lora: LoraSpec | str) -> tuple[str, float]:
     return parse_lora(lora) if isinstance(lora, str) else (lora.name, lora.weight)
 
 
-async def events(client: AsyncClient, job: Job) -> AsyncIterator[Event]:
+async def events(client: AsyncClient, job: Job) -> AsyncGenerator[Event, None]:
     """The SDK's events; leaving early (an error, a client gone) cancels the generation."""
     stream = client.stream(**job.arguments)
     finished = False
@@ -127,7 +127,12 @@ def _image_data(data: bytes, job: Job, store: ResultStore, base_url: str) -> dic
     fmt = job.options.output_format
     encoded = encode(data, fmt, job.options.output_compression)
     if job.options.response_format == "url":
-        return {"url": f"{base_url}v1/images/results/{store.put(encoded, MEDIA_TYPES[fmt])}.{fmt}"}
+        try:
+            key = store.put(encoded, MEDIA_TYPES[fmt])
+        except ValueError as error:
+            raise GatewayError(400, f"response_format: {error}; ask for b64_json", param="response_format",
+                               code="invalid_value") from None
+        return {"url": f"{base_url}v1/images/results/{key}.{fmt}"}
     return {"b64_json": base64.b64encode(encoded).decode("ascii")}
 
 
@@ -155,7 +160,7 @@ class PartialImages:
         return shown >= math.ceil(step.total * (self.sent + 1) / (self.wanted + 1))
 
 
-async def stream_events(first: Event, rest: AsyncIterator[Event], job: Job, store: ResultStore,
+async def stream_events(first: Event, rest: AsyncGenerator[Event, None], job: Job, store: ResultStore,
                         base_url: str) -> AsyncIterator[str]:
     """The SSE body; an error after the stream began is an `error` event (the status is sent)."""
     options, prefix = job.options, job.event_prefix
@@ -199,5 +204,8 @@ async def stream_events(first: Event, rest: AsyncIterator[Event], job: Job, stor
     except FluxmeshError as error:
         status, body, _ = from_fluxmesh(error)
         yield sse("error", {"type": "error", "status": status, **body})
+    except GatewayError as error:
+        body = error_body(error.status, error.message, param=error.param, code=error.code)
+        yield sse("error", {"type": "error", "status": error.status, **body})
     finally:
         await rest.aclose()

@@ -42,7 +42,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
                                 (429, "Queue full (see Retry-After)"), (503, "Orchestrator or a stage unavailable"),
                                 (504, "Deadline exceeded"))
 }
-STREAM_OR_JSON = {200: {"description": "The images (JSON), or with `stream: true` server-sent events: "
+STREAM_OR_JSON: dict[int | str, dict[str, Any]] = {200: {"description": "The images (JSON), or with `stream: true` server-sent events: "
                                        "`image_generation.partial_image` ..., then `image_generation.completed` "
                                        "per image (`image_edit.*` for edits); `error` if it fails midway.",
                         "content": {"text/event-stream": {"schema": {"type": "string"}}}}}

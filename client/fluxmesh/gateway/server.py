@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import ssl
+from typing import Any
 
 import uvicorn
 from fluxmesh.gateway.app import GatewayOptions, create_app
@@ -23,7 +24,7 @@ def _loopback(host: str) -> bool:
 def uvicorn_config(options: GatewayOptions, *, host: str = "127.0.0.1", port: int = 8000,
                    security: ServerSecurity | None = None) -> uvicorn.Config:
     security = security or ServerSecurity()
-    tls = {}
+    tls: dict[str, Any] = {}
     if security.tls:
         tls = {"ssl_certfile": str(security.cert), "ssl_keyfile": str(security.key),
                "ssl_cert_reqs": ssl.CERT_REQUIRED if security.require_client_cert else ssl.CERT_NONE}

@@ -23,11 +23,11 @@ class ResultStore:
     def __init__(self, *, max_bytes: int = 256 * 2**20, ttl: float = 600.0, clock=time.monotonic):
         self.max_bytes, self.ttl, self._clock = max_bytes, ttl, clock
         self._items: OrderedDict[str, Stored] = OrderedDict()  # oldest first
-        self._bytes = 0
+        self._held = 0
 
     @property
-    def bytes(self) -> int:
-        return self._bytes
+    def held_bytes(self) -> int:
+        return self._held
 
     def __len__(self) -> int:
         return len(self._items)
@@ -36,11 +36,11 @@ class ResultStore:
         if len(data) > self.max_bytes:
             raise ValueError(f"an image of {len(data)} bytes exceeds the result store ({self.max_bytes} bytes)")
         self._expire()
-        while self._bytes + len(data) > self.max_bytes:
+        while self._held + len(data) > self.max_bytes:
             self._drop(next(iter(self._items)))
         key = secrets.token_urlsafe(16)
         self._items[key] = Stored(data, media_type, self._clock() + self.ttl)
-        self._bytes += len(data)
+        self._held += len(data)
         return key
 
     def get(self, key: str) -> Stored | None:
@@ -53,4 +53,4 @@ class ResultStore:
             self._drop(next(iter(self._items)))
 
     def _drop(self, key: str) -> None:
-        self._bytes -= len(self._items.pop(key).data)
+        self._held -= len(self._items.pop(key).data)

@@ -17,6 +17,7 @@ from fluxmesh.cli.supervisor import Cluster, free_port, health_status
 from fluxmesh.client import Client
 from gateway_process import Gateway
 from selenium import webdriver
+from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
@@ -62,7 +63,12 @@ def browser(tmp_path_factory):
 
 
 def _wait(driver, condition, timeout: float = 60.0, what: str = ""):
-    return WebDriverWait(driver, timeout, poll_frequency=0.05).until(lambda d: condition(d), what)
+    try:
+        return WebDriverWait(driver, timeout, poll_frequency=0.05).until(lambda d: condition(d))
+    except TimeoutException:
+        errors = [e.text for e in driver.find_elements(By.CSS_SELECTOR, ".error") if e.text]
+        raise AssertionError(f"waited {timeout}s for {what}; the page says {_text(driver, 'status')!r}, "
+                             f"errors {errors}") from None
 
 
 def _text(driver, element_id: str) -> str:

@@ -78,13 +78,22 @@ class ImageOptions(BaseModel):
     @field_validator("loras", mode="before")
     @classmethod
     def _loras_text(cls, value):
-        """A multipart form carries `loras` as one JSON string (or repeated NAME[:WEIGHT] fields)."""
-        if isinstance(value, str):
-            try:
-                return json.loads(value) if value.lstrip().startswith("[") else [value]
-            except json.JSONDecodeError as error:
-                raise ValueError(f"not a JSON list ({error.msg})") from None
-        return value
+        """A multipart form carries `loras` as a JSON list in one field (FastAPI hands a list field
+        its values as a list of strings), or as repeated NAME[:WEIGHT] fields."""
+        texts = [value] if isinstance(value, str) else value
+        if not isinstance(texts, list):
+            return value
+        loras: list = []
+        for item in texts:
+            if isinstance(item, str) and item.lstrip().startswith("["):
+                try:
+                    parsed = json.loads(item)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"not a JSON list ({error.msg})") from None
+                loras += parsed if isinstance(parsed, list) else [parsed]
+            elif item != "":
+                loras.append(item)
+        return loras
 
     def dimensions(self) -> tuple[int, int]:
         """(width, height); (0, 0) lets the orchestrator choose (1024, or the input image's size)."""

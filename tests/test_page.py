@@ -138,7 +138,7 @@ def test_the_page_generates_shows_errors_and_cancels(browser, protected, tmp_pat
     with Client(address, token=TOKEN, timeout=60) as client:
         want = client.generate(prompt=PROMPT, init_image=init.read_bytes(), strength=0.5, width=128, height=128,
                                steps=4, seed=7, guidance=3.5)
-    assert base64.b64decode(shown.split(",", 1)[1]) == want.png[0]
+    assert base64.b64decode(shown.split(",", 1)[1]) == want.image_data[0]
     browser.execute_script("document.getElementById('image').value = ''")  # back to text to image
 
     # a second, long generation: watch it count steps and preview, then cancel it midway

@@ -112,7 +112,7 @@ def test_requests_joining_mid_way_get_the_image_they_get_alone(engine, dev_model
         later = [harness.batcher.denoise(job) for job in (*joiners, other_size)]
         return await asyncio.gather(running, *later)
 
-    results = asyncio.run(scenario())
+    results = [denoised.latents for denoised in asyncio.run(scenario())]
     harness.worker.shutdown()
     jobs = [first, *joiners, other_size]
     assert any(first in batch and joiners[0] in batch for batch in forwards), "the joiner never shared a forward"
@@ -149,7 +149,7 @@ def test_a_cancelled_request_leaves_within_a_step_and_the_others_carry_on(engine
     harness.worker.shutdown()
     assert isinstance(gone, Cancelled) and steps_left == [1, 2, 3]
     assert sum(leave in batch for batch in forwards) == 3  # not one forward more
-    assert torch.allclose(kept, harness.alone(keep), atol=1e-5)
+    assert torch.allclose(kept.latents, harness.alone(keep), atol=1e-5)
 
 
 def test_a_request_cancelled_before_its_first_step_costs_no_forward(engine, forwards):
@@ -173,7 +173,7 @@ def test_max_batch_one_runs_every_request_alone(engine, forwards):
     harness.worker.shutdown()
     assert forwards and all(len(batch) == 1 for batch in forwards)
     for job, result in zip(jobs, results):
-        assert torch.equal(result, harness.alone(job))  # alone is alone: bit for bit
+        assert torch.equal(result.latents, harness.alone(job))  # alone is alone: bit for bit
 
 
 def test_different_lora_sets_and_modes_do_not_share_a_forward(engine, dev_model):

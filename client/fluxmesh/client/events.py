@@ -77,6 +77,8 @@ class Result:
     guidance: float
     image_data: list[bytes] = field(repr=False, default_factory=list)  # the encoded images (PNG), as sent
     warnings: list[str] = field(default_factory=list)
+    blocks_skipped: int = 0  # step caching: attention block computations skipped ...
+    blocks_run: int = 0  # ... and run (both 0 without step caching)
 
     @property
     def image(self) -> Image.Image:
@@ -161,5 +163,7 @@ def event_from_pb(message: generator_pb2.GenerateEvent) -> Event:
             guidance=r.guidance,
             image_data=[i.data for i in r.images],
             warnings=list(r.warnings),
+            blocks_skipped=r.step_cache.blocks_skipped,
+            blocks_run=r.step_cache.blocks_run,
         )
     raise ValueError(f"unknown event {kind!r}")

@@ -21,6 +21,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 from PIL import Image
 
 from fluxmesh.contract import PreviewKind
+from fluxmesh.rpc import step_cache
 from fluxmesh.v1 import common_pb2, generator_pb2
 
 __all__ = ["GenerateOptions", "ImageInput", "Lora", "PreviewKind", "option_help", "parse_lora",
@@ -67,12 +68,17 @@ class GenerateOptions:
     true_cfg_scale: float | None = field(default=None, metadata=_doc("True CFG scale, as FluxPipeline's (1: off; "
                                                                      "> 1 runs the negative prompt too, twice the "
                                                                      "cost per step)."))
+    cache: str | None = field(default=None, metadata=_doc("Step caching: off, first-block, mag or taylorseer, "
+                                                          "optionally :THRESHOLD (faster, approximate pixels; "
+                                                          "default: the server's)."))
     timeout: float | None = field(default=None, metadata=_doc("Deadline of this call in seconds (default: the "
                                                               "client's)."))
 
     def __post_init__(self) -> None:
         if self.preview is not None:  # InvalidArgument (a ValueError) naming the field, before any call
             object.__setattr__(self, "preview", PreviewKind.parse(str(self.preview)))
+        if self.cache is not None:
+            step_cache.parse(self.cache)  # InvalidArgument naming the field, before any call
 
     def to_request(self) -> generator_pb2.GenerateRequest:
         """The wire request (unset optional fields stay unset, so the server applies its defaults)."""
@@ -85,6 +91,8 @@ class GenerateOptions:
             init_image=None if self.init_image is None else image_bytes(self.init_image),
             mask_image=None if self.mask_image is None else image_bytes(self.mask_image),
         )
+        if self.cache is not None:
+            request.cache.CopyFrom(step_cache.to_pb(self.cache))
         if self.preview is not None:
             kind = PreviewKind.parse(str(self.preview)).pb
             request.preview.kind = cast(generator_pb2.PreviewKind, kind)  # the stubs type the enum as a class

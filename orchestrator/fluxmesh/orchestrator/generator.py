@@ -10,7 +10,7 @@ from contextlib import aclosing
 
 import grpc
 
-from fluxmesh.rpc import request_ids
+from fluxmesh.rpc import request_ids, step_cache
 from fluxmesh.rpc.security import presented_token
 from fluxmesh.orchestrator import deadlines
 from fluxmesh.orchestrator.admission import AdmissionQueue
@@ -83,6 +83,8 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
         deadlines.start(context, self.request_timeout)
         started = time.perf_counter()
         params = check_request(request, await self.model_facts(_time_left(context)))
+        if request.HasField("cache"):
+            step_cache.from_pb(request.cache)  # kind and threshold named before any stage runs
         self.priorities.check(request.priority, presented_token(context.invocation_metadata()))
 
         def event(**kwargs) -> generator_pb2.GenerateEvent:
@@ -112,6 +114,9 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
                                                                                   context)
             if conditioning is not None:
                 denoise_request.conditioning.CopyFrom(conditioning)
+            if request.HasField("cache"):  # checked on arrival; the denoiser holds the ceiling
+                denoise_request.cache.CopyFrom(request.cache)
+            cache_report = None
             async with self.residency.use("denoiser", swaps):
                 denoising = self.stages.denoiser.denoise(denoise_request, _time_left(context))
                 # Closed on the spot when the caller goes away: that cancels the Denoise call, so
@@ -120,8 +125,9 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
                     async for item in steps:
                         if isinstance(item, generator_pb2.Step):
                             yield event(step=item)
-                        else:
-                            latents = item
+                        else:  # the final event: latents, and what step caching skipped
+                            latents = item.latents
+                            cache_report = item.step_cache if item.HasField("step_cache") else None
             timings.denoise_seconds = time.perf_counter() - t0
             yield event(stage_finished=generator_pb2.StageFinished(stage=DENOISE, seconds=timings.denoise_seconds))
 
@@ -147,6 +153,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
                     height=params.height,
                     steps=params.steps,
                     guidance=params.guidance,
+                    step_cache=cache_report,
                     warnings=_truncation_warnings(embeddings, "prompt") + _truncation_warnings(negative, "negative prompt")
                     + ([preview_warning] if preview_warning else []),
                 )

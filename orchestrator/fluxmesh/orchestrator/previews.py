@@ -111,7 +111,7 @@ async def interleave(events: AsyncIterator, previews: VaePreviews | None) -> Asy
 
 
 async def step_events(denoising: AsyncIterator, previews: VaePreviews | None) -> AsyncIterator:
-    """The denoiser's events as public `Step` events, then the final latents (a Tensor).
+    """The denoiser's events as public `Step` events, then the final DenoiseEvent (latents).
 
     Fast previews ride in their step's event; x0 estimates go to `previews` and come back, once
     decoded, in a Step event of their own that repeats the latest step (seconds 0) and names the
@@ -130,7 +130,7 @@ async def step_events(denoising: AsyncIterator, previews: VaePreviews | None) ->
                                           preview_step=s.step if len(s.previews) else 0)
                 yield last
             else:
-                yield item.latents
+                yield item
 
 
 def preview_options(preview, *, vae_alongside_denoiser: bool, latent_rgb: list[float]):

@@ -19,6 +19,14 @@ class ControlPreprocess(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CONTROL_PREPROCESS_NONE: _ClassVar[ControlPreprocess]
     CONTROL_PREPROCESS_CANNY: _ClassVar[ControlPreprocess]
     CONTROL_PREPROCESS_DEPTH: _ClassVar[ControlPreprocess]
+
+class StepCacheKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STEP_CACHE_KIND_UNSPECIFIED: _ClassVar[StepCacheKind]
+    STEP_CACHE_KIND_OFF: _ClassVar[StepCacheKind]
+    STEP_CACHE_KIND_FIRST_BLOCK: _ClassVar[StepCacheKind]
+    STEP_CACHE_KIND_MAG: _ClassVar[StepCacheKind]
+    STEP_CACHE_KIND_TAYLORSEER: _ClassVar[StepCacheKind]
 IMAGE_FORMAT_UNSPECIFIED: ImageFormat
 IMAGE_FORMAT_PNG: ImageFormat
 IMAGE_FORMAT_RAW_RGB: ImageFormat
@@ -26,6 +34,11 @@ IMAGE_FORMAT_JPEG: ImageFormat
 CONTROL_PREPROCESS_NONE: ControlPreprocess
 CONTROL_PREPROCESS_CANNY: ControlPreprocess
 CONTROL_PREPROCESS_DEPTH: ControlPreprocess
+STEP_CACHE_KIND_UNSPECIFIED: StepCacheKind
+STEP_CACHE_KIND_OFF: StepCacheKind
+STEP_CACHE_KIND_FIRST_BLOCK: StepCacheKind
+STEP_CACHE_KIND_MAG: StepCacheKind
+STEP_CACHE_KIND_TAYLORSEER: StepCacheKind
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data")
@@ -48,6 +61,22 @@ class Image(_message.Message):
     format: ImageFormat
     data: bytes
     def __init__(self, width: _Optional[int] = ..., height: _Optional[int] = ..., format: _Optional[_Union[ImageFormat, str]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class StepCache(_message.Message):
+    __slots__ = ("kind", "threshold")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    kind: StepCacheKind
+    threshold: float
+    def __init__(self, kind: _Optional[_Union[StepCacheKind, str]] = ..., threshold: _Optional[float] = ...) -> None: ...
+
+class StepCacheReport(_message.Message):
+    __slots__ = ("blocks_run", "blocks_skipped")
+    BLOCKS_RUN_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    blocks_run: int
+    blocks_skipped: int
+    def __init__(self, blocks_run: _Optional[int] = ..., blocks_skipped: _Optional[int] = ...) -> None: ...
 
 class LoraWeight(_message.Message):
     __slots__ = ("name", "weight")

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DenoiseRequest(_message.Message):
-    __slots__ = ("prompt_embeds", "pooled_prompt_embeds", "width", "height", "steps", "guidance", "seed", "num_images", "loras", "init", "preview", "negative_prompt_embeds", "negative_pooled_prompt_embeds", "true_cfg_scale", "conditioning")
+    __slots__ = ("prompt_embeds", "pooled_prompt_embeds", "width", "height", "steps", "guidance", "seed", "num_images", "loras", "init", "preview", "negative_prompt_embeds", "negative_pooled_prompt_embeds", "true_cfg_scale", "cache", "conditioning")
     PROMPT_EMBEDS_FIELD_NUMBER: _ClassVar[int]
     POOLED_PROMPT_EMBEDS_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +23,7 @@ class DenoiseRequest(_message.Message):
     NEGATIVE_PROMPT_EMBEDS_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_POOLED_PROMPT_EMBEDS_FIELD_NUMBER: _ClassVar[int]
     TRUE_CFG_SCALE_FIELD_NUMBER: _ClassVar[int]
+    CACHE_FIELD_NUMBER: _ClassVar[int]
     CONDITIONING_FIELD_NUMBER: _ClassVar[int]
     prompt_embeds: _common_pb2.Tensor
     pooled_prompt_embeds: _common_pb2.Tensor
@@ -38,8 +39,9 @@ class DenoiseRequest(_message.Message):
     negative_prompt_embeds: _common_pb2.Tensor
     negative_pooled_prompt_embeds: _common_pb2.Tensor
     true_cfg_scale: float
+    cache: _common_pb2.StepCache
     conditioning: Conditioning
-    def __init__(self, prompt_embeds: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., pooled_prompt_embeds: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., loras: _Optional[_Iterable[_Union[_common_pb2.LoraWeight, _Mapping]]] = ..., init: _Optional[_Union[InitImage, _Mapping]] = ..., preview: _Optional[_Union[PreviewOptions, _Mapping]] = ..., negative_prompt_embeds: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., negative_pooled_prompt_embeds: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., true_cfg_scale: _Optional[float] = ..., conditioning: _Optional[_Union[Conditioning, _Mapping]] = ...) -> None: ...
+    def __init__(self, prompt_embeds: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., pooled_prompt_embeds: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., loras: _Optional[_Iterable[_Union[_common_pb2.LoraWeight, _Mapping]]] = ..., init: _Optional[_Union[InitImage, _Mapping]] = ..., preview: _Optional[_Union[PreviewOptions, _Mapping]] = ..., negative_prompt_embeds: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., negative_pooled_prompt_embeds: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., true_cfg_scale: _Optional[float] = ..., cache: _Optional[_Union[_common_pb2.StepCache, _Mapping]] = ..., conditioning: _Optional[_Union[Conditioning, _Mapping]] = ...) -> None: ...
 
 class Conditioning(_message.Message):
     __slots__ = ("kontext_latents", "control_posterior")
@@ -88,9 +90,11 @@ class StepEvent(_message.Message):
     def __init__(self, step: _Optional[int] = ..., total: _Optional[int] = ..., seconds: _Optional[float] = ..., previews: _Optional[_Iterable[_Union[_common_pb2.Image, _Mapping]]] = ..., x0: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class DenoiseEvent(_message.Message):
-    __slots__ = ("step", "latents")
+    __slots__ = ("step", "latents", "step_cache")
     STEP_FIELD_NUMBER: _ClassVar[int]
     LATENTS_FIELD_NUMBER: _ClassVar[int]
+    STEP_CACHE_FIELD_NUMBER: _ClassVar[int]
     step: StepEvent
     latents: _common_pb2.Tensor
-    def __init__(self, step: _Optional[_Union[StepEvent, _Mapping]] = ..., latents: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    step_cache: _common_pb2.StepCacheReport
+    def __init__(self, step: _Optional[_Union[StepEvent, _Mapping]] = ..., latents: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., step_cache: _Optional[_Union[_common_pb2.StepCacheReport, _Mapping]] = ...) -> None: ...

@@ -44,7 +44,7 @@ STAGE_DENOISE: Stage
 STAGE_DECODE: Stage
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "prompt_2", "width", "height", "steps", "guidance", "seed", "num_images", "max_sequence_length", "loras", "priority", "preview", "init_image", "mask_image", "strength", "negative_prompt", "negative_prompt_2", "true_cfg_scale", "references")
+    __slots__ = ("prompt", "prompt_2", "width", "height", "steps", "guidance", "seed", "num_images", "max_sequence_length", "loras", "priority", "preview", "init_image", "mask_image", "strength", "negative_prompt", "negative_prompt_2", "true_cfg_scale", "cache", "references")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_2_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -63,6 +63,7 @@ class GenerateRequest(_message.Message):
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_2_FIELD_NUMBER: _ClassVar[int]
     TRUE_CFG_SCALE_FIELD_NUMBER: _ClassVar[int]
+    CACHE_FIELD_NUMBER: _ClassVar[int]
     REFERENCES_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     prompt_2: str
@@ -82,8 +83,9 @@ class GenerateRequest(_message.Message):
     negative_prompt: str
     negative_prompt_2: str
     true_cfg_scale: float
+    cache: _common_pb2.StepCache
     references: _containers.RepeatedCompositeFieldContainer[Reference]
-    def __init__(self, prompt: _Optional[str] = ..., prompt_2: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., loras: _Optional[_Iterable[_Union[_common_pb2.LoraWeight, _Mapping]]] = ..., priority: _Optional[int] = ..., preview: _Optional[_Union[Preview, _Mapping]] = ..., init_image: _Optional[bytes] = ..., mask_image: _Optional[bytes] = ..., strength: _Optional[float] = ..., negative_prompt: _Optional[str] = ..., negative_prompt_2: _Optional[str] = ..., true_cfg_scale: _Optional[float] = ..., references: _Optional[_Iterable[_Union[Reference, _Mapping]]] = ...) -> None: ...
+    def __init__(self, prompt: _Optional[str] = ..., prompt_2: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., loras: _Optional[_Iterable[_Union[_common_pb2.LoraWeight, _Mapping]]] = ..., priority: _Optional[int] = ..., preview: _Optional[_Union[Preview, _Mapping]] = ..., init_image: _Optional[bytes] = ..., mask_image: _Optional[bytes] = ..., strength: _Optional[float] = ..., negative_prompt: _Optional[str] = ..., negative_prompt_2: _Optional[str] = ..., true_cfg_scale: _Optional[float] = ..., cache: _Optional[_Union[_common_pb2.StepCache, _Mapping]] = ..., references: _Optional[_Iterable[_Union[Reference, _Mapping]]] = ...) -> None: ...
 
 class Reference(_message.Message):
     __slots__ = ("role", "image", "scale", "pooled_scale", "preprocess", "keep_size", "controlnet_mode", "control_start", "control_end")
@@ -170,7 +172,7 @@ class Timings(_message.Message):
     def __init__(self, queued_seconds: _Optional[float] = ..., encode_seconds: _Optional[float] = ..., denoise_seconds: _Optional[float] = ..., decode_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., swaps: _Optional[int] = ..., swap_seconds: _Optional[float] = ..., cached_encodes: _Optional[int] = ...) -> None: ...
 
 class Result(_message.Message):
-    __slots__ = ("images", "seed", "timings", "width", "height", "steps", "guidance", "warnings")
+    __slots__ = ("images", "seed", "timings", "width", "height", "steps", "guidance", "warnings", "step_cache")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
@@ -179,6 +181,7 @@ class Result(_message.Message):
     STEPS_FIELD_NUMBER: _ClassVar[int]
     GUIDANCE_FIELD_NUMBER: _ClassVar[int]
     WARNINGS_FIELD_NUMBER: _ClassVar[int]
+    STEP_CACHE_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[_common_pb2.Image]
     seed: int
     timings: Timings
@@ -187,7 +190,8 @@ class Result(_message.Message):
     steps: int
     guidance: float
     warnings: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, images: _Optional[_Iterable[_Union[_common_pb2.Image, _Mapping]]] = ..., seed: _Optional[int] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
+    step_cache: _common_pb2.StepCacheReport
+    def __init__(self, images: _Optional[_Iterable[_Union[_common_pb2.Image, _Mapping]]] = ..., seed: _Optional[int] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., warnings: _Optional[_Iterable[str]] = ..., step_cache: _Optional[_Union[_common_pb2.StepCacheReport, _Mapping]] = ...) -> None: ...
 
 class GenerateEvent(_message.Message):
     __slots__ = ("request_id", "queued", "stage_started", "stage_finished", "step", "result")

@@ -28,6 +28,8 @@ class StageOptions:
     redux: str | None = None  # encoder only: a FLUX.1-Redux folder or Hub id
     transformer_gguf: Path | None = None  # denoiser only
     max_batch: int | None = None  # denoiser only: rows per shared forward (None: batching.DEFAULT_MAX_BATCH)
+    step_cache: str = "off"  # denoiser only: the default policy, KIND[:THRESHOLD] (step_cache.py)
+    step_cache_ceiling: float = 1.0  # denoiser only: the largest threshold a request may ask
     lora_dir: Path | None = None  # encoder (CLIP-side keys) and denoiser
     security: ServerSecurity = ServerSecurity()  # TLS / mutual TLS / token the stage demands
     metrics_port: int | None = None  # Prometheus /metrics on this HTTP port
@@ -65,8 +67,12 @@ def _stage_service(options: StageOptions) -> Service:
         from fluxmesh.services.denoiser.servicer import DenoiserServicer
         from fluxmesh.v1 import denoiser_pb2_grpc
 
+        from fluxmesh.services.denoiser.step_cache import StepCacheLimits, parse_policy
+
+        limits = StepCacheLimits(parse_policy(options.step_cache), options.step_cache_ceiling)
+        limits.resolve(None)  # a default above the ceiling fails at start, not per request
         engine = DenoiserEngine(folder, device, transformer_gguf=options.transformer_gguf,
-                                lora_dir=options.lora_dir, load=False)
+                                lora_dir=options.lora_dir, step_cache=limits, load=False)
         batching = {"max_batch": options.max_batch} if options.max_batch else {}
         return Service("fluxmesh.v1.Denoiser", DenoiserServicer(engine, options.model, **batching),
                        denoiser_pb2_grpc.add_DenoiserServicer_to_server)

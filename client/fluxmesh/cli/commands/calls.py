@@ -46,6 +46,7 @@ def generate(
     negative_prompt: Annotated[str | None, typer.Option(help="True CFG: what to steer away from (may be "
                                                                 "''); needs --true-cfg-scale > 1.")] = None,
     true_cfg_scale: Annotated[float | None, typer.Option(help=option_help("true_cfg_scale"))] = None,
+    cache: Annotated[str | None, typer.Option(help=option_help("cache"))] = None,
     connection: ClientOptions = ClientOptions(),
 ) -> None:
     """Generate image(s) through a running orchestrator, with a per-step progress bar."""
@@ -62,7 +63,7 @@ def generate(
                                           init_image=init_image, mask_image=mask, strength=strength,
                                           preview=preview, preview_every=preview_every,
                                           priority=priority, negative_prompt=negative_prompt,
-                                          true_cfg_scale=true_cfg_scale),
+                                          true_cfg_scale=true_cfg_scale, cache=cache),
                             previews=writer)
     except FluxmeshError as error:
         typer.echo(f"error: {error}", err=True)

@@ -90,11 +90,16 @@ def serve_denoiser(
     compute_dtype: Annotated[str | None, typer.Option(help="Dtype GGUF weights dequantize to (default: --dtype).")] = None,
     lora_dir: LoraDir = None,
     max_batch: MaxBatch = None,
+    step_cache: Annotated[str, typer.Option(help="Step caching for requests that ask none: off, first-block, mag "
+                                                 "or taylorseer, optionally :THRESHOLD.")] = "off",
+    step_cache_ceiling: Annotated[float, typer.Option(help="Largest first-block/mag threshold a request may "
+                                                           "ask.")] = 1.0,
     serving: ServeOptions = ServeOptions(),
 ) -> None:
     """FLUX transformer stage (optionally GGUF-quantized, with per-request LoRAs)."""
     _serve_stage("denoiser", port, stage, serving, dtype=compute_dtype, transformer_gguf=transformer_gguf,
-                 lora_dir=lora_dir, max_batch=max_batch)
+                 lora_dir=lora_dir, max_batch=max_batch, step_cache=step_cache,
+                 step_cache_ceiling=step_cache_ceiling)
 
 
 @app.command("vae")

@@ -1,7 +1,7 @@
 """Step-level continuous batching: requests join a running batch at the next step boundary and
 leave it when their last step is done.
 
-Compatible requests (`BatchKey`: same size, text length, mode, LoRA set, step-cache policy)
+Compatible requests (`BatchKey`: same size, text length, mode, LoRA set; no step caching)
 share one transformer forward per step (loop.forward); each keeps its own scheduler, sigmas,
 step count, guidance, seed, previews and cancellation (loop.Lane). A cancelled request leaves at
 the next step boundary; the others carry on.
@@ -18,7 +18,10 @@ step time at `max_batch` (plus the other groups' turns). `DEFAULT_MAX_BATCH` is 
 bench/throughput.py (docs/benchmarks.md).
 
 Kontext and Control requests run their pipeline's own loop (engine.batchable), all steps at
-once, while the batch waits.
+once, while the batch waits; so do step-cached requests: diffusers' cache hooks keep their state
+in the shared transformer and decide per forward (FirstBlockCache: one mean over the whole
+batch), so a batch-mate would change a caching request's image. Caching requests therefore
+batch with nobody, not even with the same policy (step_cache.py).
 
 Different LoRA sets do not share a forward: the adapters live in the shared transformer's
 layers (PEFT), scaled per layer, not per sample, so they group by LoRA set (see
@@ -44,7 +47,7 @@ if TYPE_CHECKING:
         StepCallback,
     )
 
-__all__ = ["DEFAULT_MAX_BATCH", "BatchKey", "Batcher"]
+__all__ = ["DEFAULT_MAX_BATCH", "BatchKey", "Batcher", "Denoised"]
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +63,6 @@ class BatchKey:
     text_length: int
     mode: str  # text-to-image, image-to-image, inpainting, fill (Fill has more input channels)
     loras: tuple[tuple[str, float], ...]
-    cache: tuple = ()  # the step-cache policy (none yet: every request computes every block)
 
     @classmethod
     def of(cls, lane: Lane) -> BatchKey:
@@ -80,7 +82,7 @@ class _Ticket:
     lane: Lane | None = None
     key: BatchKey | None = None
 
-    def answer(self, result: torch.Tensor | None = None, error: BaseException | None = None) -> None:
+    def answer(self, result: Denoised | None = None, error: BaseException | None = None) -> None:
         """From the model thread: resolve the future on its loop (unless its caller left)."""
         def resolve() -> None:
             if self.future.done():
@@ -91,6 +93,15 @@ class _Ticket:
                 self.future.set_result(result)
 
         self.loop.call_soon_threadsafe(resolve)
+
+
+@dataclass(frozen=True)
+class Denoised:
+    """A request's answer: its packed latents, and (step-cached requests) attention blocks
+    (run, skipped)."""
+
+    latents: torch.Tensor
+    blocks: tuple[int, int] | None = None
 
 
 @dataclass
@@ -117,7 +128,7 @@ class Batcher:
         self._driver: asyncio.Future | None = None
 
     async def denoise(self, job: DenoiseJob, on_step: StepCallback | None = None,
-                      cancelled: threading.Event | None = None) -> torch.Tensor:
+                      cancelled: threading.Event | None = None) -> Denoised:
         """The request's packed latents, computed in whatever batch it can join. Raises
         `Cancelled` at the step boundary after `cancelled` is set."""
         loop = asyncio.get_running_loop()
@@ -198,12 +209,18 @@ class Batcher:
         return True
 
     def _run_exclusively(self, ticket: _Ticket) -> None:
-        """A request outside the shared loop (Kontext, Control: their pipeline's own loop) runs
-        all its steps at once; the batch waits for it."""
+        """A request outside the shared loop — Kontext and Control (their pipeline's own loop),
+        step-cached ones (the hooks' state lives in the shared transformer) — runs all its steps
+        at once; the batch waits for it."""
         try:
             if self.worker.precondition is not None:
                 self.worker.precondition()
-            ticket.answer(result=self.engine.denoise(ticket.job, ticket.on_step, ticket.cancelled))
+            engine, job = self.engine, ticket.job
+            if job.conditioning is None:  # step-cached
+                latents, blocks = engine.denoise_cached(job, ticket.on_step, ticket.cancelled)
+                ticket.answer(result=Denoised(latents, blocks))
+            else:
+                ticket.answer(result=Denoised(engine.denoise(job, ticket.on_step, ticket.cancelled)))
         except Exception as error:  # noqa: BLE001 - this request's answer
             ticket.answer(error=error)
 
@@ -226,7 +243,7 @@ class Batcher:
             if (error := lane.error or lane.cancellation()) is not None:
                 ticket.answer(error=error)
             elif lane.done:
-                ticket.answer(result=lane.latents)
+                ticket.answer(result=Denoised(lane.latents))
             else:
                 kept.append(ticket)
         return kept

@@ -24,6 +24,7 @@ from fluxmesh.rpc.errors import Cancelled, InvalidArgument
 from fluxmesh.services.denoiser.family import (Conditioning, check_conditioning, choose_family_mode,
                                                is_control_transformer)
 from fluxmesh.services.denoiser.loop import Lane, run_alone
+from fluxmesh.services.denoiser.step_cache import AttentionCounter, StepCacheLimits, StepCachePolicy
 from fluxmesh.services.denoiser.modes import (Geometry, InitImage, VaeConfig, check_init, choose_mode,
                                               is_fill_transformer)
 from fluxmesh.services.denoiser.previews import Previewer, PreviewSpec, StepPreview, X0Scheduler
@@ -54,6 +55,7 @@ class DenoiseJob:
     negative_pooled_prompt_embeds: torch.Tensor | None = None
     true_cfg_scale: float = 1.0
     conditioning: Conditioning | None = None  # Kontext reference / Control image (family.py)
+    cache: StepCachePolicy | None = None  # step caching asked for (None: the server's default)
 
     @property
     def true_cfg(self) -> bool:
@@ -72,6 +74,7 @@ class DenoiserEngine:
         *,
         transformer_gguf: Path | None = None,
         lora_dir: Path | None = None,
+        step_cache: StepCacheLimits = StepCacheLimits(),
         load: bool = True,
     ):
         """`load=False` leaves the weights unread: the stage's `Residency` loads them when told."""
@@ -80,6 +83,7 @@ class DenoiserEngine:
         self.transformer_gguf = transformer_gguf
         self.transformer: FluxTransformer2DModel | None = None
         self.loras = StageLoras(lora_dir, None, "transformer")  # bound to each transformer loaded
+        self.step_cache = step_cache  # the default policy and the ceiling (step_cache.py)
         self.scheduler_config = FlowMatchEulerDiscreteScheduler.load_config(folder, subfolder="scheduler")
         self.vae_scale_factor = model_folder.vae_scale_factor(folder)
         self.size_multiple = self.vae_scale_factor * 2
@@ -149,6 +153,7 @@ class DenoiserEngine:
         contract.check_num_images(job.num_images, prompts=embeds.shape[0])
         contract.check_guidance(job.guidance)
         self.loras.check(job.loras)
+        self.step_cache.resolve(job.cache)
         self._check_true_cfg(job)
         if job.init is not None:
             check_init(job.init, width=job.width, height=job.height, steps=job.steps,
@@ -203,7 +208,22 @@ class DenoiserEngine:
         """Whether the request runs in the denoiser's own loop (loop.py), where compatible requests
         share forwards: text to image, image to image, inpainting and Fill. Kontext and Control
         run their pipeline's own loop, alone."""
-        return job.conditioning is None
+        return job.conditioning is None and self.step_cache.resolve(job.cache).off
+
+    def denoise_cached(self, job: DenoiseJob, on_step: StepCallback | None = None,
+                       cancelled: threading.Event | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The request alone with its step-cache policy's hooks installed on the transformer for
+        all its steps (removed after, whatever happens): latents, (blocks run, blocks skipped)."""
+        policy = self.step_cache.resolve(job.cache)
+        lane = self.lane(job, on_step, cancelled)
+        self.loras.activate(list(job.loras))
+        self.transformer.enable_cache(policy.config(len(lane.timesteps)))
+        try:
+            with AttentionCounter(self.transformer) as counter:
+                latents = run_alone(self.transformer, lane)
+        finally:
+            self.transformer.disable_cache()
+        return latents, (counter.run, counter.skipped)
 
     def lane(self, job: DenoiseJob, on_step: StepCallback | None = None,
              cancelled: threading.Event | None = None) -> Lane:
@@ -219,8 +239,10 @@ class DenoiserEngine:
         """Run the request alone; returns packed latents (P*num_images, seq, 4*C). Raises
         `Cancelled` between steps once `cancelled` is set. (The service batches requests through
         `batching.Batcher`, which runs the same lanes together.)"""
-        if not self.batchable(job):
+        if job.conditioning is not None:
             return self._denoise_in_pipeline(job, on_step, cancelled)
+        if not self.step_cache.resolve(job.cache).off:
+            return self.denoise_cached(job, on_step, cancelled)[0]
         lane = self.lane(job, on_step, cancelled)
         # Adapters live in the shared transformer: switch them on the model thread, right before
         # this request's loop, so concurrent requests never see each other's set.

@@ -14,6 +14,7 @@ import threading
 from fluxmesh.services.denoiser.batching import DEFAULT_MAX_BATCH, Batcher, stats_details
 from fluxmesh.services.denoiser.edits import conditioning_from_pb, init_from_pb, preview_from_pb
 from fluxmesh.services.denoiser.engine import DenoiseJob, DenoiserEngine
+from fluxmesh.services.denoiser.step_cache import policy_from_pb
 from fluxmesh.services.runtime.info import lora_listing, stage_info
 from fluxmesh.services.runtime.metrics import record_step
 from fluxmesh.services.residency.state import residency_state
@@ -43,6 +44,7 @@ def job_from_pb(request: denoiser_pb2.DenoiseRequest) -> DenoiseJob:
                                                ndim=2) if request.HasField("negative_pooled_prompt_embeds") else None),
         true_cfg_scale=request.true_cfg_scale or 1.0,
         conditioning=conditioning_from_pb(request),
+        cache=policy_from_pb(request.cache) if request.HasField("cache") else None,
     )
 
 
@@ -78,7 +80,11 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
         try:
             while (event := await events.get()) is not _DONE:
                 yield denoiser_pb2.DenoiseEvent(step=event)
-            yield denoiser_pb2.DenoiseEvent(latents=to_pb(task.result()))
+            denoised = task.result()
+            final = denoiser_pb2.DenoiseEvent(latents=to_pb(denoised.latents))
+            if denoised.blocks is not None:
+                final.step_cache.blocks_run, final.step_cache.blocks_skipped = denoised.blocks
+            yield final
         finally:
             # Reached on success, on error and when the caller goes away (CancelledError).
             cancelled.set()

@@ -139,3 +139,23 @@ def test_a_full_queue_is_refused_at_once_while_accepted_requests_complete(small_
         thread.join(120)
     assert all(isinstance(outcomes[name], Result) for name in ("running", "low", "high")), outcomes
     assert finished == ["running", "high", "low"]  # the later, higher-priority request went first
+
+
+async def test_a_low_priority_request_is_overtaken_at_most_max_overtakes_times():
+    """Priority starvation: behind a line of higher priorities (as long as clients keep sending
+    them), a priority-0 request still starts after at most (those already in line when it came)
+    + max_overtakes admissions. Before, it waited for every one of them."""
+    queue = AdmissionQueue(max_active=1, max_waiting=32, max_overtakes=3)
+    holder = queue.enter()
+    async for _ in queue.wait_turn(holder):
+        pass
+    tickets = [(f"older-{i}", queue.enter(0)) for i in range(2)]  # already waiting when the low one comes
+    tickets.append(("low", queue.enter(-5)))
+    tickets += [(f"high-{i}", queue.enter(10)) for i in range(20)]
+    admitted: list[str] = []
+    admitting = asyncio.ensure_future(_admit_all(queue, tickets, admitted))
+    await queue.leave(holder)
+    await asyncio.wait_for(admitting, 5)
+    before_low = admitted[:admitted.index("low")]
+    assert len(before_low) <= 2 + 3, admitted  # the bound: the older ones + max_overtakes
+    assert before_low[:3] == ["high-0", "high-1", "high-2"]  # priority still orders the rest

@@ -50,6 +50,9 @@ class FakeEncoder(encoder_pb2_grpc.TextEncoderServicer):
     def __init__(self, recorder: Recorder):
         self.recorder = recorder
 
+    async def Info(self, request, context):  # the prompt cache asks for the encoder's identity
+        return common_pb2.StageInfo(stage="encoder", details={"identity": "fake"})
+
     async def Encode(self, request, context):
         await self.recorder.record("encoder", context)
         return encoder_pb2.EncodeResponse(prompt_embeds=_tensor(1, 4, 8), pooled_prompt_embeds=_tensor(1, 8),
@@ -106,15 +109,28 @@ async def _generate(stub, *, timeout: float | None, metadata=None) -> list[gener
 
 async def test_the_client_deadline_reaches_every_stage_with_the_request_id(stack):
     recorder, stub = stack
-    started = time.monotonic()
-    events = await _generate(stub, timeout=7.0)
+    events = await _generate(stub, timeout=1.5)  # sooner than the orchestrator's 2 s cap: the client's wins
     assert events[-1].HasField("result")
     for stage in ("encoder", "denoiser", "vae"):
         remaining, request_id = recorder.seen[stage]
-        # set, and no later than the client's: what was left of 7 s when the stage was called
-        assert remaining is not None and 0 < remaining <= 7.0 - (time.monotonic() - started) + 0.5, (stage, remaining)
-        assert remaining > 2.0, "the client's 7 s, not the orchestrator's 2 s cap"
+        # set, and no later than the client's: what was left of 1.5 s when the stage was called
+        assert remaining is not None and 0 < remaining <= 1.5 + 0.05, (stage, remaining)
         assert request_id == events[-1].request_id
+
+
+async def test_a_longer_client_deadline_does_not_lift_the_orchestrators_cap(stack):
+    """The cap bounds every request: a client asking for 7 s (or an hour) still gets 2 s."""
+    recorder, stub = stack
+    await _generate(stub, timeout=7.0)
+    for stage in ("encoder", "denoiser", "vae"):
+        remaining, _ = recorder.seen[stage]
+        assert remaining is not None and 0 < remaining <= 2.05, (stage, remaining)
+    recorder.hang.add("denoiser")
+    started = time.monotonic()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await _generate(stub, timeout=3600.0)
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert time.monotonic() - started < 2.0 + 1.5
 
 
 async def test_a_request_without_deadline_gets_the_orchestrators_cap(stack):

@@ -366,6 +366,10 @@ CASES: list[tuple[str, str, Build, grpc.StatusCode, str]] = [
     ("den-batch-times-images", DENOISE, lambda v: v.with_tensors(
         prompt_embeds=_tensor(np.zeros((2, 16, 32))), pooled_prompt_embeds=_tensor(np.zeros((2, 32))), num_images=5),
      C.INVALID_ARGUMENT, "num_images:"),
+    ("den-guidance-huge", DENOISE, lambda v: v.with_tensors(guidance=1e38), C.INVALID_ARGUMENT, "guidance:"),
+    ("gen-guidance-huge", GENERATE, lambda v: v.generating(guidance=1e38), C.INVALID_ARGUMENT, "guidance:"),
+    ("gen-loras-too-many", GENERATE, lambda v: v.generating(loras=[_lora(f"l{i}") for i in range(9)]),
+     C.INVALID_ARGUMENT, "loras: 9 LoRAs; the limit is 8"),
     ("den-guidance-nan", DENOISE, lambda v: v.with_tensors(guidance=math.nan), C.INVALID_ARGUMENT, "guidance:"),
     ("den-negative-shape", DENOISE, lambda v: v.with_tensors(
         negative_prompt_embeds=_tensor(np.zeros((1, 8, 32))), negative_pooled_prompt_embeds=_tensor(v.pooled),

@@ -32,7 +32,8 @@ __all__ = [
     "check_prompt_text", "check_prompt_count", "check_sequence_length", "check_strength", "steps_after_strength",
     "check_strength_leaves_a_step", "check_true_cfg_scale", "check_lora_weight", "check_loras", "check_preview_every",
     "check_float_dtype", "fit_size", "REDUX_SEQUENCE_LENGTH", "check_redux_scale",
-    "check_conditioning_length", "PREFERRED_KONTEXT_RESOLUTIONS",
+    "check_conditioning_length", "PREFERRED_KONTEXT_RESOLUTIONS", "MEGAPIXEL", "request_work", "check_work",
+    "check_admissible",
 ]
 
 
@@ -50,10 +51,17 @@ class Limits:
     max_prompt_chars: int = 20_000
     max_sequence_length: int = 512  # T5 tokens (attention cost grows with its square)
     max_lora_weight: float = 4.0
+    max_loras: int = 8  # per request (a stage's LoRA cache holds 8 by default)
     max_true_cfg_scale: float = 30.0  # FluxPipeline's true_cfg_scale; 1 is off
     max_redux_images: int = 4  # FluxPriorReduxPipeline image prompts per request (their entries are summed)
     max_redux_scale: float = 4.0  # its prompt_embeds_scale / pooled_prompt_embeds_scale
     max_image_prompt_tokens: int = 1024  # tokens an image prompt appends to T5's (Redux's SigLIP at 384 px: 729)
+    # FLUX.1 distilled guidance (dev 3.5, Fill 30). Beyond ~100 the embedding's guidance x 1000
+    # overflows and the latents turn to NaN after a whole denoise.
+    max_guidance: float = 100.0
+    # The per-request work budget, in megapixel-steps (`request_work`): what one request may cost
+    # the denoiser. 400 is 1024x1024 x 4 images x 50 steps with true CFG, or 2048x2048 x 100 steps.
+    max_work: float = 400.0
 
     def lowered(self, **ceilings: float) -> Limits:
         """These limits with some ceilings lowered (an operator's flags); raising one is refused,
@@ -236,9 +244,42 @@ def check_num_images(num_images: int, prompts: int = 1, limits: Limits = LIMITS)
         raise InvalidArgument("num_images", f"{prompts} prompts x {num_images} images exceeds {limits.max_images}")
 
 
-def check_guidance(guidance: float, field: str = "guidance") -> None:
-    if not math.isfinite(guidance):
-        raise InvalidArgument(field, f"{guidance} is not finite")
+def check_guidance(guidance: float, field: str = "guidance", limits: Limits = LIMITS) -> None:
+    if not math.isfinite(guidance) or not 0.0 <= guidance <= limits.max_guidance:
+        raise InvalidArgument(field, f"{guidance:g} must be finite within [0, {limits.max_guidance:g}]")
+
+
+# -- the work budget --------------------------------------------------------------------------
+
+def check_admissible(width: int, height: int, images: int, steps_run: int, true_cfg: bool, multiple: int,
+                     limits: Limits = LIMITS) -> None:
+    """Size, images and work of a request, as the orchestrator admits it and `fluxmesh plan`
+    judges it (one function, so the two cannot disagree). `steps_run`: after strength."""
+    check_size(width, height, multiple, limits)
+    check_num_images(images, limits=limits)
+    check_work(width, height, images, steps_run, true_cfg, limits)
+
+
+MEGAPIXEL = 1024 * 1024
+
+
+def request_work(width: int, height: int, images: int, steps: int, true_cfg: bool = False) -> float:
+    """What a request costs the denoiser, in megapixel-steps: megapixels (of 1024x1024) x images
+    x steps run x 2 with true CFG (every step runs the negative prompt too). Denoising time is
+    about proportional to it; the VAE's share grows with megapixels x images, also bounded here."""
+    return width * height / MEGAPIXEL * images * steps * (2 if true_cfg else 1)
+
+
+def check_work(width: int, height: int, images: int, steps: int, true_cfg: bool = False,
+               limits: Limits = LIMITS) -> None:
+    """Refuse a request above the work budget, naming it and the request's own figures.
+    INVALID_ARGUMENT, not RESOURCE_EXHAUSTED: the same request would be refused on every retry."""
+    work = request_work(width, height, images, steps, true_cfg)
+    if work > limits.max_work:
+        cfg = " x 2 (true CFG)" if true_cfg else ""
+        raise InvalidArgument("work", f"{width}x{height} x {images} images x {steps} steps{cfg} = {work:g} "
+                                      f"megapixel-steps exceeds the budget of {limits.max_work:g} per request; "
+                                      "lower the size, num_images or steps")
 
 
 def check_prompt_text(field: str, text: str, limits: Limits = LIMITS) -> None:
@@ -327,7 +368,10 @@ def check_lora_weight(weight: Any, field: str, limits: Limits = LIMITS) -> float
 
 def check_loras(loras: Iterable[Any], field: str = "loras", limits: Limits = LIMITS) -> tuple[tuple[str, float], ...]:
     """`[(name, weight), ...]` or LoraWeight messages: names non-empty, weights in range, no name
-    twice (diffusers would silently keep the last weight). The stages resolve the names."""
+    twice (diffusers would silently keep the last weight). The stages resolve the names. The
+    count is checked first, before a long list is walked."""
+    if hasattr(loras, "__len__") and len(loras) > limits.max_loras:
+        raise InvalidArgument(field, f"{len(loras)} LoRAs; the limit is {limits.max_loras} per request")
     checked: list[tuple[str, float]] = []
     seen: set[str] = set()
     for i, entry in enumerate(loras):

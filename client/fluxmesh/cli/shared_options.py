@@ -178,7 +178,60 @@ class ClientOptions:
         return {"credentials": security.credentials(), "token": security.token}
 
 
-GROUPS = (StageServeOptions, ServeOptions, StageClientOptions, ClientOptions)
+_PANEL_LIMITS = "Request limits (lower only)"
+_LIMIT_HELP = {  # what each ceiling of fluxmesh.contract.Limits bounds
+    "max_side": "Largest width or height in pixels.",
+    "max_steps": "Most denoising steps.",
+    "max_images": "Most images per request.",
+    "max_prompts": "Most prompts in one encoder batch.",
+    "max_prompt_chars": "Longest prompt, in characters.",
+    "max_sequence_length": "Most T5 tokens.",
+    "max_lora_weight": "Largest LoRA weight (absolute).",
+    "max_loras": "Most LoRAs per request.",
+    "max_true_cfg_scale": "Largest true_cfg_scale.",
+    "max_guidance": "Largest guidance.",
+    "max_work": "Work budget per request, in megapixel-steps: width x height / 1024^2 x images x steps run "
+                "(x 2 with true CFG).",
+}
+
+
+def _limits_group(class_name: str, names: tuple[str, ...] | None = None) -> type:
+    """One flag per ceiling of the request contract (`fluxmesh.contract.Limits`), generated from
+    it so a new ceiling gets its flag; None keeps the contract's value. `names`: only these."""
+    from fluxmesh.contract import LIMITS
+
+    fields = []
+    for name in names or tuple(f.name for f in dataclasses.fields(LIMITS) if f.name != "min_side"):
+        default, help_text = getattr(LIMITS, name), _LIMIT_HELP.get(name, f"The contract's {name}.")
+        kind = Optional[int] if isinstance(default, int) else Optional[float]
+        fields.append((name, Annotated[kind, typer.Option(help=f"{help_text} Default {default:g}; only lower.",
+                                                          rich_help_panel=_PANEL_LIMITS)], None))
+
+    def limits(self):
+        """The contract's limits with these flags' ceilings lowered (a higher one is refused)."""
+        from fluxmesh.contract import LIMITS
+
+        from fluxmesh.rpc.errors import FluxmeshError
+
+        try:
+            return LIMITS.lowered(**{f.name: v for f in dataclasses.fields(self)
+                                     if (v := getattr(self, f.name)) is not None})
+        except FluxmeshError as error:  # a usage error: one line, no traceback
+            raise typer.BadParameter(error.message) from None
+
+    def as_flags(self) -> list[str]:
+        return [flag for f in dataclasses.fields(self) if (v := getattr(self, f.name)) is not None
+                for flag in ("--" + f.name.replace("_", "-"), f"{v:g}")]
+
+    return dataclasses.make_dataclass(class_name, fields, frozen=True,
+                                      namespace={"limits": limits, "as_flags": as_flags})
+
+
+RequestLimits = _limits_group("RequestLimits")  # the orchestrator's (and `up`'s)
+# What decides whether a request of a given size, count and steps is admitted: `fluxmesh plan`'s.
+CostLimits = _limits_group("CostLimits", ("max_side", "max_images", "max_steps", "max_work"))
+
+GROUPS = (StageServeOptions, ServeOptions, StageClientOptions, ClientOptions, RequestLimits, CostLimits)
 
 
 def with_option_groups(command):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
+from fluxmesh.contract import LIMITS, Limits
 from fluxmesh.orchestrator.admission import AdmissionQueue
 from fluxmesh.orchestrator.generator import GeneratorServicer, Stages
 from fluxmesh.orchestrator.monitor import StageMonitor
@@ -47,6 +48,7 @@ class OrchestratorOptions:
     request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT  # for requests without a deadline
     priorities: PriorityPolicy = PriorityPolicy()  # how high each caller may set `priority`
     prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_MIB * 2**20  # prompt_cache.py; 0: off
+    limits: Limits = LIMITS  # the request ceilings and work budget (--max-side, --max-work, ...)
 
 
 def build_server(options: OrchestratorOptions) -> tuple[Server, StageMonitor]:
@@ -58,7 +60,8 @@ def build_server(options: OrchestratorOptions) -> tuple[Server, StageMonitor]:
     queue = AdmissionQueue(max_active=max_active, max_waiting=options.max_queue)
     watch_queue(queue)
     servicer = GeneratorServicer(stages, queue, residency, request_timeout=options.request_timeout,
-                                 priorities=options.priorities, prompt_cache_bytes=options.prompt_cache_bytes)
+                                 priorities=options.priorities, prompt_cache_bytes=options.prompt_cache_bytes,
+                                 limits=options.limits)
     service = Service("fluxmesh.v1.Generator", servicer, generator_pb2_grpc.add_GeneratorServicer_to_server)
     server = Server([service], address=options.address, security=options.security,
                     max_receive_bytes=options.max_request_bytes, metrics_port=options.metrics_port)

@@ -44,27 +44,36 @@ class PreviewParams:
     every: int
 
 
-def check_edit(request: generator_pb2.GenerateRequest, *, fill_model: bool, size_multiple: int,
-               limits: Limits = LIMITS) -> EditParams | None:
-    """None for text to image; errors name the field."""
+def check_edit(request: generator_pb2.GenerateRequest, init_image: bytes, mask_image: bytes, *,
+               fill_model: bool) -> float | None:
+    """The cheap part, on the event loop: which fields go together, and the strength. None for
+    text to image; errors name the field. The images (read from the request once: each read of
+    a bytes field is a copy) are decoded by `decode_edit`."""
     has_strength = request.HasField("strength")
-    if not request.init_image:
-        if request.mask_image:
+    if not init_image:
+        if mask_image:
             raise InvalidArgument("mask_image", "needs an init_image to repaint")
         if has_strength:
             raise InvalidArgument("strength", "applies only with an init_image")
         if fill_model:
             raise InvalidArgument("init_image", "this is a FLUX.1-Fill model: it needs an init_image and a mask_image")
         return None
-    if fill_model and not request.mask_image:
+    if fill_model and not mask_image:
         raise InvalidArgument("mask_image", "this is a FLUX.1-Fill model: it needs a mask_image")
     strength = as_typed(request.strength) if has_strength else DEFAULT_FILL_STRENGTH if fill_model else DEFAULT_STRENGTH
     contract.check_strength(strength)
-    init = open_image(request.init_image, "init_image")
-    if request.mask_image:
-        check_mask(open_image(request.mask_image, "mask_image"), init, "mask_image")
+    return strength
+
+
+def decode_edit(init_image: bytes, mask_image: bytes, strength: float, *, fill_model: bool, size_multiple: int,
+                limits: Limits = LIMITS) -> EditParams:
+    """Decode and check the init image and mask: CPU work (a 4096x4096 PNG takes a good part of
+    a second), so callers run it off the event loop."""
+    init = open_image(init_image, "init_image")
+    if mask_image:
+        check_mask(open_image(mask_image, "mask_image"), init, "mask_image")
     width, height = contract.fit_size(init.width, init.height, size_multiple, limits)
-    return EditParams(request.init_image, request.mask_image, strength, width, height, fill_model)
+    return EditParams(init_image, mask_image, strength, width, height, fill_model)
 
 
 def as_typed(value: float) -> float:

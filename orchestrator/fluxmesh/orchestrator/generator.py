@@ -10,6 +10,7 @@ from contextlib import aclosing
 
 import grpc
 
+from fluxmesh.contract import LIMITS, Limits
 from fluxmesh.rpc import request_ids, step_cache
 from fluxmesh.rpc.security import presented_token
 from fluxmesh.orchestrator import deadlines
@@ -50,8 +51,9 @@ class Stages:
 class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
     def __init__(self, stages: Stages, queue: AdmissionQueue, residency=None, *,
                  request_timeout: float | None = None, priorities: PriorityPolicy | None = None,
-                 prompt_cache_bytes: int = 0):
+                 prompt_cache_bytes: int = 0, limits: Limits = LIMITS):
         self.stages = stages
+        self.limits = limits  # the contract's ceilings, as the operator lowered them
         # Exact: the encoder's reply bytes, keyed by the request and the encoder's identity.
         self.prompt_cache = PromptCache(prompt_cache_bytes, lambda: self.stages.encoder.info(timeout=10.0))
         self.queue = queue
@@ -82,17 +84,17 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
         request_ids.adopt(request_id)
         deadlines.start(context, self.request_timeout)
         started = time.perf_counter()
-        params = check_request(request, await self.model_facts(_time_left(context)))
+        self.priorities.check(request.priority, presented_token(context.invocation_metadata()))
+        params = await check_request(request, await self.model_facts(_time_left(context)), self.limits)
         if request.HasField("cache"):
             step_cache.from_pb(request.cache)  # kind and threshold named before any stage runs
-        self.priorities.check(request.priority, presented_token(context.invocation_metadata()))
 
         def event(**kwargs) -> generator_pb2.GenerateEvent:
             return generator_pb2.GenerateEvent(request_id=request_id, **kwargs)
 
         ticket = self.queue.enter(priority=request.priority)
         try:
-            async for position in self.queue.wait_turn(ticket):
+            async for position in self.queue.wait_turn(ticket, _time_left(context)):
                 yield event(queued=generator_pb2.Queued(position=position))
             timings = generator_pb2.Timings(queued_seconds=time.perf_counter() - started)
             log.info("%s: %dx%d, %d steps, seed %d", request_id, params.width, params.height, params.steps, params.seed)

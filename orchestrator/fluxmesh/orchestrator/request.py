@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import secrets
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from fluxmesh import contract
 from fluxmesh.contract import LIMITS, Limits
-from fluxmesh.orchestrator.editing import EditParams, PreviewParams, check_edit, check_preview
+from fluxmesh.orchestrator.editing import EditParams, PreviewParams, check_edit, check_preview, decode_edit
 from fluxmesh.orchestrator.references import Capabilities, References, check_references
 from fluxmesh.rpc.errors import InvalidArgument
 from fluxmesh.v1 import generator_pb2
@@ -54,38 +57,68 @@ class GenerateParams:
     references: References = References()
 
 
-def check_request(request: generator_pb2.GenerateRequest, model: ModelFacts,
-                  limits: Limits = LIMITS) -> GenerateParams:
-    """Fill defaults and validate every field against `limits`; errors name the field and show the value."""
+@functools.cache
+def _decoder() -> ThreadPoolExecutor:
+    """One thread decodes init images, masks and reference images, one request after another:
+    decoding holds the GIL in part, and several decoding threads at once starved the event loop
+    of it (health checks took seconds on two cores); it also bounds the decoded pixels held at once."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="image-decode")
+
+
+async def check_request(request: generator_pb2.GenerateRequest, model: ModelFacts,
+                        limits: Limits = LIMITS) -> GenerateParams:
+    """Fill defaults and validate every field against `limits`; errors name the field and show the value.
+
+    Cheap checks first, on the event loop (a million-entry LoRA list is refused by its length,
+    before it is walked); then the images are decoded on a worker thread, so one request cannot
+    stall the loop that serves health checks and every other client; last the size and the work
+    budget, which may need the init image's size."""
+    most = 2 + limits.max_redux_images  # one Kontext, one Control, the Redux images: counted before walked
+    if len(request.references) > most:
+        raise InvalidArgument("references", f"{len(request.references)} references; at most {most} per request")
     has_redux = any(r.role == generator_pb2.REFERENCE_ROLE_REDUX for r in request.references)
     if not request.prompt.strip() and not (has_redux and not request.prompt_2):
         # Redux alone may go without one: zero text embeddings, as FluxPriorReduxPipeline without text encoders
         raise InvalidArgument("prompt", "must not be empty" + ("" if not has_redux else " when prompt_2 is set"))
     for field in ("prompt", "prompt_2"):
         contract.check_prompt_text(field, getattr(request, field), limits)
-    edit = check_edit(request, fill_model=model.fill, size_multiple=model.size_multiple, limits=limits)
-    references = check_references(request, model.capabilities, size_multiple=model.size_multiple,
-                                  has_init=bool(request.init_image), has_negative=request.HasField("negative_prompt"),
-                                  limits=limits)
+    loras = contract.check_loras(request.loras, limits=limits)
+    init_image, mask_image = request.init_image, request.mask_image
+    strength = check_edit(request, init_image, mask_image, fill_model=model.fill)
+    default_steps = DEFAULT_STEPS_DEV if model.guidance_embeds else DEFAULT_STEPS_SCHNELL
+    steps = request.steps if request.HasField("steps") else default_steps
+    contract.check_steps(steps, limits)
+    if strength is not None:
+        contract.check_strength_leaves_a_step(strength, steps)
+    preview = check_preview(request, limits)
+    guidance = request.guidance if request.HasField("guidance") else DEFAULT_GUIDANCE
+    contract.check_guidance(guidance, limits=limits)
+    num_images = request.num_images or 1
+    contract.check_num_images(num_images, limits=limits)
+    contract.check_sequence_length("max_sequence_length", request.max_sequence_length, limits, zero_is_default=True)
+    true_cfg = check_true_cfg(request, fill_model=model.fill, limits=limits)
+    if request.width and request.height:  # before decoding anything, when the request says
+        contract.check_size(request.width, request.height, model.size_multiple, limits)
+
+    def decode() -> tuple[EditParams | None, References]:
+        edit = None if strength is None else decode_edit(init_image, mask_image, strength, fill_model=model.fill,
+                                                          size_multiple=model.size_multiple, limits=limits)
+        references = check_references(request, model.capabilities, size_multiple=model.size_multiple,
+                                      has_init=bool(init_image), has_negative=request.HasField("negative_prompt"),
+                                      limits=limits)
+        return edit, references
+
+    if strength is None and not len(request.references):
+        edit, references = decode()  # nothing to decode
+    else:
+        edit, references = await asyncio.get_running_loop().run_in_executor(_decoder(), decode)
     # unset sides: the init image's, else a Kontext reference's (as the reference implementation edits), else 1024
     kontext = references.kontext
     width = request.width or (edit.width if edit else kontext.width if kontext else DEFAULT_SIDE)
     height = request.height or (edit.height if edit else kontext.height if kontext else DEFAULT_SIDE)
-    contract.check_size(width, height, model.size_multiple, limits)
-    default_steps = DEFAULT_STEPS_DEV if model.guidance_embeds else DEFAULT_STEPS_SCHNELL
-    steps = request.steps if request.HasField("steps") else default_steps
-    contract.check_steps(steps, limits)
-    if edit is not None:
-        contract.check_strength_leaves_a_step(edit.strength, steps)
-    preview = check_preview(request, limits)
-    guidance = request.guidance if request.HasField("guidance") else DEFAULT_GUIDANCE
-    contract.check_guidance(guidance)
-    num_images = request.num_images or 1
-    contract.check_num_images(num_images, limits=limits)
-    contract.check_sequence_length("max_sequence_length", request.max_sequence_length, limits, zero_is_default=True)
+    steps_run = contract.steps_after_strength(steps, strength) if strength is not None else steps
+    contract.check_admissible(width, height, num_images, steps_run, true_cfg is not None, model.size_multiple, limits)
     seed = request.seed if request.HasField("seed") else secrets.randbits(63)
-    loras = contract.check_loras(request.loras, limits=limits)
-    true_cfg = check_true_cfg(request, fill_model=model.fill, limits=limits)
     return GenerateParams(
         prompt=request.prompt,
         prompt_2=request.prompt_2,

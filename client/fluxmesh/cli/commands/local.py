@@ -19,6 +19,7 @@ from fluxmesh.cli.shared_options import (
     MaxBatch,
     MaxPriority,
     PromptCacheMib,
+    RequestLimits,
     Model,
     ReleaseToOption,
     Sequential,
@@ -56,6 +57,7 @@ def up(
     http_port: HttpPort = None,
     max_batch: MaxBatch = None,
     serving: ServeOptions = ServeOptions(),
+    request_limits: RequestLimits = RequestLimits(),
 ) -> None:
     """Start encoder, denoiser, vae and orchestrator locally; stop them all on exit.
 
@@ -67,12 +69,13 @@ def up(
     from fluxmesh.cli.supervisor import start_local
 
     serving.security()  # a bad TLS or token flag fails here, before four processes start
+    request_limits.limits()  # and a ceiling raised instead of lowered
     raise_on_sigterm()
     cluster = start_local(model, port=port, host=host,
                           common_args=_stage_flags(device, dtype, threads) + _sequential_stage_flags(sequential, release_to),
                           stage_args=_model_file_flags(transformer_gguf, t5_gguf, lora_dir, max_batch),
                           orchestrator_args=[*_sequential_flags(sequential, release_to), *serving.as_flags(),
-                                             "--max-priority", str(max_priority),
+                                             "--max-priority", str(max_priority), *request_limits.as_flags(),
                                              *(["--prompt-cache-mib", str(prompt_cache_mib)]
                                                if prompt_cache_mib is not None else [])],
                           orchestrator_tls=serving.tls_cert is not None)

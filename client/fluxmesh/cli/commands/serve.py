@@ -14,6 +14,7 @@ from fluxmesh.cli.shared_options import (
     MaxBatch,
     MaxPriority,
     PromptCacheMib,
+    RequestLimits,
     ReleaseToOption,
     Sequential,
     ServeOptions,
@@ -136,6 +137,7 @@ def serve_orchestrator(
     prompt_cache_mib: PromptCacheMib = None,
     serving: ServeOptions = ServeOptions(),
     stage_connections: StageClientOptions = StageClientOptions(),
+    request_limits: RequestLimits = RequestLimits(),
 ) -> None:
     """The public Generator service (no torch)."""
     from fluxmesh.orchestrator.app import OrchestratorOptions
@@ -149,6 +151,7 @@ def serve_orchestrator(
                                   stage_security=stage_connections.security(), metrics_port=serving.metrics_port,
                                   request_timeout=request_timeout or None, sequential=sequential,
                                   release_to=release_to.value, priorities=serving.priority_policy(max_priority),
+                                  limits=request_limits.limits(),
                                   **({"max_request_bytes": max_request_mib * 2**20} if max_request_mib else {}),
                                   **({"prompt_cache_bytes": prompt_cache_mib * 2**20}
                                      if prompt_cache_mib is not None else {}))

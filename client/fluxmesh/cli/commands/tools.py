@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from fluxmesh.cli.shared_options import T5Gguf, TransformerGguf
+from fluxmesh.cli.shared_options import CostLimits, T5Gguf, TransformerGguf, with_option_groups
 from fluxmesh.services.gguf.types import Component, Naming, QuantType
 from fluxmesh.services.tools.tiny_model import ModelSize, Variant
 
@@ -63,6 +63,7 @@ class PlanDtype(str, Enum):
 
 
 @app.command()
+@with_option_groups
 def plan(
     model: Annotated[Path, typer.Option(help="Local diffusers-layout model folder (only file headers are read).")],
     vram: Annotated[str, typer.Option(help="Memory of one accelerator, e.g. 16GiB, 24GB, 12.5G.")] = "16GiB",
@@ -80,10 +81,15 @@ def plan(
     redux: Annotated[Path | None, typer.Option(help="A FLUX.1-Redux folder the encoder loads too (--redux).")]
         = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    steps: Annotated[Optional[int], typer.Option(help="Denoising steps (default: the orchestrator's, 28 dev, "
+                                                      "4 schnell); with the size, the request's work.")] = None,
+    true_cfg: Annotated[bool, typer.Option(help="The request uses true CFG (twice the work).")] = False,
+    request_limits: CostLimits = CostLimits(),
 ) -> None:
     """Each stage's weights (from the files) and activations (from the resolution), and which
     placements fit an accelerator of --vram: all resident, sequential, encoder on CPU, one per
-    stage, or which transformer quantization is needed."""
+    stage, or which transformer quantization is needed; and whether an orchestrator with the same
+    limit flags admits such a request (the same check it makes)."""
     import json
 
     from fluxmesh.rpc.errors import FluxmeshError
@@ -93,7 +99,8 @@ def plan(
         result = make_plan(model, vram=parse_size(vram), width=width, height=height, num_images=num_images,
                            dtype=dtype.value, transformer_gguf=transformer_gguf, t5_gguf=t5_gguf,
                            max_sequence_length=max_sequence_length,
-                           context_bytes=parse_size(context_overhead, "context_overhead"), redux=redux)
+                           context_bytes=parse_size(context_overhead, "context_overhead"), redux=redux,
+                           steps=steps, true_cfg=true_cfg, limits=request_limits.limits())
     except FluxmeshError as error:
         typer.echo(f"error: {error.message}", err=True)
         raise typer.Exit(2) from None

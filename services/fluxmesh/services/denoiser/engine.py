@@ -163,6 +163,8 @@ class DenoiserEngine:
                            vae_scale_factor=self.vae_scale_factor)
         if job.conditioning is not None and job.conditioning.control_posterior is not None and job.true_cfg:
             raise InvalidArgument("true_cfg_scale", "FluxControlPipeline has no true CFG")
+        steps_run = contract.steps_after_strength(job.steps, job.init.strength) if job.init is not None else job.steps
+        contract.check_work(job.width, job.height, embeds.shape[0] * job.num_images, steps_run, job.true_cfg)
         self._mode(job)  # a Fill model runs only Fill requests
         if job.preview is not None:
             job.preview.check(self.latent_channels)
@@ -307,4 +309,18 @@ class DenoiserEngine:
             callback_on_step_end=step_end,
             callback_on_step_end_tensor_inputs=[],
         ).images
+        _check_converged(latents, job)
         return latents
+
+
+def _check_converged(latents: torch.Tensor, job: DenoiseJob) -> None:
+    """The denoiser's own output is checked here, so a run that diverged (inputs within their
+    ranges can still combine badly) is named as what it is, by the stage that produced it,
+    instead of reaching the vae as "NaN latents" it never made. Deterministic for the same
+    request, so INVALID_ARGUMENT: retrying will not help, other inputs will."""
+    if bool(torch.isfinite(latents).all()):
+        return
+    loras = ", ".join(f"{name}@{weight:g}" for name, weight in job.loras) or "none"
+    cfg = f", true_cfg_scale {job.true_cfg_scale:g}" if job.true_cfg else ""
+    raise InvalidArgument("latents", f"denoising diverged: the latents hold NaN or Inf after {job.steps} steps "
+                                     f"(guidance {job.guidance:g}{cfg}, LoRAs {loras}); lower guidance or LoRA weights")

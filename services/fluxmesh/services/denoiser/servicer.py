@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
+from fluxmesh import contract
 from fluxmesh.services.denoiser.batching import DEFAULT_MAX_BATCH, Batcher, stats_details
 from fluxmesh.services.denoiser.edits import conditioning_from_pb, init_from_pb, preview_from_pb
 from fluxmesh.services.denoiser.engine import DenoiseJob, DenoiserEngine
@@ -35,7 +36,7 @@ def job_from_pb(request: denoiser_pb2.DenoiseRequest) -> DenoiseJob:
         guidance=request.guidance,
         seed=request.seed,
         num_images=request.num_images or 1,
-        loras=tuple((lora.name, lora.weight) for lora in request.loras),
+        loras=contract.check_loras(request.loras),  # counted before it is walked
         init=init_from_pb(request),
         preview=preview_from_pb(request),
         negative_prompt_embeds=(from_pb(request.negative_prompt_embeds, "negative_prompt_embeds", ndim=3)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fluxmesh import contract
 from fluxmesh.rpc.errors import InvalidArgument
 from fluxmesh.rpc.images import open_image
 from fluxmesh.services.encoder.engine import TextEncoderEngine
@@ -21,10 +22,11 @@ class TextEncoderServicer(encoder_pb2_grpc.TextEncoderServicer):
         self.worker = ModelWorker("encoder")
 
     async def Encode(self, request: encoder_pb2.EncodeRequest, context) -> encoder_pb2.EncodeResponse:
+        contract.check_prompt_count(len(request.prompts))  # counted before anything is copied
         prompts, prompts_2 = list(request.prompts), list(request.prompts_2)
         images = _image_prompts(request)
         length = self.engine.check(prompts, prompts_2, request.max_sequence_length, images)
-        loras = self.engine.loras.check([(lora.name, lora.weight) for lora in request.loras])
+        loras = self.engine.loras.check(contract.check_loras(request.loras))
         self.requests += 1
         result = await self.worker.run(self.engine.encode, prompts, prompts_2, length, loras, images,
                                        request.zero_text)

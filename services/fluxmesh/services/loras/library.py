@@ -155,12 +155,12 @@ class LoraLibrary:
     def check(self, loras: Iterable[tuple[Any, Any]], field: str = "loras") -> list[tuple[str, float]]:
         """Validate a request's `[(name, weight), ...]` up front: the contract's rules (weights in
         range, no name twice), then every name resolves to a file inside the directory."""
-        checked = list(contract.check_loras(loras, field))
-        for i, (name, _) in enumerate(checked):
-            self.resolve(name, f"{field}[{i}].name")
+        checked = list(contract.check_loras(loras, field))  # counted (the contract's ceiling) before walked
         if len(checked) > self.max_cached:
             # More than the cache holds would evict an adapter of this very request mid-way.
             raise InvalidArgument(field, f"at most {self.max_cached} LoRAs per request, got {len(checked)}")
+        for i, (name, _) in enumerate(checked):
+            self.resolve(name, f"{field}[{i}].name")
         return checked
 
     # -- cache -----------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fluxmesh import contract
+from fluxmesh.contract import LIMITS, Limits
 from fluxmesh.rpc.errors import InvalidArgument, NotFound
 from fluxmesh.services.runtime import model_folder
 
@@ -93,6 +94,10 @@ class Plan:
     stages: list[StageNeed]
     layouts: list[Layout] = field(default_factory=list)
     quantization: list[Layout] = field(default_factory=list)  # sequential mode with a quantized transformer
+    steps: int = 28
+    true_cfg: bool = False
+    work: float = 0.0  # megapixel-steps (fluxmesh.contract.request_work)
+    refusal: str = ""  # why an orchestrator with these limits refuses such a request; "" = admissible
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -109,6 +114,9 @@ class Plan:
             lines.append(f"{s.stage:9s} {gib(s.weight_bytes):>10s} {gib(s.activation_bytes):>12s} "
                          f"{gib(s.total_bytes):>10s}  {'; '.join(s.sources)}")
         lines.append(f"plus {gib(self.context_bytes)} CUDA context per stage process on the accelerator")
+        lines.append(f"{self.steps} steps{' with true CFG' if self.true_cfg else ''}: {self.work:g} megapixel-steps; "
+                     + (f"REFUSED by the orchestrator's limits: {self.refusal}" if self.refusal
+                        else "admissible under the orchestrator's limits"))
         lines.append("")
         lines.append(f"{'placement':52s} {'accelerator':>12s}  fits")
         for layout in self.layouts + self.quantization:
@@ -268,10 +276,17 @@ def make_plan(
     max_sequence_length: int | None = None,
     context_bytes: int = CONTEXT_BYTES,
     redux: str | Path | None = None,
+    steps: int | None = None,
+    true_cfg: bool = False,
+    limits: Limits = LIMITS,
 ) -> Plan:
     """`redux`: a FLUX.1-Redux folder the encoder loads too (--redux); its image tokens lengthen
     the denoiser's text sequence. A Kontext model's denoiser also attends to its reference's
-    tokens (counted at Kontext's largest preferred resolution)."""
+    tokens (counted at Kontext's largest preferred resolution).
+
+    `steps` (default: the orchestrator's for the model), `true_cfg` and `limits` decide only
+    whether the orchestrator would admit such a request (`Plan.refusal`), by the contract's own
+    check; the memory figures stand either way."""
     folder = Path(model)
     if not (folder / "model_index.json").is_file():
         raise NotFound(f"{folder}: not a diffusers model folder (no model_index.json); plan reads local files")
@@ -316,6 +331,14 @@ def make_plan(
                   (f"VAE safetensors as {dtype}",)),
     ]
     plan = Plan(str(folder), width, height, num_images, dtype, vram, context_bytes, stages)
+    plan.steps = steps or _default_steps(folder)
+    plan.true_cfg = true_cfg
+    plan.work = contract.request_work(width, height, num_images, plan.steps, true_cfg)
+    try:
+        contract.check_steps(plan.steps, limits)
+        contract.check_admissible(width, height, num_images, plan.steps, true_cfg, multiple, limits)
+    except InvalidArgument as refusal:
+        plan.refusal = refusal.message
     plan.layouts = _layouts(stages, vram, context_bytes)
     largest = max(stages, key=lambda s: s.total_bytes).stage
     if not any(layout.fits for layout in plan.layouts[:2]) and largest == "denoiser" and not transformer_gguf:
@@ -341,6 +364,13 @@ def _kontext_reference_tokens(folder: Path) -> int:
     """The most tokens a snapped Kontext reference brings (one per 2x2 latent patch)."""
     patch = 2 * model_folder.vae_scale_factor(folder)
     return max((w // patch) * (h // patch) for w, h in contract.PREFERRED_KONTEXT_RESOLUTIONS)
+
+
+def _default_steps(folder: Path) -> int:
+    from fluxmesh.orchestrator.request import DEFAULT_STEPS_DEV, DEFAULT_STEPS_SCHNELL
+
+    return DEFAULT_STEPS_DEV if model_folder.read_config(folder, "transformer").get("guidance_embeds") \
+        else DEFAULT_STEPS_SCHNELL
 
 
 def _layouts(stages: list[StageNeed], vram: int, context: int) -> list[Layout]:

@@ -81,7 +81,7 @@ def plan(
     redux: Annotated[Path | None, typer.Option(help="A FLUX.1-Redux folder the encoder loads too (--redux).")]
         = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
-    steps: Annotated[Optional[int], typer.Option(help="Denoising steps (default: the orchestrator's, 28 dev, "
+    steps: Annotated[int | None, typer.Option(help="Denoising steps (default: the orchestrator's, 28 dev, "
                                                       "4 schnell); with the size, the request's work.")] = None,
     true_cfg: Annotated[bool, typer.Option(help="The request uses true CFG (twice the work).")] = False,
     request_limits: CostLimits = CostLimits(),

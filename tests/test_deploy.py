@@ -32,6 +32,7 @@ except ImportError:  # the test extra has it
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
+COMPOSE_CPU = ROOT / "docker-compose.cpu.yml"
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 K8S = ROOT / "deploy" / "kubernetes"
 STAGE_PORTS = {"encoder": 50051, "denoiser": 50052, "vae": 50053}
@@ -95,9 +96,51 @@ def entrypoints() -> dict[str, list[str]]:
     return found
 
 
+class _ComposeLoader(yaml.SafeLoader):
+    """Compose override files use `!reset` / `!override` (compose spec merge tags)."""
+
+
+_ComposeLoader.add_constructor("!reset", lambda loader, node: None)
+_ComposeLoader.add_multi_constructor("!", lambda loader, suffix, node: loader.construct_object(node))
+
+
+def _load_compose(*paths: Path) -> dict:
+    """docker-compose.yml with overrides merged as compose merges them (mappings deep, others replaced)."""
+
+    def merge(base, override):
+        if isinstance(base, dict) and isinstance(override, dict):
+            return {**base, **{k: merge(base.get(k), v) for k, v in override.items()}}
+        return override
+
+    merged: dict = {}
+    for path in paths:
+        merged = merge(merged, yaml.load(path.read_text(), Loader=_ComposeLoader))  # noqa: S506 (safe loader)
+    return merged
+
+
 @pytest.fixture(scope="module")
 def compose() -> dict:
-    return yaml.safe_load(COMPOSE.read_text())
+    return _load_compose(COMPOSE)
+
+
+@pytest.fixture
+def in_container(cli, tmp_path):
+    """in_container(compose, name, argv) -> cli(argv) as the service's container would run it, its
+    compose secrets mounted at /run/secrets/NAME (each must be declared and given to the service)."""
+
+    def run(compose: dict, name: str, argv: list[str]):
+        local = []
+        for arg in argv:
+            if arg.startswith("/run/secrets/"):
+                secret = arg.removeprefix("/run/secrets/")
+                assert secret in compose["services"][name].get("secrets", []), (name, secret)
+                assert "file" in compose["secrets"][secret], secret
+                arg = str(tmp_path / secret)
+                Path(arg).write_text(f"value-of-{secret}\n")
+            local.append(arg)
+        return cli(local)
+
+    return run
 
 
 def _argv(service: dict) -> list[str]:
@@ -109,12 +152,11 @@ def _port(address: str) -> int:
     return int(address.rpartition(":")[2])
 
 
-def test_every_compose_command_runs_with_the_real_cli(compose, cli):
+def test_every_compose_command_runs_with_the_real_cli(compose, in_container):
     for name, service in compose["services"].items():
         assert (ROOT / service["build"]["dockerfile"]).is_file()
         assert service["build"]["target"] in entrypoints(), name
-        argv = _argv(service)
-        call = cli(argv)
+        call = in_container(compose, name, _argv(service))
         if name in STAGE_PORTS:
             assert call[0] == "stage" and call[1].stage == name
             assert _port(call[1].address) == STAGE_PORTS[name] and call[1].device == "cuda:0"
@@ -146,18 +188,57 @@ def test_compose_stages_are_pinned_to_gpus_chosen_by_environment(compose):
     assert defaults == ["0", "1", "2"]  # one GPU per stage unless told otherwise
 
 
-def test_compose_orchestrator_reaches_each_stage_on_its_port(compose, cli):
+def test_compose_orchestrator_reaches_each_stage_on_its_port(compose, in_container):
     services = compose["services"]
-    _, options = cli(_argv(services["orchestrator"]))
+    _, options = in_container(compose, "orchestrator", _argv(services["orchestrator"]))
     for stage, port in STAGE_PORTS.items():
         assert getattr(options, stage) == f"{stage}:{port}"
-        assert _port(cli(_argv(services[stage]))[1].address) == port
+        assert _port(in_container(compose, stage, _argv(services[stage]))[1].address) == port
         assert "profiles" not in services[stage]
-    published = services["orchestrator"]["ports"][0]
-    assert substitute(published) == f"50050:{_port(options.address)}"
+    for name in ("orchestrator", "sequential"):  # published on this host's loopback unless told
+        (published,) = services[name]["ports"]
+        assert substitute(published) == "127.0.0.1:50050:50050"
+        assert published.startswith("${FLUXMESH_BIND:-127.0.0.1}:")
 
 
-def test_compose_volumes_and_the_sequential_profile(compose, cli):
+def test_compose_stages_demand_the_stage_token_only_the_orchestrator_holds(compose, in_container):
+    services = compose["services"]
+    for stage in STAGE_PORTS:
+        argv = _argv(services[stage])
+        assert option(argv, "--token-file") == "/run/secrets/stage-token"
+        assert services[stage]["secrets"] == ["stage-token"]
+        assert in_container(compose, stage, argv)[1].security.tokens == ("value-of-stage-token",)
+    orchestrator = _argv(services["orchestrator"])
+    assert option(orchestrator, "--stage-token-file") == "/run/secrets/stage-token"
+    for name in ("orchestrator", "sequential"):  # the public side demands client tokens
+        assert option(_argv(services[name]), "--token-file") == "/run/secrets/client-tokens"
+    assert "stage-token" not in services["sequential"]["secrets"]  # its stages are its own children
+    assert set(compose["secrets"]) == {"stage-token", "client-tokens"}
+
+
+def test_the_cpu_override_runs_every_stage_on_the_cpu_without_gpus(in_container):
+    compose = _load_compose(COMPOSE, COMPOSE_CPU)
+    services = compose["services"]
+    for name, service in services.items():
+        assert service.get("deploy") is None, name  # no GPU reservation left
+        call = in_container(compose, name, _argv(service))
+        if name in STAGE_PORTS:
+            assert call[1].device == "cpu" and call[1].model == "/models/tiny" and call[1].threads == 1
+            assert call[1].security.tokens == ("value-of-stage-token",)
+        elif name == "sequential":
+            common = call[2]["common_args"]
+            assert option(common, "--device") == "cpu" and option(common, "--threads") == "1", common
+        assert service["healthcheck"]["test"] == _load_compose(COMPOSE)["services"][name]["healthcheck"]["test"]
+
+
+def test_the_stages_image_defaults_to_the_cuda_build_of_the_torch_the_project_pins():
+    (pinned,) = set(re.findall(r"torch==([\d.]+)", (ROOT / "README.md").read_text()))
+    default = re.search(r"^ARG TORCH_IMAGE=(\S+)$", DOCKERFILE.read_text(), re.MULTILINE).group(1)
+    repository, tag = default.split(":")
+    assert repository == "pytorch/pytorch" and tag.startswith(f"{pinned}-cuda"), default
+
+
+def test_compose_volumes_and_the_sequential_profile(compose, in_container):
     assert set(compose["volumes"]) == {"models", "hf-cache"}
     for name, service in compose["services"].items():
         if name == "orchestrator":
@@ -166,7 +247,7 @@ def test_compose_volumes_and_the_sequential_profile(compose, cli):
         assert service["environment"]["HF_HOME"] == "/cache/huggingface"
     sequential = compose["services"]["sequential"]
     assert sequential["profiles"] == ["sequential"]
-    _, model, started = cli(_argv(sequential))
+    _, _model, started = in_container(compose, "sequential", _argv(sequential))
     assert started["orchestrator_args"][:1] == ["--sequential"]
     assert "--residency" in started["common_args"]  # stages start released/offloaded, never all loaded
     assert started["stage_args"]["denoiser"][:2] == ["--transformer-gguf", "/models/flux1-dev-Q8_0.gguf"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,13 @@ def _write(directory: Path, stem: str, cert: x509.Certificate, key: ec.EllipticC
     return pair
 
 
+def _san(host: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        return x509.DNSName(host)
+
+
 class Authority:
     """A CA that signs certificates into `directory`."""
 
@@ -54,8 +62,8 @@ class Authority:
         self.pem = directory / f"{name}-ca.pem"
         self.pem.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
 
-    def issue(self, stem: str, *, server: bool) -> Pair:
-        """A leaf certificate: for servers, valid for localhost and 127.0.0.1."""
+    def issue(self, stem: str, *, server: bool, hosts: Sequence[str] = ("localhost", "127.0.0.1")) -> Pair:
+        """A leaf certificate: for servers, valid for `hosts` (names or IP addresses)."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.timezone.utc)
         usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
@@ -68,6 +76,5 @@ class Authority:
             .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         )
         if server:
-            builder = builder.add_extension(x509.SubjectAlternativeName([
-                x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            builder = builder.add_extension(x509.SubjectAlternativeName([_san(host) for host in hosts]), critical=False)
         return _write(self.directory, f"{self.name}-{stem}", builder.sign(self.key, hashes.SHA256()), key)

@@ -57,13 +57,19 @@ _RETRY = {
 }
 
 
+# A stage host that vanishes (cable cut, power lost) sends no reset: its connection would hang
+# until the request deadline. A ping unanswered for 5 s (pings every 10 s) drops the connection,
+# so calls on it end UNAVAILABLE and the replica is skipped (tests/test_multihost.py).
+STAGE_KEEPALIVE = [("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000)]
+
+
 def channel_options(target: str) -> list[tuple[str, str]]:
     """round_robin over whatever a target resolves to (a host name can resolve to several
     addresses too), plus gRPC's own retries for dns:/// targets."""
     config = {"loadBalancingConfig": _ROUND_ROBIN}
     if is_dns_target(target):
         config["methodConfig"] = [_RETRY]
-    return [("grpc.service_config", json.dumps(config))]
+    return [("grpc.service_config", json.dumps(config)), *STAGE_KEEPALIVE]
 
 
 def parse_targets(spec: str, field_name: str = "address") -> list[str]:

@@ -29,6 +29,12 @@ CHANNEL_OPTIONS = MESSAGE_OPTIONS + [
 ]
 
 
+def _options(extra: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """CHANNEL_OPTIONS with `extra` replacing options of the same name (gRPC does not promise which
+    of two duplicates wins)."""
+    return list(dict([*CHANNEL_OPTIONS, *extra]).items())
+
+
 def aio_channel(
     address: str,
     *,
@@ -37,7 +43,7 @@ def aio_channel(
     options: Sequence[tuple[str, Any]] = (),
 ) -> grpc.aio.Channel:
     """An asyncio channel with fluxmesh's message limits (secure when credentials are given)."""
-    all_options = CHANNEL_OPTIONS + list(options)
+    all_options = _options(options)
     if credentials is not None:
         return grpc.aio.secure_channel(address, credentials, options=all_options, interceptors=interceptors)
     return grpc.aio.insecure_channel(address, options=all_options, interceptors=interceptors)
@@ -50,7 +56,7 @@ def sync_channel(
     options: Sequence[tuple[str, Any]] = (),
 ) -> grpc.Channel:
     """A blocking channel with fluxmesh's message limits (secure when credentials are given)."""
-    all_options = CHANNEL_OPTIONS + list(options)
+    all_options = _options(options)
     if credentials is not None:
         return grpc.secure_channel(address, credentials, options=all_options)
     return grpc.insecure_channel(address, options=all_options)

@@ -64,10 +64,11 @@ class Server:
         self.metrics_port = metrics_port
         install_log_field()
         self.health = HealthServicer()  # its Watch streams end when the drain starts
-        # Clients ping every 30 s to find dead peers (channels.py); without these the server
-        # would count idle pings as abuse and drop the connection (GOAWAY too_many_pings).
+        # Clients ping every 30 s (the orchestrator its stages every 10 s) to find dead peers
+        # (channels.py, replicas.py); without these the server would count idle pings as abuse
+        # and drop the connection (GOAWAY too_many_pings).
         options = [*MESSAGE_OPTIONS, ("grpc.keepalive_permit_without_calls", 1),
-                   ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                   ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
                    # gRPC sets SO_REUSEPORT by default: a second server on a taken port would then
                    # start "fine" and silently split the calls with the first. Fail loudly instead.
                    ("grpc.so_reuseport", 0)]

@@ -173,7 +173,7 @@ def measure(model: Path, gguf_file: Path, args) -> None:
     plan = make_plan(model, vram=16 * GIB, width=args.size, height=args.size, transformer_gguf=gguf_file)
     weights = {need.stage: need.weight_bytes for need in plan.stages}
     print(f"\n== FLUX.1-dev-sized, Q8_0 transformer, sequential on the CPU in bfloat16: {args.size}x{args.size}, "
-          f"{args.steps} step(s), one image in {seconds:.0f}s (swaps {result.swaps}, {result.timings.swap:.0f}s) ==")
+          f"{args.steps} step(s), one image in {seconds:.0f}s (swaps {result.timings.swaps}, {result.timings.swap:.0f}s) ==")
     print(f"{'stage':9s} {'peak RSS':>10s} {'RSS released':>13s} {'loads (s)':>12s} {'releases (s)':>13s}")
     for stage in STAGES:
         status = statuses[stage]

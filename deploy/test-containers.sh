@@ -202,7 +202,7 @@ from fluxmesh.client import Client, FluxmeshError
 address, token = sys.argv[1], Path(sys.argv[2]).read_text().strip()
 with Client(address, token=token, timeout=120) as client:
     result = client.generate("a red fox in the snow", width=64, height=64, steps=2, seed=7)
-    assert result.image.size == (64, 64) and result.png[0].startswith(b"\x89PNG"), result
+    assert result.image.size == (64, 64) and result.image_data[0].startswith(b"\x89PNG"), result
     print(f"   image {result.image.size}, seed {result.seed}, "
           f"encode {result.timings.encode:.2f}s denoise {result.timings.denoise:.2f}s decode {result.timings.decode:.2f}s")
 with Client(address, timeout=30) as anonymous:  # the published port demands a client token

@@ -67,7 +67,7 @@ for line in sys.stdin:
                     say(event="step", step=event.step)
                 elif isinstance(event, Result):
                     say(event="result", seconds=time.monotonic() - started, size=list(event.image.size),
-                        pixels=event.png[0].hex())
+                        pixels=event.image_data[0].hex())
     except FluxmeshError as error:
         say(event="error", code=error.code.name, message=error.message, seconds=time.monotonic() - started)
 """

@@ -163,6 +163,8 @@ def test_every_compose_command_runs_with_the_real_cli(compose, in_container):
             assert call[1].model == "black-forest-labs/FLUX.1-dev"
         elif name == "orchestrator":
             assert call[0] == "orchestrator" and _port(call[1].address) == 50050
+        if name in (*STAGE_PORTS, "orchestrator"):  # reachable from the other containers, said explicitly
+            assert call[1].address.startswith("0.0.0.0:"), (name, call[1].address)
         else:
             assert call[0] == "up" and call[2]["port"] == 50050, call
 
@@ -374,6 +376,8 @@ def test_every_deployment_runs_real_commands_with_matching_ports_and_probes(over
                 deployment["spec"]["template"]["metadata"]["labels"].items()
             if kind == "stage":
                 assert port == STAGE_PORTS[options[0].stage] and name == f"fluxmesh-{options[0].stage}"
+            if kind in ("stage", "orchestrator"):  # reachable from other pods, said explicitly
+                assert options[0].address.startswith("[::]:"), (name, options[0].address)
 
 
 def test_pods_drain_before_they_go_and_are_not_killed_while_loading(overlays):

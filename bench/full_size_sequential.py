@@ -133,6 +133,7 @@ def measure(model: Path, gguf_file: Path, args) -> None:
 
     from fluxmesh.cli.supervisor import free_port, start_local
     from fluxmesh.client import Client
+    from fluxmesh.rpc.security import ClientSecurity
     from fluxmesh.v1 import residency_pb2, residency_pb2_grpc
 
     common = ["--device", "cpu", "--dtype", "bfloat16", "--residency", "standby"]
@@ -150,10 +151,14 @@ def measure(model: Path, gguf_file: Path, args) -> None:
         with Client(cluster.address, timeout=7200) as client:
             result = client.generate(PROMPT, width=args.size, height=args.size, steps=args.steps, guidance=3.5, seed=1)
         seconds = time.perf_counter() - t0
+        # Residency calls carry the stage token, where this fluxmesh's start_local gives its stages one
+        token = getattr(cluster, "stage_token", None)
+        metadata = ClientSecurity(token=token).metadata() if token else ()
         # the VAE ran last and is still loaded: release it too, as the next request's encode would
         vae = next(c for c in cluster.children if c.name == "vae")
         with grpc.insecure_channel(vae.address) as channel:
-            residency_pb2_grpc.ResidencyStub(channel).Release(residency_pb2.ReleaseRequest(), timeout=600)
+            residency_pb2_grpc.ResidencyStub(channel).Release(residency_pb2.ReleaseRequest(), timeout=600,
+                                                              metadata=metadata)
         time.sleep(0.5)
         sampler.stop()
         statuses = {}
@@ -162,7 +167,7 @@ def measure(model: Path, gguf_file: Path, args) -> None:
                 continue
             with grpc.insecure_channel(child.address) as channel:
                 statuses[child.name] = residency_pb2_grpc.ResidencyStub(channel).Status(
-                    residency_pb2.ResidencyStatusRequest(), timeout=60)
+                    residency_pb2.ResidencyStatusRequest(), timeout=60, metadata=metadata)
         with Client(cluster.address) as client:
             info = {stage.stage: stage for stage in client.info().stages}
     available_after = mem_available()

@@ -257,7 +257,8 @@ def _vae_activations(folder: Path, width: int, height: int, images: int, b: int)
             peak = max(peak, 9 * c_out * h * w)
             h, w = h * 2, w * 2
     image = 3 * height * width * 4  # the decoded image, float32 for post-processing
-    return images * (peak * b + image)
+    # Images are decoded one at a time (vae/engine.py): one image's activations, every image's pixels.
+    return peak * b + image + images * 3 * height * width
 
 
 # --------------------------------------------------------------------------- the plan

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import logging
+import threading
 from pathlib import Path
 
 import torch
@@ -17,7 +18,7 @@ from PIL import Image
 
 from fluxmesh import contract
 from fluxmesh.contract import LIMITS
-from fluxmesh.rpc.errors import InvalidArgument
+from fluxmesh.rpc.errors import Cancelled, InvalidArgument
 from fluxmesh.services.runtime.device import Device
 from fluxmesh.services.runtime.memory import module_bytes
 from fluxmesh.services.runtime import model_folder
@@ -70,12 +71,23 @@ class VaeEngine:
                 "latents.shape", f"{list(latents.shape)} does not match {width}x{height}: expected [B, {expected[0]}, {expected[1]}]"
             )
 
-    def decode(self, latents: torch.Tensor, width: int, height: int) -> list[Image.Image]:
+    def decode(self, latents: torch.Tensor, width: int, height: int,
+               cancelled: threading.Event | None = None) -> list[Image.Image]:
+        """FluxPipeline's decode, one image at a time: a cancelled request stops between images
+        (`Cancelled`), and activation memory is one image's, not the batch's. Each sample goes
+        through the VAE on its own in a batch too (no layer mixes samples), so the pixels are
+        FluxPipeline's (tests/test_limits.py). One image's decode is not interruptible; its
+        size is bounded by the contract's max_side and work budget."""
         latents = latents.to(self.device.torch_device, self.device.dtype)
         latents = FluxPipeline._unpack_latents(latents, height, width, self.vae_scale_factor)
         latents = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
-        image = self.vae.decode(latents, return_dict=False)[0]
-        return self.image_processor.postprocess(image, output_type="pil")
+        images: list[Image.Image] = []
+        for i in range(latents.shape[0]):
+            if cancelled is not None and cancelled.is_set():
+                raise Cancelled(f"cancelled after {i} of {latents.shape[0]} images were decoded")
+            image = self.vae.decode(latents[i:i + 1], return_dict=False)[0]
+            images += self.image_processor.postprocess(image, output_type="pil")
+        return images
 
 
 def encode_png(image: Image.Image) -> bytes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 
 from fluxmesh.rpc.images import check_mask, open_image
 from fluxmesh.services.runtime.info import stage_info
@@ -39,10 +40,15 @@ class VaeServicer(vae_pb2_grpc.VaeServicer):
         if request.preview:
             return vae_pb2.DecodeResponse(images=await self.previews.decode(latents, request.width, request.height))
         raw = request.format == common_pb2.IMAGE_FORMAT_RAW_RGB
-        images = await self.worker.run(self._decode, latents, request.width, request.height, raw)
+        cancelled = threading.Event()  # set when the caller goes away: the decode stops between images
+        try:
+            images = await self.worker.run(self._decode, latents, request.width, request.height, raw, cancelled)
+        finally:
+            cancelled.set()
         return vae_pb2.DecodeResponse(images=images)
 
-    def _decode(self, latents, width: int, height: int, raw: bool) -> list[common_pb2.Image]:
+    def _decode(self, latents, width: int, height: int, raw: bool,
+                cancelled: threading.Event | None = None) -> list[common_pb2.Image]:
         # PNG encoding is CPU work too: keep it on the model thread, off the event loop.
         return [
             common_pb2.Image(
@@ -51,7 +57,7 @@ class VaeServicer(vae_pb2_grpc.VaeServicer):
                 format=common_pb2.IMAGE_FORMAT_RAW_RGB if raw else common_pb2.IMAGE_FORMAT_PNG,
                 data=image.tobytes() if raw else encode_png(image),
             )
-            for image in self.engine.decode(latents, width, height)
+            for image in self.engine.decode(latents, width, height, cancelled)
         ]
 
     async def Encode(self, request: vae_pb2.EncodeImageRequest, context) -> vae_pb2.EncodeImageResponse:

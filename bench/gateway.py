@@ -83,16 +83,22 @@ def main() -> None:
             assert sdk()[0] == gateway()[0], "the gateway's PNG differs from the SDK's"
             names = ("sdk", "gateway", "sdk_outside", "gateway_outside", "sdk_ttfp", "gateway_ttfp")
             samples: dict[str, list[float]] = {name: [] for name in names}
-            for _ in range(args.repeats):  # alternate so drift on a noisy machine hits both alike
-                for name, fn in (("sdk", sdk), ("gateway", gateway)):
-                    started = time.perf_counter()
-                    _, inside = fn()
-                    samples[name].append(time.perf_counter() - started)
-                    # what the path adds beyond the orchestrator's own time for the request
-                    samples[f"{name}_outside"].append(samples[name][-1] - inside)
-                for name, fn in (("sdk_ttfp", sdk_first_preview), ("gateway_ttfp", gateway_first_partial)):
-                    samples[name].append(fn())
-                    time.sleep(0.3)  # the cancelled request leaves the stages before the next starts
+            for round_ in range(args.repeats):
+                # Alternate, and swap who goes first each round: a cancelled request may still be
+                # finishing its step when the next starts, and drift on a noisy machine hits both alike.
+                pairs = [(("sdk", sdk), ("gateway", gateway)),
+                         (("sdk_ttfp", sdk_first_preview), ("gateway_ttfp", gateway_first_partial))]
+                for pair in pairs:
+                    for name, fn in (pair if round_ % 2 == 0 else pair[::-1]):
+                        started = time.perf_counter()
+                        value = fn()
+                        if name.endswith("_ttfp"):
+                            samples[name].append(value)
+                            time.sleep(0.5)  # the cancelled request leaves the stages
+                            continue
+                        samples[name].append(time.perf_counter() - started)
+                        # what the path adds beyond the orchestrator's own time for the request
+                        samples[f"{name}_outside"].append(samples[name][-1] - value[1])
 
     ms = {name: median(values) * 1000 for name, values in samples.items()}
     print(f"small tiny model, {args.width}x{args.height}, {args.steps} steps, {args.repeats} runs each")
@@ -102,7 +108,7 @@ def main() -> None:
     print(f"outside the orchestrator's own time: SDK median {ms['sdk_outside']:.1f} ms, gateway median "
           f"{ms['gateway_outside']:.1f} ms  (the gateway adds {ms['gateway_outside'] - ms['sdk_outside']:.1f} ms)")
     print(f"first preview   SDK median {ms['sdk_ttfp']:7.1f} ms, gateway first partial image median "
-          f"{ms['gateway_ttfp']:7.1f} ms  (+{ms['gateway_ttfp'] - ms['sdk_ttfp']:.1f} ms)")
+          f"{ms['gateway_ttfp']:7.1f} ms  ({ms['gateway_ttfp'] - ms['sdk_ttfp']:+.1f} ms)")
 
 
 if __name__ == "__main__":

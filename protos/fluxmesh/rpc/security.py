@@ -15,6 +15,7 @@ still apply to them because the handshake comes before any RPC.
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import logging
 import os
 from collections.abc import Awaitable, Callable, Sequence
@@ -33,12 +34,17 @@ __all__ = [
     "read_tokens",
     "read_priority_grants",
     "presented_token",
+    "is_loopback",
+    "STAGE_TOKEN_ENV",
     "SecurityConfigError",
 ]
 
 AUTHORIZATION = "authorization"
 # Services anyone may call without a token: probes must work without the secret.
 TOKEN_EXEMPT_SERVICES = ("grpc.health.v1.Health",)
+# Where `fluxmesh up` hands its children the stage token it made (never argv: /proc shows argv
+# to every local user, a process's environment only to its own user).
+STAGE_TOKEN_ENV = "FLUXMESH_STAGE_TOKEN"
 
 
 class SecurityConfigError(ValueError):
@@ -119,6 +125,12 @@ class ServerSecurity:
     def tls(self) -> bool:
         return self.cert is not None
 
+    @property
+    def authenticates(self) -> bool:
+        """Whether a caller must present a credential (a token or a client certificate); TLS
+        alone only hides the bytes, it lets anyone in."""
+        return bool(self.tokens) or self.require_client_cert
+
     def credentials(self) -> grpc.ServerCredentials | None:
         """Server credentials, or None for plaintext."""
         if not self.tls:
@@ -172,6 +184,23 @@ class ClientSecurity:
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         return ((AUTHORIZATION, f"Bearer {self.token}"),) if self.token else ()
+
+
+def is_loopback(address: str) -> bool:
+    """Whether `address` (host:port, [v6]:port, a gRPC target such as dns:///host:port or
+    unix:path) reaches only this machine. A name other than localhost is not loopback: it may
+    resolve anywhere."""
+    if address.startswith(("unix:", "unix-abstract:")):
+        return True
+    target = address.split("///", 1)[1] if "///" in address else address.removeprefix("ipv4:").removeprefix("ipv6:")
+    host = target.rsplit(":", 1)[0] if target.count(":") == 1 or target.startswith("[") else target
+    host = host.strip("[]").lower()
+    if host in ("localhost", "localhost.", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def presented_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:

@@ -2,8 +2,9 @@
 
 Every server gets: fluxmesh's message limits, the error-mapping interceptor, standard
 `grpc.health.v1` health (SERVING once its services are registered, NOT_SERVING while it
-drains), server reflection, and a graceful stop on SIGTERM/SIGINT: refuse new calls, let calls
-in flight finish within the grace period, then return so the process exits 0.
+drains), server reflection (v1 and v1alpha), and a graceful stop on SIGTERM/SIGINT: refuse new
+calls, let calls in flight finish within the grace period, then return so the process exits 0.
+A server that listens beyond loopback without demanding credentials says so loudly at start.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from fluxmesh.rpc.channels import MESSAGE_OPTIONS
 from fluxmesh.rpc.health import HealthServicer
@@ -25,7 +26,7 @@ from fluxmesh.rpc.interceptors import ErrorMappingInterceptor
 from fluxmesh.rpc.metrics import serve_metrics
 from fluxmesh.rpc.observability import ObservabilityInterceptor
 from fluxmesh.rpc.request_ids import install_log_field
-from fluxmesh.rpc.security import ServerSecurity
+from fluxmesh.rpc.security import ServerSecurity, is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -85,11 +86,7 @@ class Server:
         for service in self.services:
             service.add(service.servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        names = [s.name for s in self.services]
-        reflection.enable_server_reflection(
-            [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
-            self._server,
-        )
+        _enable_reflection([s.name for s in self.services], self._server)
         server_credentials = self.security.credentials()
         try:
             if server_credentials is not None:
@@ -120,6 +117,12 @@ class Server:
             await self.set_serving(serving, name)
         log.info("serving %s on %s (%s)", ", ".join(s.name for s in self.services), self.address,
                  self.security.describe())
+        if not is_loopback(self.address) and not self.security.authenticates:
+            log.warning("UNPROTECTED: %s listens on %s, beyond loopback, and demands no credential: anyone "
+                        "who reaches the port may call %s. Listen on 127.0.0.1, or demand a token "
+                        "(--token-file/--token-env) or client certificates (--require-client-cert).",
+                        ", ".join(s.name for s in self.services), self.address,
+                        "it" if len(self.services) == 1 else "them")
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: NOT_SERVING, refuse new calls, finish calls in flight within `grace`."""
@@ -148,6 +151,27 @@ class Server:
     def _on_signal(self, sig: signal.Signals) -> None:
         log.info("%s: draining (grace %.0fs)", sig.name, self.grace_seconds)
         self.request_stop()
+
+
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def _enable_reflection(service_names: list[str], server: grpc.aio.Server) -> None:
+    """Server reflection under both names tools use. grpcio-reflection ships only v1alpha; v1 is
+    the same protocol renamed (identical messages, field for field), so the v1alpha servicer
+    answers it too, registered here under the v1 name (some tools, e.g. grpcurl >= 1.9 and
+    Postman, speak v1 first or only)."""
+    names = [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME, REFLECTION_V1]
+    servicer = reflection.aio.ReflectionServicer(names)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    handler = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(REFLECTION_V1,
+                                                                          {"ServerReflectionInfo": handler}),))
 
 
 def _host(address: str) -> str:

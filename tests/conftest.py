@@ -65,3 +65,21 @@ def schnell_cluster(schnell_model):
 @pytest.fixture(scope="session")
 def stage_addresses(dev_cluster) -> dict[str, str]:
     return {child.name: child.address for child in dev_cluster.children}
+
+
+@pytest.fixture(scope="session")
+def stage_token(dev_cluster) -> str:
+    """The token dev_cluster's stages demand (start_local makes one per cluster)."""
+    return dev_cluster.stage_token
+
+
+def stage_metadata(token: str) -> tuple[tuple[str, str], ...]:
+    """Metadata for calling a start_local stage directly, as its orchestrator does."""
+    return (("authorization", f"Bearer {token}"),)
+
+
+def stage_access(token: str) -> tuple[list[str], dict[str, str]]:
+    """Flags and environment of another orchestrator in front of a start_local cluster's stages."""
+    from fluxmesh.rpc.security import STAGE_TOKEN_ENV
+
+    return ["--stage-token-env", STAGE_TOKEN_ENV], {STAGE_TOKEN_ENV: token}

@@ -38,14 +38,17 @@ def call(channel: grpc.Channel, method: str, request: Message | bytes, *, timeou
 
 
 class Caller:
-    """One channel per address, reused for every call of a test module."""
+    """One channel per address, reused for every call of a test module; `metadata` goes with
+    every call unless a call names its own (e.g. a start_local cluster's stage token)."""
 
-    def __init__(self) -> None:
+    def __init__(self, metadata=None) -> None:
         self._channels: dict[str, grpc.Channel] = {}
+        self.metadata = metadata
 
     def __call__(self, address: str, method: str, request: Message | bytes, **kwargs):
         if address not in self._channels:
             self._channels[address] = sync_channel(address)
+        kwargs.setdefault("metadata", self.metadata)
         return call(self._channels[address], method, request, **kwargs)
 
     def close(self) -> None:

@@ -14,6 +14,7 @@ import time
 import grpc
 import pytest
 
+from conftest import stage_access
 from factories import PROMPT
 from fluxmesh.cli.supervisor import Cluster, free_port, health_status
 from fluxmesh.client import Client, FluxmeshError, Queued, Result, Step
@@ -84,15 +85,16 @@ async def test_a_full_queue_refuses_at_once_and_an_abandoned_place_is_given_back
 
 
 @pytest.fixture(scope="module")
-def small_orchestrator(stage_addresses):
+def small_orchestrator(stage_addresses, stage_token):
     """One request at a time, two places in line, in front of the shared stages."""
     port = free_port()
+    flags, env = stage_access(stage_token)
     with Cluster() as cluster:
         cluster.start("orchestrator", [
             "serve", "orchestrator", "--host", "127.0.0.1", "--port", str(port), "--max-active", "1",
             "--max-queue", "2", *[f"--{stage}={address}" for stage, address in stage_addresses.items()
-                                  if stage != "orchestrator"],
-        ], f"127.0.0.1:{port}")
+                                  if stage != "orchestrator"], *flags,
+        ], f"127.0.0.1:{port}", env)
         deadline = time.monotonic() + 60
         while health_status(cluster.address) != 1:
             assert time.monotonic() < deadline

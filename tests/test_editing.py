@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import STAGE_FLAGS
+from conftest import STAGE_FLAGS, stage_metadata
 from factories import PROMPT, edit_reference_images, init_and_mask, max_abs_diff
 from fluxmesh.client import Client, FluxmeshError
 
@@ -179,7 +179,7 @@ def test_gray_masks_in_any_one_channel_form_are_accepted(dev_cluster):
     assert max_abs_diff(a.image, b.image) == 0
 
 
-def test_vae_stage_checks_what_it_is_sent(stage_addresses):
+def test_vae_stage_checks_what_it_is_sent(stage_addresses, stage_token):
     """Encode called directly (not through the orchestrator) still answers INVALID_ARGUMENT."""
     from fluxmesh.rpc.channels import sync_channel
     from fluxmesh.v1 import vae_pb2, vae_pb2_grpc
@@ -194,11 +194,11 @@ def test_vae_stage_checks_what_it_is_sent(stage_addresses):
         stub = vae_pb2_grpc.VaeStub(channel)
         for field, request in cases:
             with pytest.raises(grpc.RpcError) as caught:
-                stub.Encode(request, timeout=30)
+                stub.Encode(request, timeout=30, metadata=stage_metadata(stage_token))
             assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert caught.value.details().startswith(f"{field}:"), caught.value.details()
         good = vae_pb2.EncodeImageRequest(image=_png(init), mask=_png(mask), width=64, height=64)
-        reply = stub.Encode(good, timeout=30)
+        reply = stub.Encode(good, timeout=30, metadata=stage_metadata(stage_token))
     assert list(reply.posterior.shape) == [1, 32, 8, 8] and list(reply.latents.shape) == [1, 16, 8, 8]
     assert list(reply.mask.shape) == [1, 1, 64, 64] and reply.mask.dtype == "uint8"
     assert abs(reply.scaling_factor - 0.3611) < 1e-6 and abs(reply.shift_factor - 0.1159) < 1e-6

@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from conftest import STAGE_FLAGS
+from conftest import STAGE_FLAGS, stage_metadata
 from rpc_tools import Caller
 from fluxmesh.cli.supervisor import free_port, start_local
 from fluxmesh.v1 import common_pb2, denoiser_pb2, encoder_pb2, generator_pb2, vae_pb2
@@ -78,8 +78,8 @@ def addresses(cluster) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def rpc():
-    caller = Caller()
+def rpc(cluster):
+    caller = Caller(metadata=stage_metadata(cluster.stage_token))  # the stages demand it; the orchestrator ignores it
     yield caller
     caller.close()
 

@@ -15,7 +15,7 @@ import time
 import grpc
 import pytest
 
-from conftest import STAGE_FLAGS
+from conftest import STAGE_FLAGS, stage_access
 from fluxmesh.cli.supervisor import Cluster, free_port, health_status
 from fluxmesh.client import Client, FluxmeshError
 from fluxmesh.orchestrator.replicas import Replica, ReplicaSet, channel_options, parse_targets
@@ -78,13 +78,14 @@ def test_pick_skips_down_replicas_but_never_refuses_to_try():
     assert replicas.pick() is up and not math.isinf(down.down_until)
 
 
-async def test_a_dns_target_reaches_the_stage_through_round_robin(stage_addresses):
+async def test_a_dns_target_reaches_the_stage_through_round_robin(stage_addresses, stage_token):
     """`dns:///localhost:PORT` resolves to ::1 and 127.0.0.1; the stage listens on the latter
     only, and round_robin skips the address that refuses."""
     from fluxmesh.orchestrator.stages import VaeClient
+    from fluxmesh.rpc.security import ClientSecurity
 
     port = stage_addresses["vae"].rpartition(":")[2]
-    client = VaeClient(f"dns:///localhost:{port}")
+    client = VaeClient(f"dns:///localhost:{port}", security=ClientSecurity(token=stage_token))
     try:
         assert (await client.info(timeout=30)).stage == "vae"
     finally:
@@ -101,7 +102,8 @@ def _denoiser_requests(address: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def two_denoisers(dev_model, stage_addresses):
+def two_denoisers(dev_model, stage_addresses, stage_token):
+    flags, env = stage_access(stage_token)  # the shared encoder and vae demand their token
     cluster = Cluster()
     try:
         denoisers = []
@@ -113,8 +115,8 @@ def two_denoisers(dev_model, stage_addresses):
         port = free_port()
         cluster.start("orchestrator", ["serve", "orchestrator", "--host", "127.0.0.1", "--port", str(port),
                                        "--max-active", "8", f"--encoder={stage_addresses['encoder']}",
-                                       f"--denoiser={','.join(denoisers)}", f"--vae={stage_addresses['vae']}"],
-                      f"127.0.0.1:{port}")
+                                       f"--denoiser={','.join(denoisers)}", f"--vae={stage_addresses['vae']}",
+                                       *flags], f"127.0.0.1:{port}", env)
         cluster.wait_serving(180)
         time.sleep(1.5)  # SERVING once one replica is; a health-monitor round later it has seen both
         yield cluster, denoisers

@@ -134,3 +134,68 @@ def test_several_loras_survive_every_release_mode_on_the_model_thread(dev_model,
     assert not torch.equal(styled, plain)  # the LoRAs are active
     for again_styled, again_plain in outputs[1:]:
         assert torch.equal(again_styled, styled) and torch.equal(again_plain, plain)
+
+
+# --- who may move the weights: the Residency RPCs on a real stage server, in process ---------
+
+async def _serve_vae(dev_model, **options):
+    from fluxmesh.rpc.server import Server
+    from fluxmesh.services.app import StageOptions, build_service
+
+    stage = StageOptions(stage="vae", model=str(dev_model), device="cpu", **options)
+    server = Server(build_service(stage), address="127.0.0.1:0", security=stage.security)
+    await server.start()
+    return server
+
+
+async def _residency(server, method: str, token: str | None = None):
+    import grpc
+
+    from fluxmesh.v1 import residency_pb2, residency_pb2_grpc
+
+    request = {"Load": residency_pb2.LoadRequest(), "Release": residency_pb2.ReleaseRequest(),
+               "Status": residency_pb2.ResidencyStatusRequest()}[method]
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        try:
+            reply = await getattr(residency_pb2_grpc.ResidencyStub(channel), method)(
+                request, timeout=30, metadata=(("authorization", f"Bearer {token}"),) if token else None)
+        except grpc.aio.AioRpcError as error:
+            return error.code(), error.details()
+    return grpc.StatusCode.OK, reply.state
+
+
+async def test_a_resident_stage_without_credentials_takes_no_residency_orders(dev_model):
+    """Anyone who reaches such a stage could otherwise unload it for good (nothing reloads it in
+    resident mode): Load/Release are refused, Status still answers, the weights stay."""
+    import grpc
+
+    server = await _serve_vae(dev_model)
+    try:
+        for method in ("Release", "Load"):
+            code, details = await _residency(server, method)
+            assert code == grpc.StatusCode.PERMISSION_DENIED, (method, code, details)
+            assert "residency control is off" in details and "--token-file" in details
+        assert await _residency(server, "Status") == (grpc.StatusCode.OK, "resident")
+    finally:
+        await server.stop(0)
+
+
+async def test_residency_orders_need_the_stage_credential_or_sequential_start(dev_model):
+    import grpc
+
+    from fluxmesh.rpc.security import ServerSecurity
+
+    server = await _serve_vae(dev_model, security=ServerSecurity(tokens=("stage-secret",)))
+    try:
+        assert (await _residency(server, "Release"))[0] == grpc.StatusCode.UNAUTHENTICATED
+        assert (await _residency(server, "Release", "guess"))[0] == grpc.StatusCode.UNAUTHENTICATED
+        assert await _residency(server, "Status", "stage-secret") == (grpc.StatusCode.OK, "resident")
+        assert await _residency(server, "Release", "stage-secret") == (grpc.StatusCode.OK, "released")
+        assert await _residency(server, "Load", "stage-secret") == (grpc.StatusCode.OK, "resident")
+    finally:
+        await server.stop(0)
+    server = await _serve_vae(dev_model, residency="standby")  # started for sequential mode: its orders are on
+    try:
+        assert await _residency(server, "Load") == (grpc.StatusCode.OK, "resident")
+    finally:
+        await server.stop(0)

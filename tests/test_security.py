@@ -13,13 +13,14 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import grpc
 import pytest
 
 from certs import Authority
 from factories import PROMPT
-from mesh import SERVING, Mesh
+from mesh import NOT_SERVING, SERVING, Mesh
 from rpc_tools import call
 from fluxmesh.cli.supervisor import STAGES
 from fluxmesh.client import Client, FluxmeshError
@@ -164,6 +165,72 @@ def test_a_stage_only_answers_the_orchestrators_certificate_and_token(secure_mes
     assert _status(address, method, credentials=cert, token=STAGE_TOKEN) == C.OK
 
 
+def test_an_unloaded_stage_makes_the_orchestrator_not_serving(secure_mesh, pki):
+    """In resident mode a stage whose weights were released serves nothing: the orchestrator's
+    health says so, and says SERVING again once they are back (only the orchestrator's
+    certificate and stage token may move them)."""
+    from fluxmesh.v1 import residency_pb2, residency_pb2_grpc
+
+    cert = _credentials(pki["ca"], pki["orchestrator_client"])
+    token = (("authorization", f"Bearer {STAGE_TOKEN}"),)
+    with grpc.secure_channel(secure_mesh.address("vae"), cert) as channel:
+        stub = residency_pb2_grpc.ResidencyStub(channel)
+        try:
+            assert stub.Release(residency_pb2.ReleaseRequest(), timeout=30, metadata=token).state == "released"
+            secure_mesh.wait_health(NOT_SERVING, timeout=10)
+        finally:
+            assert stub.Load(residency_pb2.LoadRequest(), timeout=60, metadata=token).state == "resident"
+    secure_mesh.wait_health(SERVING, timeout=10)
+    assert "vae stage at" in secure_mesh.log("orchestrator") and "weights are released" in secure_mesh.log("orchestrator")
+
+
+def test_an_orchestrator_without_the_stage_token_is_not_serving_and_says_whose_fault(secure_mesh, pki, tmp_path):
+    """The stages demand a token this orchestrator was not given: it must not say SERVING, and a
+    caller with the right public token hears that a stage is unavailable, never that *its*
+    bearer token is missing."""
+    from fluxmesh.cli.supervisor import Cluster, free_port, health_status
+
+    port = free_port()
+    with Cluster() as cluster:
+        cluster.start("orchestrator", [
+            "serve", "orchestrator", "--host", "127.0.0.1", "--port", str(port),
+            *[f"--{stage}={secure_mesh.address(stage)}" for stage in STAGES],
+            "--stage-tls-ca", str(pki["ca"]), "--stage-tls-cert", str(pki["orchestrator_client"].cert),
+            "--stage-tls-key", str(pki["orchestrator_client"].key)], f"127.0.0.1:{port}")
+        deadline = time.monotonic() + 60
+        while health_status(cluster.address) is None:
+            assert time.monotonic() < deadline, "the orchestrator did not start"
+            time.sleep(0.1)
+        time.sleep(1.5)  # a few monitor rounds
+        assert health_status(cluster.address) == NOT_SERVING
+        with Client(cluster.address, timeout=30) as client:
+            with pytest.raises(FluxmeshError) as caught:
+                client.generate(PROMPT, width=64, height=64, steps=1)
+    assert caught.value.code == C.UNAVAILABLE, caught.value
+    assert any(f"{stage} stage" in caught.value.message for stage in STAGES), caught.value.message
+    assert "bearer" not in caught.value.message.lower() and "credential" in caught.value.message
+
+
+def test_local_stages_demand_a_token_only_their_orchestrator_has(dev_cluster):
+    """start_local (`fluxmesh up`, `demo`) makes a random stage token per start and hands it to
+    its children in their environment: any other local process is refused, and the token is in
+    no process's argv (which /proc shows to every user)."""
+    from fluxmesh.v1 import residency_pb2
+
+    assert dev_cluster.stage_token and len(dev_cluster.stage_token) >= 32
+    for child in dev_cluster.children:
+        argv = Path(f"/proc/{child.process.pid}/cmdline").read_bytes()
+        assert dev_cluster.stage_token.encode() not in argv, child.name
+        if child.name == "orchestrator":
+            continue
+        service = {"encoder": "TextEncoder", "denoiser": "Denoiser", "vae": "Vae"}[child.name]
+        assert _status(child.address, f"/fluxmesh.v1.{service}/Info") == C.UNAUTHENTICATED
+        with sync_channel(child.address) as channel:
+            code, _, _ = call(channel, "/fluxmesh.v1.Residency/Release", residency_pb2.ReleaseRequest(), timeout=10)
+        assert code == C.UNAUTHENTICATED
+        assert _status(child.address, f"/fluxmesh.v1.{service}/Info", token=dev_cluster.stage_token) == C.OK
+
+
 def _listening_addresses(pid: int) -> set[str]:
     """'ip:port' of every TCP socket process `pid` listens on, from /proc (gRPC binds IPv6
     sockets with IPv4-mapped addresses, so tcp6 is read too; an IPv4-mapped one reads as IPv4)."""
@@ -227,6 +294,12 @@ def test_up_exposes_only_the_orchestrator_and_secures_it(dev_model, pki, tmp_pat
         for pid, addresses in listening.items():
             if pid not in public:
                 assert all(a.startswith("127.0.0.1:") for a in addresses), listening
+                # and on loopback they demand up's own stage token: no local process gets past
+                # the orchestrator's tokens, queue and priority ceilings by calling them directly
+                for stage_address in addresses:
+                    assert _status(stage_address, "/fluxmesh.v1.Residency/Status") == C.UNAUTHENTICATED
+                    assert _status(stage_address, "/fluxmesh.v1.Residency/Status",
+                                   token=PUBLIC_TOKENS[1]) == C.UNAUTHENTICATED
     finally:
         up.terminate()
         up.wait(timeout=60)

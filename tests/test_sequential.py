@@ -20,11 +20,13 @@ from pathlib import Path
 import grpc
 import pytest
 
+from conftest import stage_access, stage_metadata
 from fluxmesh.cli.supervisor import Cluster, free_port, health_status
 from fluxmesh.client import Client
 from fluxmesh.orchestrator.residency.resident import SwapCost
 from fluxmesh.orchestrator.residency.sequential import SequentialStrategy
 from fluxmesh.rpc.errors import FluxmeshError
+from fluxmesh.rpc.security import STAGE_TOKEN_ENV
 from fluxmesh.v1 import encoder_pb2, encoder_pb2_grpc, residency_pb2, residency_pb2_grpc
 
 PROMPT = "a lighthouse on a cliff at dusk"
@@ -176,14 +178,30 @@ def _stage_ports(pid: int) -> dict[str, str]:
     return found
 
 
+def _up_stage_token(pid: int) -> str:
+    """The stage token `fluxmesh up` handed its children: in their environment (readable by
+    their own user only), never in argv."""
+    child = next(iter(_stage_ports(pid).values()))[0]
+    environ = dict(line.split(b"=", 1) for line in Path(f"/proc/{child}/environ").read_bytes().split(b"\0") if line)
+    return environ[STAGE_TOKEN_ENV.encode()].decode()
+
+
+_TOKEN: dict[str, str] = {}  # set by the sequential_up fixture
+
+
+def _metadata():
+    return stage_metadata(_TOKEN["stage"])
+
+
 def _status(address: str) -> residency_pb2.ResidencyStatus:
     with grpc.insecure_channel(address) as channel:
-        return residency_pb2_grpc.ResidencyStub(channel).Status(residency_pb2.ResidencyStatusRequest(), timeout=10)
+        return residency_pb2_grpc.ResidencyStub(channel).Status(residency_pb2.ResidencyStatusRequest(), timeout=10,
+                                                                metadata=_metadata())
 
 
 def _residency(address: str, method: str, request) -> residency_pb2.ResidencyStatus:
     with grpc.insecure_channel(address) as channel:
-        return getattr(residency_pb2_grpc.ResidencyStub(channel), method)(request, timeout=60)
+        return getattr(residency_pb2_grpc.ResidencyStub(channel), method)(request, timeout=60, metadata=_metadata())
 
 
 @pytest.fixture(scope="module")
@@ -205,11 +223,15 @@ def sequential_up(tmp_path_factory):
             assert up.poll() is None and time.monotonic() < deadline, "fluxmesh up --sequential did not come up"
             time.sleep(0.2)
         stages = _stage_ports(up.pid)
+        _TOKEN["stage"] = _up_stage_token(up.pid)
         initial = {stage: _status(address) for stage, (_, address) in stages.items()}
         resident_port = free_port()
+        flags, env = stage_access(_TOKEN["stage"])
+        # Sequential mode leaves weights released: this resident orchestrator is NOT_SERVING until
+        # its test loads them, so it is waited for as a process, not for SERVING.
         resident.start("resident", ["serve", "orchestrator", "--host", "127.0.0.1", "--port", str(resident_port),
-                                    "--max-active", "4", *[f"--{s}={stages[s][1]}" for s in STAGES]],
-                       f"127.0.0.1:{resident_port}")
+                                    "--max-active", "4", *[f"--{s}={stages[s][1]}" for s in STAGES], *flags],
+                       f"127.0.0.1:{resident_port}", env, probe_tcp_only=True)
         resident.wait_serving(120)
         yield {"sequential": f"127.0.0.1:{port}", "resident": resident.address, "stages": stages,
                "initial": initial, "model": model}
@@ -278,7 +300,8 @@ def test_a_released_stage_refuses_model_calls_and_keeps_serving(sequential_up):
     assert _status(address).state == "released"
     with grpc.insecure_channel(address) as channel:
         with pytest.raises(grpc.RpcError) as caught:
-            encoder_pb2_grpc.TextEncoderStub(channel).Encode(encoder_pb2.EncodeRequest(prompts=["a cat"]), timeout=30)
+            encoder_pb2_grpc.TextEncoderStub(channel).Encode(encoder_pb2.EncodeRequest(prompts=["a cat"]), timeout=30,
+                                                             metadata=_metadata())
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "released" in caught.value.details() and "Residency/Load" in caught.value.details()
     assert health_status(address) == 1

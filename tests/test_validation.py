@@ -7,6 +7,7 @@ import math
 import grpc
 import pytest
 
+from conftest import stage_access, stage_metadata
 from factories import PROMPT
 from fluxmesh.cli.supervisor import free_port
 from fluxmesh.client import Client, FluxmeshError
@@ -63,7 +64,7 @@ def test_service_keeps_serving_after_errors(dev_cluster):
     assert result.image.size == (64, 64)
 
 
-def test_stage_down_is_unavailable_naming_the_stage(dev_cluster, stage_addresses):
+def test_stage_down_is_unavailable_naming_the_stage(dev_cluster, stage_addresses, stage_token):
     """An orchestrator whose VAE address has nothing behind it: health says NOT_SERVING, a request
     fails with UNAVAILABLE naming the vae and its address, and the orchestrator keeps answering."""
     import time
@@ -76,7 +77,8 @@ def test_stage_down_is_unavailable_naming_the_stage(dev_cluster, stage_addresses
         cluster.start("orchestrator", [
             "serve", "orchestrator", "--host", "127.0.0.1", "--port", str(port),
             f"--encoder={stage_addresses['encoder']}", f"--denoiser={stage_addresses['denoiser']}", f"--vae={dead}",
-        ], f"127.0.0.1:{port}")
+            *stage_access(stage_token)[0],
+        ], f"127.0.0.1:{port}", stage_access(stage_token)[1])
         deadline = time.monotonic() + 60
         while health_status(cluster.address) is None and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -91,7 +93,7 @@ def test_stage_down_is_unavailable_naming_the_stage(dev_cluster, stage_addresses
         assert health_status(cluster.address) == 2  # still answering, still honest
 
 
-def test_stage_rejects_mismatched_tensor_bytes(stage_addresses):
+def test_stage_rejects_mismatched_tensor_bytes(stage_addresses, stage_token):
     from fluxmesh.rpc.channels import sync_channel
     from fluxmesh.v1 import vae_pb2, vae_pb2_grpc
 
@@ -99,10 +101,12 @@ def test_stage_rejects_mismatched_tensor_bytes(stage_addresses):
         stub = vae_pb2_grpc.VaeStub(channel)
         bad = common_pb2.Tensor(dtype="float32", shape=[1, 16, 64], data=b"\0" * 10)
         with pytest.raises(grpc.RpcError) as caught:
-            stub.Decode(vae_pb2.DecodeRequest(latents=bad, width=64, height=64), timeout=10)
+            stub.Decode(vae_pb2.DecodeRequest(latents=bad, width=64, height=64), timeout=10,
+                        metadata=stage_metadata(stage_token))
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert caught.value.details().startswith("latents.data:")
         bad = common_pb2.Tensor(dtype="complex64", shape=[1], data=b"\0" * 8)
         with pytest.raises(grpc.RpcError) as caught:
-            stub.Decode(vae_pb2.DecodeRequest(latents=bad, width=64, height=64), timeout=10)
+            stub.Decode(vae_pb2.DecodeRequest(latents=bad, width=64, height=64), timeout=10,
+                        metadata=stage_metadata(stage_token))
         assert caught.value.details().startswith("latents.dtype:")

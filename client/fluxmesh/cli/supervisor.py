@@ -4,11 +4,17 @@
 ports, then the orchestrator pointed at them, wait until each reports SERVING on
 grpc.health.v1, and stop them all on exit, Ctrl-C or SIGTERM. Children also get
 PR_SET_PDEATHSIG on Linux (lifeline.py) so they die with a parent killed by SIGKILL: no orphans.
+
+Loopback is not a wall: any local process can reach the stages' ports. So each start makes a
+random stage token that only these children know (in their environment, never in argv, which
+/proc shows to every user): the stages demand it, the orchestrator sends it, and nothing else
+drives the stages past the orchestrator's tokens, queue and priority limits.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 import signal
 import socket
 import subprocess
@@ -23,6 +29,7 @@ from fluxmesh.cli.lifeline import child_environment
 from fluxmesh.cli.ports import free_port
 from fluxmesh.contract import Stage
 from fluxmesh.rpc.cores import CPU_SHARE_ENV, divide_cores, host_cores
+from fluxmesh.rpc.security import STAGE_TOKEN_ENV
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -71,6 +78,7 @@ class Cluster:
     health_credentials: grpc.ChannelCredentials | None = None  # for processes that serve TLS
     output: IO[str] | None = None  # where the children's stdout and stderr go (None: this process's)
     on_serving: Callable[[Child], None] | None = None  # told as each child starts SERVING
+    stage_token: str | None = field(default=None, repr=False)  # what the stages demand (start_local)
 
     @property
     def address(self) -> str:
@@ -153,22 +161,27 @@ def start_local(
     `output` takes the children's logs (default: this process's stderr); `on_serving` hears of
     each child as it starts serving.
     """
-    cluster = Cluster(output=output, on_serving=on_serving)
+    cluster = Cluster(output=output, on_serving=on_serving, stage_token=secrets.token_urlsafe(32))
     shares = divide_cores(host_cores())
     try:
         addresses = {}
         for stage in STAGES:
             stage_port = free_port(LOOPBACK)
             addresses[stage] = f"{LOOPBACK}:{stage_port}"
-            args = ["serve", stage, "--model", model, "--host", LOOPBACK, "--port", str(stage_port)]
-            env = {CPU_SHARE_ENV: str(shares[stage])} if share_cores else None
+            args = ["serve", stage, "--model", model, "--host", LOOPBACK, "--port", str(stage_port),
+                    "--token-env", STAGE_TOKEN_ENV]
+            env = {STAGE_TOKEN_ENV: cluster.stage_token}
+            if share_cores:
+                env[CPU_SHARE_ENV] = str(shares[stage])
             cluster.start(stage, args + (common_args or []) + (stage_args or {}).get(stage, []), addresses[stage],
                           env)
         cluster.start(
             "orchestrator",
             ["serve", "orchestrator", "--host", host, "--port", str(port),
-             *[f"--{stage}={addresses[stage]}" for stage in STAGES], *(orchestrator_args or [])],
+             *[f"--{stage}={addresses[stage]}" for stage in STAGES], "--stage-token-env", STAGE_TOKEN_ENV,
+             *(orchestrator_args or [])],
             f"{reachable(host)}:{port}",
+            {STAGE_TOKEN_ENV: cluster.stage_token},
             probe_tcp_only=orchestrator_tls,
         )
         cluster.wait_serving(timeout)

@@ -71,7 +71,7 @@ def build_server(options: OrchestratorOptions) -> tuple[Server, StageMonitor]:
         for name in ("", service.name):
             await server.set_serving(all_up, name)
 
-    return server, StageMonitor(stages.all(), mirror)
+    return server, StageMonitor(stages.all(), mirror, expect_resident=not options.sequential)
 
 
 def serve_orchestrator(options: OrchestratorOptions) -> None:

@@ -1,8 +1,13 @@
-"""Watch the stages' grpc.health.v1 status and mirror it in the orchestrator's own health.
+"""Watch the stages and mirror what they can do in the orchestrator's own health.
 
-The orchestrator is SERVING only while every stage it depends on is SERVING: load balancers,
+The orchestrator is SERVING only while every stage it depends on can serve it: load balancers,
 `fluxmesh up` and container health checks then see one honest answer, and the orchestrator
 recovers by itself when a stage comes back (no restart), whatever order things start in.
+
+A replica can serve when its grpc.health.v1 says SERVING *and* it answers Residency/Status with
+the orchestrator's stage credential: health needs no credential, so it alone would call a stage
+fine that refuses every real call (a stage token the orchestrator lacks). In resident mode the
+weights must also be resident: a stage whose weights were released serves no request.
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ from collections.abc import Awaitable, Callable, Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from fluxmesh.orchestrator.stages import StageClient
+from fluxmesh.orchestrator.stages import CREDENTIAL_REFUSALS, StageClient
+from fluxmesh.v1 import residency_pb2, residency_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +34,14 @@ class StageMonitor:
         on_change: Callable[[bool], Awaitable[None]],
         *,
         interval: float = 0.5,
+        expect_resident: bool = True,  # False in sequential mode, where weights come and go
     ):
         self.stages = list(stages)
         self.on_change = on_change
         self.interval = interval
+        self.expect_resident = expect_resident
         self.up: dict[str, bool] = {stage.stage: False for stage in self.stages}
+        self.why: dict[str, str] = {}  # replica target -> why it cannot serve (logged on change)
         self._task: asyncio.Task | None = None
 
     @property
@@ -42,20 +51,33 @@ class StageMonitor:
     async def _check(self, stage: StageClient) -> bool:
         """A stage is up while any of its replicas is; each replica's health also tells the
         stage client which replicas to skip."""
-        results = await asyncio.gather(*(self._check_replica(r.channel) for r in stage.replicas.replicas))
-        for replica, ok in zip(stage.replicas.replicas, results):
-            if ok != (replica.down_until == 0.0) and len(stage.replicas) > 1:
-                log.info("%s replica %s is %s", stage.stage, replica.target, "SERVING" if ok else "down")
-            stage.replicas.set_health(replica, ok)
-        return any(results)
+        results = await asyncio.gather(*(self._check_replica(stage.stage, r.channel) for r in stage.replicas.replicas))
+        for replica, why in zip(stage.replicas.replicas, results):
+            if why != self.why.get(replica.target, "") and why not in ("", "not SERVING"):
+                log.warning("%s stage at %s cannot serve: %s", stage.stage, replica.target, why)
+            elif len(stage.replicas) > 1 and (why == "") != (replica.down_until == 0.0):
+                log.info("%s replica %s is %s", stage.stage, replica.target, "SERVING" if not why else "down")
+            self.why[replica.target] = why
+            stage.replicas.set_health(replica, not why)
+        return any(not why for why in results)
 
-    async def _check_replica(self, channel: grpc.aio.Channel) -> bool:
-        stub = health_pb2_grpc.HealthStub(channel)
+    async def _check_replica(self, stage: str, channel: grpc.aio.Channel) -> str:
+        """Why the replica behind `channel` cannot serve ("" when it can)."""
+        timeout = max(self.interval, 1.0)
         try:
-            reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=max(self.interval, 1.0))
-        except grpc.aio.AioRpcError:
-            return False
-        return reply.status == SERVING
+            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+            if reply.status != SERVING:
+                return "not SERVING"
+            status = await residency_pb2_grpc.ResidencyStub(channel).Status(residency_pb2.ResidencyStatusRequest(),
+                                                                            timeout=timeout)
+        except grpc.aio.AioRpcError as error:
+            if error.code() in CREDENTIAL_REFUSALS:
+                return (f"it refuses the orchestrator's stage credential ({error.code().name}: {error.details()}); "
+                        "check --stage-token-*/--stage-tls-*")
+            return "not SERVING"
+        if self.expect_resident and status.state != "resident":
+            return f"its weights are {status.state}, not resident"
+        return ""
 
     async def check_once(self) -> None:
         results = await asyncio.gather(*(self._check(stage) for stage in self.stages))

@@ -8,6 +8,7 @@ dns:/// name): replicas.py picks one per call and says which failed calls anothe
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import contextmanager
 
@@ -29,6 +30,13 @@ from fluxmesh.v1 import (
     vae_pb2_grpc,
 )
 
+log = logging.getLogger(__name__)
+
+# A stage refusing the orchestrator's own credential is the operator's to fix, never the
+# caller's: the caller hears that the stage is unavailable, the log says why.
+CREDENTIAL_REFUSALS = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+
+
 @contextmanager
 def stage_errors(stage: str, address: str):
     """Re-raise a stage's failure as a fluxmesh error that names the stage."""
@@ -37,6 +45,10 @@ def stage_errors(stage: str, address: str):
     except grpc.aio.AioRpcError as error:
         if error.code() == grpc.StatusCode.UNAVAILABLE:
             raise StageUnavailable(stage, f"{address}: {error.details()}") from None
+        if error.code() in CREDENTIAL_REFUSALS:
+            log.error("%s stage at %s refused the orchestrator (%s: %s): check --stage-token-*/--stage-tls-*",
+                      stage, address, error.code().name, error.details())
+            raise StageUnavailable(stage, "it refuses this orchestrator's stage credential") from None
         details = error.details() or ""
         # Named once: a stage's own messages may already start with its name ("denoiser
         # stage: weights are released ...").

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 class StageOptions:
     stage: str  # "encoder" | "denoiser" | "vae"
     model: str
-    address: str = "[::]:50051"
+    address: str = "127.0.0.1:50051"
     device: str = "auto"
     dtype: str = "auto"
     threads: int | None = None
@@ -38,13 +38,15 @@ class StageOptions:
 
 def build_service(options: StageOptions) -> list[Service]:
     """The stage's service and its fluxmesh.v1.Residency service, which loads the weights (now,
-    or when told: `options.residency`) and shares the stage's model thread."""
-    from fluxmesh.services.residency.state import Residency
+    or when told: `options.residency`) and shares the stage's model thread. Residency control
+    (Load/Release) is on where the stage demands a credential or starts for sequential mode."""
+    from fluxmesh.services.residency.state import RESIDENT, Residency
     from fluxmesh.services.residency.servicer import residency_service
 
     stage = _stage_service(options)
     residency = Residency(options.stage, stage.servicer.engine, options.residency)
-    return [stage, residency_service(residency, stage.servicer.worker)]
+    control = options.security.authenticates or options.residency != RESIDENT
+    return [stage, residency_service(residency, stage.servicer.worker, control=control)]
 
 
 def _stage_service(options: StageOptions) -> Service:

@@ -187,7 +187,9 @@ def run(model: Path, gguf_file: Path, args, dtype: str, on_gpu: bool) -> dict:
         for child in cluster.children:
             if child.name in STAGES:
                 with grpc.insecure_channel(child.address) as channel:
-                    status = residency_pb2_grpc.ResidencyStub(channel).Status(residency_pb2.ResidencyStatusRequest())
+                    status = residency_pb2_grpc.ResidencyStub(channel).Status(
+                        residency_pb2.ResidencyStatusRequest(),
+                        metadata=(("authorization", f"Bearer {cluster.stage_token}"),))
                 transitions[child.name] = [(t.to_state, t.finished_unix - t.started_unix) for t in status.transitions
                                            if t.started_unix >= since]
     if sampler is not None:

@@ -52,6 +52,7 @@ def measure(model: Path, args, trim: bool) -> dict:
 
     from fluxmesh.cli.supervisor import Cluster, free_port, start_local
     from fluxmesh.client import Client
+    from fluxmesh.rpc.security import STAGE_TOKEN_ENV
 
     env = {"FLUXMESH_MALLOC_TRIM": "1" if trim else "0"}
     os.environ.update(env)  # the stage processes inherit it
@@ -62,9 +63,12 @@ def measure(model: Path, args, trim: bool) -> dict:
         processes = {name: psutil.Process(c.process.pid) for name, c in stages.items()}
         resident = Cluster()
         port = free_port()
+        # The stages demand the cluster's stage token; they start released, so this resident-mode
+        # orchestrator is NOT_SERVING until they are loaded below: wait for its port only.
         resident.start("resident", ["serve", "orchestrator", "--host", "127.0.0.1", "--port", str(port),
-                                    "--max-active", str(args.burst),
-                                    *[f"--{s}={stages[s].address}" for s in STAGES]], f"127.0.0.1:{port}")
+                                    "--max-active", str(args.burst), "--stage-token-env", STAGE_TOKEN_ENV,
+                                    *[f"--{s}={stages[s].address}" for s in STAGES]], f"127.0.0.1:{port}",
+                       {STAGE_TOKEN_ENV: cluster.stage_token}, probe_tcp_only=True)
         with resident:
             resident.wait_serving(120)
 
@@ -98,7 +102,7 @@ def measure(model: Path, args, trim: bool) -> dict:
 
             for _ in range(args.repeats):
                 for stage in stages.values():
-                    _residency(stage.address, "Load")
+                    _residency(stage.address, "Load", cluster.stage_token)
                 burst(resident.address, [1])
                 peaks, total, resident_out = sampled(resident.address)
                 results["resident"].append((peaks, total))
@@ -109,25 +113,27 @@ def measure(model: Path, args, trim: bool) -> dict:
                 results["sequential"].append((peaks, total))
                 results["equal"] &= [r.image_data for r in resident_out] == [r.image_data for r in sequential_out]
                 results["released"].append({n: p.memory_info().rss for n, p in processes.items()})
-                results["swaps"].append(([r.timings.swaps for r in sequential_out], _transitions(stages, since)))
+                results["swaps"].append(([r.timings.swaps for r in sequential_out],
+                                         _transitions(stages, since, cluster.stage_token)))
     return results
 
 
-def _residency(address: str, method: str):
+def _residency(address: str, method: str, token: str):
     import grpc
 
     from fluxmesh.v1 import residency_pb2, residency_pb2_grpc
 
     request = residency_pb2.LoadRequest() if method == "Load" else residency_pb2.ResidencyStatusRequest()
     with grpc.insecure_channel(address) as channel:
-        return getattr(residency_pb2_grpc.ResidencyStub(channel), method)(request, timeout=300)
+        return getattr(residency_pb2_grpc.ResidencyStub(channel), method)(
+            request, timeout=300, metadata=(("authorization", f"Bearer {token}"),))
 
 
-def _transitions(stages: dict, since: float) -> dict[str, list[tuple[str, float]]]:
+def _transitions(stages: dict, since: float, token: str) -> dict[str, list[tuple[str, float]]]:
     """(kind, seconds) of each stage's load/release transitions that started after `since`."""
     found = {}
     for name, stage in stages.items():
-        status = _residency(stage.address, "Status")
+        status = _residency(stage.address, "Status", token)
         found[name] = [("load" if t.to_state == "resident" else "release", t.finished_unix - t.started_unix)
                        for t in status.transitions if t.started_unix >= since]
     return found

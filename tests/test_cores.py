@@ -67,9 +67,11 @@ def test_a_stage_started_with_a_share_computes_with_it(dev_model):
         process.wait(timeout=30)
 
 
-def test_explicit_threads_are_reported(stage_addresses):
+def test_explicit_threads_are_reported(stage_addresses, stage_token):
+    from conftest import stage_metadata
     from fluxmesh.v1 import common_pb2, denoiser_pb2_grpc
 
     with grpc.insecure_channel(stage_addresses["denoiser"]) as channel:
-        info = denoiser_pb2_grpc.DenoiserStub(channel).Info(common_pb2.InfoRequest(), timeout=10)
+        info = denoiser_pb2_grpc.DenoiserStub(channel).Info(common_pb2.InfoRequest(), timeout=10,
+                                                            metadata=stage_metadata(stage_token))
     assert info.details["threads"] == "1"  # the test clusters' --threads 1

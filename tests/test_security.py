@@ -389,3 +389,23 @@ def test_weights_are_never_unpickled(dev_model, tmp_path):
     weights.unlink()
     with pytest.raises(OSError, match="safetensors"):
         VaeEngine(folder, Device.parse("cpu"))
+
+
+@pytest.mark.parametrize("argv", [["serve", "vae", "--model", "m"], ["serve", "encoder", "--model", "m"],
+                                  ["serve", "denoiser", "--model", "m"], ["serve", "orchestrator"]])
+def test_serve_listens_on_loopback_unless_told_otherwise(monkeypatch, argv):
+    """Safe by default: no stage (nor the orchestrator) is reachable from another machine unless
+    --host says so (and then the server warns while it demands no credential)."""
+    from typer.testing import CliRunner
+
+    import fluxmesh.orchestrator.app as orchestrator_app
+    import fluxmesh.services.app as stage_app
+    from fluxmesh.cli.main import app
+
+    started = []
+    monkeypatch.setattr(stage_app, "serve_stage", started.append)
+    monkeypatch.setattr(orchestrator_app, "serve_orchestrator", started.append)
+    for extra, host in (([], "127.0.0.1"), (["--host", "0.0.0.0"], "0.0.0.0")):
+        result = CliRunner().invoke(app, argv + extra)
+        assert result.exit_code == 0, result.output
+        assert started.pop().address.rpartition(":")[0] == host

@@ -35,7 +35,11 @@ PathOption = Path | None
 
 # Single options several commands take.
 Model = Annotated[str, typer.Option(help="Diffusers-layout model folder or Hub id (HF_TOKEN for gated models).")]
-Host = Annotated[str, typer.Option(help="Interface to listen on.")]
+# Loopback unless told otherwise: a server reachable from elsewhere should demand a credential
+# (it warns loudly when it does not: fluxmesh.rpc.server).
+LOOPBACK_HOST = "127.0.0.1"
+Host = Annotated[str, typer.Option(help="Interface to listen on (default loopback only; 0.0.0.0 or [::] for every "
+                                        "interface: then demand a token or client certificates).")]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda:N or mps.")]
 Dtype = Annotated[str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), bfloat16, float16 or float32.")]
 Threads = Annotated[int | None, typer.Option(
@@ -67,7 +71,7 @@ class StageServeOptions:
     """What `fluxmesh serve encoder|denoiser|vae` share: the model, where to listen, device and weights."""
 
     model: Model
-    host: Host = "[::]"
+    host: Host = LOOPBACK_HOST
     device: Device = "auto"
     dtype: Dtype = "auto"
     threads: Threads = None

@@ -34,7 +34,7 @@ class OrchestratorOptions:
     encoder: str
     denoiser: str
     vae: str
-    address: str = "[::]:50050"
+    address: str = "127.0.0.1:50050"
     max_active: int | None = None  # None: RESIDENT_MAX_ACTIVE, or SEQUENTIAL_MAX_ACTIVE in sequential mode
     max_queue: int = 32
     sequential: bool = False  # one accelerator: stages take turns (sequential.py)

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from fluxmesh.cli.shared_options import (
+    LOOPBACK_HOST,
     Host,
     LoraDir,
     MaxBatch,
@@ -121,7 +122,7 @@ def serve_orchestrator(
     denoiser: Annotated[str, typer.Option(help=f"Denoiser stage: {StageAddress}.")] = "localhost:50052",
     vae: Annotated[str, typer.Option(help=f"VAE stage: {StageAddress}.")] = "localhost:50053",
     port: Annotated[int, typer.Option()] = 50050,
-    host: Host = "[::]",
+    host: Host = LOOPBACK_HOST,
     max_active: Annotated[int | None, typer.Option(
         help="Requests running through the stages at once (default 8: enough to fill the denoiser's batches; "
              "8 with --sequential too, the group size that shares one round of swaps).")] = None,

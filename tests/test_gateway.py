@@ -15,6 +15,7 @@ import grpc
 import httpx
 import openai
 import pytest
+from conftest import stage_access
 from factories import PROMPT
 from fluxmesh.cli.lifeline import child_environment
 from fluxmesh.cli.supervisor import Cluster, free_port, health_status
@@ -233,7 +234,7 @@ def test_every_grpc_code_has_an_http_status_and_429_says_when_to_retry():
 
 
 @pytest.fixture(scope="module")
-def guarded(stage_addresses, tmp_path_factory):
+def guarded(stage_addresses, stage_token, tmp_path_factory):
     """An orchestrator on the shared stages that wants a token, allows priority 1 and has no room in
     line (every admitted request is refused), and a gateway in front of it."""
     folder = tmp_path_factory.mktemp("guarded")
@@ -244,7 +245,8 @@ def guarded(stage_addresses, tmp_path_factory):
             "serve", "orchestrator", "--host", "127.0.0.1", "--port", str(port), "--token-file",
             str(folder / "tokens"), "--max-priority", "1", "--max-queue", "0",
             *[f"--{stage}={address}" for stage, address in stage_addresses.items() if stage != "orchestrator"],
-        ], f"127.0.0.1:{port}")
+            *stage_access(stage_token)[0],
+        ], f"127.0.0.1:{port}", stage_access(stage_token)[1])
         deadline = time.monotonic() + 60
         while health_status(cluster.address) != 1:
             assert time.monotonic() < deadline

@@ -370,8 +370,9 @@ def test_the_prompt_cache_skips_the_encoder_and_its_swap_on_a_repeated_burst(seq
     stages = sequential_up["stages"]
     cached = Cluster()
     port = free_port()
+    flags, env = stage_access(_TOKEN["stage"])
     cached.start("cached", ["serve", "orchestrator", "--host", "127.0.0.1", "--port", str(port), "--sequential",
-                            *[f"--{s}={stages[s][1]}" for s in STAGES]], f"127.0.0.1:{port}")
+                            *[f"--{s}={stages[s][1]}" for s in STAGES], *flags], f"127.0.0.1:{port}", env)
     prompt = "a paper boat on a pond, repeated"
 
     def burst(seeds):

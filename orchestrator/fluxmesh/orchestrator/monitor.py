@@ -62,21 +62,23 @@ class StageMonitor:
         return any(not why for why in results)
 
     async def _check_replica(self, stage: str, channel: grpc.aio.Channel) -> str:
-        """Why the replica behind `channel` cannot serve ("" when it can)."""
+        """Why the replica behind `channel` cannot serve ("" when it can). Both probes go at once
+        so a busy host's latency does not add up; a Status that merely times out leaves the
+        verdict to health, as before it was asked (no flapping under load)."""
         timeout = max(self.interval, 1.0)
-        try:
-            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
-            if reply.status != SERVING:
-                return "not SERVING"
-            status = await residency_pb2_grpc.ResidencyStub(channel).Status(residency_pb2.ResidencyStatusRequest(),
-                                                                            timeout=timeout)
-        except grpc.aio.AioRpcError as error:
-            if error.code() in CREDENTIAL_REFUSALS:
-                return (f"it refuses the orchestrator's stage credential ({error.code().name}: {error.details()}); "
-                        "check --stage-token-*/--stage-tls-*")
+        health, residency = await asyncio.gather(
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout),
+            residency_pb2_grpc.ResidencyStub(channel).Status(residency_pb2.ResidencyStatusRequest(), timeout=timeout),
+            return_exceptions=True)
+        if isinstance(health, Exception) or health.status != SERVING:
             return "not SERVING"
-        if self.expect_resident and status.state != "resident":
-            return f"its weights are {status.state}, not resident"
+        if isinstance(residency, grpc.aio.AioRpcError) and residency.code() in CREDENTIAL_REFUSALS:
+            return (f"it refuses the orchestrator's stage credential ({residency.code().name}: "
+                    f"{residency.details()}); check --stage-token-*/--stage-tls-*")
+        if isinstance(residency, Exception):
+            return ""
+        if self.expect_resident and residency.state != "resident":
+            return f"its weights are {residency.state}, not resident"
         return ""
 
     async def check_once(self) -> None:

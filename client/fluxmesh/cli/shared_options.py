@@ -259,12 +259,13 @@ def with_option_groups(command):
     def expanded(**kwargs):
         for name, group in groups.items():
             kwargs[name] = group(**{field.name: kwargs.pop(field.name) for field in dataclasses.fields(group)})
-        from fluxmesh.rpc.security import SecurityConfigError
+        from fluxmesh.rpc.errors import UsageError
 
         try:
             return command(**kwargs)
-        except SecurityConfigError as error:  # a usage error, not a crash: no traceback
-            raise typer.BadParameter(str(error)) from None
+        except UsageError as error:  # the operator's to fix: one line, exit 2, no traceback
+            typer.echo(f"error: {error}", err=True)
+            raise typer.Exit(2) from None
 
     expanded.__signature__ = inspect.Signature(parameters)
     expanded.__annotations__ = {p.name: p.annotation for p in parameters}

@@ -14,6 +14,7 @@ from fluxmesh.orchestrator.prompt_cache import DEFAULT_PROMPT_CACHE_MIB
 from fluxmesh.orchestrator.residency.sequential import SEQUENTIAL_MAX_ACTIVE, SequentialStrategy
 from fluxmesh.orchestrator.stages import DenoiserClient, EncoderClient, VaeClient
 from fluxmesh.orchestrator.metrics import watch_queue
+from fluxmesh.rpc.errors import check_range
 from fluxmesh.rpc.images import MAX_IMAGE_BYTES
 from fluxmesh.rpc.security import ClientSecurity, ServerSecurity
 from fluxmesh.rpc.server import Server, Service
@@ -49,6 +50,16 @@ class OrchestratorOptions:
     priorities: PriorityPolicy = PriorityPolicy()  # how high each caller may set `priority`
     prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_MIB * 2**20  # prompt_cache.py; 0: off
     limits: Limits = LIMITS  # the request ceilings and work budget (--max-side, --max-work, ...)
+
+    def __post_init__(self) -> None:
+        """Every limit range-checked at start: a 0 or negative one would refuse or hang everything."""
+        check_range("--max-active", self.max_active, minimum=1, allow_none=True,
+                    why="requests running through the stages at once")
+        check_range("--max-queue", self.max_queue, minimum=0, why="0: refuse whenever every slot is busy")
+        check_range("--request-timeout", self.request_timeout, minimum=0, inclusive=False, allow_none=True,
+                    why="seconds; 0 means none")
+        check_range("--max-request-mib", self.max_request_bytes / 2**20, minimum=1)
+        check_range("--prompt-cache-mib", self.prompt_cache_bytes / 2**20, minimum=0, why="0: off")
 
 
 def build_server(options: OrchestratorOptions) -> tuple[Server, StageMonitor]:

@@ -19,7 +19,25 @@ __all__ = [
     "Unauthenticated",
     "Cancelled",
     "PermissionDenied",
+    "UsageError",
+    "check_range",
 ]
+
+
+class UsageError(ValueError):
+    """A start-up setting that cannot work (a flag out of range, a missing file): the operator's
+    to fix, answered by the CLI in one line with exit code 2, before anything starts."""
+
+
+def check_range(flag: str, value: float | None, *, minimum: float, allow_none: bool = False,
+                inclusive: bool = True, why: str = "") -> None:
+    """Refuse `value` of `flag` below `minimum` (or equal to it when not `inclusive`)."""
+    if value is None and allow_none:
+        return
+    if value is None or value < minimum or (not inclusive and value == minimum):
+        bound = f"at least {minimum:g}" if inclusive else f"above {minimum:g}"
+        shown = "none" if value is None else f"{value:g}"
+        raise UsageError(f"{flag} {shown}: must be {bound}" + (f" ({why})" if why else ""))
 
 
 class FluxmeshError(Exception):

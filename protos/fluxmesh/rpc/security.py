@@ -24,6 +24,8 @@ from pathlib import Path
 
 import grpc
 
+from fluxmesh.rpc.errors import UsageError
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -47,7 +49,7 @@ TOKEN_EXEMPT_SERVICES = ("grpc.health.v1.Health",)
 STAGE_TOKEN_ENV = "FLUXMESH_STAGE_TOKEN"
 
 
-class SecurityConfigError(ValueError):
+class SecurityConfigError(UsageError):
     """A TLS or token setting that cannot work (missing file, key without cert, empty token...)."""
 
 

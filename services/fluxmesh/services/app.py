@@ -7,6 +7,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from fluxmesh.rpc.errors import check_range
 from fluxmesh.rpc.security import ServerSecurity
 from fluxmesh.rpc.server import Server, Service
 from fluxmesh.services.runtime.model_folder import resolve_model
@@ -34,6 +35,9 @@ class StageOptions:
     security: ServerSecurity = ServerSecurity()  # TLS / mutual TLS / token the stage demands
     metrics_port: int | None = None  # Prometheus /metrics on this HTTP port
     residency: str = "resident"  # at start: resident | offloaded | released | standby (see residency.py)
+
+    def __post_init__(self) -> None:
+        check_range("--threads", self.threads, minimum=1, allow_none=True)
 
 
 def build_service(options: StageOptions) -> list[Service]:

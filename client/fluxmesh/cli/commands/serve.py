@@ -153,7 +153,7 @@ def serve_orchestrator(
                                   request_timeout=request_timeout or None, sequential=sequential,
                                   release_to=release_to.value, priorities=serving.priority_policy(max_priority),
                                   limits=request_limits.limits(),
-                                  **({"max_request_bytes": max_request_mib * 2**20} if max_request_mib else {}),
+                                  **({"max_request_bytes": max_request_mib * 2**20} if max_request_mib is not None else {}),
                                   **({"prompt_cache_bytes": prompt_cache_mib * 2**20}
                                      if prompt_cache_mib is not None else {}))
     with start_errors_as_messages("orchestrator"):

@@ -225,7 +225,7 @@ def _limits_group(class_name: str, names: tuple[str, ...] | None = None) -> type
 
     def as_flags(self) -> list[str]:
         return [flag for f in dataclasses.fields(self) if (v := getattr(self, f.name)) is not None
-                for flag in ("--" + f.name.replace("_", "-"), f"{v:g}")]
+                for flag in ("--" + f.name.replace("_", "-"), str(v))]  # not :g, which writes 1e+06 for an int
 
     return dataclasses.make_dataclass(class_name, fields, frozen=True,
                                       namespace={"limits": limits, "as_flags": as_flags})

@@ -355,7 +355,7 @@ CASES: list[tuple[str, str, Build, grpc.StatusCode, str]] = [
      C.INVALID_ARGUMENT, "pooled_prompt_embeds.shape:"),
     ("den-batch-mismatch", DENOISE, lambda v: v.with_tensors(pooled_prompt_embeds=_tensor(np.zeros((2, 32)))),
      C.INVALID_ARGUMENT, "pooled_prompt_embeds.shape:"),
-    ("den-seq-too-long", DENOISE, lambda v: v.with_tensors(prompt_embeds=_tensor(np.zeros((1, 600, 32)))),
+    ("den-seq-too-long", DENOISE, lambda v: v.with_tensors(prompt_embeds=_tensor(np.zeros((1, 2000, 32)))),
      C.INVALID_ARGUMENT, "prompt_embeds.shape:"),
     ("den-width-zero", DENOISE, lambda v: v.with_tensors(width=0), C.INVALID_ARGUMENT, "width:"),
     ("den-width-not-multiple", DENOISE, lambda v: v.with_tensors(width=72), C.INVALID_ARGUMENT, "width:"),

@@ -1,6 +1,6 @@
 """Throughput under concurrent load: images/s and latency with 1, 4 and 8 clients.
 
-    python bench/throughput.py [--sections serving,batch-cost,prompt-cache,cores] [--rounds 3]
+    python bench/throughput.py [--sections serving,batch-cost,prompt-cache,step-cache,cores] [--rounds 3]
                                [--width 256 --height 256 --steps 8] [--max-batch 4]
 
 Everything runs on the `small` tiny model through the real four processes on loopback (SDK ->
@@ -16,6 +16,8 @@ Sections:
                 seconds per image, in-process (what --max-batch's default is chosen from).
   prompt-cache  sequential mode: a burst of 4 requests of one prompt, then 4 more of it, with
                 --prompt-cache-mib 0 and with the cache: swaps per request, encoder calls.
+  step-cache    denoise time and attention blocks skipped per step-cache policy (first-block,
+                mag, taylorseer) against none, through the four processes.
   cores         `fluxmesh up`'s CPU threads: torch's default in every stage (all cores each)
                 against the cores divided between the stages (fluxmesh.rpc.cores): 8 requests
                 one after another vs 8 at once.
@@ -220,8 +222,34 @@ def section_prompt_cache(folder: Path, args) -> None:
                       f"   {wall:.1f}s")
 
 
+def section_step_cache(folder: Path, args) -> None:
+    from fluxmesh.cli.supervisor import free_port, start_local
+    from fluxmesh.client import Client
+
+    policies = [None, "first-block:0.05", "first-block:0.1", "mag:0.06", "taylorseer:2"]
+    seconds: dict[str | None, list[float]] = {p: [] for p in policies}
+    skipped: dict[str | None, float] = {}
+    with start_local(str(folder), port=free_port()) as cluster, Client(cluster.address, timeout=600) as client:
+        for policy in policies:  # warm
+            client.generate(PROMPT, width=args.width, height=args.height, steps=args.steps, seed=0, cache=policy)
+        for round_ in range(args.rounds * 2):
+            for policy in policies:
+                result = client.generate(PROMPT, width=args.width, height=args.height, steps=args.steps,
+                                         seed=round_, cache=policy)
+                seconds[policy].append(result.timings.denoise)
+                total = result.blocks_run + result.blocks_skipped
+                skipped[policy] = result.blocks_skipped / total if total else 0.0
+    base = statistics.median(seconds[None])
+    print(f"== step-cache: denoise seconds through the four processes, {args.width}x{args.height}, {args.steps} "
+          f"steps, median of {args.rounds * 2}")
+    for policy in policies:
+        median = statistics.median(seconds[policy])
+        print(f"  {policy or 'off':18s} denoise {median:6.3f}s   time ratio {median / base:.2f}   attention blocks "
+              f"skipped {skipped[policy]:.0%}")
+
+
 SECTIONS = {"serving": section_serving, "batch-cost": section_batch_cost, "prompt-cache": section_prompt_cache,
-            "cores": section_cores}
+            "step-cache": section_step_cache, "cores": section_cores}
 
 
 def main() -> None:

@@ -137,3 +137,22 @@ def test_end_to_end_result_reports_skipped_blocks(dev_cluster):
     assert cached.blocks_skipped > 0 and cached.blocks_run > 0
     assert (plain.blocks_skipped, plain.blocks_run) == (0, 0)
     assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT and "cache.threshold" in caught.value.message
+
+
+def test_the_orchestrator_names_a_bad_cache_field_before_any_stage_runs(dev_cluster):
+    from fluxmesh.v1 import common_pb2, generator_pb2, generator_pb2_grpc
+
+    def work_done() -> dict[str, int]:
+        with Client(dev_cluster.address) as client:
+            return {stage.stage: int(stage.details["requests"]) for stage in client.info().stages}
+
+    before = work_done()
+    for cache, field in ((common_pb2.StepCache(), "cache.kind"),
+                         (common_pb2.StepCache(kind=common_pb2.STEP_CACHE_KIND_MAG, threshold=-1), "cache.threshold")):
+        request = generator_pb2.GenerateRequest(prompt=PROMPT, width=64, height=64, steps=2, cache=cache)
+        with grpc.insecure_channel(dev_cluster.address) as channel:
+            with pytest.raises(grpc.RpcError) as caught:
+                list(generator_pb2_grpc.GeneratorStub(channel).Generate(request, timeout=30))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert caught.value.details().startswith(f"{field}:"), caught.value.details()
+    assert work_done() == before

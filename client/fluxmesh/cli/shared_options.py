@@ -207,7 +207,7 @@ def _limits_group(class_name: str, names: tuple[str, ...] | None = None) -> type
     fields = []
     for name in names or tuple(f.name for f in dataclasses.fields(LIMITS) if f.name != "min_side"):
         default, help_text = getattr(LIMITS, name), _LIMIT_HELP.get(name, f"The contract's {name}.")
-        kind = typing.Optional[int] if isinstance(default, int) else typing.Optional[float]
+        kind = int | None if isinstance(default, int) else float | None
         fields.append((name, Annotated[kind, typer.Option(help=f"{help_text} Default {default:g}; only lower.",
                                                           rich_help_panel=_PANEL_LIMITS)], None))
 

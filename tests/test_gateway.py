@@ -61,6 +61,10 @@ def test_generate_through_the_gateway_equals_the_grpc_sdk_byte_for_byte(oai, sdk
     assert len(reply.data) == 1 and reply.size == "64x64" and reply.output_format == "png"
     assert _png(reply.data[0].b64_json) == want.image_data[0]
     assert reply.model_extra["fluxmesh"]["seed"] == 5 and reply.model_extra["fluxmesh"]["steps"] == 2
+    # step caching rides in the same body; off is exactly today's pixels
+    off = oai.images.generate(prompt=PROMPT, size="64x64", extra_body={"steps": 2, "seed": 5, "guidance": 3.0,
+                                                                       "cache": "off"})
+    assert _png(off.data[0].b64_json) == want.image_data[0] and off.model_extra["fluxmesh"]["blocks_skipped"] == 0
 
 
 def test_n_images_formats_and_urls(oai, sdk, gateway):
@@ -165,6 +169,7 @@ def test_models_and_loras(oai, gateway):
     ({"output_format": "gif"}, "output_format"),
     ({"output_compression": 50}, "output_compression"),  # png is lossless
     ({"extra_body": {"loras": [{"name": "x", "weight": 9}]}}, "loras[0].weight"),
+    ({"extra_body": {"cache": "sometimes"}}, "cache"),
 ])
 def test_bad_requests_are_400_naming_the_openai_field(oai, kwargs, param):
     with pytest.raises(openai.BadRequestError) as caught:
@@ -370,7 +375,7 @@ def test_openapi_documents_what_is_served(gateway):
     generation = spec["components"]["schemas"]["ImageGenerationRequest"]
     assert generation["additionalProperties"] is False
     assert {"prompt", "n", "size", "response_format", "output_format", "stream", "partial_images", "seed",
-            "steps", "guidance", "negative_prompt", "true_cfg_scale", "loras", "priority"} <= set(generation["properties"])
+            "steps", "guidance", "negative_prompt", "true_cfg_scale", "loras", "priority", "cache"} <= set(generation["properties"])
     edits = spec["paths"]["/v1/images/edits"]["post"]["requestBody"]["content"]
     assert list(edits) == ["multipart/form-data"]
     schema = spec["components"]["schemas"][edits["multipart/form-data"]["schema"]["$ref"].rsplit("/", 1)[1]]

@@ -58,7 +58,7 @@ def make_job(options: ImageOptions, *, event_prefix: str, init_image: bytes | No
         "steps": options.steps, "guidance": options.guidance, "seed": options.seed, "num_images": options.n,
         "max_sequence_length": options.max_sequence_length, "loras": [_lora(lora) for lora in options.loras],
         "priority": options.priority, "negative_prompt": options.negative_prompt,
-        "true_cfg_scale": options.true_cfg_scale, "timeout": options.timeout,
+        "true_cfg_scale": options.true_cfg_scale, "cache": options.cache, "timeout": options.timeout,
     }
     if init_image is not None:
         arguments.update(init_image=init_image, mask_image=mask_image, strength=strength)
@@ -118,7 +118,8 @@ async def collect(client: AsyncClient, job: Job) -> Result:
 def _generation(result: Result) -> Generation:
     t = result.timings
     return Generation(seed=result.seed, width=result.width, height=result.height, steps=result.steps,
-                      guidance=result.guidance, warnings=result.warnings,
+                      guidance=result.guidance, warnings=result.warnings, blocks_skipped=result.blocks_skipped,
+                      blocks_run=result.blocks_run,
                       timings={"queued": t.queued, "encode": t.encode, "denoise": t.denoise, "decode": t.decode,
                                "total": t.total})
 

@@ -64,6 +64,8 @@ class ImageOptions(BaseModel):
     loras: list[LoraSpec | str] = Field(default_factory=list, description="Stacked LoRAs: {name, weight} or "
                                                                           "'NAME[:WEIGHT]' (GET /v1/loras).")
     priority: int = Field(0, description="Higher runs first when requests wait (up to what the server allows).")
+    cache: str | None = Field(None, description="Step caching: off, first-block, mag or taylorseer, optionally "
+                                                ":THRESHOLD (faster, approximate pixels; default: the server's).")
     preview: PreviewKind = Field(PreviewKind.fast, description="How partial images are made.")
     progress: bool = Field(False, description="With stream: also `fluxmesh.step` / `fluxmesh.queued` events.")
     timeout: float | None = Field(None, gt=0, description="Deadline in seconds (504 when it passes).")
@@ -128,6 +130,8 @@ class Generation(BaseModel):
     guidance: float
     timings: dict[str, float]
     warnings: list[str] = []
+    blocks_skipped: int = Field(0, description="Step caching: attention block computations skipped, and run.")
+    blocks_run: int = 0
 
 
 class ImagesResponse(BaseModel):

@@ -14,12 +14,14 @@ import urllib.request
 from pathlib import Path
 
 import grpc
+from grpc_health.v1 import health_pb2
 
 from conftest import STAGE_FLAGS
 from fluxmesh.cli.lifeline import child_environment
 from fluxmesh.cli.supervisor import STAGES, Child, Cluster, free_port, health_status
 
-SERVING, NOT_SERVING = 1, 2
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 class Mesh:

@@ -16,6 +16,7 @@ import pytest
 
 from conftest import stage_access
 from factories import PROMPT
+from mesh import SERVING
 from fluxmesh.cli.supervisor import Cluster, free_port, health_status
 from fluxmesh.client import Client, FluxmeshError, Queued, Result, Step
 from fluxmesh.orchestrator.admission import AdmissionQueue
@@ -96,7 +97,7 @@ def small_orchestrator(stage_addresses, stage_token):
                                   if stage != "orchestrator"], *flags,
         ], f"127.0.0.1:{port}", env)
         deadline = time.monotonic() + 60
-        while health_status(cluster.address) != 1:
+        while health_status(cluster.address) != SERVING:
             assert time.monotonic() < deadline
             time.sleep(0.1)
         yield cluster.address

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from factories import max_abs_diff, png_image, reference_images
+from mesh import SERVING
 from fluxmesh.cli.supervisor import free_port, health_status
 
 FLUXMESH = [sys.executable, "-m", "fluxmesh.cli"]
@@ -41,7 +42,7 @@ def up_process(dev_model):
     process = subprocess.Popen([*FLUXMESH, "up", "--model", str(dev_model), "--port", str(port), "--threads", "1"],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 180
-    while health_status(f"127.0.0.1:{port}") != 1:
+    while health_status(f"127.0.0.1:{port}") != SERVING:
         assert process.poll() is None, process.stdout.read()
         assert time.monotonic() < deadline, "fluxmesh up did not come up"
         time.sleep(0.2)

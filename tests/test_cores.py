@@ -9,6 +9,7 @@ import time
 
 import grpc
 import pytest
+from mesh import SERVING
 from fluxmesh.cli.lifeline import child_environment
 from fluxmesh.cli.supervisor import free_port, health_status
 from fluxmesh.rpc.cores import CPU_SHARE_ENV, STAGE_WEIGHTS, divide_cores, parse_share
@@ -56,7 +57,7 @@ def test_a_stage_started_with_a_share_computes_with_it(dev_model):
                                stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 120
-        while health_status(f"127.0.0.1:{port}") != 1:
+        while health_status(f"127.0.0.1:{port}") != SERVING:
             assert process.poll() is None and time.monotonic() < deadline
             time.sleep(0.2)
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:

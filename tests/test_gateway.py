@@ -17,6 +17,7 @@ import openai
 import pytest
 from conftest import stage_access
 from factories import PROMPT
+from mesh import SERVING
 from fluxmesh.cli.lifeline import child_environment
 from fluxmesh.cli.supervisor import Cluster, free_port, health_status
 from fluxmesh.client import Client
@@ -253,7 +254,7 @@ def guarded(stage_addresses, stage_token, tmp_path_factory):
             *stage_access(stage_token)[0],
         ], f"127.0.0.1:{port}", stage_access(stage_token)[1])
         deadline = time.monotonic() + 60
-        while health_status(cluster.address) != 1:
+        while health_status(cluster.address) != SERVING:
             assert time.monotonic() < deadline
             time.sleep(0.1)
         gateway = Gateway(cluster.address, log=folder / "gateway.log")

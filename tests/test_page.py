@@ -13,6 +13,7 @@ import time
 import pytest
 from PIL import Image
 from factories import PROMPT
+from mesh import SERVING
 from fluxmesh.cli.supervisor import Cluster, free_port, health_status
 from fluxmesh.client import Client
 from gateway_process import Gateway
@@ -39,7 +40,7 @@ def protected(stage_addresses, tmp_path_factory):
             *[f"--{stage}={address}" for stage, address in stage_addresses.items() if stage != "orchestrator"],
         ], f"127.0.0.1:{port}")
         deadline = time.monotonic() + 60
-        while health_status(cluster.address) != 1:
+        while health_status(cluster.address) != SERVING:
             assert time.monotonic() < deadline
             time.sleep(0.1)
         gateway = Gateway(cluster.address, log=folder / "gateway.log")

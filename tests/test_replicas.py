@@ -16,6 +16,7 @@ import grpc
 import pytest
 
 from conftest import STAGE_FLAGS, stage_access
+from mesh import SERVING
 from fluxmesh.cli.supervisor import Cluster, free_port, health_status
 from fluxmesh.client import Client, FluxmeshError
 from fluxmesh.orchestrator.replicas import Replica, ReplicaSet, channel_options, parse_targets
@@ -171,4 +172,4 @@ def test_killing_a_replica_mid_burst_loses_only_what_it_was_computing(two_denois
     after = _burst(cluster.address, range(200, 206), steps=2)
     assert not [r for r in after if isinstance(r, Exception)]
     time.sleep(1.5)  # a health-monitor round
-    assert health_status(cluster.address) == 1
+    assert health_status(cluster.address) == SERVING

@@ -21,6 +21,7 @@ import grpc
 import pytest
 
 from conftest import stage_access, stage_metadata
+from mesh import SERVING
 from fluxmesh.cli.supervisor import Cluster, free_port, health_status
 from fluxmesh.client import Client
 from fluxmesh.orchestrator.residency.resident import SwapCost
@@ -219,7 +220,7 @@ def sequential_up(tmp_path_factory):
     resident = Cluster()
     try:
         deadline = time.monotonic() + 180
-        while health_status(f"127.0.0.1:{port}") != 1:
+        while health_status(f"127.0.0.1:{port}") != SERVING:
             assert up.poll() is None and time.monotonic() < deadline, "fluxmesh up --sequential did not come up"
             time.sleep(0.2)
         stages = _stage_ports(up.pid)
@@ -304,7 +305,7 @@ def test_a_released_stage_refuses_model_calls_and_keeps_serving(sequential_up):
                                                              metadata=_metadata())
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "released" in caught.value.details() and "Residency/Load" in caught.value.details()
-    assert health_status(address) == 1
+    assert health_status(address) == SERVING
 
 
 def test_sequential_lowers_peak_rss_and_keeps_the_pixels(sequential_up):

@@ -9,6 +9,7 @@ import pytest
 
 from conftest import stage_access, stage_metadata
 from factories import PROMPT
+from mesh import NOT_SERVING
 from fluxmesh.cli.supervisor import free_port
 from fluxmesh.client import Client, FluxmeshError
 from fluxmesh.v1 import common_pb2
@@ -83,14 +84,14 @@ def test_stage_down_is_unavailable_naming_the_stage(dev_cluster, stage_addresses
         while health_status(cluster.address) is None and time.monotonic() < deadline:
             time.sleep(0.1)
         time.sleep(1.0)  # one monitor round
-        assert health_status(cluster.address) == 2  # NOT_SERVING: it depends on a dead stage
+        assert health_status(cluster.address) == NOT_SERVING  # it depends on a dead stage
         with Client(cluster.address, timeout=30) as client:
             for _ in range(2):
                 with pytest.raises(FluxmeshError) as caught:
                     client.generate(PROMPT, width=64, height=64, steps=1, seed=1)
                 assert caught.value.code == grpc.StatusCode.UNAVAILABLE
                 assert "vae" in caught.value.message and dead in caught.value.message
-        assert health_status(cluster.address) == 2  # still answering, still honest
+        assert health_status(cluster.address) == NOT_SERVING  # still answering, still honest
 
 
 def test_stage_rejects_mismatched_tensor_bytes(stage_addresses, stage_token):

@@ -409,3 +409,45 @@ def test_serve_listens_on_loopback_unless_told_otherwise(monkeypatch, argv):
         result = CliRunner().invoke(app, argv + extra)
         assert result.exit_code == 0, result.output
         assert started.pop().address.rpartition(":")[0] == host
+
+
+@pytest.mark.parametrize("make", ["sync", "async"])
+def test_the_sdk_sends_no_token_in_the_clear_beyond_loopback_unless_told(pki, make):
+    """A bearer token over plaintext to another host could be read on the way: refused before any
+    connection, unless the address is loopback, TLS is used, or the caller allows it."""
+    import asyncio
+
+    from fluxmesh.client import AsyncClient
+
+    def build(address, **kwargs):
+        if make == "sync":
+            Client(address, **kwargs).close()
+        else:
+            async def go():
+                await AsyncClient(address, **kwargs).close()
+            asyncio.run(go())
+
+    with pytest.raises(FluxmeshError) as caught:
+        build("gen.example.com:50050", token="t")
+    assert caught.value.code == C.INVALID_ARGUMENT and caught.value.message.startswith("token: refusing")
+    for address, kwargs in (("gen.example.com:50050", {"token": "t", "allow_plaintext_token": True}),
+                            ("gen.example.com:50050", {"token": "t", "credentials": _credentials(pki["ca"])}),
+                            ("gen.example.com:50050", {}),  # no token: nothing to leak
+                            ("127.0.0.1:50050", {"token": "t"}), ("localhost:50050", {"token": "t"}),
+                            ("[::1]:50050", {"token": "t"})):
+        build(address, **kwargs)
+
+
+def test_the_cli_sends_no_token_in_the_clear_beyond_loopback_unless_told(monkeypatch):
+    from typer.testing import CliRunner
+
+    from fluxmesh.cli.main import app
+
+    monkeypatch.setenv("MY_TOKEN", "t")
+    result = CliRunner().invoke(app, ["info", "--address", "gen.example.com:50050", "--token-env", "MY_TOKEN"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "refusing to send a bearer token over plaintext" in result.output and "--allow-plaintext-token" in \
+        result.output
+    allowed = CliRunner().invoke(app, ["info", "--address", "127.0.0.1:1", "--token-env", "MY_TOKEN"])
+    assert allowed.exit_code == 2 and "UNAVAILABLE" in allowed.output  # it tried: nobody listens there
+    assert len([line for line in allowed.output.splitlines() if line.strip()]) == 1  # one line, no traceback

@@ -170,6 +170,10 @@ class ClientOptions:
     token_env: Annotated[str | None, typer.Option(help="Environment variable holding the bearer token to send.",
                                                      rich_help_panel=_PANEL_CLIENT)] = None
 
+    allow_plaintext_token: Annotated[bool, typer.Option(help="Send the token even over plaintext to an address "
+                                                               "beyond loopback (only on a network you trust).",
+                                                          rich_help_panel=_PANEL_CLIENT)] = False
+
     def security(self) -> ClientSecurity:
         from fluxmesh.rpc.security import ClientSecurity, read_token
 
@@ -179,7 +183,8 @@ class ClientOptions:
     def client_kwargs(self) -> dict:
         """`credentials=` and `token=` for `fluxmesh.client.Client`."""
         security = self.security()
-        return {"credentials": security.credentials(), "token": security.token}
+        return {"credentials": security.credentials(), "token": security.token,
+                "allow_plaintext_token": self.allow_plaintext_token}
 
 
 _PANEL_LIMITS = "Request limits (lower only)"
@@ -259,11 +264,14 @@ def with_option_groups(command):
     def expanded(**kwargs):
         for name, group in groups.items():
             kwargs[name] = group(**{field.name: kwargs.pop(field.name) for field in dataclasses.fields(group)})
-        from fluxmesh.rpc.errors import UsageError
+        from fluxmesh.rpc.errors import FluxmeshError, UsageError
 
         try:
             return command(**kwargs)
         except UsageError as error:  # the operator's to fix: one line, exit 2, no traceback
+            typer.echo(f"error: {error}", err=True)
+            raise typer.Exit(2) from None
+        except FluxmeshError as error:  # a call's answer (server down, bad input): one line, no traceback
             typer.echo(f"error: {error}", err=True)
             raise typer.Exit(2) from None
 

@@ -12,6 +12,7 @@ from fluxmesh.client import _core
 from fluxmesh.client.events import Event, GeneratorInfo, LoraInfo, Result, event_from_pb, info_from_pb, loras_from_pb
 from fluxmesh.client.options import GenerateOptions, takes_generate_options
 from fluxmesh.rpc.channels import aio_channel
+from fluxmesh.rpc.security import check_token_transport
 from fluxmesh.v1 import common_pb2, generator_pb2_grpc
 
 
@@ -36,7 +37,9 @@ class AsyncClient:
     """The asyncio twin of `Client`: the same arguments, awaited."""
 
     def __init__(self, address: str, *, token: str | None = None, credentials: grpc.ChannelCredentials | None = None,
-                 timeout: float | None = None):
+                 timeout: float | None = None, allow_plaintext_token: bool = False):
+        # A token goes over plaintext only to loopback, or when the caller says so.
+        check_token_transport(address, token, tls=credentials is not None, allow_plaintext=allow_plaintext_token)
         self.address = address
         self.timeout = timeout
         self._metadata = _core.metadata(token)

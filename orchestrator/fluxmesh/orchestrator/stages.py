@@ -19,7 +19,7 @@ from fluxmesh.orchestrator.replicas import Deadline, ReplicaSet, channel_options
 from fluxmesh.rpc.channels import aio_channel
 from fluxmesh.rpc.errors import FluxmeshError, StageUnavailable
 from fluxmesh.rpc.request_ids import outgoing_metadata
-from fluxmesh.rpc.security import ClientSecurity
+from fluxmesh.rpc.security import ClientSecurity, is_loopback
 from fluxmesh.v1 import (
     denoiser_pb2,
     denoiser_pb2_grpc,
@@ -67,6 +67,11 @@ class StageClient:
                  security: ClientSecurity | None = None):
         self.address = address
         security = security or ClientSecurity()
+        if security.token and credentials is None and not security.uses_tls and not is_loopback(address):
+            # Refused outright in the SDK; here a private network (compose, a cluster) is usual, so
+            # the operator is told rather than stopped.
+            log.warning("the stage token goes to the %s stage at %s over plaintext: anyone on that network "
+                        "can read it; use --stage-tls-ca", self.stage, address)
 
         def connect(target: str) -> grpc.aio.Channel:
             # Every call carries the stage token (if any) and the current request id as metadata.

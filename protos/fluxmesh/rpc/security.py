@@ -24,7 +24,7 @@ from pathlib import Path
 
 import grpc
 
-from fluxmesh.rpc.errors import UsageError
+from fluxmesh.rpc.errors import InvalidArgument, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,7 @@ __all__ = [
     "read_priority_grants",
     "presented_token",
     "is_loopback",
+    "check_token_transport",
     "STAGE_TOKEN_ENV",
     "SecurityConfigError",
 ]
@@ -203,6 +204,15 @@ def is_loopback(address: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def check_token_transport(address: str, token: str | None, *, tls: bool, allow_plaintext: bool) -> None:
+    """Refuse to send a bearer token in the clear beyond this machine unless the caller said so:
+    anyone on the path could read it and use it."""
+    if token and not tls and not allow_plaintext and not is_loopback(address):
+        raise InvalidArgument("token", f"refusing to send a bearer token over plaintext to {address}: connect "
+                                       "with TLS, or allow it explicitly (allow_plaintext_token=True, "
+                                       "--allow-plaintext-token) on a network you trust")
 
 
 def presented_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:

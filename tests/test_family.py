@@ -88,9 +88,19 @@ def _sequential_orchestrator(cluster):
 
 
 @pytest.fixture(scope="module")
-def kontext_cluster(models):
-    """The Kontext model (FLUX.1-dev-shaped) with a Redux folder on the encoder."""
-    with _cluster(models["kontext"], encoder=["--redux", str(models["redux"])]) as cluster:
+def lora_dir(models, tmp_path_factory) -> Path:
+    from lora_fixtures import write_lora
+
+    root = tmp_path_factory.mktemp("family-loras")
+    write_lora("kohya", root / "style.safetensors", models["kontext"], seed=3)  # transformer and CLIP keys
+    return root
+
+
+@pytest.fixture(scope="module")
+def kontext_cluster(models, lora_dir):
+    """The Kontext model (FLUX.1-dev-shaped) with a Redux folder on the encoder, and LoRAs."""
+    loras = ["--lora-dir", str(lora_dir)]
+    with _cluster(models["kontext"], encoder=["--redux", str(models["redux"]), *loras], denoiser=loras) as cluster:
         yield cluster
 
 
@@ -213,6 +223,25 @@ def test_kontext_with_true_cfg_matches(kontext_cluster, models):
     expected = kontext_expected(models, reference, seed=3, keep_size=True, width=64, height=64, num_inference_steps=2,
                                 guidance_scale=2.5, negative_prompt="blurry", true_cfg_scale=3.0)
     assert max_abs_diff(_pixels(result)[0], expected[0]) <= 1
+
+
+def test_kontext_with_a_lora_stacked_matches(kontext_cluster, models, lora_dir):
+    """A kohya LoRA (transformer and CLIP keys) on top of Kontext, as FluxKontextPipeline.load_lora_weights."""
+    import diffusers
+
+    reference = _images(11, (64, 64))[0]
+    result = _generate(kontext_cluster.address, [_reference(KONTEXT, reference, keep_size=True)], steps=2,
+                       guidance=2.5, seed=12, loras=[common_pb2.LoraWeight(name="style", weight=0.8)])
+    pipe = diffusers.FluxKontextPipeline.from_pretrained(str(models["kontext"]), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(lora_dir / "style.safetensors"), adapter_name="style")
+    pipe.set_adapters(["style"], adapter_weights=[0.8])
+    expected = pipe(image=reference, prompt=PROMPT, width=64, height=64, max_area=64 * 64, _auto_resize=False,
+                    num_inference_steps=2, guidance_scale=2.5, generator=_generator(12)).images
+    assert max_abs_diff(_pixels(result)[0], expected[0]) <= 1
+    plain = kontext_expected(models, reference, seed=12, keep_size=True, width=64, height=64, num_inference_steps=2,
+                             guidance_scale=2.5)
+    assert max_abs_diff(_pixels(result)[0], plain[0]) > 1  # the LoRA shows
 
 
 # -- Control -------------------------------------------------------------------------------------

@@ -414,3 +414,42 @@ def test_sequential_mode_keeps_control_pixels(control_cluster):
         sequential.stop()
         _load_all(stages)
     assert [i.data for i in result.images] == [i.data for i in resident.images]
+
+
+# -- SDK and CLI ---------------------------------------------------------------------------------
+
+def test_sdk_and_cli_send_the_same_references(kontext_cluster, control_cluster, tmp_path):
+    """Client.generate(references=[Reference(...)]) and `fluxmesh generate --reference/--image-prompt/
+    --control/--control-type` build the requests the raw tests above prove against diffusers."""
+    import subprocess
+    import sys
+
+    from fluxmesh.client import Client, Reference
+
+    photo, prompt_image = _images(16, (64, 64), (48, 48))
+    photo_path, prompt_path = tmp_path / "photo.png", tmp_path / "prompt.png"
+    photo.save(photo_path)
+    prompt_image.save(prompt_path)
+    options = dict(steps=2, guidance=2.5, seed=3)
+    raw = _generate(kontext_cluster.address, [_reference(KONTEXT, photo, keep_size=True),
+                                              _reference(REDUX, prompt_image, scale=0.7)], **options)
+    with Client(kontext_cluster.address, timeout=300) as client:
+        sdk = client.generate(PROMPT, references=[Reference("kontext", photo, keep_size=True),
+                                                  Reference("redux", prompt_path, scale=0.7)], **options)
+    assert sdk.image_data == [image.data for image in raw.images]
+    cli = subprocess.run([sys.executable, "-m", "fluxmesh.cli", "generate", "-p", PROMPT, "--address",
+                          kontext_cluster.address, "--steps", "2", "--guidance", "2.5", "--seed", "3", "--reference",
+                          str(photo_path), "--keep-size", "--image-prompt", f"{prompt_path}:0.7", "-o",
+                          str(tmp_path / "kontext.png")], capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 0, cli.stderr
+    assert (tmp_path / "kontext.png").read_bytes() == raw.images[0].data
+
+    raw = _generate(control_cluster.address, [_reference(CONTROL, photo, preprocess=CANNY)], steps=2, seed=3)
+    cli = subprocess.run([sys.executable, "-m", "fluxmesh.cli", "generate", "-p", PROMPT, "--address",
+                          control_cluster.address, "--steps", "2", "--seed", "3", "--control", str(photo_path),
+                          "--control-type", "canny", "-o", str(tmp_path / "control.png")],
+                         capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 0, cli.stderr
+    assert (tmp_path / "control.png").read_bytes() == raw.images[0].data
+    with pytest.raises(ValueError, match="references.role"):  # named before any call
+        Reference("depth-anything", photo)

@@ -24,7 +24,7 @@ from enum import StrEnum
 from typing import Any
 
 from fluxmesh.rpc.errors import InvalidArgument
-from fluxmesh.v1 import generator_pb2
+from fluxmesh.v1 import common_pb2, generator_pb2
 
 __all__ = [
     "LIMITS", "Limits", "Stage", "Phase", "PreviewKind", "WeightState", "ReleaseTo", "StartResidency",
@@ -33,7 +33,7 @@ __all__ = [
     "check_strength_leaves_a_step", "check_true_cfg_scale", "check_lora_weight", "check_loras", "check_preview_every",
     "check_float_dtype", "fit_size", "REDUX_SEQUENCE_LENGTH", "check_redux_scale",
     "check_conditioning_length", "PREFERRED_KONTEXT_RESOLUTIONS", "MEGAPIXEL", "request_work", "check_work",
-    "check_admissible",
+    "check_admissible", "ReferenceRole", "ControlPreprocess",
 ]
 
 
@@ -144,6 +144,46 @@ class PreviewKind(StrEnum):
 
 
 _PREVIEW_PB = {PreviewKind.fast: generator_pb2.PREVIEW_KIND_FAST, PreviewKind.vae: generator_pb2.PREVIEW_KIND_VAE}
+
+
+class ReferenceRole(StrEnum):
+    """What a reference image is for (GenerateRequest.references; see docs/family.md)."""
+
+    kontext = "kontext"  # FLUX.1-Kontext: the image to edit
+    control = "control"  # FLUX.1-Canny/Depth: the control image
+    redux = "redux"  # FLUX.1-Redux: an image prompt
+    ip_adapter = "ip-adapter"  # not served yet
+    controlnet = "controlnet"  # not served yet
+
+    @property
+    def pb(self) -> int:
+        return int(generator_pb2.ReferenceRole.Value(f"REFERENCE_ROLE_{self.name.upper()}"))
+
+    @classmethod
+    def parse(cls, text: str, field: str = "role") -> ReferenceRole:
+        try:
+            return cls(text)
+        except ValueError:
+            raise InvalidArgument(field, f"{text!r}; expected one of {', '.join(cls)}") from None
+
+
+class ControlPreprocess(StrEnum):
+    """Server-side preprocessing of a control image."""
+
+    none = "none"
+    canny = "canny"  # OpenCV Canny edges (thresholds 100/200, as controlnet_aux's CannyDetector)
+    depth = "depth"  # needs a depth model (none is configured yet)
+
+    @property
+    def pb(self) -> int:
+        return int(common_pb2.ControlPreprocess.Value(f"CONTROL_PREPROCESS_{self.name.upper()}"))
+
+    @classmethod
+    def parse(cls, text: str, field: str = "preprocess") -> ControlPreprocess:
+        try:
+            return cls(text)
+        except ValueError:
+            raise InvalidArgument(field, f"{text!r}; expected one of {', '.join(cls)}") from None
 
 
 # -- weight residency -------------------------------------------------------------------------

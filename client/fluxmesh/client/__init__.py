@@ -20,7 +20,7 @@ from fluxmesh.client.events import (
     Step,
     Timings,
 )
-from fluxmesh.client.options import GenerateOptions, ImageInput, PreviewKind
+from fluxmesh.client.options import GenerateOptions, ImageInput, PreviewKind, Reference, ReferenceRole
 from fluxmesh.client.sync import Client, GenerationStream
 from fluxmesh.rpc.errors import FluxmeshError
 
@@ -37,6 +37,8 @@ __all__ = [
     "LoraInfo",
     "PreviewKind",
     "Queued",
+    "Reference",
+    "ReferenceRole",
     "Result",
     "Stage",
     "StageFinished",

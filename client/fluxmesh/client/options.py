@@ -20,12 +20,12 @@ from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 from PIL import Image
 
-from fluxmesh.contract import PreviewKind
+from fluxmesh.contract import ControlPreprocess, PreviewKind, ReferenceRole
 from fluxmesh.rpc import step_cache
 from fluxmesh.v1 import common_pb2, generator_pb2
 
-__all__ = ["GenerateOptions", "ImageInput", "Lora", "PreviewKind", "option_help", "parse_lora",
-           "takes_generate_options"]
+__all__ = ["ControlPreprocess", "GenerateOptions", "ImageInput", "Lora", "PreviewKind", "Reference", "ReferenceRole",
+           "option_help", "parse_lora", "takes_generate_options"]
 
 Lora = tuple[str, float]
 ImageInput = bytes | str | os.PathLike[str] | Image.Image  # PNG/JPEG bytes, a path to one, or a PIL image
@@ -33,6 +33,35 @@ ImageInput = bytes | str | os.PathLike[str] | Image.Image  # PNG/JPEG bytes, a p
 
 def _doc(text: str) -> dict[str, str]:
     return {"doc": text}
+
+
+@dataclass(frozen=True)
+class Reference:
+    """An image that conditions a generation, by role (docs/family.md): `Reference("kontext", "photo.png")`,
+    `Reference("redux", image, scale=0.8)`, `Reference("control", photo, preprocess="canny")`."""
+
+    role: ReferenceRole | str
+    image: ImageInput
+    _: KW_ONLY
+    scale: float | None = None  # redux: prompt_embeds_scale (default 1)
+    pooled_scale: float | None = None  # redux: pooled_prompt_embeds_scale (default 1)
+    preprocess: ControlPreprocess | str | None = None  # control: e.g. "canny", done by the server
+    keep_size: bool = False  # kontext: no snap to Kontext's preferred resolutions
+
+    def __post_init__(self) -> None:  # InvalidArgument naming the field, before any call
+        object.__setattr__(self, "role", ReferenceRole.parse(str(self.role), "references.role"))
+        if self.preprocess is not None:
+            object.__setattr__(self, "preprocess", ControlPreprocess.parse(str(self.preprocess),
+                                                                           "references.preprocess"))
+
+    def to_pb(self) -> generator_pb2.Reference:
+        role = cast(ReferenceRole, self.role)
+        reference = generator_pb2.Reference(role=cast(generator_pb2.ReferenceRole, role.pb),
+                                            image=image_bytes(self.image), scale=self.scale,
+                                            pooled_scale=self.pooled_scale, keep_size=self.keep_size)
+        if self.preprocess is not None:
+            reference.preprocess = cast(common_pb2.ControlPreprocess, cast(ControlPreprocess, self.preprocess).pb)
+        return reference
 
 
 @dataclass(frozen=True)
@@ -71,6 +100,9 @@ class GenerateOptions:
     cache: str | None = field(default=None, metadata=_doc("Step caching: off, first-block, mag or taylorseer, "
                                                           "optionally :THRESHOLD (faster, approximate pixels; "
                                                           "default: the server's)."))
+    references: Iterable[Reference] = field(default=(), metadata=_doc("Images with a role: Kontext's image to edit, "
+                                                                      "Redux image prompts, a Control image "
+                                                                      "(see Reference)."))
     timeout: float | None = field(default=None, metadata=_doc("Deadline of this call in seconds (default: the "
                                                               "client's)."))
 
@@ -90,6 +122,7 @@ class GenerateOptions:
             negative_prompt=self.negative_prompt, true_cfg_scale=self.true_cfg_scale,
             init_image=None if self.init_image is None else image_bytes(self.init_image),
             mask_image=None if self.mask_image is None else image_bytes(self.mask_image),
+            references=[reference.to_pb() for reference in self.references],
         )
         if self.cache is not None:
             request.cache.CopyFrom(step_cache.to_pb(self.cache))

@@ -8,8 +8,8 @@ from typing import Annotated
 import typer
 
 from fluxmesh.cli.shared_options import Address, ClientOptions, with_option_groups
-from fluxmesh.client.options import option_help, parse_lora
-from fluxmesh.contract import PreviewKind
+from fluxmesh.client.options import Reference, option_help, parse_lora
+from fluxmesh.contract import ControlPreprocess, PreviewKind, ReferenceRole
 
 app = typer.Typer()
 
@@ -47,6 +47,16 @@ def generate(
                                                                 "''); needs --true-cfg-scale > 1.")] = None,
     true_cfg_scale: Annotated[float | None, typer.Option(help=option_help("true_cfg_scale"))] = None,
     cache: Annotated[str | None, typer.Option(help=option_help("cache"))] = None,
+    reference: Annotated[Path | None, typer.Option(help="PNG/JPEG for a FLUX.1-Kontext model to edit (snapped to "
+                                                        "Kontext's preferred resolutions unless --keep-size).")] = None,
+    keep_size: Annotated[bool, typer.Option(help="--reference keeps its own size.")] = False,
+    image_prompt: Annotated[list[str] | None, typer.Option(
+        help="PATH[:SCALE]: a Redux image prompt (repeatable; the encoder needs --redux).")] = None,
+    control: Annotated[Path | None, typer.Option(help="PNG/JPEG control image for a FLUX.1 Canny/Depth "
+                                                      "model.")] = None,
+    control_type: Annotated[ControlPreprocess, typer.Option(
+        help="What the server makes of --control first: none (use it as it is) or canny (edges).")]
+        = ControlPreprocess.none,
     connection: ClientOptions = ClientOptions(),
 ) -> None:
     """Generate image(s) through a running orchestrator, with a per-step progress bar."""
@@ -63,7 +73,9 @@ def generate(
                                           init_image=init_image, mask_image=mask, strength=strength,
                                           preview=preview, preview_every=preview_every,
                                           priority=priority, negative_prompt=negative_prompt,
-                                          true_cfg_scale=true_cfg_scale, cache=cache),
+                                          true_cfg_scale=true_cfg_scale, cache=cache,
+                                          references=_references(reference, keep_size, image_prompt or [], control,
+                                                                 control_type)),
                             previews=writer)
     except FluxmeshError as error:
         typer.echo(f"error: {error}", err=True)
@@ -124,3 +136,15 @@ def info(
         typer.echo(f"{stage.stage:9s} {stage.model} on {stage.device} {stage.dtype}: "
                    f"weights {stage.weight_bytes / 2**20:.1f} MiB, peak {stage.peak_memory_bytes / 2**20:.1f} MiB"
                    + (f", {stage.residency}" if stage.residency else ""))
+
+
+def _references(reference: Path | None, keep_size: bool, image_prompts: list[str], control: Path | None,
+                control_type: ControlPreprocess) -> list[Reference]:
+    """The family flags as GenerateOptions' references (the server checks every combination)."""
+    references = [Reference(ReferenceRole.kontext, reference, keep_size=keep_size)] if reference else []
+    for text in image_prompts:
+        path, scale = parse_lora(text)  # the same PATH[:NUMBER] spelling as --lora
+        references.append(Reference(ReferenceRole.redux, path, scale=scale))
+    if control is not None:
+        references.append(Reference(ReferenceRole.control, control, preprocess=control_type))
+    return references

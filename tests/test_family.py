@@ -189,6 +189,13 @@ def test_redux_without_a_prompt_is_the_prior_without_text_encoders(kontext_clust
     assert max_abs_diff(_pixels(result)[0], expected[0]) <= 1
 
 
+def test_redux_truncation_is_reported_against_the_t5_part(kontext_cluster):
+    long_prompt = " ".join([PROMPT] * 80)  # far over 512 T5 tokens
+    result = _generate(kontext_cluster.address, [_reference(REDUX, _images(6, (40, 40))[0])], prompt=long_prompt,
+                       width=64, height=64, steps=1, seed=1)
+    assert len(result.warnings) == 1 and "beyond max_sequence_length 512 were dropped" in result.warnings[0]
+
+
 # -- Kontext -------------------------------------------------------------------------------------
 
 def test_kontext_keeping_the_reference_size_matches_flux_kontext_pipeline(kontext_cluster, models):

@@ -10,6 +10,7 @@ from contextlib import aclosing
 
 import grpc
 
+from fluxmesh import contract
 from fluxmesh.contract import LIMITS, Limits
 from fluxmesh.rpc import request_ids, step_cache
 from fluxmesh.rpc.security import presented_token
@@ -156,7 +157,8 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
                     steps=params.steps,
                     guidance=params.guidance,
                     step_cache=cache_report,
-                    warnings=_truncation_warnings(embeddings, "prompt") + _truncation_warnings(negative, "negative prompt")
+                    warnings=_truncation_warnings(embeddings, "prompt", bool(params.references.redux))
+                    + _truncation_warnings(negative, "negative prompt")
                     + ([preview_warning] if preview_warning else []),
                 )
             )
@@ -257,11 +259,13 @@ def _time_left(context: grpc.aio.ServicerContext) -> float | None:
     return deadlines.time_left(context)
 
 
-def _truncation_warnings(embeddings: encoder_pb2.EncodeResponse | None, what: str) -> list[str]:
+def _truncation_warnings(embeddings: encoder_pb2.EncodeResponse | None, what: str,
+                         image_prompts: bool = False) -> list[str]:
     dropped = max(embeddings.truncated_tokens, default=0) if embeddings is not None else 0
     if not dropped:
         return []
-    length = embeddings.prompt_embeds.shape[1]
+    # Redux image tokens follow the T5 part, which is then always REDUX_SEQUENCE_LENGTH long
+    length = contract.REDUX_SEQUENCE_LENGTH if image_prompts else embeddings.prompt_embeds.shape[1]
     return [f"{what} truncated: {dropped} T5 tokens beyond max_sequence_length {length} were dropped"]
 
 

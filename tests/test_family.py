@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import STAGE_FLAGS
+from conftest import STAGE_FLAGS, stage_access, stage_metadata
 from factories import PROMPT, init_and_mask, max_abs_diff, png_image
 from fluxmesh.v1 import (common_pb2, generator_pb2, generator_pb2_grpc, residency_pb2, residency_pb2_grpc)
 
@@ -80,9 +80,10 @@ def _sequential_orchestrator(cluster):
     stages = {child.name: child.address for child in cluster.children if child.name != "orchestrator"}
     sequential = Cluster()
     port = free_port()
+    flags, env = stage_access(cluster.stage_token)
     sequential.start("sequential", ["serve", "orchestrator", "--host", "127.0.0.1", "--port", str(port),
-                                    "--sequential", *[f"--{name}={address}" for name, address in stages.items()]],
-                     f"127.0.0.1:{port}")
+                                    "--sequential", *flags, *[f"--{name}={address}" for name, address in stages.items()]],
+                     f"127.0.0.1:{port}", env)
     sequential.wait_serving(120)
     return sequential, stages
 
@@ -286,7 +287,8 @@ def _stage_requests(cluster) -> dict[str, str]:
     for child in cluster.children:
         if child.name in stubs:
             with grpc.insecure_channel(child.address) as channel:
-                counts[child.name] = stubs[child.name](channel).Info(common.InfoRequest(), timeout=10).details["requests"]
+                counts[child.name] = stubs[child.name](channel).Info(
+                    common.InfoRequest(), timeout=10, metadata=stage_metadata(cluster.stage_token)).details["requests"]
     return counts
 
 
@@ -361,11 +363,13 @@ def test_stages_check_what_they_are_sent(kontext_cluster):
     import torch
 
     stages = {child.name: child.address for child in kontext_cluster.children}
+    credential = stage_metadata(kontext_cluster.stage_token)
     with grpc.insecure_channel(stages["encoder"]) as channel:
         stub = encoder_pb2_grpc.TextEncoderStub(channel)
         with pytest.raises(grpc.RpcError) as caught:
             stub.Encode(encoder_pb2.EncodeRequest(prompts=["a"], image_prompts=[
-                encoder_pb2.ImagePrompt(image=_png(_images(0, (32, 32))[0]), scale=9.0, pooled_scale=1.0)]), timeout=30)
+                encoder_pb2.ImagePrompt(image=_png(_images(0, (32, 32))[0]), scale=9.0, pooled_scale=1.0)]), timeout=30,
+                metadata=credential)
         assert caught.value.details().startswith("image_prompts[0].scale:")
     with grpc.insecure_channel(stages["denoiser"]) as channel:
         stub = denoiser_pb2_grpc.DenoiserStub(channel)
@@ -374,21 +378,22 @@ def test_stages_check_what_they_are_sent(kontext_cluster):
                                               steps=1, seed=0, num_images=1)
         request.conditioning.kontext_latents.CopyFrom(to_pb(torch.zeros(1, 16, 3, 8)))  # odd height
         with pytest.raises(grpc.RpcError) as caught:
-            list(stub.Denoise(request, timeout=30))
+            list(stub.Denoise(request, timeout=30, metadata=credential))
         assert caught.value.details().startswith("conditioning.kontext_latents.shape:")
         request.conditioning.Clear()
         request.conditioning.control_posterior.CopyFrom(to_pb(torch.zeros(1, 32, 8, 8)))
         with pytest.raises(grpc.RpcError) as caught:
-            list(stub.Denoise(request, timeout=30))
+            list(stub.Denoise(request, timeout=30, metadata=credential))
         assert caught.value.details().startswith("conditioning.control_posterior:")  # not a Control model
 
 
 # -- sequential mode (last: it leaves the stages released; each test loads them back) -----------
 
-def _load_all(stages: dict[str, str]) -> None:
+def _load_all(stages: dict[str, str], token: str) -> None:
     for address in stages.values():
         with grpc.insecure_channel(address) as channel:
-            residency_pb2_grpc.ResidencyStub(channel).Load(residency_pb2.LoadRequest(), timeout=60)
+            residency_pb2_grpc.ResidencyStub(channel).Load(residency_pb2.LoadRequest(), timeout=60,
+                                                           metadata=stage_metadata(token))
 
 
 def test_sequential_mode_keeps_redux_and_kontext_pixels(kontext_cluster):
@@ -402,7 +407,7 @@ def test_sequential_mode_keeps_redux_and_kontext_pixels(kontext_cluster):
         again = _generate(sequential.address, references, **options)
     finally:
         sequential.stop()
-        _load_all(stages)
+        _load_all(stages, kontext_cluster.stage_token)
     assert [i.data for i in result.images] == [i.data for i in resident.images] == [i.data for i in again.images]
     # encoder, vae (the reference, at the same time as the prompt), denoiser, vae (decode): as image to image
     assert result.timings.swaps == 4
@@ -419,7 +424,7 @@ def test_sequential_mode_keeps_control_pixels(control_cluster):
         result = _generate(sequential.address, references, width=64, height=64, steps=2, seed=1)
     finally:
         sequential.stop()
-        _load_all(stages)
+        _load_all(stages, control_cluster.stage_token)
     assert [i.data for i in result.images] == [i.data for i in resident.images]
 
 

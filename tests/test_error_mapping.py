@@ -61,3 +61,42 @@ def test_the_orchestrator_names_a_stage_once(details, expected):
         raise grpc.aio.AioRpcError(grpc.StatusCode.FAILED_PRECONDITION, grpc.aio.Metadata(), grpc.aio.Metadata(),
                                    details)
     assert relayed.value.message == expected and relayed.value.code == grpc.StatusCode.FAILED_PRECONDITION
+
+
+class NotLoadedVae(vae_pb2_grpc.VaeServicer):
+    """Decode answers as a released stage does; Encode with the same code and words, no reason."""
+
+    async def Decode(self, request, context):
+        from fluxmesh.rpc.errors import NotResident
+
+        raise NotResident("vae stage: weights are released; call fluxmesh.v1.Residency/Load first")
+
+    async def Encode(self, request, context):
+        from fluxmesh.rpc.errors import FailedPrecondition
+
+        raise FailedPrecondition("vae stage: weights are released; call fluxmesh.v1.Residency/Load first")
+
+
+async def test_a_reason_crosses_the_wire_as_a_status_detail_not_as_words():
+    from fluxmesh.orchestrator.stages import stage_errors
+    from fluxmesh.rpc.errors import NOT_RESIDENT, FluxmeshError
+
+    server = grpc.aio.server(interceptors=[ErrorMappingInterceptor()])
+    vae_pb2_grpc.add_VaeServicer_to_server(NotLoadedVae(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = vae_pb2_grpc.VaeStub(channel)
+            reasons = {}
+            for name, call in (("decode", stub.Decode(vae_pb2.DecodeRequest(), timeout=10)),
+                               ("encode", stub.Encode(vae_pb2.EncodeImageRequest(), timeout=10))):
+                with pytest.raises(FluxmeshError) as caught:
+                    with stage_errors("vae", "here"):
+                        await call
+                assert caught.value.code == grpc.StatusCode.FAILED_PRECONDITION
+                assert caught.value.message.startswith("vae stage: weights are released")
+                reasons[name] = caught.value.reason
+    finally:
+        await server.stop(None)
+    assert reasons == {"decode": NOT_RESIDENT, "encode": ""}

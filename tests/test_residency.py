@@ -7,6 +7,7 @@ import weakref
 import pytest
 import torch
 
+from fluxmesh.contract import ReleaseTo
 from fluxmesh.rpc.errors import FailedPrecondition, InvalidArgument
 from fluxmesh.services.residency.state import Residency, residency_state
 from fluxmesh.services.runtime.device import Device
@@ -47,10 +48,10 @@ def test_released_weights_refuse_calls_and_come_back_identical(denoiser, dev_mod
     assert residency.load() == 0.0  # already there: nothing to do, nothing logged
 
     module = weakref.ref(denoiser.transformer)
-    assert residency.release(keep_in_cpu_memory=False) > 0
+    assert residency.release(ReleaseTo.disk) > 0
     assert module() is None, "the released transformer must be freed (LoRA adapters included)"
     assert residency.state == "released" and denoiser.weight_bytes() == 0
-    assert residency.release(keep_in_cpu_memory=True) == 0.0  # nothing held: nothing to offload
+    assert residency.release(ReleaseTo.cpu) == 0.0  # nothing held: nothing to offload
 
     residency.load()  # read from the files again, LoRAs re-bound to the new module
     assert torch.equal(denoiser.denoise(job), plain)
@@ -71,7 +72,7 @@ def test_offloaded_keeps_weights_in_cpu_memory(dev_model):
     assert residency.state == "released"
     residency.load()
     held = vae.weight_bytes()
-    residency.release(keep_in_cpu_memory=True)
+    residency.release(ReleaseTo.cpu)
     assert residency.state == "offloaded" and vae.weight_bytes() == held
     assert residency.snapshot()["device_weight_bytes"] == 0
     with pytest.raises(FailedPrecondition):
@@ -87,9 +88,9 @@ def test_unknown_initial_state_is_named(dev_model):
         Residency("vae", VaeEngine(dev_model, Device.parse("cpu"), load=False), "sideways")
 
 
-@pytest.mark.parametrize("keep_in_cpu_memory", [False, True], ids=["release", "offload"])
+@pytest.mark.parametrize("release_to", [ReleaseTo.disk, ReleaseTo.cpu], ids=["release", "offload"])
 @pytest.mark.parametrize("stage", ["encoder", "denoiser"])
-def test_several_loras_survive_every_release_mode_on_the_model_thread(dev_model, tmp_path, stage, keep_in_cpu_memory):
+def test_several_loras_survive_every_release_mode_on_the_model_thread(dev_model, tmp_path, stage, release_to):
     """As the servers run them: model calls under the worker's inference mode, transitions
     outside it. Adapters of two or more LoRAs used to be created in one mode and deleted in the
     other ("Setting requires_grad=True on inference tensor outside InferenceMode")."""
@@ -126,7 +127,7 @@ def test_several_loras_survive_every_release_mode_on_the_model_thread(dev_model,
         for _ in range(3):
             await worker.run_unchecked(residency.load)
             outputs.append((await worker.run(call, True), await worker.run(call, False)))
-            await worker.run_unchecked(residency.release, keep_in_cpu_memory)
+            await worker.run_unchecked(residency.release, release_to)
         return outputs
 
     outputs = asyncio.run(rounds())

@@ -26,7 +26,7 @@ from fluxmesh.cli.supervisor import Cluster, free_port, health_status
 from fluxmesh.client import Client
 from fluxmesh.orchestrator.residency.resident import SwapCost
 from fluxmesh.orchestrator.residency.sequential import SequentialStrategy
-from fluxmesh.rpc.errors import FluxmeshError
+from fluxmesh.rpc.errors import NOT_RESIDENT, FluxmeshError, reason_of
 from fluxmesh.rpc.security import STAGE_TOKEN_ENV
 from fluxmesh.v1 import encoder_pb2, encoder_pb2_grpc, residency_pb2, residency_pb2_grpc
 
@@ -138,6 +138,25 @@ async def test_failed_swap_fails_its_waiters_and_the_next_request_recovers():
         await _request(residency, "unlucky", log)
     cost = await _request(residency, "next", log)
     assert cost.swaps == 3 and log[-3:] == ["next encoder", "next denoiser", "next vae"]
+
+
+async def test_only_a_not_resident_reason_makes_the_strategy_forget_what_is_loaded():
+    """A stage that restarted answers NOT_RESIDENT (a status detail): the next request loads it
+    again. Another FAILED_PRECONDITION, whatever its words, changes nothing."""
+    from fluxmesh.rpc.errors import NOT_RESIDENT, FailedPrecondition
+
+    residency, log = FakeStrategy(), []
+    await _request(residency, "first", log, stages=("encoder",))
+    assert residency.loaded == "encoder"
+    with pytest.raises(FailedPrecondition):
+        async with residency.use("encoder"):
+            raise FailedPrecondition("encoder stage: Residency is fine, this is another precondition")
+    assert residency.loaded == "encoder"
+    with pytest.raises(FluxmeshError):
+        async with residency.use("encoder"):
+            raise FluxmeshError("encoder stage: weights are released", code=grpc.StatusCode.FAILED_PRECONDITION,
+                                reason=NOT_RESIDENT)
+    assert residency.loaded is None
 
 
 async def test_a_request_that_gives_up_waiting_leaves_no_trace():
@@ -305,6 +324,7 @@ def test_a_released_stage_refuses_model_calls_and_keeps_serving(sequential_up):
                                                              metadata=_metadata())
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "released" in caught.value.details() and "Residency/Load" in caught.value.details()
+    assert reason_of(caught.value) == NOT_RESIDENT  # what the orchestrator reads, not the words
     assert health_status(address) == SERVING
 
 

@@ -24,7 +24,7 @@ from enum import StrEnum
 from typing import Any
 
 from fluxmesh.rpc.errors import InvalidArgument
-from fluxmesh.v1 import common_pb2, generator_pb2
+from fluxmesh.v1 import common_pb2, generator_pb2, residency_pb2
 
 __all__ = [
     "LIMITS", "Limits", "Stage", "Phase", "PreviewKind", "WeightState", "ReleaseTo", "StartResidency",
@@ -213,6 +213,23 @@ class ReleaseTo(StrEnum):
     def state(self, device: str) -> WeightState:
         """The state a release leaves a stage on `device` in."""
         return WeightState.offloaded if self.on(device) is ReleaseTo.cpu else WeightState.released
+
+    @property
+    def pb(self) -> int:
+        """The residency_pb2.ReleaseTo value a ReleaseRequest carries."""
+        return _RELEASE_PB[self]
+
+    @classmethod
+    def from_request(cls, request: residency_pb2.ReleaseRequest) -> "ReleaseTo":
+        """A ReleaseRequest's choice; one from an orchestrator that only sets the older
+        keep_in_cpu_memory reads as cpu (true) or disk (false)."""
+        if request.release_to == residency_pb2.RELEASE_TO_UNSPECIFIED:
+            return cls.cpu if request.keep_in_cpu_memory else cls.disk
+        return next(kind for kind, number in _RELEASE_PB.items() if number == request.release_to)
+
+
+_RELEASE_PB = {ReleaseTo.auto: residency_pb2.RELEASE_TO_AUTO, ReleaseTo.cpu: residency_pb2.RELEASE_TO_CPU,
+               ReleaseTo.disk: residency_pb2.RELEASE_TO_DISK}
 
 
 class StartResidency(StrEnum):

@@ -20,7 +20,7 @@ from fluxmesh.orchestrator.editing import encode_init
 from fluxmesh.orchestrator.references import Capabilities, encode_references, encoder_image_prompts
 from fluxmesh.orchestrator.previews import VaePreviews, preview_options, step_events
 from fluxmesh.orchestrator.metrics import record_result
-from fluxmesh.orchestrator.residency.resident import ResidentStrategy, SwapCost
+from fluxmesh.orchestrator.residency.resident import ResidencyStrategy, ResidentStrategy, SwapCost
 from fluxmesh.orchestrator.priorities import PriorityPolicy
 from fluxmesh.orchestrator.prompt_cache import PromptCache
 from fluxmesh.orchestrator.request import GenerateParams, ModelFacts, check_request
@@ -50,7 +50,7 @@ class Stages:
 
 
 class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
-    def __init__(self, stages: Stages, queue: AdmissionQueue, residency=None, *,
+    def __init__(self, stages: Stages, queue: AdmissionQueue, residency: ResidencyStrategy | None = None, *,
                  request_timeout: float | None = None, priorities: PriorityPolicy | None = None,
                  prompt_cache_bytes: int = 0, limits: Limits = LIMITS):
         self.stages = stages
@@ -200,7 +200,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
         """The denoise request (with the init image and preview options, if any), the vae preview
         relay when vae previews run, and a warning when the kind asked for cannot be had."""
         preview, warning = preview_options(
-            params.preview, vae_alongside_denoiser=isinstance(self.residency, ResidentStrategy),
+            params.preview, vae_alongside_denoiser=self.residency.stages_stay_loaded,
             latent_rgb=await self._latent_rgb_map(params, context))
         request = _denoise_request(params, embeddings, negative)
         if init is not None:

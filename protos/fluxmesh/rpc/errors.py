@@ -3,6 +3,10 @@
 Handlers and model code raise these plain exceptions; one server interceptor
 (`fluxmesh.rpc.interceptors.ErrorMappingInterceptor`) turns them into statuses, so no
 servicer repeats `context.abort(...)` logic. The SDK turns statuses back into `FluxmeshError`.
+
+An error a program must tell apart from others of its code carries a `reason`: it travels as a
+`google.rpc.ErrorInfo` status detail (grpcio-status's rich errors), so the caller reads a
+constant, never the wording of the message.
 """
 
 from __future__ import annotations
@@ -21,7 +25,15 @@ __all__ = [
     "PermissionDenied",
     "UsageError",
     "check_range",
+    "NotResident",
+    "ERROR_DOMAIN",
+    "NOT_RESIDENT",
+    "rich_status",
+    "reason_of",
 ]
+
+ERROR_DOMAIN = "fluxmesh.v1"  # google.rpc.ErrorInfo.domain of every fluxmesh reason
+NOT_RESIDENT = "NOT_RESIDENT"  # a stage's weights are not on its device (fluxmesh.v1.Residency)
 
 
 class UsageError(ValueError):
@@ -44,12 +56,15 @@ class FluxmeshError(Exception):
     """Base of every fluxmesh error; `code` is the gRPC status it travels as."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    reason: str = ""  # ErrorInfo.reason when the caller must tell this error apart ("" if not)
 
-    def __init__(self, message: str, *, code: grpc.StatusCode | None = None):
+    def __init__(self, message: str, *, code: grpc.StatusCode | None = None, reason: str | None = None):
         super().__init__(message)
         self.message = message
         if code is not None:
             self.code = code
+        if reason is not None:
+            self.reason = reason
 
     def __str__(self) -> str:
         return f"{self.code.name}: {self.message}"
@@ -87,6 +102,13 @@ class FailedPrecondition(FluxmeshError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class NotResident(FailedPrecondition):
+    """A model call on a stage whose weights are not on its device (sequential mode: the
+    orchestrator has not loaded it, or the stage restarted and forgot)."""
+
+    reason = NOT_RESIDENT
+
+
 class Unauthenticated(FluxmeshError):
     code = grpc.StatusCode.UNAUTHENTICATED
 
@@ -103,3 +125,30 @@ class StageUnavailable(FluxmeshError):
     def __init__(self, stage: str, detail: str):
         super().__init__(f"{stage} stage unavailable: {detail}")
         self.stage = stage
+
+
+def rich_status(error: FluxmeshError) -> grpc.Status:
+    """`error` as a status with its reason in a google.rpc.ErrorInfo detail."""
+    from google.protobuf import any_pb2
+    from google.rpc import error_details_pb2, status_pb2
+    from grpc_status import rpc_status
+
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN))
+    return rpc_status.to_status(status_pb2.Status(code=error.code.value[0], message=error.message, details=[detail]))
+
+
+def reason_of(error: grpc.RpcError) -> str:
+    """The fluxmesh ErrorInfo reason a failed call's status carries ("" when none)."""
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    try:
+        status = rpc_status.from_call(error)
+    except ValueError:  # details that contradict the call's code or message: not ours
+        return ""
+    for detail in status.details if status is not None else ():
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info) and info.domain == ERROR_DOMAIN:
+            return info.reason
+    return ""

@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError, Message
 
-from fluxmesh.rpc.errors import FluxmeshError, InvalidArgument
+from fluxmesh.rpc.errors import FluxmeshError, InvalidArgument, rich_status
 from fluxmesh.rpc.handlers import wrap_handler
 from fluxmesh.rpc.validation import check_enums
 
@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 async def _abort_with(context: grpc.aio.ServicerContext, method: str, error: Exception) -> None:
     if isinstance(error, FluxmeshError):
         log.info("%s -> %s: %s", method, error.code.name, error.message)
+        if error.reason:
+            await context.abort_with_status(rich_status(error))
         await context.abort(error.code, error.message)
     if _is_missing_method(error):
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented by this server")

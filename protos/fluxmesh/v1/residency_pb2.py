@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66luxmesh/v1/residency.proto\x12\x0b\x66luxmesh.v1\"\r\n\x0bLoadRequest\",\n\x0eReleaseRequest\x12\x1a\n\x12keep_in_cpu_memory\x18\x01 \x01(\x08\"\x18\n\x16ResidencyStatusRequest\"h\n\x13ResidencyTransition\x12\x12\n\nfrom_state\x18\x01 \x01(\t\x12\x10\n\x08to_state\x18\x02 \x01(\t\x12\x14\n\x0cstarted_unix\x18\x03 \x01(\x01\x12\x15\n\rfinished_unix\x18\x04 \x01(\x01\"\xed\x01\n\x0fResidencyStatus\x12\r\n\x05stage\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x14\n\x0cweight_bytes\x18\x04 \x01(\x03\x12\x1b\n\x13\x64\x65vice_weight_bytes\x18\x05 \x01(\x03\x12\x11\n\trss_bytes\x18\x06 \x01(\x03\x12\x1e\n\x16\x64\x65vice_allocated_bytes\x18\x07 \x01(\x03\x12\x0f\n\x07seconds\x18\x08 \x01(\x01\x12\x35\n\x0btransitions\x18\t \x03(\x0b\x32 .fluxmesh.v1.ResidencyTransition2\xde\x01\n\tResidency\x12>\n\x04Load\x12\x18.fluxmesh.v1.LoadRequest\x1a\x1c.fluxmesh.v1.ResidencyStatus\x12\x44\n\x07Release\x12\x1b.fluxmesh.v1.ReleaseRequest\x1a\x1c.fluxmesh.v1.ResidencyStatus\x12K\n\x06Status\x12#.fluxmesh.v1.ResidencyStatusRequest\x1a\x1c.fluxmesh.v1.ResidencyStatusB\x96\x01\n\x15io.github.fluxmesh.v1B\x0eResidencyProtoP\x01Z:github.com/fluxmesh/fluxmesh/gen/go/fluxmesh/v1;fluxmeshv1\xa2\x02\x03\x46XM\xaa\x02\x0b\x46luxmesh.V1\xca\x02\x0b\x46luxmesh\\V1\xea\x02\x0c\x46luxmesh::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66luxmesh/v1/residency.proto\x12\x0b\x66luxmesh.v1\"\r\n\x0bLoadRequest\"\\\n\x0eReleaseRequest\x12\x1e\n\x12keep_in_cpu_memory\x18\x01 \x01(\x08\x42\x02\x18\x01\x12*\n\nrelease_to\x18\x02 \x01(\x0e\x32\x16.fluxmesh.v1.ReleaseTo\"\x18\n\x16ResidencyStatusRequest\"h\n\x13ResidencyTransition\x12\x12\n\nfrom_state\x18\x01 \x01(\t\x12\x10\n\x08to_state\x18\x02 \x01(\t\x12\x14\n\x0cstarted_unix\x18\x03 \x01(\x01\x12\x15\n\rfinished_unix\x18\x04 \x01(\x01\"\xed\x01\n\x0fResidencyStatus\x12\r\n\x05stage\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x14\n\x0cweight_bytes\x18\x04 \x01(\x03\x12\x1b\n\x13\x64\x65vice_weight_bytes\x18\x05 \x01(\x03\x12\x11\n\trss_bytes\x18\x06 \x01(\x03\x12\x1e\n\x16\x64\x65vice_allocated_bytes\x18\x07 \x01(\x03\x12\x0f\n\x07seconds\x18\x08 \x01(\x01\x12\x35\n\x0btransitions\x18\t \x03(\x0b\x32 .fluxmesh.v1.ResidencyTransition*e\n\tReleaseTo\x12\x1a\n\x16RELEASE_TO_UNSPECIFIED\x10\x00\x12\x13\n\x0fRELEASE_TO_AUTO\x10\x01\x12\x12\n\x0eRELEASE_TO_CPU\x10\x02\x12\x13\n\x0fRELEASE_TO_DISK\x10\x03\x32\xde\x01\n\tResidency\x12>\n\x04Load\x12\x18.fluxmesh.v1.LoadRequest\x1a\x1c.fluxmesh.v1.ResidencyStatus\x12\x44\n\x07Release\x12\x1b.fluxmesh.v1.ReleaseRequest\x1a\x1c.fluxmesh.v1.ResidencyStatus\x12K\n\x06Status\x12#.fluxmesh.v1.ResidencyStatusRequest\x1a\x1c.fluxmesh.v1.ResidencyStatusB\x96\x01\n\x15io.github.fluxmesh.v1B\x0eResidencyProtoP\x01Z:github.com/fluxmesh/fluxmesh/gen/go/fluxmesh/v1;fluxmeshv1\xa2\x02\x03\x46XM\xaa\x02\x0b\x46luxmesh.V1\xca\x02\x0b\x46luxmesh\\V1\xea\x02\x0c\x46luxmesh::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,16 +32,20 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fluxmesh.v1.residency_pb2',
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\025io.github.fluxmesh.v1B\016ResidencyProtoP\001Z:github.com/fluxmesh/fluxmesh/gen/go/fluxmesh/v1;fluxmeshv1\242\002\003FXM\252\002\013Fluxmesh.V1\312\002\013Fluxmesh\\V1\352\002\014Fluxmesh::V1'
+  _globals['_RELEASEREQUEST'].fields_by_name['keep_in_cpu_memory']._loaded_options = None
+  _globals['_RELEASEREQUEST'].fields_by_name['keep_in_cpu_memory']._serialized_options = b'\030\001'
+  _globals['_RELEASETO']._serialized_start=525
+  _globals['_RELEASETO']._serialized_end=626
   _globals['_LOADREQUEST']._serialized_start=44
   _globals['_LOADREQUEST']._serialized_end=57
   _globals['_RELEASEREQUEST']._serialized_start=59
-  _globals['_RELEASEREQUEST']._serialized_end=103
-  _globals['_RESIDENCYSTATUSREQUEST']._serialized_start=105
-  _globals['_RESIDENCYSTATUSREQUEST']._serialized_end=129
-  _globals['_RESIDENCYTRANSITION']._serialized_start=131
-  _globals['_RESIDENCYTRANSITION']._serialized_end=235
-  _globals['_RESIDENCYSTATUS']._serialized_start=238
-  _globals['_RESIDENCYSTATUS']._serialized_end=475
-  _globals['_RESIDENCY']._serialized_start=478
-  _globals['_RESIDENCY']._serialized_end=700
+  _globals['_RELEASEREQUEST']._serialized_end=151
+  _globals['_RESIDENCYSTATUSREQUEST']._serialized_start=153
+  _globals['_RESIDENCYSTATUSREQUEST']._serialized_end=177
+  _globals['_RESIDENCYTRANSITION']._serialized_start=179
+  _globals['_RESIDENCYTRANSITION']._serialized_end=283
+  _globals['_RESIDENCYSTATUS']._serialized_start=286
+  _globals['_RESIDENCYSTATUS']._serialized_end=523
+  _globals['_RESIDENCY']._serialized_start=629
+  _globals['_RESIDENCY']._serialized_end=851
 # @@protoc_insertion_point(module_scope)

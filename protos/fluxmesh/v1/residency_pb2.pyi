@@ -1,4 +1,5 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -6,15 +7,28 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ReleaseTo(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RELEASE_TO_UNSPECIFIED: _ClassVar[ReleaseTo]
+    RELEASE_TO_AUTO: _ClassVar[ReleaseTo]
+    RELEASE_TO_CPU: _ClassVar[ReleaseTo]
+    RELEASE_TO_DISK: _ClassVar[ReleaseTo]
+RELEASE_TO_UNSPECIFIED: ReleaseTo
+RELEASE_TO_AUTO: ReleaseTo
+RELEASE_TO_CPU: ReleaseTo
+RELEASE_TO_DISK: ReleaseTo
+
 class LoadRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class ReleaseRequest(_message.Message):
-    __slots__ = ("keep_in_cpu_memory",)
+    __slots__ = ("keep_in_cpu_memory", "release_to")
     KEEP_IN_CPU_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_TO_FIELD_NUMBER: _ClassVar[int]
     keep_in_cpu_memory: bool
-    def __init__(self, keep_in_cpu_memory: _Optional[bool] = ...) -> None: ...
+    release_to: ReleaseTo
+    def __init__(self, keep_in_cpu_memory: _Optional[bool] = ..., release_to: _Optional[_Union[ReleaseTo, str]] = ...) -> None: ...
 
 class ResidencyStatusRequest(_message.Message):
     __slots__ = ()

@@ -2,7 +2,7 @@
 through `residency.use(stage)`. `ResidentStrategy` (every stage keeps its weights) and
 `SequentialStrategy` (one accelerator taking turns) are the two strategies."""
 
-from fluxmesh.orchestrator.residency.resident import ResidentStrategy, SwapCost, next_order
+from fluxmesh.orchestrator.residency.resident import ResidencyStrategy, ResidentStrategy, SwapCost, next_order
 from fluxmesh.orchestrator.residency.sequential import SequentialStrategy
 
-__all__ = ["ResidentStrategy", "SequentialStrategy", "SwapCost", "next_order"]
+__all__ = ["ResidencyStrategy", "ResidentStrategy", "SequentialStrategy", "SwapCost", "next_order"]

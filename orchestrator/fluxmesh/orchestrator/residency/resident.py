@@ -9,9 +9,10 @@ and released.
 from __future__ import annotations
 
 import itertools
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 _arrivals = itertools.count()
 
@@ -32,8 +33,25 @@ class SwapCost:
     order: int = field(default_factory=next_order)
 
 
+class ResidencyStrategy(Protocol):
+    """What the Generator asks of a strategy."""
+
+    # Every stage keeps its weights while the others run: the vae can decode previews while the
+    # denoiser steps (not so in sequential mode).
+    stages_stay_loaded: bool
+
+    def use(self, stage: str, cost: SwapCost | None = None) -> AbstractAsyncContextManager[None]:
+        """Hold `stage` loaded for one call."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
 class ResidentStrategy:
     """Every stage keeps its weights on its device: nothing to do."""
+
+    stages_stay_loaded = True
 
     @asynccontextmanager
     async def use(self, stage: str, cost: SwapCost | None = None) -> AsyncIterator[None]:

@@ -16,8 +16,8 @@ Each request's SwapCost counts the swaps it waited on (the ones that loaded a st
 waiting for) and their time: requests of one group share swaps, so do not add them up.
 
 Released weights go to CPU memory (fast to load again) or are dropped (read from the model
-files again): `release_to`. "auto" keeps them in CPU memory for stages on an accelerator and
-drops them for stages on the CPU, where "CPU memory" is the very memory being freed.
+files again): `release_to`, a fluxmesh.contract.ReleaseTo, sent as it is. Each stage applies
+"auto" itself (CPU memory on an accelerator, dropped on the CPU), as it knows its device.
 """
 
 from __future__ import annotations
@@ -29,13 +29,12 @@ from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-import grpc
 
 from fluxmesh.contract import ReleaseTo
 from fluxmesh.orchestrator.residency.resident import SwapCost, next_order
 from fluxmesh.orchestrator.replicas import Replica, is_dns_target
 from fluxmesh.orchestrator.stages import StageClient, stage_errors
-from fluxmesh.rpc.errors import FluxmeshError, InvalidArgument
+from fluxmesh.rpc.errors import NOT_RESIDENT, FluxmeshError, InvalidArgument
 from fluxmesh.v1 import residency_pb2, residency_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -64,6 +63,7 @@ class _Waiter:
 
 
 class SequentialStrategy:
+    stages_stay_loaded = False  # one stage's weights on the accelerator at a time
     def __init__(self, stages: Iterable[StageClient], release_to: ReleaseTo | str = ReleaseTo.auto, *,
                  swap_timeout: float = SWAP_TIMEOUT):
         self.clients = {client.stage: client for client in stages}
@@ -79,7 +79,6 @@ class SequentialStrategy:
         self._users = 0  # calls in progress on the loaded stage
         self._waiters: list[_Waiter] = []
         self._swapping = False
-        self._devices: dict[str, str] = {}  # stage -> its device, from its Residency answers
         self._stubs: dict[int, residency_pb2_grpc.ResidencyStub] = {}
         self._tasks: set[asyncio.Task] = set()
         self.swaps = 0
@@ -108,7 +107,7 @@ class SequentialStrategy:
         try:
             yield
         except FluxmeshError as error:
-            if error.code == grpc.StatusCode.FAILED_PRECONDITION and "Residency" in error.message:
+            if error.reason == NOT_RESIDENT:
                 # The stage says it is not loaded (restarted?): forget what we believed.
                 log.warning("%s stage is not loaded after all; loading it again for the next request", stage)
                 self.loaded = None
@@ -201,21 +200,13 @@ class SequentialStrategy:
 
     async def _release(self, stage: str) -> bool:
         """Release `stage` on every replica; True when weights actually moved."""
-        release_to = self.release_to
-        if release_to is ReleaseTo.auto:
-            release_to = release_to.on(await self._device(stage))
-        keep = release_to is ReleaseTo.cpu
-        request = residency_pb2.ReleaseRequest(keep_in_cpu_memory=keep)
+        # auto is the stage's to apply: it knows its device (fluxmesh.contract.ReleaseTo.on).
+        request = residency_pb2.ReleaseRequest(release_to=self.release_to.pb)
         return await self._each_replica(stage, "Release", request)
 
     async def _load(self, stage: str) -> bool:
         """Load `stage` on every replica; True when weights actually moved."""
         return await self._each_replica(stage, "Load", residency_pb2.LoadRequest())
-
-    async def _device(self, stage: str) -> str:
-        if stage not in self._devices:
-            await self._each_replica(stage, "Status", residency_pb2.ResidencyStatusRequest())
-        return self._devices[stage]
 
     async def _each_replica(self, stage: str, method: str, request) -> bool:
         async def call(replica: Replica) -> bool:
@@ -224,7 +215,6 @@ class SequentialStrategy:
                 stub = self._stubs[id(replica)] = residency_pb2_grpc.ResidencyStub(replica.channel)
             with stage_errors(stage, replica.target):
                 status = await getattr(stub, method)(request, timeout=self.swap_timeout)
-            self._devices[stage] = status.device
             return status.seconds > 0
 
         return any(await asyncio.gather(*(call(replica) for replica in self.clients[stage].replicas.replicas)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 from fluxmesh.rpc.errors import FluxmeshError
+from fluxmesh.contract import ReleaseTo
 from fluxmesh.rpc.server import Service
 from fluxmesh.services.residency.state import Residency
 from fluxmesh.services.runtime.worker import ModelWorker
@@ -28,7 +29,7 @@ class ResidencyServicer(residency_pb2_grpc.ResidencyServicer):
 
     async def Release(self, request: residency_pb2.ReleaseRequest, context) -> residency_pb2.ResidencyStatus:
         self._check_control("Release")
-        seconds = await self.worker.run_unchecked(self.residency.release, request.keep_in_cpu_memory)
+        seconds = await self.worker.run_unchecked(self.residency.release, ReleaseTo.from_request(request))
         return self.status(seconds)
 
     def _check_control(self, method: str) -> None:

@@ -34,9 +34,9 @@ from typing import Protocol
 
 import torch
 
-from fluxmesh.contract import StartResidency, WeightState
+from fluxmesh.contract import ReleaseTo, StartResidency, WeightState
 from fluxmesh.rpc.allocator import trim_heap
-from fluxmesh.rpc.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from fluxmesh.rpc.errors import InvalidArgument, NotResident, ResourceExhausted
 from fluxmesh.services.runtime.device import Device
 from fluxmesh.services.runtime.memory import current_rss_bytes, module_bytes
 
@@ -103,9 +103,7 @@ class Residency:
         """Refuse a model call unless the weights are on the device. Weights are never loaded
         on demand: in sequential mode that would put two stages on the accelerator at once."""
         if self.state != RESIDENT:
-            raise FailedPrecondition(
-                f"{self.stage} stage: weights are {self.state}; call fluxmesh.v1.Residency/Load first"
-            )
+            raise NotResident(f"{self.stage} stage: weights are {self.state}; call fluxmesh.v1.Residency/Load first")
 
     def load(self) -> float:
         """Put the weights on the device; returns the seconds it took (0 when already there)."""
@@ -131,13 +129,14 @@ class Residency:
                 raise
         return done.seconds
 
-    def release(self, keep_in_cpu_memory: bool) -> float:
-        """Offload to CPU memory (keep=True) or drop the weights; returns the seconds it took."""
-        if self.state == RELEASED or (keep_in_cpu_memory and self.state == OFFLOADED):
+    def release(self, to: ReleaseTo = ReleaseTo.auto) -> float:
+        """Offload to CPU memory or drop the weights, as `to` says for this stage's device;
+        returns the seconds it took."""
+        target = to.state(self.device.type)
+        if self.state == RELEASED or self.state == target:
             return 0.0
-        target = OFFLOADED if keep_in_cpu_memory else RELEASED
         with self._transition(target) as done:
-            if keep_in_cpu_memory:
+            if target == OFFLOADED:
                 self._move(torch.device("cpu"))
             else:
                 self._drop()

@@ -68,7 +68,7 @@ def denoise_ratios(args) -> None:
 def fast_preview_cost(repeats: int) -> None:
     import torch
 
-    from fluxmesh.services.denoiser.previews import encode_jpeg, project_packed
+    from fluxmesh.services.denoiser.previews import fast_previews, project_packed
     from fluxmesh.services.previews.latent_rgb import LatentRgb
 
     torch.set_num_threads(1)  # as a denoiser sharing a host would run; the work is single-threaded anyway
@@ -89,8 +89,8 @@ def fast_preview_cost(repeats: int) -> None:
 
     estimate = per_call(lambda: sample.to(torch.float32) - sigma * velocity)
     project = per_call(lambda: project_packed(x0, 1024, 1024, 8, rgb))
-    full = per_call(lambda: encode_jpeg(project_packed(x0, 1024, 1024, 8, rgb)))
-    size = len(encode_jpeg(project_packed(x0, 1024, 1024, 8, rgb))[0].data)
+    full = per_call(lambda: fast_previews(x0, 1024, 1024, 8, rgb))
+    size = len(fast_previews(x0, 1024, 1024, 8, rgb)[0].data)
     print(f"fast preview at 1024x1024 (packed 4096x64 -> 128x128 RGB), median of {repeats}, 1 torch thread:")
     print(f"  x0 estimate {estimate:.3f} ms, projection {project:.3f} ms, projection + JPEG {full:.3f} ms "
           f"({size} bytes); per preview step: {estimate + full:.3f} ms")

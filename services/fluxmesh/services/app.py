@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fluxmesh.rpc.errors import check_range
+from fluxmesh.contract import Stage
+from fluxmesh.rpc.errors import InvalidArgument, check_range
 from fluxmesh.rpc.security import ServerSecurity
 from fluxmesh.rpc.server import Server, Service
 from fluxmesh.services.runtime.model_folder import resolve_model
@@ -18,7 +20,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class StageOptions:
-    stage: str  # "encoder" | "denoiser" | "vae"
+    stage: str  # a fluxmesh.contract.Stage
     model: str
     address: str = "127.0.0.1:50051"
     device: str = "auto"
@@ -34,7 +36,7 @@ class StageOptions:
     lora_dir: Path | None = None  # encoder (CLIP-side keys) and denoiser
     security: ServerSecurity = ServerSecurity()  # TLS / mutual TLS / token the stage demands
     metrics_port: int | None = None  # Prometheus /metrics on this HTTP port
-    residency: str = "resident"  # at start: resident | offloaded | released | standby (see residency.py)
+    residency: str = "resident"  # at start: a fluxmesh.contract.StartResidency
 
     def __post_init__(self) -> None:
         check_range("--threads", self.threads, minimum=1, allow_none=True)
@@ -55,41 +57,58 @@ def build_service(options: StageOptions) -> list[Service]:
 
 def _stage_service(options: StageOptions) -> Service:
     """The stage's engine (weights not read yet) wrapped in its servicer."""
+    try:
+        build = _STAGES[Stage(options.stage)]
+    except ValueError:
+        raise InvalidArgument("stage", f"{options.stage!r}; expected one of {', '.join(Stage)}") from None
+    configure_threads(options.threads)
     device = Device.parse(options.device, options.dtype)
-    configure_threads(options.threads, device)
-    folder = resolve_model(options.model, options.stage)
-    if options.stage == "encoder":
-        from fluxmesh.services.encoder.engine import TextEncoderEngine
-        from fluxmesh.services.encoder.servicer import TextEncoderServicer
-        from fluxmesh.v1 import encoder_pb2_grpc
+    return build(options, resolve_model(options.model, options.stage), device)
 
-        redux = resolve_model(options.redux, "redux") if options.redux else None
-        engine = TextEncoderEngine(folder, device, max_sequence_length=options.max_sequence_length,
-                                   t5_gguf=options.t5_gguf, lora_dir=options.lora_dir, redux=redux, load=False)
-        return Service("fluxmesh.v1.TextEncoder", TextEncoderServicer(engine, options.model),
-                       encoder_pb2_grpc.add_TextEncoderServicer_to_server)
-    if options.stage == "denoiser":
-        from fluxmesh.services.denoiser.engine import DenoiserEngine
-        from fluxmesh.services.denoiser.servicer import DenoiserServicer
-        from fluxmesh.v1 import denoiser_pb2_grpc
 
-        from fluxmesh.services.denoiser.step_cache import StepCacheLimits, parse_policy
+# Each stage's engine and servicer, imported only when that stage is the one served.
 
-        limits = StepCacheLimits(parse_policy(options.step_cache), options.step_cache_ceiling)
-        limits.resolve(None)  # a default above the ceiling fails at start, not per request
-        engine = DenoiserEngine(folder, device, transformer_gguf=options.transformer_gguf,
-                                lora_dir=options.lora_dir, step_cache=limits, load=False)
-        batching = {"max_batch": options.max_batch} if options.max_batch else {}
-        return Service("fluxmesh.v1.Denoiser", DenoiserServicer(engine, options.model, **batching),
-                       denoiser_pb2_grpc.add_DenoiserServicer_to_server)
-    if options.stage == "vae":
-        from fluxmesh.services.vae.engine import VaeEngine
-        from fluxmesh.services.vae.servicer import VaeServicer
-        from fluxmesh.v1 import vae_pb2_grpc
+def _encoder(options: StageOptions, folder: Path, device: Device) -> Service:
+    from fluxmesh.services.encoder.engine import TextEncoderEngine
+    from fluxmesh.services.encoder.servicer import TextEncoderServicer
+    from fluxmesh.v1 import encoder_pb2_grpc
 
-        engine = VaeEngine(folder, device, load=False)
-        return Service("fluxmesh.v1.Vae", VaeServicer(engine, options.model), vae_pb2_grpc.add_VaeServicer_to_server)
-    raise ValueError(f"unknown stage {options.stage!r}")
+    redux = resolve_model(options.redux, "redux") if options.redux else None
+    engine = TextEncoderEngine(folder, device, max_sequence_length=options.max_sequence_length,
+                               t5_gguf=options.t5_gguf, lora_dir=options.lora_dir, redux=redux, load=False)
+    return Service("fluxmesh.v1.TextEncoder", TextEncoderServicer(engine, options.model),
+                   encoder_pb2_grpc.add_TextEncoderServicer_to_server)
+
+
+def _denoiser(options: StageOptions, folder: Path, device: Device) -> Service:
+    from fluxmesh.services.denoiser.engine import DenoiserEngine
+    from fluxmesh.services.denoiser.servicer import DenoiserServicer
+    from fluxmesh.services.denoiser.step_cache import StepCacheLimits, parse_policy
+    from fluxmesh.v1 import denoiser_pb2_grpc
+
+    limits = StepCacheLimits(parse_policy(options.step_cache), options.step_cache_ceiling)
+    limits.resolve(None)  # a default above the ceiling fails at start, not per request
+    engine = DenoiserEngine(folder, device, transformer_gguf=options.transformer_gguf,
+                            lora_dir=options.lora_dir, step_cache=limits, load=False)
+    batching = {"max_batch": options.max_batch} if options.max_batch else {}
+    return Service("fluxmesh.v1.Denoiser", DenoiserServicer(engine, options.model, **batching),
+                   denoiser_pb2_grpc.add_DenoiserServicer_to_server)
+
+
+def _vae(options: StageOptions, folder: Path, device: Device) -> Service:
+    from fluxmesh.services.vae.engine import VaeEngine
+    from fluxmesh.services.vae.servicer import VaeServicer
+    from fluxmesh.v1 import vae_pb2_grpc
+
+    engine = VaeEngine(folder, device, load=False)
+    return Service("fluxmesh.v1.Vae", VaeServicer(engine, options.model), vae_pb2_grpc.add_VaeServicer_to_server)
+
+
+_STAGES: dict[Stage, Callable[[StageOptions, Path, Device], Service]] = {
+    Stage.encoder: _encoder,
+    Stage.denoiser: _denoiser,
+    Stage.vae: _vae,
+}
 
 
 def serve_stage(options: StageOptions) -> None:

@@ -4,24 +4,22 @@
   x0 = x_t - sigma_t * v (v: the transformer's velocity), without changing the step itself.
 * `fast_previews` projects x0 to RGB with a linear map (`LatentRgb`) straight from the packed
   latents and encodes a small JPEG per image: no VAE, well under a millisecond at 1024x1024.
+
+Previews leave here as `Jpeg`s; the servicer puts them in protobuf.
 """
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
-from PIL import Image
 
 from fluxmesh import contract
 from fluxmesh.rpc.errors import InvalidArgument
+from fluxmesh.services.previews.jpeg import Jpeg, encode_jpeg
 from fluxmesh.services.previews.latent_rgb import LatentRgb
-from fluxmesh.v1 import common_pb2
-
-JPEG_QUALITY = 85
 
 
 class X0Scheduler(FlowMatchEulerDiscreteScheduler):
@@ -61,20 +59,9 @@ def project_packed(packed: torch.Tensor, height: int, width: int, vae_scale_fact
     return image.reshape(batch, h // 2, w // 2, 2, 2, 3).transpose(0, 1, 3, 2, 4, 5).reshape(batch, h, w, 3)
 
 
-def encode_jpeg(pixels: np.ndarray) -> list[common_pb2.Image]:
-    """uint8 (B, h, w, 3) -> one JPEG Image message per batch entry."""
-    out = []
-    for array in pixels:
-        buffer = io.BytesIO()
-        Image.fromarray(array, "RGB").save(buffer, format="JPEG", quality=JPEG_QUALITY)
-        out.append(common_pb2.Image(width=array.shape[1], height=array.shape[0], format=common_pb2.IMAGE_FORMAT_JPEG,
-                                    data=buffer.getvalue()))
-    return out
-
-
-def fast_previews(x0: torch.Tensor, height: int, width: int, vae_scale_factor: int,
-                  rgb: LatentRgb) -> list[common_pb2.Image]:
-    return encode_jpeg(project_packed(x0, height, width, vae_scale_factor, rgb))
+def fast_previews(x0: torch.Tensor, height: int, width: int, vae_scale_factor: int, rgb: LatentRgb) -> list[Jpeg]:
+    """One JPEG per batch entry of the packed x0."""
+    return [encode_jpeg(array) for array in project_packed(x0, height, width, vae_scale_factor, rgb)]
 
 
 @dataclass(frozen=True)
@@ -106,7 +93,7 @@ class PreviewSpec:
 class StepPreview:
     """What one preview step sends: fast previews, and/or the x0 estimate (packed, on CPU)."""
 
-    images: list[common_pb2.Image]
+    images: list[Jpeg]
     x0: torch.Tensor | None
 
 

@@ -2,24 +2,22 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fluxmesh import contract
+from fluxmesh.contract import Stage
 from fluxmesh.rpc.errors import InvalidArgument
 from fluxmesh.rpc.images import open_image
 from fluxmesh.services.encoder.engine import TextEncoderEngine
 from fluxmesh.services.encoder.redux import ImagePrompt
-from fluxmesh.services.runtime.info import stage_info
-from fluxmesh.services.residency.state import residency_state
+from fluxmesh.services.runtime.servicer import StageServicer
 from fluxmesh.services.runtime.tensors import to_pb
-from fluxmesh.services.runtime.worker import ModelWorker
-from fluxmesh.v1 import encoder_pb2, encoder_pb2_grpc, common_pb2
+from fluxmesh.v1 import encoder_pb2, encoder_pb2_grpc
 
 
-class TextEncoderServicer(encoder_pb2_grpc.TextEncoderServicer):
-    def __init__(self, engine: TextEncoderEngine, model_name: str):
-        self.engine = engine
-        self.model_name = model_name
-        self.requests = 0  # accepted requests, reported by Info
-        self.worker = ModelWorker("encoder")
+class TextEncoderServicer(StageServicer, encoder_pb2_grpc.TextEncoderServicer):
+    stage = Stage.encoder
+    engine: TextEncoderEngine
 
     async def Encode(self, request: encoder_pb2.EncodeRequest, context) -> encoder_pb2.EncodeResponse:
         contract.check_prompt_count(len(request.prompts))  # counted before anything is copied
@@ -36,18 +34,12 @@ class TextEncoderServicer(encoder_pb2_grpc.TextEncoderServicer):
             truncated_tokens=result.truncated_tokens,
         )
 
-    async def Info(self, request, context) -> common_pb2.StageInfo:
-        return stage_info(
-            "encoder",
-            self.model_name,
-            self.engine.device,
-            self.engine.weight_bytes(),
-            residency=residency_state(self.engine),
-            max_sequence_length=self.engine.default_max_sequence_length,
-            identity=self.engine.identity(),  # the orchestrator's prompt cache keys by it
-            redux=self.engine.redux is not None,  # FLUX.1-Redux image prompts (--redux)
-            requests=self.requests,
-        )
+    async def info_details(self) -> dict[str, Any]:
+        return {
+            "max_sequence_length": self.engine.default_max_sequence_length,
+            "identity": self.engine.identity(),  # the orchestrator's prompt cache keys by it
+            "redux": self.engine.redux is not None,  # FLUX.1-Redux image prompts (--redux)
+        }
 
 
 def _image_prompts(request: encoder_pb2.EncodeRequest) -> list[ImagePrompt]:

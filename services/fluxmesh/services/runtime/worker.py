@@ -16,13 +16,17 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
-from collections.abc import Callable
+import inspect
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, Generic, TypeVar
 
 import torch
 
 T = TypeVar("T")
+R = TypeVar("R")
+_DONE = object()
 
 
 _COMPUTE: ThreadPoolExecutor | None = None
@@ -54,6 +58,15 @@ class ModelWorker:
             self.precondition()
         return fn(*args, **kwargs)
 
+    def stream(self, fn: Callable[..., R | Awaitable[R]], /, *args, convert: Callable[..., T]) -> "StreamingCall[T, R]":
+        """A model call that reports while it runs: `fn(*args, emit, cancelled)` on the model
+        thread (or, for a coroutine function such as the denoiser's batcher, awaited: it puts
+        the work on this thread itself), where `emit(*item)` hands `convert(*item)` (made on the
+        model thread, off the event loop) to the caller as it happens, and `cancelled` (a
+        threading.Event) is set once the caller is gone, for `fn` to stop at its next check.
+        See `StreamingCall`."""
+        return StreamingCall(self, fn, args, convert)
+
     async def run_unchecked(self, fn: Callable[..., T], /, *args, **kwargs) -> T:
         """On the model thread without the precondition: for residency transitions themselves."""
         loop = asyncio.get_running_loop()
@@ -64,6 +77,53 @@ class ModelWorker:
     def shutdown(self) -> None:
         if self._own:
             self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+class StreamingCall(Generic[T, R]):
+    """The thread <-> event loop bridge of a streaming model call:
+
+        async with worker.stream(engine.denoise, job, convert=step_event) as steps:
+            async for event in steps:      # each as the model thread emits it
+                yield event
+            latents = steps.result         # what fn returned
+
+    Leaving the block early (an error, the caller cancelled or went away) sets `cancelled` and
+    waits for the model call to stop, so the stage is free again when the block is left."""
+
+    def __init__(self, worker: ModelWorker, fn: Callable[..., R | Awaitable[R]], args: tuple[Any, ...],
+                 convert: Callable[..., T]):
+        self._worker, self._fn, self._args, self._convert = worker, fn, args, convert
+        self.cancelled = threading.Event()
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._task: asyncio.Future | None = None
+        self.result: R | None = None
+
+    async def __aenter__(self) -> "StreamingCall[T, R]":
+        loop = asyncio.get_running_loop()
+
+        def emit(*item: Any) -> None:  # on the model thread
+            loop.call_soon_threadsafe(self._queue.put_nowait, self._convert(*item))
+
+        if inspect.iscoroutinefunction(self._fn):
+            call = self._fn(*self._args, emit, self.cancelled)
+        else:
+            call = self._worker.run(self._fn, *self._args, emit, self.cancelled)
+        self._task = asyncio.ensure_future(call)
+        self._task.add_done_callback(lambda _: loop.call_soon_threadsafe(self._queue.put_nowait, _DONE))
+        return self
+
+    async def __aiter__(self) -> AsyncIterator[T]:
+        while (item := await self._queue.get()) is not _DONE:
+            yield item
+        self.result = self._task.result()  # the model call's error, if it failed
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        self.cancelled.set()  # reached on success, on error and when the caller goes away
+        task = self._task
+        if not task.done():
+            await asyncio.shield(asyncio.wait([task]))
+        if not task.cancelled():
+            task.exception()  # retrieved: the Cancelled a caller's departure causes is expected
 
 
 def _no_grad(fn: Callable[..., T], *args, **kwargs) -> T:

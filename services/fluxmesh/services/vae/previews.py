@@ -2,7 +2,7 @@
 
 Previews run on their own model thread, so the final decode of any request never queues behind
 a preview; a preview the caller gave up on (its call cancelled) is dropped if it has not started.
-Output is a JPEG per image: previews are looked at once, not kept.
+Output is a `Jpeg` per image (previews are looked at once, not kept); the servicer makes protobuf of it.
 
 FLUXMESH_TEST_PREVIEW_DELAY (seconds) is for tests only: it makes every preview decode that
 much slower, to prove that slow previews stall neither denoising nor the final result.
@@ -10,18 +10,16 @@ much slower, to prove that slow previews stall neither denoising nor the final r
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import time
 
+from fluxmesh.services.previews.jpeg import Jpeg, encode_jpeg
 from fluxmesh.services.runtime.worker import ModelWorker
-from fluxmesh.v1 import common_pb2
 
 log = logging.getLogger(__name__)
 
 TEST_DELAY_ENV = "FLUXMESH_TEST_PREVIEW_DELAY"
-JPEG_QUALITY = 85
 
 
 class PreviewLane:
@@ -35,16 +33,10 @@ class PreviewLane:
         if self.test_delay:
             log.warning("vae: previews slowed down by %.2fs (%s, for tests only)", self.test_delay, TEST_DELAY_ENV)
 
-    async def decode(self, latents, width: int, height: int) -> list[common_pb2.Image]:
+    async def decode(self, latents, width: int, height: int) -> list[Jpeg]:
         return await self.worker.run(self._decode, latents, width, height)
 
-    def _decode(self, latents, width: int, height: int) -> list[common_pb2.Image]:
+    def _decode(self, latents, width: int, height: int) -> list[Jpeg]:
         if self.test_delay:
             time.sleep(self.test_delay)
-        out = []
-        for image in self.engine.decode(latents, width, height):
-            buffer = io.BytesIO()
-            image.save(buffer, format="JPEG", quality=JPEG_QUALITY)
-            out.append(common_pb2.Image(width=image.width, height=image.height, format=common_pb2.IMAGE_FORMAT_JPEG,
-                                        data=buffer.getvalue()))
-        return out
+        return [encode_jpeg(image) for image in self.engine.decode(latents, width, height)]

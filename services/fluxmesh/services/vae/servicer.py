@@ -5,28 +5,28 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+from typing import Any
 
-from fluxmesh.rpc.images import check_mask, open_image
-from fluxmesh.services.runtime.info import stage_info
-from fluxmesh.services.residency.state import residency_state
+from fluxmesh.contract import Stage
 from fluxmesh.rpc.errors import FluxmeshError, InvalidArgument
+from fluxmesh.rpc.images import check_mask, open_image
 from fluxmesh.services.previews.latent_rgb import LatentRgb, fit_latent_rgb, is_flux_vae
+from fluxmesh.services.runtime import model_folder
+from fluxmesh.services.runtime.servicer import StageServicer, jpeg_pb
 from fluxmesh.services.runtime.tensors import from_pb, to_pb
 from fluxmesh.services.vae.control import preprocess
-from fluxmesh.services.vae.engine import VaeEngine, encode_png
 from fluxmesh.services.vae.encoding import ImageEncoder
+from fluxmesh.services.vae.engine import VaeEngine, encode_png
 from fluxmesh.services.vae.previews import PreviewLane
-from fluxmesh.services.runtime.worker import ModelWorker
-from fluxmesh.services.runtime import model_folder
 from fluxmesh.v1 import common_pb2, vae_pb2, vae_pb2_grpc
 
 
-class VaeServicer(vae_pb2_grpc.VaeServicer):
+class VaeServicer(StageServicer, vae_pb2_grpc.VaeServicer):
+    stage = Stage.vae
+    engine: VaeEngine
+
     def __init__(self, engine: VaeEngine, model_name: str):
-        self.engine = engine
-        self.model_name = model_name
-        self.requests = 0  # accepted requests, reported by Info
-        self.worker = ModelWorker("vae")
+        super().__init__(engine, model_name)
         self.encoder = ImageEncoder(engine)
         self.previews = PreviewLane(engine, self.worker)
         self.vae_config = model_folder.read_config(engine.folder, "vae")
@@ -38,7 +38,7 @@ class VaeServicer(vae_pb2_grpc.VaeServicer):
         self.engine.check(latents, request.width, request.height)
         self.requests += 1
         if request.preview:
-            return vae_pb2.DecodeResponse(images=await self.previews.decode(latents, request.width, request.height))
+            return vae_pb2.DecodeResponse(images=jpeg_pb(await self.previews.decode(latents, request.width, request.height)))
         raw = request.format == common_pb2.IMAGE_FORMAT_RAW_RGB
         cancelled = threading.Event()  # set when the caller goes away: the decode stops between images
         try:
@@ -84,18 +84,13 @@ class VaeServicer(vae_pb2_grpc.VaeServicer):
                 pass
         return self.latent_rgb
 
-    async def Info(self, request, context) -> common_pb2.StageInfo:
-        return stage_info(
-            "vae",
-            self.model_name,
-            self.engine.device,
-            self.engine.weight_bytes(),
-            residency=residency_state(self.engine),
-            vae_scale_factor=self.engine.vae_scale_factor,
-            size_multiple=self.engine.size_multiple,
-            requests=self.requests,
-            **({"latent_rgb": json.dumps(rgb.flat())} if (rgb := await self._latent_rgb()) is not None else {}),
-        )
+    async def info_details(self) -> dict[str, Any]:
+        rgb = await self._latent_rgb()
+        return {
+            "vae_scale_factor": self.engine.vae_scale_factor,
+            "size_multiple": self.engine.size_multiple,
+            **({"latent_rgb": json.dumps(rgb.flat())} if rgb is not None else {}),
+        }
 
 
 def _open_images(request: vae_pb2.EncodeImageRequest):

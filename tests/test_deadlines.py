@@ -51,7 +51,7 @@ class FakeEncoder(encoder_pb2_grpc.TextEncoderServicer):
         self.recorder = recorder
 
     async def Info(self, request, context):  # the prompt cache asks for the encoder's identity
-        return common_pb2.StageInfo(stage="encoder", details={"identity": "fake"})
+        return common_pb2.StageInfo(stage="encoder", identity="fake")
 
     async def Encode(self, request, context):
         await self.recorder.record("encoder", context)
@@ -64,7 +64,7 @@ class FakeDenoiser(denoiser_pb2_grpc.DenoiserServicer):
         self.recorder = recorder
 
     async def Info(self, request, context):
-        return common_pb2.StageInfo(stage="denoiser", details={"size_multiple": "16", "guidance_embeds": "True"})
+        return common_pb2.StageInfo(stage="denoiser", size_multiple=16, guidance_embeds=True)
 
     async def Denoise(self, request, context):
         await self.recorder.record("denoiser", context)
@@ -166,3 +166,71 @@ async def test_a_stage_that_hangs_is_cut_off_at_the_deadline_and_cancelled(stack
             break
         await asyncio.sleep(0.02)
     assert "denoiser" in recorder.cancelled  # the stage's call ended too: nothing left hanging
+
+
+# --- the orchestrator's own deadline arithmetic, with stand-in stage clients ---------------------
+
+
+class _Context:
+    """A servicer context whose call has `remaining` seconds left (None: no deadline)."""
+
+    def __init__(self, remaining: float | None):
+        self.remaining = remaining
+
+    def time_remaining(self) -> float | None:
+        return self.remaining
+
+
+class _SlowInfo:
+    """A stage client whose Info takes `seconds` and records the timeout it was given."""
+
+    def __init__(self, stage: str, seconds: float = 0.0):
+        self.stage, self.seconds, self.timeouts = stage, seconds, []
+
+    async def info(self, timeout: float | None = None) -> common_pb2.StageInfo:
+        self.timeouts.append(timeout)
+        await asyncio.sleep(self.seconds)
+        return common_pb2.StageInfo(stage=self.stage, size_multiple=16, guidance_embeds=True)
+
+    async def list_loras(self, timeout: float | None) -> common_pb2.ListLorasResponse:
+        self.timeouts.append(timeout)
+        return common_pb2.ListLorasResponse()
+
+
+def _servicer(*clients):
+    from fluxmesh.orchestrator.admission import AdmissionQueue
+    from fluxmesh.orchestrator.generator import GeneratorServicer
+    from fluxmesh.orchestrator.stages import Stages
+
+    return GeneratorServicer(Stages(*clients), AdmissionQueue(max_active=1, max_waiting=1))
+
+
+def test_an_expired_deadline_stays_expired():
+    from fluxmesh.orchestrator.deadlines import Deadline
+
+    expired = Deadline.of_call(_Context(0.0), cap_seconds=60)
+    assert expired.left() == 0.0 and expired.left(5.0) == 0.0 and expired.expired()
+    assert Deadline.of_call(_Context(None)).left(5.0) == 5.0  # no deadline at all: the default
+    assert 59 < Deadline.of_call(_Context(None), cap_seconds=60).left(5.0) <= 60
+    assert 9 < Deadline.of_call(_Context(10.0), cap_seconds=60).left() <= 10  # the sooner of the two
+
+
+async def test_info_and_list_loras_pass_an_expired_deadline_on_instead_of_five_more_seconds():
+    """A call whose deadline has run out (0.0 left) is not given 5 or 10 seconds more."""
+    clients = [_SlowInfo(stage) for stage in ("encoder", "denoiser", "vae")]
+    servicer = _servicer(*clients)
+    await servicer.Info(common_pb2.InfoRequest(), _Context(0.0))
+    await servicer.ListLoras(common_pb2.ListLorasRequest(), _Context(0.0))
+    assert [c.timeouts for c in clients] == [[0.0], [0.0, 0.0, 0.0], [0.0]]  # denoiser: Info, facts, ListLoras
+    fresh = [_SlowInfo(stage) for stage in ("encoder", "denoiser", "vae")]
+    await _servicer(*fresh).Info(common_pb2.InfoRequest(), _Context(None))
+    assert all(0 < t <= 5.0 for c in fresh for t in c.timeouts)  # no deadline: Info's own 5 s
+
+
+async def test_info_asks_the_three_stages_at_once():
+    clients = [_SlowInfo(stage, seconds=0.4) for stage in ("encoder", "denoiser", "vae")]
+    started = time.monotonic()
+    info = await _servicer(*clients).Info(common_pb2.InfoRequest(), _Context(10.0))
+    took = time.monotonic() - started
+    assert [s.stage for s in info.stages] == ["encoder", "denoiser", "vae"] and info.size_multiple == 16
+    assert took < 1.0, f"{took:.2f}s: one after another would take 1.2 s or more"

@@ -89,8 +89,6 @@ def test_vae_stage_reports_a_map_fitted_on_its_own_decoder(dev_cluster, dev_mode
     """The tiny VAE is not FLUX.1's, so the vae stage fits the map on its decoder and reports it;
     on that decoder the fit correlates with decoded images and the published FLUX.1 map (the
     denoiser's fallback) does not: the correlation bound above measures the fit."""
-    import json
-
     from diffusers import AutoencoderKL
 
     from fluxmesh.services.denoiser.previews import project_packed
@@ -98,7 +96,7 @@ def test_vae_stage_reports_a_map_fitted_on_its_own_decoder(dev_cluster, dev_mode
 
     with Client(dev_cluster.address, timeout=120) as client:
         vae_info = next(s for s in client.info().stages if s.stage == "vae")
-    fitted = LatentRgb.from_flat(json.loads(vae_info.details["latent_rgb"]), 16)
+    fitted = LatentRgb.from_flat(vae_info.latent_rgb, 16)
     vae = AutoencoderKL.from_pretrained(dev_model, subfolder="vae")
     latents = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(7))  # unseen by the fit
     with torch.inference_mode():
@@ -275,7 +273,7 @@ def test_fast_projection_equals_unpack_then_project():
 
 
 def test_sequential_mode_sends_fast_previews_for_vae_ones():
-    from fluxmesh.orchestrator.editing import PreviewParams
+    from fluxmesh.orchestrator.request import PreviewParams
     from fluxmesh.orchestrator.previews import preview_options
 
     options, warning = preview_options(PreviewParams("vae", 3), vae_alongside_denoiser=True, latent_rgb=[])

@@ -80,7 +80,7 @@ async def model_card(client: AsyncClient, request: Request) -> ModelCard:
     info = await client.info()
     denoiser = next((s for s in info.stages if s.stage == "denoiser"), None)
     source = denoiser.model if denoiser is not None else ""
-    fill = denoiser is not None and denoiser.details.get("fill") == "True"
+    fill = denoiser is not None and denoiser.fill
     name = request.app.state.options.model_name or _model_id(source)
     card = ModelCard(id=name, kind="fill" if fill else "dev" if info.guidance_embeds else "schnell",
                      size_multiple=info.size_multiple, guidance_embeds=info.guidance_embeds, source=source)

@@ -7,12 +7,12 @@ from dataclasses import dataclass
 
 from fluxmesh.contract import LIMITS, Limits
 from fluxmesh.orchestrator.admission import AdmissionQueue
-from fluxmesh.orchestrator.generator import GeneratorServicer, Stages
+from fluxmesh.orchestrator.generator import GeneratorServicer
 from fluxmesh.orchestrator.monitor import StageMonitor
 from fluxmesh.orchestrator.priorities import PriorityPolicy
 from fluxmesh.orchestrator.prompt_cache import DEFAULT_PROMPT_CACHE_MIB
 from fluxmesh.orchestrator.residency.sequential import SEQUENTIAL_MAX_ACTIVE, SequentialStrategy
-from fluxmesh.orchestrator.stages import DenoiserClient, EncoderClient, VaeClient
+from fluxmesh.orchestrator.stages import DenoiserClient, EncoderClient, Stages, VaeClient
 from fluxmesh.orchestrator.metrics import watch_queue
 from fluxmesh.rpc.errors import check_range
 from fluxmesh.rpc.images import MAX_IMAGE_BYTES

@@ -1,4 +1,5 @@
-"""How long a stage call may take: the caller's deadline or the server's cap, whichever is sooner.
+"""How long a stage call may take: one `Deadline` per request (and per stage call across its
+retries): the caller's deadline or the server's cap, whichever is sooner.
 
 Python gRPC does not carry an incoming call's deadline to the calls a handler makes, so every
 stage call is given the time left on the Generate call. The orchestrator's `--request-timeout`
@@ -9,24 +10,29 @@ stages longer than the operator allows.
 
 from __future__ import annotations
 
-import contextvars
 import time
 
 import grpc
 
-# Absolute (monotonic) end of the current request under the server's cap (None: no cap).
-_cap: contextvars.ContextVar[float | None] = contextvars.ContextVar("fluxmesh_request_cap", default=None)
 
+class Deadline:
+    """The time left of a budget (None: no deadline)."""
 
-def start(context: grpc.aio.ServicerContext, cap_seconds: float | None) -> None:
-    """Call once when a request starts: arms the server's cap (None or 0: no cap)."""
-    _cap.set(time.monotonic() + cap_seconds if cap_seconds else None)
+    def __init__(self, timeout: float | None):
+        self._end = None if timeout is None else time.monotonic() + timeout
 
+    @classmethod
+    def of_call(cls, context: grpc.aio.ServicerContext, cap_seconds: float | None = None) -> "Deadline":
+        """The incoming call's deadline, capped at `cap_seconds` from now (None or 0: no cap)."""
+        left = [t for t in (context.time_remaining(), cap_seconds or None) if t is not None]
+        return cls(max(0.0, min(left)) if left else None)
 
-def time_left(context: grpc.aio.ServicerContext) -> float | None:
-    """Seconds left for this request (None: unlimited), to pass as `timeout=` to stage calls."""
-    remaining = context.time_remaining()
-    at = _cap.get()
-    capped = None if at is None else at - time.monotonic()
-    left = [t for t in (remaining, capped) if t is not None]
-    return max(0.0, min(left)) if left else None
+    def left(self, default: float | None = None) -> float | None:
+        """Seconds left, to pass as `timeout=` (0.0 once expired); `default` only when there is
+        no deadline at all — an expired one stays expired."""
+        if self._end is None:
+            return default
+        return max(0.0, self._end - time.monotonic())
+
+    def expired(self) -> bool:
+        return self._end is not None and time.monotonic() >= self._end

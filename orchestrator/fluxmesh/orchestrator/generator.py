@@ -1,52 +1,67 @@
-"""Generator service: the public API. Validate, queue, Encode -> Denoise -> Decode, relay events."""
+"""Generator service: the public API. Validate, queue, Encode -> Denoise -> Decode, relay events.
+
+One request, in order: `check_request` (request.py, against the contract and the model's facts),
+the admission queue (admission.py), then three timed phases — encode (the prompts through the
+prompt cache and the encoder, the init image through the vae, at once), denoise (steps relayed as
+they come, previews slotted in: previews.py), decode — each holding its stage through the
+residency strategy (residency/), and the result.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import json
+import inspect
 import logging
 import time
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import aclosing
+from dataclasses import dataclass, field
 
 import grpc
 
 from fluxmesh import contract
-from fluxmesh.contract import LIMITS, Limits
-from fluxmesh.rpc import request_ids, step_cache
-from fluxmesh.rpc.security import presented_token
-from fluxmesh.orchestrator import deadlines
+from fluxmesh.contract import LIMITS, Limits, Phase, Stage
 from fluxmesh.orchestrator.admission import AdmissionQueue
-from fluxmesh.orchestrator.editing import encode_init
-from fluxmesh.orchestrator.references import Capabilities, encode_references, encoder_image_prompts
-from fluxmesh.orchestrator.previews import VaePreviews, preview_options, step_events
+from fluxmesh.orchestrator.deadlines import Deadline
 from fluxmesh.orchestrator.metrics import record_result
-from fluxmesh.orchestrator.residency.resident import ResidencyStrategy, ResidentStrategy, SwapCost
+from fluxmesh.orchestrator.previews import VaePreviews, preview_options, step_events
 from fluxmesh.orchestrator.priorities import PriorityPolicy
 from fluxmesh.orchestrator.prompt_cache import PromptCache
+from fluxmesh.orchestrator.references import Capabilities, encode_references, encoder_image_prompts
 from fluxmesh.orchestrator.request import GenerateParams, ModelFacts, check_request
-from fluxmesh.orchestrator.stages import DenoiserClient, EncoderClient, VaeClient
-from fluxmesh.v1 import (
-    denoiser_pb2,
-    encoder_pb2,
-    generator_pb2,
-    generator_pb2_grpc,
-    common_pb2,
-    vae_pb2,
-)
+from fluxmesh.orchestrator.residency.resident import ResidencyStrategy, ResidentStrategy, SwapCost
+from fluxmesh.orchestrator.stages import Stages
+from fluxmesh.rpc import request_ids, step_cache
+from fluxmesh.rpc.security import presented_token
+from fluxmesh.v1 import common_pb2, denoiser_pb2, encoder_pb2, generator_pb2, generator_pb2_grpc, vae_pb2
 
 log = logging.getLogger(__name__)
 
-ENCODE, DENOISE, DECODE = generator_pb2.STAGE_ENCODE, generator_pb2.STAGE_DENOISE, generator_pb2.STAGE_DECODE
+INFO_TIMEOUT = 5.0  # Info and ListLoras calls that come without a deadline
+LIST_LORAS_TIMEOUT = 10.0
 
 
-class Stages:
-    """The three stage clients the orchestrator drives."""
+@dataclass
+class _Run:
+    """One admitted request on its way through the phases: what each leaves for the next."""
 
-    def __init__(self, encoder: EncoderClient, denoiser: DenoiserClient, vae: VaeClient):
-        self.encoder, self.denoiser, self.vae = encoder, denoiser, vae
+    request_id: str
+    params: GenerateParams
+    deadline: Deadline
+    timings: generator_pb2.Timings
+    swaps: SwapCost = field(default_factory=SwapCost)
+    embeddings: encoder_pb2.EncodeResponse | None = None
+    negative: encoder_pb2.EncodeResponse | None = None  # true CFG's negative prompt
+    init: denoiser_pb2.InitImage | None = None
+    conditioning: denoiser_pb2.Conditioning | None = None  # Kontext reference / Control image
+    cache: common_pb2.StepCache | None = None  # the request's step caching, if it chose
+    latents: common_pb2.Tensor | None = None
+    step_cache: common_pb2.StepCacheReport | None = None  # what step caching skipped
+    images: list[common_pb2.Image] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
-    def all(self):
-        return (self.encoder, self.denoiser, self.vae)
+    def event(self, **kwargs) -> generator_pb2.GenerateEvent:
+        return generator_pb2.GenerateEvent(request_id=self.request_id, **kwargs)
 
 
 class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
@@ -64,18 +79,17 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
         self._facts: ModelFacts | None = None
         self._latent_rgb: list[float] | None = None  # the vae stage's latent -> RGB map (fast previews)
 
-    async def model_facts(self, timeout: float | None) -> ModelFacts:
-        """Size granularity and guidance embedding, asked of the denoiser once it answers."""
+    async def model_facts(self, deadline: Deadline) -> ModelFacts:
+        """Size granularity, guidance embedding, Fill and the family's capabilities, asked of the
+        denoiser and the encoder (at once) once they answer."""
         if self._facts is None:
-            details = (await self.stages.denoiser.info(timeout=timeout)).details
-            encoder = (await self.stages.encoder.info(timeout=timeout)).details
+            denoiser, encoder = await _together(self.stages.denoiser.info(timeout=deadline.left(INFO_TIMEOUT)),
+                                                self.stages.encoder.info(timeout=deadline.left(INFO_TIMEOUT)))
             self._facts = ModelFacts(
-                size_multiple=int(details.get("size_multiple", 16)),
-                guidance_embeds=details.get("guidance_embeds", "True") == "True",
-                fill=details.get("fill", "False") == "True",
-                capabilities=Capabilities(kontext=details.get("kontext") == "True",
-                                          control=details.get("control") == "True",
-                                          redux=encoder.get("redux") == "True"),
+                size_multiple=denoiser.size_multiple or ModelFacts.size_multiple,  # 0: a stage that does not say
+                guidance_embeds=denoiser.guidance_embeds,
+                fill=denoiser.fill,
+                capabilities=Capabilities(kontext=denoiser.kontext, control=denoiser.control, redux=encoder.redux),
             )
         return self._facts
 
@@ -83,180 +97,197 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
         # The client's well-formed x-request-id, else a new one: it goes to every stage and log line.
         request_id = request_ids.current() or request_ids.new_request_id()
         request_ids.adopt(request_id)
-        deadlines.start(context, self.request_timeout)
+        deadline = Deadline.of_call(context, self.request_timeout)
         started = time.perf_counter()
         self.priorities.check(request.priority, presented_token(context.invocation_metadata()))
-        params = await check_request(request, await self.model_facts(_time_left(context)), self.limits)
+        params = await check_request(request, await self.model_facts(deadline), self.limits)
         if request.HasField("cache"):
             step_cache.from_pb(request.cache)  # kind and threshold named before any stage runs
 
-        def event(**kwargs) -> generator_pb2.GenerateEvent:
-            return generator_pb2.GenerateEvent(request_id=request_id, **kwargs)
-
         ticket = self.queue.enter(priority=request.priority)
         try:
-            async for position in self.queue.wait_turn(ticket, _time_left(context)):
-                yield event(queued=generator_pb2.Queued(position=position))
-            timings = generator_pb2.Timings(queued_seconds=time.perf_counter() - started)
+            async for position in self.queue.wait_turn(ticket, deadline.left()):
+                yield generator_pb2.GenerateEvent(request_id=request_id, queued=generator_pb2.Queued(position=position))
+            run = _Run(request_id, params, deadline, generator_pb2.Timings(queued_seconds=time.perf_counter() - started),
+                       cache=request.cache if request.HasField("cache") else None)
             log.info("%s: %dx%d, %d steps, seed %d", request_id, params.width, params.height, params.steps, params.seed)
-
-            swaps = SwapCost()
-            yield event(stage_started=generator_pb2.StageStarted(stage=ENCODE))
-            t0 = time.perf_counter()
-            (embeddings, negative), (init, conditioning) = await _both(  # prompt and images on their own stages, at once
-                self._encode_prompts(params, swaps, timings, context),
-                self._encode_images(params, swaps, context),
-            )
-            timings.encode_seconds = time.perf_counter() - t0
-            yield event(stage_finished=generator_pb2.StageFinished(stage=ENCODE, seconds=timings.encode_seconds))
-
-            yield event(stage_started=generator_pb2.StageStarted(stage=DENOISE))
-            t0 = time.perf_counter()
-            latents = None
-            denoise_request, previews, preview_warning = await self._denoise_plan(params, embeddings, negative, init,
-                                                                                  context)
-            if conditioning is not None:
-                denoise_request.conditioning.CopyFrom(conditioning)
-            if request.HasField("cache"):  # checked on arrival; the denoiser holds the ceiling
-                denoise_request.cache.CopyFrom(request.cache)
-            cache_report = None
-            async with self.residency.use("denoiser", swaps):
-                denoising = self.stages.denoiser.denoise(denoise_request, _time_left(context))
-                # Closed on the spot when the caller goes away: that cancels the Denoise call, so
-                # the denoiser stops within a step (left to the garbage collector, it may not).
-                async with aclosing(step_events(denoising, previews)) as steps:
-                    async for item in steps:
-                        if isinstance(item, generator_pb2.Step):
-                            yield event(step=item)
-                        else:  # the final event: latents, and what step caching skipped
-                            latents = item.latents
-                            cache_report = item.step_cache if item.HasField("step_cache") else None
-            timings.denoise_seconds = time.perf_counter() - t0
-            yield event(stage_finished=generator_pb2.StageFinished(stage=DENOISE, seconds=timings.denoise_seconds))
-
-            yield event(stage_started=generator_pb2.StageStarted(stage=DECODE))
-            t0 = time.perf_counter()
-            async with self.residency.use("vae", swaps):
-                decoded = await self.stages.vae.decode(
-                    vae_pb2.DecodeRequest(latents=latents, width=params.width, height=params.height,
-                                          format=common_pb2.IMAGE_FORMAT_PNG),
-                    _time_left(context),
-                )
-            timings.decode_seconds = time.perf_counter() - t0
-            yield event(stage_finished=generator_pb2.StageFinished(stage=DECODE, seconds=timings.decode_seconds))
-
-            timings.swaps, timings.swap_seconds = swaps.swaps, swaps.seconds
+            for phase, work in ((Phase.encode, self._encode), (Phase.denoise, self._denoise),
+                                (Phase.decode, self._decode)):
+                # Closed on the spot when the caller goes away: that cancels the stage call in
+                # progress (a Denoise stops within a step; left to the garbage collector, it may not).
+                async with aclosing(_timed(run, phase, work(run))) as events:
+                    async for event in events:
+                        yield event
+            timings = run.timings
+            timings.swaps, timings.swap_seconds = run.swaps.swaps, run.swaps.seconds
             timings.total_seconds = time.perf_counter() - started
-            yield event(
-                result=generator_pb2.Result(
-                    images=decoded.images,
-                    seed=params.seed,
-                    timings=timings,
-                    width=params.width,
-                    height=params.height,
-                    steps=params.steps,
-                    guidance=params.guidance,
-                    step_cache=cache_report,
-                    warnings=_truncation_warnings(embeddings, "prompt", bool(params.references.redux))
-                    + _truncation_warnings(negative, "negative prompt")
-                    + ([preview_warning] if preview_warning else []),
-                )
-            )
+            yield run.event(result=generator_pb2.Result(
+                images=run.images, seed=params.seed, timings=timings, width=params.width, height=params.height,
+                steps=params.steps, guidance=params.guidance, step_cache=run.step_cache,
+                warnings=_truncation_warnings(run.embeddings, "prompt", bool(params.references.redux))
+                + _truncation_warnings(run.negative, "negative prompt") + run.warnings,
+            ))
             record_result(timings, params.steps)
             log.info("%s: done in %.2fs", request_id, timings.total_seconds)
         finally:
             await self.queue.leave(ticket)
 
-    async def _encode_prompts(self, params: GenerateParams, swaps: SwapCost, timings: generator_pb2.Timings,
-                              context):
+    # -- encode: the prompts and the images, each on its own stage, at once ---------------------
+
+    async def _encode(self, run: _Run) -> None:
+        (run.embeddings, run.negative), (run.init, run.conditioning) = await _together(
+            self._encode_prompts(run), self._encode_images(run))
+
+    async def _encode_prompts(self, run: _Run):
         """The prompt's embeddings, and the negative prompt's (or None) for true CFG: two calls, as
         diffusers encodes them apart (one batch could differ from it in the last bits). What the
         prompt cache holds skips the encoder, and its swap when every one of them hit."""
-        requests = [_encode_request(params)]
-        if params.true_cfg is not None:
-            requests.append(_encode_request(params, negative=True))
+        requests = [_encode_request(run.params)]
+        if run.params.true_cfg is not None:
+            requests.append(_encode_request(run.params, negative=True))
 
         async def encode_many(missing: list[encoder_pb2.EncodeRequest]):
-            async with self.residency.use("encoder", swaps):
-                if len(missing) == 1:
-                    return [await self.stages.encoder.encode(missing[0], _time_left(context))]
-                return await _both(*(self.stages.encoder.encode(r, _time_left(context)) for r in missing))
+            async with self.residency.use(Stage.encoder, run.swaps):
+                return await _together(*(self.stages.encoder.encode(r, run.deadline.left()) for r in missing))
 
-        replies, timings.cached_encodes = await self.prompt_cache.encode(requests, encode_many)
+        replies, run.timings.cached_encodes = await self.prompt_cache.encode(requests, encode_many)
         return replies[0], (replies[1] if len(replies) > 1 else None)
 
-    async def _encode_images(self, params: GenerateParams, swaps: SwapCost, context):
+    async def _encode_images(self, run: _Run):
         """The init image and the KONTEXT / CONTROL references, in one vae turn (or none at all)."""
+        params = run.params
         if params.edit is None and not params.references.for_vae:
             return None, None
-        async with self.residency.use("vae", swaps):
-            init = await encode_init(self.stages.vae, params.edit, width=params.width, height=params.height,
-                                     timeout=_time_left(context))
+        async with self.residency.use(Stage.vae, run.swaps):
+            init = await self._encode_init(run)
             conditioning = await encode_references(self.stages.vae, params.references, width=params.width,
-                                                   height=params.height, timeout=_time_left(context))
+                                                   height=params.height, timeout=run.deadline.left())
         return init, conditioning
 
-    async def _denoise_plan(self, params: GenerateParams, embeddings, negative, init, context):
-        """The denoise request (with the init image and preview options, if any), the vae preview
-        relay when vae previews run, and a warning when the kind asked for cannot be had."""
+    async def _encode_init(self, run: _Run) -> denoiser_pb2.InitImage | None:
+        """The init image (and mask) through the vae stage's Encode, as the denoiser takes it (the
+        caller holds the vae's turn)."""
+        edit, params = run.params.edit, run.params
+        if edit is None:
+            return None
+        encoded = await self.stages.vae.encode_image(
+            vae_pb2.EncodeImageRequest(image=edit.init_image, mask=edit.mask_image, width=params.width,
+                                       height=params.height, fill=edit.fill),
+            run.deadline.left(),
+        )
+        init = denoiser_pb2.InitImage(posterior=encoded.posterior, strength=edit.strength)
+        if edit.inpainting:
+            init.masked_posterior.CopyFrom(encoded.masked_posterior)
+            init.mask.CopyFrom(encoded.mask)
+        return init
+
+    # -- denoise: steps relayed as they come, previews slotted in -------------------------------
+
+    async def _denoise(self, run: _Run) -> AsyncIterator[generator_pb2.GenerateEvent]:
+        request, previews = await self._denoise_plan(run)
+        async with self.residency.use(Stage.denoiser, run.swaps):
+            denoising = self.stages.denoiser.denoise(request, run.deadline.left())
+            async with aclosing(step_events(denoising, previews)) as steps:
+                async for item in steps:
+                    if isinstance(item, generator_pb2.Step):
+                        yield run.event(step=item)
+                    else:  # the final event: latents, and what step caching skipped
+                        run.latents = item.latents
+                        run.step_cache = item.step_cache if item.HasField("step_cache") else None
+
+    async def _denoise_plan(self, run: _Run) -> tuple[denoiser_pb2.DenoiseRequest, VaePreviews | None]:
+        """The denoise request (with the init image and preview options, if any) and the vae
+        preview relay when vae previews run; a warning when the kind asked for cannot be had."""
+        params = run.params
         preview, warning = preview_options(
             params.preview, vae_alongside_denoiser=self.residency.stages_stay_loaded,
-            latent_rgb=await self._latent_rgb_map(params, context))
-        request = _denoise_request(params, embeddings, negative)
-        if init is not None:
-            request.init.CopyFrom(init)
+            latent_rgb=await self._latent_rgb_map(run))
+        if warning:
+            run.warnings.append(warning)
+        request = _denoise_request(params, run.embeddings, run.negative)
+        if run.init is not None:
+            request.init.CopyFrom(run.init)
+        if run.conditioning is not None:
+            request.conditioning.CopyFrom(run.conditioning)
+        if run.cache is not None:  # checked on arrival; the denoiser holds the ceiling
+            request.cache.CopyFrom(run.cache)
         if preview is not None:
             request.preview.CopyFrom(preview)
         previews = None
         if preview is not None and preview.x0:
-            previews = VaePreviews(lambda x0: self._decode_preview(x0, params, context))
-        return request, previews, warning
+            previews = VaePreviews(lambda x0: self._decode_preview(x0, run))
+        return request, previews
 
-    async def _decode_preview(self, x0: common_pb2.Tensor, params: GenerateParams, context) -> list[common_pb2.Image]:
+    async def _decode_preview(self, x0: common_pb2.Tensor, run: _Run) -> list[common_pb2.Image]:
         # Its own SwapCost: previews only run where nothing is swapped (vae loaded while denoising).
-        async with self.residency.use("vae", SwapCost()):
+        async with self.residency.use(Stage.vae, SwapCost()):
             reply = await self.stages.vae.decode(
-                vae_pb2.DecodeRequest(latents=x0, width=params.width, height=params.height,
+                vae_pb2.DecodeRequest(latents=x0, width=run.params.width, height=run.params.height,
                                       format=common_pb2.IMAGE_FORMAT_JPEG, preview=True),
-                _time_left(context),
+                run.deadline.left(),
             )
         return list(reply.images)
 
-    async def _latent_rgb_map(self, params: GenerateParams, context) -> list[float]:
+    async def _latent_rgb_map(self, run: _Run) -> list[float]:
         """The vae stage's latent -> RGB map for fast previews, asked once (empty: FLUX.1's)."""
-        if params.preview is None or self._latent_rgb:
+        if run.params.preview is None or self._latent_rgb:
             return self._latent_rgb or []
-        details = (await self.stages.vae.info(timeout=_time_left(context) or 5.0)).details
-        if "latent_rgb" in details:
-            self._latent_rgb = [float(v) for v in json.loads(details["latent_rgb"])]
-        return self._latent_rgb or []
+        self._latent_rgb = list((await self.stages.vae.info(timeout=run.deadline.left(INFO_TIMEOUT))).latent_rgb)
+        return self._latent_rgb
+
+    # -- decode ------------------------------------------------------------------------------
+
+    async def _decode(self, run: _Run) -> None:
+        async with self.residency.use(Stage.vae, run.swaps):
+            decoded = await self.stages.vae.decode(
+                vae_pb2.DecodeRequest(latents=run.latents, width=run.params.width, height=run.params.height,
+                                      format=common_pb2.IMAGE_FORMAT_PNG),
+                run.deadline.left(),
+            )
+        run.images = list(decoded.images)
+
+    # -- the other RPCs ----------------------------------------------------------------------
 
     async def ListLoras(self, request, context) -> common_pb2.ListLorasResponse:
         """The denoiser's LoRA directory is the catalogue (CLIP-side parts ride in the same files)."""
-        return await self.stages.denoiser.list_loras(_time_left(context) or 10.0)
+        return await self.stages.denoiser.list_loras(Deadline.of_call(context).left(LIST_LORAS_TIMEOUT))
 
     async def Info(self, request, context) -> generator_pb2.GeneratorInfo:
-        stages = [await client.info(timeout=_time_left(context) or 5.0) for client in self.stages.all()]
-        facts = await self.model_facts(_time_left(context))
+        """The three stages' Info, asked at once."""
+        deadline = Deadline.of_call(context)
+        *stages, facts = await _together(*(client.info(timeout=deadline.left(INFO_TIMEOUT))
+                                           for client in self.stages.all()),
+                                         self.model_facts(deadline))
         return generator_pb2.GeneratorInfo(
             stages=stages, size_multiple=facts.size_multiple, guidance_embeds=facts.guidance_embeds
         )
 
 
-async def _both(first, second):
-    """Await two calls at once; if one fails, the other is cancelled (and its error dropped)."""
-    tasks = [asyncio.ensure_future(first), asyncio.ensure_future(second)]
+async def _timed(run: _Run, phase: Phase, work: AsyncIterator | Awaitable) -> AsyncIterator[generator_pb2.GenerateEvent]:
+    """A phase between its started and finished events, its seconds in the request's Timings.
+    `work` is the phase's own events (an async iterator) or a call with none to send."""
+    yield run.event(stage_started=generator_pb2.StageStarted(stage=phase.pb))
+    started = time.perf_counter()
+    if inspect.isawaitable(work):
+        await work
+    else:
+        async with aclosing(work) as events:
+            async for event in events:
+                yield event
+    seconds = time.perf_counter() - started
+    setattr(run.timings, f"{phase}_seconds", seconds)
+    yield run.event(stage_finished=generator_pb2.StageFinished(stage=phase.pb, seconds=seconds))
+
+
+async def _together(*calls: Awaitable) -> list:
+    """Await calls at once; if one fails, the others are cancelled (and their errors dropped)."""
+    tasks = [asyncio.ensure_future(call) for call in calls]
     try:
         return await asyncio.gather(*tasks)
     finally:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def _time_left(context: grpc.aio.ServicerContext) -> float | None:
-    """The caller's remaining deadline, to pass on to stage calls (gRPC does not do it)."""
-    return deadlines.time_left(context)
 
 
 def _truncation_warnings(embeddings: encoder_pb2.EncodeResponse | None, what: str,

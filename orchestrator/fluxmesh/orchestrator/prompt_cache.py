@@ -133,7 +133,7 @@ class PromptCache:
         now = time.monotonic()
         if self._identity is None or now - self._identity[0] > IDENTITY_SECONDS:
             info = await self._info()
-            self._identity = (now, info.details.get("identity", ""))
+            self._identity = (now, info.identity)
         return self._identity[1] or None
 
 

@@ -161,15 +161,3 @@ class ReplicaSet:
         for replica in self.replicas:
             await replica.channel.close()
 
-
-class Deadline:
-    """The time left of a call's budget, across retries (None: no deadline)."""
-
-    def __init__(self, timeout: float | None):
-        self._end = None if timeout is None else time.monotonic() + timeout
-
-    def left(self) -> float | None:
-        return None if self._end is None else max(0.0, self._end - time.monotonic())
-
-    def expired(self) -> bool:
-        return self._end is not None and time.monotonic() >= self._end

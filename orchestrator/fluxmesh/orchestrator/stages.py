@@ -15,7 +15,8 @@ from contextlib import contextmanager
 import grpc
 
 from fluxmesh.contract import Stage
-from fluxmesh.orchestrator.replicas import Deadline, ReplicaSet, channel_options
+from fluxmesh.orchestrator.deadlines import Deadline
+from fluxmesh.orchestrator.replicas import ReplicaSet, channel_options
 from fluxmesh.rpc.channels import aio_channel
 from fluxmesh.rpc.errors import FluxmeshError, StageUnavailable, reason_of
 from fluxmesh.rpc.request_ids import outgoing_metadata
@@ -164,3 +165,13 @@ class VaeClient(StageClient):
     async def encode_image(self, request: vae_pb2.EncodeImageRequest,
                            timeout: float | None) -> vae_pb2.EncodeImageResponse:
         return await self._unary("Encode", request, timeout, retry=True)
+
+
+class Stages:
+    """The three stage clients the orchestrator drives."""
+
+    def __init__(self, encoder: EncoderClient, denoiser: DenoiserClient, vae: VaeClient):
+        self.encoder, self.denoiser, self.vae = encoder, denoiser, vae
+
+    def all(self) -> tuple[EncoderClient, DenoiserClient, VaeClient]:
+        return (self.encoder, self.denoiser, self.vae)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66luxmesh/v1/common.proto\x12\x0b\x66luxmesh.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"^\n\x05Image\x12\r\n\x05width\x18\x01 \x01(\x05\x12\x0e\n\x06height\x18\x02 \x01(\x05\x12(\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x18.fluxmesh.v1.ImageFormat\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"H\n\tStepCache\x12(\n\x04kind\x18\x01 \x01(\x0e\x32\x1a.fluxmesh.v1.StepCacheKind\x12\x11\n\tthreshold\x18\x02 \x01(\x02\"=\n\x0fStepCacheReport\x12\x12\n\nblocks_run\x18\x01 \x01(\x03\x12\x16\n\x0e\x62locks_skipped\x18\x02 \x01(\x03\"*\n\nLoraWeight\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x02\"<\n\x08LoraInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\x12\x0e\n\x06\x63\x61\x63hed\x18\x03 \x01(\x08\"\x12\n\x10ListLorasRequest\"9\n\x11ListLorasResponse\x12$\n\x05loras\x18\x01 \x03(\x0b\x32\x15.fluxmesh.v1.LoraInfo\"\r\n\x0bInfoRequest\"\xf2\x01\n\tStageInfo\x12\r\n\x05stage\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x14\n\x0cweight_bytes\x18\x05 \x01(\x03\x12\x19\n\x11peak_memory_bytes\x18\x06 \x01(\x03\x12\x34\n\x07\x64\x65tails\x18\x07 \x03(\x0b\x32#.fluxmesh.v1.StageInfo.DetailsEntry\x12\x11\n\tresidency\x18\x08 \x01(\t\x1a.\n\x0c\x44\x65tailsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*v\n\x0bImageFormat\x12\x1c\n\x18IMAGE_FORMAT_UNSPECIFIED\x10\x00\x12\x14\n\x10IMAGE_FORMAT_PNG\x10\x01\x12\x1c\n\x14IMAGE_FORMAT_RAW_RGB\x10\x02\x1a\x02\x08\x01\x12\x15\n\x11IMAGE_FORMAT_JPEG\x10\x03*l\n\x11\x43ontrolPreprocess\x12\x1b\n\x17\x43ONTROL_PREPROCESS_NONE\x10\x00\x12\x1c\n\x18\x43ONTROL_PREPROCESS_CANNY\x10\x01\x12\x1c\n\x18\x43ONTROL_PREPROCESS_DEPTH\x10\x02*\xa3\x01\n\rStepCacheKind\x12\x1f\n\x1bSTEP_CACHE_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13STEP_CACHE_KIND_OFF\x10\x01\x12\x1f\n\x1bSTEP_CACHE_KIND_FIRST_BLOCK\x10\x02\x12\x17\n\x13STEP_CACHE_KIND_MAG\x10\x03\x12\x1e\n\x1aSTEP_CACHE_KIND_TAYLORSEER\x10\x04\x42\x93\x01\n\x15io.github.fluxmesh.v1B\x0b\x43ommonProtoP\x01Z:github.com/fluxmesh/fluxmesh/gen/go/fluxmesh/v1;fluxmeshv1\xa2\x02\x03\x46XM\xaa\x02\x0b\x46luxmesh.V1\xca\x02\x0b\x46luxmesh\\V1\xea\x02\x0c\x46luxmesh::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66luxmesh/v1/common.proto\x12\x0b\x66luxmesh.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"^\n\x05Image\x12\r\n\x05width\x18\x01 \x01(\x05\x12\x0e\n\x06height\x18\x02 \x01(\x05\x12(\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x18.fluxmesh.v1.ImageFormat\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"H\n\tStepCache\x12(\n\x04kind\x18\x01 \x01(\x0e\x32\x1a.fluxmesh.v1.StepCacheKind\x12\x11\n\tthreshold\x18\x02 \x01(\x02\"=\n\x0fStepCacheReport\x12\x12\n\nblocks_run\x18\x01 \x01(\x03\x12\x16\n\x0e\x62locks_skipped\x18\x02 \x01(\x03\"*\n\nLoraWeight\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x02\"<\n\x08LoraInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\x12\x0e\n\x06\x63\x61\x63hed\x18\x03 \x01(\x08\"\x12\n\x10ListLorasRequest\"9\n\x11ListLorasResponse\x12$\n\x05loras\x18\x01 \x03(\x0b\x32\x15.fluxmesh.v1.LoraInfo\"\r\n\x0bInfoRequest\"\xd8\x03\n\tStageInfo\x12\r\n\x05stage\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x14\n\x0cweight_bytes\x18\x05 \x01(\x03\x12\x19\n\x11peak_memory_bytes\x18\x06 \x01(\x03\x12\x34\n\x07\x64\x65tails\x18\x07 \x03(\x0b\x32#.fluxmesh.v1.StageInfo.DetailsEntry\x12\x11\n\tresidency\x18\x08 \x01(\t\x12\x15\n\rsize_multiple\x18\t \x01(\x05\x12\x18\n\x10vae_scale_factor\x18\n \x01(\x05\x12\x17\n\x0fguidance_embeds\x18\x0b \x01(\x08\x12\x0c\n\x04\x66ill\x18\x0c \x01(\x08\x12\x1b\n\x13max_sequence_length\x18\r \x01(\x05\x12\x18\n\x10transformer_gguf\x18\x0e \x01(\t\x12\x10\n\x08identity\x18\x0f \x01(\t\x12\x12\n\nlatent_rgb\x18\x10 \x03(\x02\x12\x0f\n\x07kontext\x18\x11 \x01(\x08\x12\x0f\n\x07\x63ontrol\x18\x12 \x01(\x08\x12\r\n\x05redux\x18\x13 \x01(\x08\x1a.\n\x0c\x44\x65tailsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*v\n\x0bImageFormat\x12\x1c\n\x18IMAGE_FORMAT_UNSPECIFIED\x10\x00\x12\x14\n\x10IMAGE_FORMAT_PNG\x10\x01\x12\x1c\n\x14IMAGE_FORMAT_RAW_RGB\x10\x02\x1a\x02\x08\x01\x12\x15\n\x11IMAGE_FORMAT_JPEG\x10\x03*l\n\x11\x43ontrolPreprocess\x12\x1b\n\x17\x43ONTROL_PREPROCESS_NONE\x10\x00\x12\x1c\n\x18\x43ONTROL_PREPROCESS_CANNY\x10\x01\x12\x1c\n\x18\x43ONTROL_PREPROCESS_DEPTH\x10\x02*\xa3\x01\n\rStepCacheKind\x12\x1f\n\x1bSTEP_CACHE_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13STEP_CACHE_KIND_OFF\x10\x01\x12\x1f\n\x1bSTEP_CACHE_KIND_FIRST_BLOCK\x10\x02\x12\x17\n\x13STEP_CACHE_KIND_MAG\x10\x03\x12\x1e\n\x1aSTEP_CACHE_KIND_TAYLORSEER\x10\x04\x42\x93\x01\n\x15io.github.fluxmesh.v1B\x0b\x43ommonProtoP\x01Z:github.com/fluxmesh/fluxmesh/gen/go/fluxmesh/v1;fluxmeshv1\xa2\x02\x03\x46XM\xaa\x02\x0b\x46luxmesh.V1\xca\x02\x0b\x46luxmesh\\V1\xea\x02\x0c\x46luxmesh::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,12 +36,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_IMAGEFORMAT'].values_by_name["IMAGE_FORMAT_RAW_RGB"]._serialized_options = b'\010\001'
   _globals['_STAGEINFO_DETAILSENTRY']._loaded_options = None
   _globals['_STAGEINFO_DETAILSENTRY']._serialized_options = b'8\001'
-  _globals['_IMAGEFORMAT']._serialized_start=773
-  _globals['_IMAGEFORMAT']._serialized_end=891
-  _globals['_CONTROLPREPROCESS']._serialized_start=893
-  _globals['_CONTROLPREPROCESS']._serialized_end=1001
-  _globals['_STEPCACHEKIND']._serialized_start=1004
-  _globals['_STEPCACHEKIND']._serialized_end=1167
+  _globals['_IMAGEFORMAT']._serialized_start=1003
+  _globals['_IMAGEFORMAT']._serialized_end=1121
+  _globals['_CONTROLPREPROCESS']._serialized_start=1123
+  _globals['_CONTROLPREPROCESS']._serialized_end=1231
+  _globals['_STEPCACHEKIND']._serialized_start=1234
+  _globals['_STEPCACHEKIND']._serialized_end=1397
   _globals['_TENSOR']._serialized_start=41
   _globals['_TENSOR']._serialized_end=93
   _globals['_IMAGE']._serialized_start=95
@@ -61,7 +61,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INFOREQUEST']._serialized_start=513
   _globals['_INFOREQUEST']._serialized_end=526
   _globals['_STAGEINFO']._serialized_start=529
-  _globals['_STAGEINFO']._serialized_end=771
-  _globals['_STAGEINFO_DETAILSENTRY']._serialized_start=725
-  _globals['_STAGEINFO_DETAILSENTRY']._serialized_end=771
+  _globals['_STAGEINFO']._serialized_end=1001
+  _globals['_STAGEINFO_DETAILSENTRY']._serialized_start=955
+  _globals['_STAGEINFO_DETAILSENTRY']._serialized_end=1001
 # @@protoc_insertion_point(module_scope)

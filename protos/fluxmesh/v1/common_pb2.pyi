@@ -111,7 +111,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StageInfo(_message.Message):
-    __slots__ = ("stage", "model", "dtype", "device", "weight_bytes", "peak_memory_bytes", "details", "residency")
+    __slots__ = ("stage", "model", "dtype", "device", "weight_bytes", "peak_memory_bytes", "details", "residency", "size_multiple", "vae_scale_factor", "guidance_embeds", "fill", "max_sequence_length", "transformer_gguf", "identity", "latent_rgb", "kontext", "control", "redux")
     class DetailsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -127,6 +127,17 @@ class StageInfo(_message.Message):
     PEAK_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     DETAILS_FIELD_NUMBER: _ClassVar[int]
     RESIDENCY_FIELD_NUMBER: _ClassVar[int]
+    SIZE_MULTIPLE_FIELD_NUMBER: _ClassVar[int]
+    VAE_SCALE_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_EMBEDS_FIELD_NUMBER: _ClassVar[int]
+    FILL_FIELD_NUMBER: _ClassVar[int]
+    MAX_SEQUENCE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    TRANSFORMER_GGUF_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    LATENT_RGB_FIELD_NUMBER: _ClassVar[int]
+    KONTEXT_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_FIELD_NUMBER: _ClassVar[int]
+    REDUX_FIELD_NUMBER: _ClassVar[int]
     stage: str
     model: str
     dtype: str
@@ -135,4 +146,15 @@ class StageInfo(_message.Message):
     peak_memory_bytes: int
     details: _containers.ScalarMap[str, str]
     residency: str
-    def __init__(self, stage: _Optional[str] = ..., model: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., peak_memory_bytes: _Optional[int] = ..., details: _Optional[_Mapping[str, str]] = ..., residency: _Optional[str] = ...) -> None: ...
+    size_multiple: int
+    vae_scale_factor: int
+    guidance_embeds: bool
+    fill: bool
+    max_sequence_length: int
+    transformer_gguf: str
+    identity: str
+    latent_rgb: _containers.RepeatedScalarFieldContainer[float]
+    kontext: bool
+    control: bool
+    redux: bool
+    def __init__(self, stage: _Optional[str] = ..., model: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., peak_memory_bytes: _Optional[int] = ..., details: _Optional[_Mapping[str, str]] = ..., residency: _Optional[str] = ..., size_multiple: _Optional[int] = ..., vae_scale_factor: _Optional[int] = ..., guidance_embeds: _Optional[bool] = ..., fill: _Optional[bool] = ..., max_sequence_length: _Optional[int] = ..., transformer_gguf: _Optional[str] = ..., identity: _Optional[str] = ..., latent_rgb: _Optional[_Iterable[float]] = ..., kontext: _Optional[bool] = ..., control: _Optional[bool] = ..., redux: _Optional[bool] = ...) -> None: ...

@@ -61,8 +61,8 @@ def _stage_service(options: StageOptions) -> Service:
         build = _STAGES[Stage(options.stage)]
     except ValueError:
         raise InvalidArgument("stage", f"{options.stage!r}; expected one of {', '.join(Stage)}") from None
-    configure_threads(options.threads)
     device = Device.parse(options.device, options.dtype)
+    configure_threads(options.threads, device)
     return build(options, resolve_model(options.model, options.stage), device)
 
 

@@ -83,14 +83,15 @@ class DenoiserServicer(StageServicer, denoiser_pb2_grpc.DenoiserServicer):
     async def ListLoras(self, request, context) -> common_pb2.ListLorasResponse:
         return lora_listing(self.engine.loras)
 
-    async def info_details(self) -> dict[str, Any]:
+    async def info_facts(self) -> dict[str, Any]:
         return {
             "guidance_embeds": self.engine.guidance_embeds,
             "fill": self.engine.fill,  # FLUX.1-Fill: needs an init image and a mask
             "kontext": self.engine.kontext,  # FLUX.1-Kontext: KONTEXT references
             "control": self.engine.control,  # FLUX.1-Canny/Depth: needs a CONTROL reference
-            "transformer_gguf": self.engine.transformer_gguf or "",
+            "transformer_gguf": str(self.engine.transformer_gguf or ""),
             "size_multiple": self.engine.size_multiple,
-            "steps_run": self.steps_run,
-            **stats_details(self.batcher),
         }
+
+    def info_counters(self) -> dict[str, int]:
+        return {**super().info_counters(), "steps_run": self.steps_run, **stats_details(self.batcher)}

@@ -34,7 +34,7 @@ class TextEncoderServicer(StageServicer, encoder_pb2_grpc.TextEncoderServicer):
             truncated_tokens=result.truncated_tokens,
         )
 
-    async def info_details(self) -> dict[str, Any]:
+    async def info_facts(self) -> dict[str, Any]:
         return {
             "max_sequence_length": self.engine.default_max_sequence_length,
             "identity": self.engine.identity(),  # the orchestrator's prompt cache keys by it

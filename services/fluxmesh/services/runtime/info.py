@@ -9,8 +9,9 @@ from fluxmesh.v1 import common_pb2
 
 
 def stage_info(stage: str, model: str, device: Device, weight_bytes: int, *, residency: str = "",
-               **details) -> common_pb2.StageInfo:
-    """`residency`: "resident", "offloaded" or "released" (see fluxmesh.services.residency.state)."""
+               counters: dict[str, int] | None = None, **facts) -> common_pb2.StageInfo:
+    """`residency`: a fluxmesh.contract.WeightState; `facts`: StageInfo's typed fields (size_multiple,
+    guidance_embeds, ...); `counters` go to `details`, for people and tests."""
     return common_pb2.StageInfo(
         stage=stage,
         model=model,
@@ -19,8 +20,9 @@ def stage_info(stage: str, model: str, device: Device, weight_bytes: int, *, res
         weight_bytes=weight_bytes,
         peak_memory_bytes=peak_memory_bytes(device.torch_device),
         # threads: what the process computes with (--threads, `fluxmesh up`'s share, or torch's)
-        details={key: str(value) for key, value in {"threads": torch.get_num_threads(), **details}.items()},
+        details={key: str(value) for key, value in {"threads": torch.get_num_threads(), **(counters or {})}.items()},
         residency=residency,
+        **facts,
     )
 
 

@@ -23,14 +23,17 @@ class StageServicer:
         self.requests = 0  # accepted requests, reported by Info
         self.worker = ModelWorker(self.stage)
 
-    async def info_details(self) -> dict[str, Any]:
-        """The stage's own facts for Info (overridden)."""
+    async def info_facts(self) -> dict[str, Any]:
+        """The stage's own facts for Info, as StageInfo's typed fields (overridden)."""
         return {}
+
+    def info_counters(self) -> dict[str, int]:
+        return {"requests": self.requests}
 
     async def Info(self, request: common_pb2.InfoRequest, context) -> common_pb2.StageInfo:
         return stage_info(self.stage, self.model_name, self.engine.device, self.engine.weight_bytes(),
-                          residency=residency_state(self.engine), requests=self.requests,
-                          **await self.info_details())
+                          residency=residency_state(self.engine), counters=self.info_counters(),
+                          **await self.info_facts())
 
 
 def jpeg_pb(images: list[Jpeg]) -> list[common_pb2.Image]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 from typing import Any
 
@@ -84,12 +83,12 @@ class VaeServicer(StageServicer, vae_pb2_grpc.VaeServicer):
                 pass
         return self.latent_rgb
 
-    async def info_details(self) -> dict[str, Any]:
+    async def info_facts(self) -> dict[str, Any]:
         rgb = await self._latent_rgb()
         return {
             "vae_scale_factor": self.engine.vae_scale_factor,
             "size_multiple": self.engine.size_multiple,
-            **({"latent_rgb": json.dumps(rgb.flat())} if rgb is not None else {}),
+            "latent_rgb": rgb.flat() if rgb is not None else [],
         }
 
 

@@ -24,7 +24,7 @@ class FakeEncoder:
         self.fail = False
 
     async def info(self) -> common_pb2.StageInfo:
-        return common_pb2.StageInfo(stage="encoder", details={"identity": self.identity} if self.identity else {})
+        return common_pb2.StageInfo(stage="encoder", identity=self.identity)
 
     async def encode_many(self, requests):
         self.calls.append(list(requests))

@@ -220,7 +220,7 @@ class ReleaseTo(StrEnum):
         return _RELEASE_PB[self]
 
     @classmethod
-    def from_request(cls, request: residency_pb2.ReleaseRequest) -> "ReleaseTo":
+    def from_request(cls, request: residency_pb2.ReleaseRequest) -> ReleaseTo:
         """A ReleaseRequest's choice; one from an orchestrator that only sets the older
         keep_in_cpu_memory reads as cpu (true) or disk (false)."""
         if request.release_to == residency_pb2.RELEASE_TO_UNSPECIFIED:

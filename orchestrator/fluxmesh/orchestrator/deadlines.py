@@ -22,7 +22,7 @@ class Deadline:
         self._end = None if timeout is None else time.monotonic() + timeout
 
     @classmethod
-    def of_call(cls, context: grpc.aio.ServicerContext, cap_seconds: float | None = None) -> "Deadline":
+    def of_call(cls, context: grpc.aio.ServicerContext, cap_seconds: float | None = None) -> Deadline:
         """The incoming call's deadline, capped at `cap_seconds` from now (None or 0: no cap)."""
         left = [t for t in (context.time_remaining(), cap_seconds or None) if t is not None]
         return cls(max(0.0, min(left)) if left else None)

@@ -58,7 +58,7 @@ class ModelWorker:
             self.precondition()
         return fn(*args, **kwargs)
 
-    def stream(self, fn: Callable[..., R | Awaitable[R]], /, *args, convert: Callable[..., T]) -> "StreamingCall[T, R]":
+    def stream(self, fn: Callable[..., R | Awaitable[R]], /, *args, convert: Callable[..., T]) -> StreamingCall[T, R]:
         """A model call that reports while it runs: `fn(*args, emit, cancelled)` on the model
         thread (or, for a coroutine function such as the denoiser's batcher, awaited: it puts
         the work on this thread itself), where `emit(*item)` hands `convert(*item)` (made on the
@@ -98,7 +98,7 @@ class StreamingCall(Generic[T, R]):
         self._task: asyncio.Future | None = None
         self.result: R | None = None
 
-    async def __aenter__(self) -> "StreamingCall[T, R]":
+    async def __aenter__(self) -> StreamingCall[T, R]:
         loop = asyncio.get_running_loop()
 
         def emit(*item: Any) -> None:  # on the model thread

@@ -76,7 +76,9 @@ def test_stages_may_start_in_any_order(mesh):
 def test_one_request_id_in_every_process_log(mesh):
     with sync_channel(mesh.address("orchestrator")) as channel:
         code, details, events = call(channel, "/fluxmesh.v1.Generator/Generate",
-                                     generator_pb2.GenerateRequest(prompt=PROMPT, width=64, height=64, steps=2, seed=3),
+                                     # a prompt of its own: one the prompt cache holds would skip the encoder
+                                     generator_pb2.GenerateRequest(prompt=f"{PROMPT}, traced", width=64, height=64,
+                                                                   steps=2, seed=3),
                                      metadata=(("x-request-id", "trace-me-7"),), timeout=60)
     assert code == grpc.StatusCode.OK, details
     assert generator_pb2.GenerateEvent.FromString(events[-1]).request_id == "trace-me-7"

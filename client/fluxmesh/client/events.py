@@ -107,7 +107,18 @@ class StageInfo:
     weight_bytes: int  # bytes of weights held now
     peak_memory_bytes: int  # CUDA peak allocated on an accelerator, peak RSS on CPU
     residency: str  # resident, offloaded (in CPU memory) or released
-    details: dict[str, str] = field(default_factory=dict)  # stage-specific facts and counters
+    details: dict[str, str] = field(default_factory=dict)  # counters: requests, steps_run, threads, ...
+    # The model's facts, as the stage reports them (0 / False / empty where it has no such fact):
+    size_multiple: int = 0  # denoiser, vae
+    vae_scale_factor: int = 0  # vae
+    guidance_embeds: bool = False  # denoiser: dev-style guidance embedding
+    fill: bool = False  # denoiser: FLUX.1-Fill
+    kontext: bool = False  # denoiser: FLUX.1-Kontext
+    control: bool = False  # denoiser: FLUX.1-Canny/Depth
+    redux: bool = False  # encoder: a FLUX.1-Redux image encoder
+    max_sequence_length: int = 0  # encoder: its default T5 length
+    transformer_gguf: str = ""  # denoiser
+    latent_rgb: tuple[float, ...] = ()  # vae: the latent -> RGB map of fast previews
 
 
 @dataclass(frozen=True)
@@ -121,7 +132,11 @@ class GeneratorInfo:
 
 def info_from_pb(message: generator_pb2.GeneratorInfo) -> GeneratorInfo:
     stages = [StageInfo(stage=s.stage, model=s.model, device=s.device, dtype=s.dtype, weight_bytes=s.weight_bytes,
-                        peak_memory_bytes=s.peak_memory_bytes, residency=s.residency, details=dict(s.details))
+                        peak_memory_bytes=s.peak_memory_bytes, residency=s.residency, details=dict(s.details),
+                        size_multiple=s.size_multiple, vae_scale_factor=s.vae_scale_factor,
+                        guidance_embeds=s.guidance_embeds, fill=s.fill, kontext=s.kontext, control=s.control,
+                        redux=s.redux, max_sequence_length=s.max_sequence_length,
+                        transformer_gguf=s.transformer_gguf, latent_rgb=tuple(s.latent_rgb))
               for s in message.stages]
     return GeneratorInfo(stages=stages, size_multiple=message.size_multiple, guidance_embeds=message.guidance_embeds)
 

@@ -3,7 +3,8 @@
     python bench/full_size_sequential.py [--work-dir DIR] [--steps 1] [--size 256] [--keep]
 
 FLUX.1-dev-sized random weights in the real layouts (written once into --work-dir from the real
-configs, `fluxmesh.services.tools.full_size`: T5-XXL and CLIP-L safetensors in bfloat16, the
+configs, `fluxmesh.services.tools.full_size`, each matrix tiling one random block so writing
+them takes minutes: T5-XXL and CLIP-L safetensors in bfloat16, the
 transformer quantized to a Q8_0 GGUF, then its bf16 shards deleted, the VAE) are served the way
 `fluxmesh up --sequential --transformer-gguf` serves them, every stage on the CPU in bfloat16:
 stages start released and load in turns, a released stage's memory is freed (--release-to disk,
@@ -24,6 +25,7 @@ about the peak it prints plus the page cache. Deletes --work-dir at the end unle
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shlex
 import shutil
@@ -37,9 +39,35 @@ STAGES = ("encoder", "denoiser", "vae")
 PROMPT = "a red fox in the snow at dusk, highly detailed, national geographic"
 
 
+def _tiled_random_tensor(key: str, shape: tuple[int, ...], dtype, generator, device):
+    """full_size's weights (N(0, 1/fan_in) matrices, ones, zeros), each matrix a tiling of one
+    random 16 MiB block: drawing 17 billion normal values costs an hour on a busy 2-core machine,
+    tiling costs a copy. For memory and load times only the bytes count, not their pattern."""
+    import torch
+
+    if key.endswith("bias") or len(shape) == 1:
+        return _full_size_random_tensor(key, shape, dtype, generator, device)
+    global _BLOCK
+    if _BLOCK is None:
+        _BLOCK = torch.randn(1 << 22, generator=generator, dtype=torch.float32)
+    count = math.prod(shape)
+    tiled = _BLOCK.repeat(-(-count // _BLOCK.numel()))[:count].reshape(shape)
+    return (tiled / math.sqrt(math.prod(shape[1:]))).to(dtype)
+
+
+_BLOCK = None
+_full_size_random_tensor = None
+
+
 def prepare(work: Path, configs: dict | None = None) -> tuple[Path, Path]:
+    global _full_size_random_tensor
     from fluxmesh.services.gguf import quantize_transformer
+    from fluxmesh.services.tools import full_size
     from fluxmesh.services.tools.full_size import write_full_size_model
+
+    if _full_size_random_tensor is None:
+        _full_size_random_tensor = full_size._random_tensor
+        full_size._random_tensor = _tiled_random_tensor
 
     model, gguf_file = work / "model", work / "flux1-dev-Q8_0.gguf"
     if not (model / "vae" / "config.json").is_file():
@@ -104,6 +132,8 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, default=Path("flux-dev-full-size-cpu"))
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--text-tokens", type=int, default=512,
+                        help="T5 length (FLUX.1-dev's is 512; fewer cut the compute, not the weights)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per stage (default: all cores)")
     parser.add_argument("--prepare-only", action="store_true", help="write the files, then stop")
     parser.add_argument("--dry-run", action="store_true", help="FLUX.1-dev's structure at toy widths: the same "
@@ -141,7 +171,8 @@ def measure(model: Path, gguf_file: Path, args) -> None:
         common += ["--threads", str(args.threads)]
     available_before = mem_available()
     with start_local(str(model), port=free_port(), common_args=common,
-                     stage_args={"denoiser": ["--transformer-gguf", str(gguf_file)]},
+                     stage_args={"denoiser": ["--transformer-gguf", str(gguf_file)],
+                                 "encoder": ["--max-sequence-length", str(args.text_tokens)]},
                      orchestrator_args=["--sequential", "--release-to", "disk", "--max-active", "1"],
                      timeout=1800) as cluster:
         pids = {child.process.pid: child.name for child in cluster.children}
@@ -178,7 +209,7 @@ def measure(model: Path, gguf_file: Path, args) -> None:
     plan = make_plan(model, vram=16 * GIB, width=args.size, height=args.size, transformer_gguf=gguf_file)
     weights = {need.stage: need.weight_bytes for need in plan.stages}
     print(f"\n== FLUX.1-dev-sized, Q8_0 transformer, sequential on the CPU in bfloat16: {args.size}x{args.size}, "
-          f"{args.steps} step(s), one image in {seconds:.0f}s (swaps {result.timings.swaps}, {result.timings.swap:.0f}s) ==")
+          f"{args.steps} step(s), {args.text_tokens} text tokens, one image in {seconds:.0f}s (swaps {result.timings.swaps}, {result.timings.swap:.0f}s) ==")
     print(f"{'stage':9s} {'peak RSS':>10s} {'RSS released':>13s} {'loads (s)':>12s} {'releases (s)':>13s}")
     for stage in STAGES:
         status = statuses[stage]

@@ -58,25 +58,34 @@ def main() -> None:
         text = encoder.encode(["a red fox in the snow"], [], 512)
         image_prompt = encoder.encode(["a red fox in the snow"], [], 512, (), [ImagePrompt(photo, 1.0, 1.0)])
         redux_729 = torch.cat([text.prompt_embeds, torch.zeros(1, 729, text.prompt_embeds.shape[-1])], dim=1)
-        engines = {name: DenoiserEngine(folder, device) for name, folder in
-                   (("base", base), ("kontext", kontext), ("control", control))}
+        engines = {
+            name: DenoiserEngine(folder, device)
+            for name, folder in (("base", base), ("kontext", kontext), ("control", control))
+        }
         vae = ImageEncoder(VaeEngine(base, device))
         encoded = vae.encode(photo, None, size, size)
         modes = {
             "plain": ("base", text.prompt_embeds, None),
-            f"redux ({image_prompt.prompt_embeds.shape[1] - 512} image tokens)": ("base", image_prompt.prompt_embeds,
-                                                                                  None),
+            f"redux ({image_prompt.prompt_embeds.shape[1] - 512} image tokens)": (
+                "base",
+                image_prompt.prompt_embeds,
+                None,
+            ),
             "redux (729 image tokens, as FLUX.1-Redux)": ("base", redux_729, None),
-            "kontext (reference as large as the output)": ("kontext", text.prompt_embeds,
-                                                           Conditioning(kontext_latents=encoded.latents)),
+            "kontext (reference as large as the output)": (
+                "kontext",
+                text.prompt_embeds,
+                Conditioning(kontext_latents=encoded.latents),
+            ),
             "control": ("control", text.prompt_embeds, Conditioning(control_posterior=encoded.posterior)),
         }
 
         def run(name: str) -> list[float]:
             engine_name, embeds, conditioning = modes[name]
             engine = engines[engine_name]
-            job = DenoiseJob(embeds, text.pooled_prompt_embeds, size, size, args.steps, 3.5, 1, 1,
-                             conditioning=conditioning)
+            job = DenoiseJob(
+                embeds, text.pooled_prompt_embeds, size, size, args.steps, 3.5, 1, 1, conditioning=conditioning
+            )
             engine.check(job)
             seconds: list[float] = []
             engine.denoise(job, on_step=lambda step, total, s, preview: seconds.append(s))
@@ -89,8 +98,10 @@ def main() -> None:
             for name in modes:
                 samples[name] += run(name)
     plain = median(samples["plain"])
-    print(f"small tiny models, {size}x{size}, {args.steps} steps x {args.repeats} runs per mode, "
-          f"{args.threads} torch threads, denoiser in process; median seconds per step (first step of each run left out)")
+    print(
+        f"small tiny models, {size}x{size}, {args.steps} steps x {args.repeats} runs per mode, "
+        f"{args.threads} torch threads, denoiser in process; median seconds per step (first step of each run left out)"
+    )
     for name, values in samples.items():
         step = median(values)
         print(f"{name:44s}: {1000 * step:8.1f} ms per step, ratio to plain {step / plain:.2f}")

@@ -132,12 +132,19 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, default=Path("flux-dev-full-size-cpu"))
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--text-tokens", type=int, default=512,
-                        help="T5 length (FLUX.1-dev's is 512; fewer cut the compute, not the weights)")
+    parser.add_argument(
+        "--text-tokens",
+        type=int,
+        default=512,
+        help="T5 length (FLUX.1-dev's is 512; fewer cut the compute, not the weights)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads per stage (default: all cores)")
     parser.add_argument("--prepare-only", action="store_true", help="write the files, then stop")
-    parser.add_argument("--dry-run", action="store_true", help="FLUX.1-dev's structure at toy widths: the same "
-                        "path in seconds (its figures mean nothing)")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="FLUX.1-dev's structure at toy widths: the same path in seconds (its figures mean nothing)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep --work-dir (the files are reused next time)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -170,11 +177,17 @@ def measure(model: Path, gguf_file: Path, args) -> None:
     if args.threads:
         common += ["--threads", str(args.threads)]
     available_before = mem_available()
-    with start_local(str(model), port=free_port(), common_args=common,
-                     stage_args={"denoiser": ["--transformer-gguf", str(gguf_file)],
-                                 "encoder": ["--max-sequence-length", str(args.text_tokens)]},
-                     orchestrator_args=["--sequential", "--release-to", "disk", "--max-active", "1"],
-                     timeout=1800) as cluster:
+    with start_local(
+        str(model),
+        port=free_port(),
+        common_args=common,
+        stage_args={
+            "denoiser": ["--transformer-gguf", str(gguf_file)],
+            "encoder": ["--max-sequence-length", str(args.text_tokens)],
+        },
+        orchestrator_args=["--sequential", "--release-to", "disk", "--max-active", "1"],
+        timeout=1800,
+    ) as cluster:
         pids = {child.process.pid: child.name for child in cluster.children}
         sampler = RssSampler(pids)
         since = time.time()
@@ -188,8 +201,9 @@ def measure(model: Path, gguf_file: Path, args) -> None:
         # the VAE ran last and is still loaded: release it too, as the next request's encode would
         vae = next(c for c in cluster.children if c.name == "vae")
         with grpc.insecure_channel(vae.address) as channel:
-            residency_pb2_grpc.ResidencyStub(channel).Release(residency_pb2.ReleaseRequest(), timeout=600,
-                                                              metadata=metadata)
+            residency_pb2_grpc.ResidencyStub(channel).Release(
+                residency_pb2.ReleaseRequest(), timeout=600, metadata=metadata
+            )
         time.sleep(0.5)
         sampler.stop()
         statuses = {}
@@ -198,7 +212,8 @@ def measure(model: Path, gguf_file: Path, args) -> None:
                 continue
             with grpc.insecure_channel(child.address) as channel:
                 statuses[child.name] = residency_pb2_grpc.ResidencyStub(channel).Status(
-                    residency_pb2.ResidencyStatusRequest(), timeout=60, metadata=metadata)
+                    residency_pb2.ResidencyStatusRequest(), timeout=60, metadata=metadata
+                )
         with Client(cluster.address) as client:
             info = {stage.stage: stage for stage in client.info().stages}
     available_after = mem_available()
@@ -208,29 +223,41 @@ def measure(model: Path, gguf_file: Path, args) -> None:
     # what each stage holds loaded: from the files' headers (tests check this equals Info.weight_bytes)
     plan = make_plan(model, vram=16 * GIB, width=args.size, height=args.size, transformer_gguf=gguf_file)
     weights = {need.stage: need.weight_bytes for need in plan.stages}
-    print(f"\n== FLUX.1-dev-sized, Q8_0 transformer, sequential on the CPU in bfloat16: {args.size}x{args.size}, "
-          f"{args.steps} step(s), {args.text_tokens} text tokens, one image in {seconds:.0f}s (swaps {result.timings.swaps}, {result.timings.swap:.0f}s) ==")
+    print(
+        f"\n== FLUX.1-dev-sized, Q8_0 transformer, sequential on the CPU in bfloat16: {args.size}x{args.size}, "
+        f"{args.steps} step(s), {args.text_tokens} text tokens, one image in {seconds:.0f}s (swaps {result.timings.swaps}, {result.timings.swap:.0f}s) =="
+    )
     print(f"{'stage':9s} {'peak RSS':>10s} {'RSS released':>13s} {'loads (s)':>12s} {'releases (s)':>13s}")
     for stage in STAGES:
         status = statuses[stage]
         mine = [t for t in status.transitions if t.started_unix >= since]
         loads = [f"{t.finished_unix - t.started_unix:.1f}" for t in mine if t.to_state == "resident"]
         releases = [f"{t.finished_unix - t.started_unix:.1f}" for t in mine if t.to_state != "resident"]
-        print(f"{stage:9s} {sampler.peak[stage] / GIB:8.2f}Gi {status.rss_bytes / GIB:11.2f}Gi "
-              f"{','.join(loads):>12s} {','.join(releases):>13s}   {status.state}")
+        print(
+            f"{stage:9s} {sampler.peak[stage] / GIB:8.2f}Gi {status.rss_bytes / GIB:11.2f}Gi "
+            f"{','.join(loads):>12s} {','.join(releases):>13s}   {status.state}"
+        )
     print(f"orchestrator peak RSS {sampler.peak['orchestrator'] / GIB:.2f} GiB")
-    print(f"whole system peak RSS: {sampler.peak_total / GIB:.2f} GiB "
-          f"({'within' if sampler.peak_total <= 14 * GIB else 'OVER'} the 14 GiB target)")
+    print(
+        f"whole system peak RSS: {sampler.peak_total / GIB:.2f} GiB "
+        f"({'within' if sampler.peak_total <= 14 * GIB else 'OVER'} the 14 GiB target)"
+    )
     processes = sum(min(sampler.peak[stage], statuses[stage].rss_bytes) for stage in STAGES)
     resident = sum(weights.values()) + processes + sampler.peak["orchestrator"]
-    print(f"resident mode would hold at once: weights {sum(weights.values()) / GIB:.2f} GiB ("
-          + ", ".join(f"{s} {w / GIB:.2f}" for s, w in weights.items())
-          + f") + the processes' own {(processes + sampler.peak['orchestrator']) / GIB:.2f} GiB = {resident / GIB:.2f} GiB"
-          f"; sequential/resident {sampler.peak_total / resident:.2f}")
-    print(f"MemAvailable: before {available_before / GIB:.2f} GiB, at the peak {sampler.available_at_peak / GIB:.2f}"
-          f" GiB, after the release {available_after / GIB:.2f} GiB")
-    print("stages' own Info peak_memory_bytes (peak RSS): "
-          + ", ".join(f"{s} {info[s].peak_memory_bytes / GIB:.2f}Gi" for s in STAGES if s in info))
+    print(
+        f"resident mode would hold at once: weights {sum(weights.values()) / GIB:.2f} GiB ("
+        + ", ".join(f"{s} {w / GIB:.2f}" for s, w in weights.items())
+        + f") + the processes' own {(processes + sampler.peak['orchestrator']) / GIB:.2f} GiB = {resident / GIB:.2f} GiB"
+        f"; sequential/resident {sampler.peak_total / resident:.2f}"
+    )
+    print(
+        f"MemAvailable: before {available_before / GIB:.2f} GiB, at the peak {sampler.available_at_peak / GIB:.2f}"
+        f" GiB, after the release {available_after / GIB:.2f} GiB"
+    )
+    print(
+        "stages' own Info peak_memory_bytes (peak RSS): "
+        + ", ".join(f"{s} {info[s].peak_memory_bytes / GIB:.2f}Gi" for s in STAGES if s in info)
+    )
 
 
 if __name__ == "__main__":

@@ -36,19 +36,28 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     import httpx
+
     from fluxmesh.cli.commands.serve_http import start_gateway
     from fluxmesh.cli.supervisor import free_port, start_local
     from fluxmesh.client import Client, Step
 
-    request = {"prompt": PROMPT, "size": f"{args.width}x{args.height}", "steps": args.steps, "guidance": 3.5,
-               "seed": 1}
-    sdk_request = {"prompt": PROMPT, "width": args.width, "height": args.height, "steps": args.steps,
-                   "guidance": 3.5, "seed": 1}
+    request = {"prompt": PROMPT, "size": f"{args.width}x{args.height}", "steps": args.steps, "guidance": 3.5, "seed": 1}
+    sdk_request = {
+        "prompt": PROMPT,
+        "width": args.width,
+        "height": args.height,
+        "steps": args.steps,
+        "guidance": 3.5,
+        "seed": 1,
+    }
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = tiny_model(Path(tmp) / "small")
-        with start_local(str(folder), port=free_port()) as cluster, Client(cluster.address) as client, \
-                httpx.Client(timeout=120) as http:
+        with (
+            start_local(str(folder), port=free_port()) as cluster,
+            Client(cluster.address) as client,
+            httpx.Client(timeout=120) as http,
+        ):
             url = start_gateway(cluster, port=free_port(), host="127.0.0.1") + "v1/images/generations"
 
             def sdk() -> tuple[bytes, float]:
@@ -86,10 +95,12 @@ def main() -> None:
             for round_ in range(args.repeats):
                 # Alternate, and swap who goes first each round: a cancelled request may still be
                 # finishing its step when the next starts, and drift on a noisy machine hits both alike.
-                pairs = [(("sdk", sdk), ("gateway", gateway)),
-                         (("sdk_ttfp", sdk_first_preview), ("gateway_ttfp", gateway_first_partial))]
+                pairs = [
+                    (("sdk", sdk), ("gateway", gateway)),
+                    (("sdk_ttfp", sdk_first_preview), ("gateway_ttfp", gateway_first_partial)),
+                ]
                 for pair in pairs:
-                    for name, fn in (pair if round_ % 2 == 0 else pair[::-1]):
+                    for name, fn in pair if round_ % 2 == 0 else pair[::-1]:
                         started = time.perf_counter()
                         value = fn()
                         if name.endswith("_ttfp"):
@@ -105,10 +116,14 @@ def main() -> None:
     print(f"gRPC SDK        end to end median {ms['sdk']:8.1f} ms  (min {min(samples['sdk']) * 1000:.1f})")
     print(f"HTTP gateway    end to end median {ms['gateway']:8.1f} ms  (min {min(samples['gateway']) * 1000:.1f})")
     print(f"ratio gateway / SDK: {ms['gateway'] / ms['sdk']:.3f}  (target <= 1.05)")
-    print(f"outside the orchestrator's own time: SDK median {ms['sdk_outside']:.1f} ms, gateway median "
-          f"{ms['gateway_outside']:.1f} ms  (the gateway adds {ms['gateway_outside'] - ms['sdk_outside']:.1f} ms)")
-    print(f"first preview   SDK median {ms['sdk_ttfp']:7.1f} ms, gateway first partial image median "
-          f"{ms['gateway_ttfp']:7.1f} ms  ({ms['gateway_ttfp'] - ms['sdk_ttfp']:+.1f} ms)")
+    print(
+        f"outside the orchestrator's own time: SDK median {ms['sdk_outside']:.1f} ms, gateway median "
+        f"{ms['gateway_outside']:.1f} ms  (the gateway adds {ms['gateway_outside'] - ms['sdk_outside']:.1f} ms)"
+    )
+    print(
+        f"first preview   SDK median {ms['sdk_ttfp']:7.1f} ms, gateway first partial image median "
+        f"{ms['gateway_ttfp']:7.1f} ms  ({ms['gateway_ttfp'] - ms['sdk_ttfp']:+.1f} ms)"
+    )
 
 
 if __name__ == "__main__":

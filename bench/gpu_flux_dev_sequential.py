@@ -42,10 +42,22 @@ PROMPT = "a red fox in the snow at dusk, highly detailed, national geographic"
 
 # --dry-run: FLUX.1-dev's structure at toy widths, so the whole path runs on a CPU in seconds.
 TINY = {
-    "transformer": {"attention_head_dim": 16, "axes_dims_rope": [4, 6, 6], "num_attention_heads": 2,
-                    "num_layers": 1, "num_single_layers": 1, "joint_attention_dim": 64, "pooled_projection_dim": 32},
-    "text_encoder": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-                     "projection_dim": 32},
+    "transformer": {
+        "attention_head_dim": 16,
+        "axes_dims_rope": [4, 6, 6],
+        "num_attention_heads": 2,
+        "num_layers": 1,
+        "num_single_layers": 1,
+        "joint_attention_dim": 64,
+        "pooled_projection_dim": 32,
+    },
+    "text_encoder": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "projection_dim": 32,
+    },
     "text_encoder_2": {"d_model": 64, "d_kv": 16, "d_ff": 64, "num_layers": 1, "num_heads": 2},
     "vae": {"block_out_channels": [32, 32, 32, 32], "layers_per_block": 1},
 }
@@ -61,8 +73,11 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=3, help="1 warm-up + the rest as one measured burst")
     parser.add_argument("--qtype", default="Q8_0")
     parser.add_argument("--dry-run", action="store_true", help="tiny config on CPU, 64x64, 2 steps")
-    parser.add_argument("--prepare-only", action="store_true",
-                        help="write the model and the GGUF into --work-dir, then stop (for per-command time limits)")
+    parser.add_argument(
+        "--prepare-only",
+        action="store_true",
+        help="write the model and the GGUF into --work-dir, then stop (for per-command time limits)",
+    )
     args = parser.parse_args()
     if args.dry_run:
         args.device, args.width, args.height, args.steps = "cpu", 64, 64, 2
@@ -82,16 +97,21 @@ def main() -> None:
 
 
 def prepare(args, dtype: str) -> tuple[Path, Path]:
-    from fluxmesh.services.tools.full_size import write_full_size_model
     from fluxmesh.services.gguf import quantize_transformer
+    from fluxmesh.services.tools.full_size import write_full_size_model
 
     model = args.work_dir / "model"
     gguf_file = args.work_dir / f"flux1-dev-{args.qtype}.gguf"
     if not (model / "vae" / "config.json").is_file():
         started = time.perf_counter()
         print(f"writing FLUX.1-dev-sized random weights to {model} ...", flush=True)
-        write_full_size_model(model, weights="random", dtype=dtype, configs=TINY if args.dry_run else None,
-                              device=args.device if args.device.startswith("cuda") else "cpu")
+        write_full_size_model(
+            model,
+            weights="random",
+            dtype=dtype,
+            configs=TINY if args.dry_run else None,
+            device=args.device if args.device.startswith("cuda") else "cpu",
+        )
         print(f"  done in {time.perf_counter() - started:.0f}s", flush=True)
     if not gguf_file.is_file():
         started = time.perf_counter()
@@ -104,9 +124,28 @@ def prepare(args, dtype: str) -> tuple[Path, Path]:
 
 
 def print_plan(model: Path, gguf_file: Path, args, dtype: str) -> None:
-    plan = subprocess.run([sys.executable, "-m", "fluxmesh.cli", "plan", "--model", str(model), "--vram", "16GiB",
-                           "--transformer-gguf", str(gguf_file), "--width", str(args.width), "--height",
-                           str(args.height), "--dtype", dtype], capture_output=True, text=True)
+    plan = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fluxmesh.cli",
+            "plan",
+            "--model",
+            str(model),
+            "--vram",
+            "16GiB",
+            "--transformer-gguf",
+            str(gguf_file),
+            "--width",
+            str(args.width),
+            "--height",
+            str(args.height),
+            "--dtype",
+            dtype,
+        ],
+        capture_output=True,
+        text=True,
+    )
     print("\n$ fluxmesh plan ...\n" + (plan.stdout or plan.stderr), flush=True)
 
 
@@ -117,13 +156,37 @@ class GpuSampler:
         self.total_peak = 0
         self.process_peak: dict[int, int] = {}
         self._procs = [
-            subprocess.Popen(["nvidia-smi", "-i", str(index), "--query-gpu=memory.used", "--format=csv,noheader,nounits",
-                              "-lms", "100"], stdout=subprocess.PIPE, text=True),
-            subprocess.Popen(["nvidia-smi", "-i", str(index), "--query-compute-apps=pid,used_memory",
-                              "--format=csv,noheader,nounits", "-lms", "100"], stdout=subprocess.PIPE, text=True),
+            subprocess.Popen(
+                [
+                    "nvidia-smi",
+                    "-i",
+                    str(index),
+                    "--query-gpu=memory.used",
+                    "--format=csv,noheader,nounits",
+                    "-lms",
+                    "100",
+                ],
+                stdout=subprocess.PIPE,
+                text=True,
+            ),
+            subprocess.Popen(
+                [
+                    "nvidia-smi",
+                    "-i",
+                    str(index),
+                    "--query-compute-apps=pid,used_memory",
+                    "--format=csv,noheader,nounits",
+                    "-lms",
+                    "100",
+                ],
+                stdout=subprocess.PIPE,
+                text=True,
+            ),
         ]
-        self._threads = [threading.Thread(target=self._read_total, daemon=True),
-                         threading.Thread(target=self._read_processes, daemon=True)]
+        self._threads = [
+            threading.Thread(target=self._read_total, daemon=True),
+            threading.Thread(target=self._read_processes, daemon=True),
+        ]
         for thread in self._threads:
             thread.start()
 
@@ -155,17 +218,22 @@ def run(model: Path, gguf_file: Path, args, dtype: str, on_gpu: bool) -> dict:
     burst = max(1, args.requests - 1)
     sampler = GpuSampler(int(args.device.partition(":")[2] or 0)) if on_gpu else None
     started = time.perf_counter()
-    with start_local(str(model), port=free_port(), common_args=["--device", args.device, "--dtype", dtype,
-                                                                   "--residency", "standby"],
-                     stage_args={"denoiser": ["--transformer-gguf", str(gguf_file)]},
-                     orchestrator_args=["--sequential", "--max-active", str(burst)], timeout=1800) as cluster:
+    with start_local(
+        str(model),
+        port=free_port(),
+        common_args=["--device", args.device, "--dtype", dtype, "--residency", "standby"],
+        stage_args={"denoiser": ["--transformer-gguf", str(gguf_file)]},
+        orchestrator_args=["--sequential", "--max-active", str(burst)],
+        timeout=1800,
+    ) as cluster:
         print(f"four processes SERVING after {time.perf_counter() - started:.0f}s", flush=True)
 
         def one(seed: int) -> tuple[Result, list[float]]:
             steps, result = [], None
             with Client(cluster.address, timeout=3600) as client:
-                for event in client.stream(PROMPT, width=args.width, height=args.height, steps=args.steps,
-                                           guidance=3.5, seed=seed):
+                for event in client.stream(
+                    PROMPT, width=args.width, height=args.height, steps=args.steps, guidance=3.5, seed=seed
+                ):
                     if isinstance(event, Step):
                         steps.append(event.seconds)
                     elif isinstance(event, Result):
@@ -189,34 +257,51 @@ def run(model: Path, gguf_file: Path, args, dtype: str, on_gpu: bool) -> dict:
                 with grpc.insecure_channel(child.address) as channel:
                     status = residency_pb2_grpc.ResidencyStub(channel).Status(
                         residency_pb2.ResidencyStatusRequest(),
-                        metadata=(("authorization", f"Bearer {cluster.stage_token}"),))
-                transitions[child.name] = [(t.to_state, t.finished_unix - t.started_unix) for t in status.transitions
-                                           if t.started_unix >= since]
+                        metadata=(("authorization", f"Bearer {cluster.stage_token}"),),
+                    )
+                transitions[child.name] = [
+                    (t.to_state, t.finished_unix - t.started_unix)
+                    for t in status.transitions
+                    if t.started_unix >= since
+                ]
     if sampler is not None:
         sampler.stop()
-    return {"info": info, "measured": measured, "warmup": warmup, "burst_seconds": burst_seconds,
-            "transitions": transitions, "sampler": sampler, "pids": pids}
+    return {
+        "info": info,
+        "measured": measured,
+        "warmup": warmup,
+        "burst_seconds": burst_seconds,
+        "transitions": transitions,
+        "sampler": sampler,
+        "pids": pids,
+    }
 
 
 def report(m: dict, args, command: str, on_gpu: bool) -> None:
     med = statistics.median
-    print(f"\n== FLUX.1-dev-sized, {args.qtype} transformer, sequential mode on {args.device}: "
-          f"{args.width}x{args.height}, {args.steps} steps ==")
+    print(
+        f"\n== FLUX.1-dev-sized, {args.qtype} transformer, sequential mode on {args.device}: "
+        f"{args.width}x{args.height}, {args.steps} steps =="
+    )
     print(f"{'stage':9s} {'torch peak allocated':>22s} {'process peak (nvidia-smi)':>27s}")
     sampler = m["sampler"]
     for stage in STAGES:
         pid = next((p for p, name in m["pids"].items() if name == stage), None)
         smi = f"{sampler.process_peak.get(pid, 0) / GIB:.2f}Gi" if sampler else "-"
-        print(f"{stage:9s} {m['info'][stage].peak_memory_bytes / GIB:20.2f}Gi {smi:>27s}"
-              + ("" if on_gpu else "   (on CPU: peak RSS)"))
+        print(
+            f"{stage:9s} {m['info'][stage].peak_memory_bytes / GIB:20.2f}Gi {smi:>27s}"
+            + ("" if on_gpu else "   (on CPU: peak RSS)")
+        )
     if sampler:
         verdict = "within" if sampler.total_peak <= 14 * GIB else "OVER"
         print(f"whole GPU peak used: {sampler.total_peak / GIB:.2f} GiB ({verdict} the 14 GiB target)")
     steps = [s for _, per_request in m["measured"] for s in per_request]
     print(f"seconds per step: {med(steps):.3f} (median of {len(steps)} steps over {len(m['measured'])} requests)")
     results = [r for r, _ in m["measured"]]
-    print(f"measured burst of {len(results)}: {m['burst_seconds']:.1f}s; swaps per request "
-          f"{[r.timings.swaps for r in results]}, swap seconds {[round(r.timings.swap, 2) for r in results]}")
+    print(
+        f"measured burst of {len(results)}: {m['burst_seconds']:.1f}s; swaps per request "
+        f"{[r.timings.swaps for r in results]}, swap seconds {[round(r.timings.swap, 2) for r in results]}"
+    )
     print(f"warm-up request (first loads from disk, CUDA init): {m['warmup']:.1f}s")
     for stage, transitions in m["transitions"].items():
         loads = [s for to, s in transitions if to == "resident"]

@@ -43,13 +43,22 @@ def main() -> None:
         pipe.set_progress_bar_config(disable=True)
 
         def in_process():
-            pipe(PROMPT, width=args.width, height=args.height, num_inference_steps=args.steps, guidance_scale=3.5,
-                 generator=torch.Generator("cpu").manual_seed(1)).images[0]
+            pipe(
+                PROMPT,
+                width=args.width,
+                height=args.height,
+                num_inference_steps=args.steps,
+                guidance_scale=3.5,
+                generator=torch.Generator("cpu").manual_seed(1),
+            ).images[0]
 
         # Stages run one after another for a single request, so each may use every core, as the
         # in-process pipeline does (not `fluxmesh up`'s default, which divides them for load).
-        with start_local(str(folder), port=free_port(), share_cores=False) as cluster, \
-                Client(cluster.address) as client:
+        with (
+            start_local(str(folder), port=free_port(), share_cores=False) as cluster,
+            Client(cluster.address) as client,
+        ):
+
             def split():
                 client.generate(PROMPT, width=args.width, height=args.height, steps=args.steps, guidance=3.5, seed=1)
 
@@ -63,7 +72,9 @@ def main() -> None:
                     samples.append(time.perf_counter() - started)
 
     a, b = median(local), median(remote)
-    print(f"small tiny model, {args.width}x{args.height}, {args.steps} steps, {args.repeats} runs each, torch threads {torch.get_num_threads()}")
+    print(
+        f"small tiny model, {args.width}x{args.height}, {args.steps} steps, {args.repeats} runs each, torch threads {torch.get_num_threads()}"
+    )
     print(f"in-process FluxPipeline  median {a * 1000:8.1f} ms  (min {min(local) * 1000:.1f})")
     print(f"split pipeline (4 procs) median {b * 1000:8.1f} ms  (min {min(remote) * 1000:.1f})")
     print(f"ratio split / in-process: {b / a:.3f}  (target <= 1.05)")

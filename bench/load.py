@@ -56,8 +56,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = tiny_model(Path(tmp) / args.size, size=args.size)
         orchestrator_args = ["--max-active", str(args.max_active), "--max-queue", str(args.max_queue)]
-        with start_local(str(folder), port=free_port(), common_args=["--threads", "1"],
-                         orchestrator_args=orchestrator_args) as cluster:
+        with start_local(
+            str(folder), port=free_port(), common_args=["--threads", "1"], orchestrator_args=orchestrator_args
+        ) as cluster:
             processes = {child.name: psutil.Process(child.process.pid) for child in cluster.children}
             issued = iter(range(args.requests))
             lock = threading.Lock()
@@ -79,8 +80,9 @@ def main() -> None:
                         started = time.perf_counter()
                         while True:
                             try:
-                                client.generate(PROMPT, width=args.width, height=args.height, steps=args.steps,
-                                                seed=index)
+                                client.generate(
+                                    PROMPT, width=args.width, height=args.height, steps=args.steps, seed=index
+                                )
                                 outcome = "completed"
                             except FluxmeshError as error:
                                 if error.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
@@ -108,19 +110,27 @@ def main() -> None:
             wall = time.perf_counter() - started
             snapshot("end")
 
-    print(f"load: {args.requests} requests from {args.clients} clients, {args.width}x{args.height}, "
-          f"{args.steps} steps, {args.size} model, --max-active {args.max_active} --max-queue {args.max_queue}")
-    print(f"  completed {outcomes['completed']}, rejected (RESOURCE_EXHAUSTED, retried after {args.backoff}s) "
-          f"{outcomes['rejected']}, failed {outcomes['failed']}   in {wall:.1f}s "
-          f"({outcomes['completed'] / wall:.1f} images/s)")
+    print(
+        f"load: {args.requests} requests from {args.clients} clients, {args.width}x{args.height}, "
+        f"{args.steps} steps, {args.size} model, --max-active {args.max_active} --max-queue {args.max_queue}"
+    )
+    print(
+        f"  completed {outcomes['completed']}, rejected (RESOURCE_EXHAUSTED, retried after {args.backoff}s) "
+        f"{outcomes['rejected']}, failed {outcomes['failed']}   in {wall:.1f}s "
+        f"({outcomes['completed'] / wall:.1f} images/s)"
+    )
     for error, count in errors.items():
         print(f"    failed x{count}: {error}")
     if latencies:
-        print(f"  latency of completed: p50 {statistics.median(latencies):.3f}s, p99 {percentile(latencies, 0.99):.3f}s")
+        print(
+            f"  latency of completed: p50 {statistics.median(latencies):.3f}s, p99 {percentile(latencies, 0.99):.3f}s"
+        )
     print(f"  RSS after request {args.warm} -> after request {args.requests}:")
     for name in rss["end"]:
         before, after = rss["warm"][name], rss["end"][name]
-        print(f"    {name:12s} {before / 2**20:8.1f} MiB -> {after / 2**20:8.1f} MiB  ({(after - before) / before:+.1%})")
+        print(
+            f"    {name:12s} {before / 2**20:8.1f} MiB -> {after / 2**20:8.1f} MiB  ({(after - before) / before:+.1%})"
+        )
 
 
 if __name__ == "__main__":

@@ -88,7 +88,9 @@ def main() -> None:
     print(f"ratio switch / load: {switch / load:.4f}  ({load / switch:.0f}x faster)")
     for name, nbytes in cached.items():
         print(f"cached LoRA {name}: {nbytes / 2**10:.1f} KiB converted tensors")
-    print(f"RSS growth for first use of a+b: {(rss[1] - rss[0]) / 2**20:.1f} MiB, then c: {(rss[2] - rss[1]) / 2**20:.1f} MiB")
+    print(
+        f"RSS growth for first use of a+b: {(rss[1] - rss[0]) / 2**20:.1f} MiB, then c: {(rss[2] - rss[1]) / 2**20:.1f} MiB"
+    )
 
 
 if __name__ == "__main__":

@@ -78,21 +78,52 @@ def measure(model: Path, rate: str | None, args, logs: Path) -> dict:
             hosts = dict.fromkeys(("client", "orchestrator", "encoder", "denoiser", "vae"), host)
             where = {name: "127.0.0.1" for name in hosts}
         else:
-            hosts = {name: network.host(name, rate=rate)
-                     for name in ("client", "orchestrator", "encoder", "denoiser", "vae")}
+            hosts = {
+                name: network.host(name, rate=rate) for name in ("client", "orchestrator", "encoder", "denoiser", "vae")
+            }
             where = {name: host.address for name, host in hosts.items()}
         for stage in ("encoder", "denoiser", "vae"):
-            hosts[stage].popen([sys.executable, "-m", "fluxmesh.cli", "serve", stage, "--model", str(model),
-                                "--host", where[stage], "--port", str(PORTS[stage]), "--dtype", "bfloat16",
-                                "--threads", "1", "--metrics-port", str(metrics_port(stage))],
-                               log=logs / f"{rate or 'loopback'}-{stage}.log")
+            hosts[stage].popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "fluxmesh.cli",
+                    "serve",
+                    stage,
+                    "--model",
+                    str(model),
+                    "--host",
+                    where[stage],
+                    "--port",
+                    str(PORTS[stage]),
+                    "--dtype",
+                    "bfloat16",
+                    "--threads",
+                    "1",
+                    "--metrics-port",
+                    str(metrics_port(stage)),
+                ],
+                log=logs / f"{rate or 'loopback'}-{stage}.log",
+            )
         for stage in ("encoder", "denoiser", "vae"):
             wait_serving(hosts[stage].run, f"{where[stage]}:{PORTS[stage]}")
         hosts["orchestrator"].popen(
-            [sys.executable, "-m", "fluxmesh.cli", "serve", "orchestrator", "--host", where["orchestrator"],
-             "--port", str(PORTS["orchestrator"]), "--max-active", "1",
-             *[f"--{stage}={where[stage]}:{PORTS[stage]}" for stage in ("encoder", "denoiser", "vae")]],
-            log=logs / f"{rate or 'loopback'}-orchestrator.log")
+            [
+                sys.executable,
+                "-m",
+                "fluxmesh.cli",
+                "serve",
+                "orchestrator",
+                "--host",
+                where["orchestrator"],
+                "--port",
+                str(PORTS["orchestrator"]),
+                "--max-active",
+                "1",
+                *[f"--{stage}={where[stage]}:{PORTS[stage]}" for stage in ("encoder", "denoiser", "vae")],
+            ],
+            log=logs / f"{rate or 'loopback'}-orchestrator.log",
+        )
         orchestrator = f"{where['orchestrator']}:{PORTS['orchestrator']}"
         wait_serving(hosts["orchestrator"].run, orchestrator)
 
@@ -110,9 +141,13 @@ def measure(model: Path, rate: str | None, args, logs: Path) -> dict:
             return total, count
 
         # the warm-up request runs first; stage-side sums are read around the timed ones
-        client = hosts["client"].popen([sys.executable, "-c", CLIENT, orchestrator, str(args.repeats),
-                                        str(args.steps), str(args.size)], stdin=subprocess.PIPE,
-                                       stdout=subprocess.PIPE, stderr=None, text=True)
+        client = hosts["client"].popen(
+            [sys.executable, "-c", CLIENT, orchestrator, str(args.repeats), str(args.steps), str(args.size)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=None,
+            text=True,
+        )
         rows, before = [], None
         for line in client.stdout:
             row = json.loads(line)
@@ -124,8 +159,10 @@ def measure(model: Path, rate: str | None, args, logs: Path) -> dict:
             rows.append(row)
         client.wait(60)
         after = {stage: own(stage) for stage in METHODS}
-        own_seconds = {stage: (after[stage][0] - before[stage][0]) / max(after[stage][1] - before[stage][1], 1)
-                       for stage in METHODS}
+        own_seconds = {
+            stage: (after[stage][0] - before[stage][0]) / max(after[stage][1] - before[stage][1], 1)
+            for stage in METHODS
+        }
     return {"rows": rows, "own": own_seconds}
 
 
@@ -151,27 +188,35 @@ def main() -> None:
     from _common import tiny_model
 
     work = Path(tempfile.mkdtemp(prefix="fluxmesh-multihost-"))
-    model = args.model or tiny_model(Path(tempfile.gettempdir()) / "fluxmesh-bench-tiny-dev-t5xxl", size="tiny",
-                                     t5_width=4096)
+    model = args.model or tiny_model(
+        Path(tempfile.gettempdir()) / "fluxmesh-bench-tiny-dev-t5xxl", size="tiny", t5_width=4096
+    )
     results = {"loopback": measure(model, None, args, work)}
     for rate in args.rates.split(","):
         results[rate] = measure(model, rate, args, work)
 
-    print(f"{args.size}x{args.size}, {args.steps} steps, tiny model in bfloat16 with FLUX.1-dev's T5 shape "
-          f"(embedding {EMBEDDING_BYTES / 2**20:.0f} MiB); medians of {args.repeats}; logs in {work}")
-    print(f"{'link':>9} {'total':>8} {'vs loop':>8} | {'encode':>7} {'(own)':>7} | {'denoise':>7} {'(own)':>7} | "
-          f"{'decode':>7} {'(own)':>7} | {'network':>8} {'relay on paper':>15}")
+    print(
+        f"{args.size}x{args.size}, {args.steps} steps, tiny model in bfloat16 with FLUX.1-dev's T5 shape "
+        f"(embedding {EMBEDDING_BYTES / 2**20:.0f} MiB); medians of {args.repeats}; logs in {work}"
+    )
+    print(
+        f"{'link':>9} {'total':>8} {'vs loop':>8} | {'encode':>7} {'(own)':>7} | {'denoise':>7} {'(own)':>7} | "
+        f"{'decode':>7} {'(own)':>7} | {'network':>8} {'relay on paper':>15}"
+    )
     base = statistics.median(r["total"] for r in results["loopback"]["rows"])
     for link, result in results.items():
         rows, own = result["rows"], result["own"]
         med = {key: statistics.median(r[key] for r in rows) for key in ("total", "encode", "denoise", "decode")}
-        network = sum(med[hop] - own[stage] for hop, stage in
-                      (("encode", "encoder"), ("denoise", "denoiser"), ("decode", "vae")))
+        network = sum(
+            med[hop] - own[stage] for hop, stage in (("encode", "encoder"), ("denoise", "denoiser"), ("decode", "vae"))
+        )
         relay = "" if link == "loopback" else f"{2 * EMBEDDING_BYTES * 8 / rate_bits(link) * 1000:.1f} ms"
-        print(f"{link:>9} {med['total'] * 1000:7.1f}ms {med['total'] / base:7.2f}x | "
-              f"{med['encode'] * 1000:6.1f}ms {own['encoder'] * 1000:6.1f}ms | "
-              f"{med['denoise'] * 1000:6.1f}ms {own['denoiser'] * 1000:6.1f}ms | "
-              f"{med['decode'] * 1000:6.1f}ms {own['vae'] * 1000:6.1f}ms | {network * 1000:7.1f}ms {relay:>15}")
+        print(
+            f"{link:>9} {med['total'] * 1000:7.1f}ms {med['total'] / base:7.2f}x | "
+            f"{med['encode'] * 1000:6.1f}ms {own['encoder'] * 1000:6.1f}ms | "
+            f"{med['denoise'] * 1000:6.1f}ms {own['denoiser'] * 1000:6.1f}ms | "
+            f"{med['decode'] * 1000:6.1f}ms {own['vae'] * 1000:6.1f}ms | {network * 1000:7.1f}ms {relay:>15}"
+        )
 
 
 if __name__ == "__main__":

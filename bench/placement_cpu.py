@@ -57,18 +57,38 @@ def measure(model: Path, args, trim: bool) -> dict:
     env = {"FLUXMESH_MALLOC_TRIM": "1" if trim else "0"}
     os.environ.update(env)  # the stage processes inherit it
     results = {"resident": [], "sequential": [], "released": [], "swaps": [], "equal": True}
-    with start_local(str(model), port=free_port(), common_args=["--threads", "1", "--residency", "standby"],
-                     orchestrator_args=["--sequential", "--max-active", str(args.burst)], timeout=300) as cluster:
+    with start_local(
+        str(model),
+        port=free_port(),
+        common_args=["--threads", "1", "--residency", "standby"],
+        orchestrator_args=["--sequential", "--max-active", str(args.burst)],
+        timeout=300,
+    ) as cluster:
         stages = {c.name: c for c in cluster.children if c.name in STAGES}
         processes = {name: psutil.Process(c.process.pid) for name, c in stages.items()}
         resident = Cluster()
         port = free_port()
         # The stages demand the cluster's stage token; they start released, so this resident-mode
         # orchestrator is NOT_SERVING until they are loaded below: wait for its port only.
-        resident.start("resident", ["serve", "orchestrator", "--host", "127.0.0.1", "--port", str(port),
-                                    "--max-active", str(args.burst), "--stage-token-env", STAGE_TOKEN_ENV,
-                                    *[f"--{s}={stages[s].address}" for s in STAGES]], f"127.0.0.1:{port}",
-                       {STAGE_TOKEN_ENV: cluster.stage_token}, probe_tcp_only=True)
+        resident.start(
+            "resident",
+            [
+                "serve",
+                "orchestrator",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--max-active",
+                str(args.burst),
+                "--stage-token-env",
+                STAGE_TOKEN_ENV,
+                *[f"--{s}={stages[s].address}" for s in STAGES],
+            ],
+            f"127.0.0.1:{port}",
+            {STAGE_TOKEN_ENV: cluster.stage_token},
+            probe_tcp_only=True,
+        )
         with resident:
             resident.wait_serving(120)
 
@@ -113,8 +133,9 @@ def measure(model: Path, args, trim: bool) -> dict:
                 results["sequential"].append((peaks, total))
                 results["equal"] &= [r.image_data for r in resident_out] == [r.image_data for r in sequential_out]
                 results["released"].append({n: p.memory_info().rss for n, p in processes.items()})
-                results["swaps"].append(([r.timings.swaps for r in sequential_out],
-                                         _transitions(stages, since, cluster.stage_token)))
+                results["swaps"].append(
+                    ([r.timings.swaps for r in sequential_out], _transitions(stages, since, cluster.stage_token))
+                )
     return results
 
 
@@ -126,7 +147,8 @@ def _residency(address: str, method: str, token: str):
     request = residency_pb2.LoadRequest() if method == "Load" else residency_pb2.ResidencyStatusRequest()
     with grpc.insecure_channel(address) as channel:
         return getattr(residency_pb2_grpc.ResidencyStub(channel), method)(
-            request, timeout=300, metadata=(("authorization", f"Bearer {token}"),))
+            request, timeout=300, metadata=(("authorization", f"Bearer {token}"),)
+        )
 
 
 def _transitions(stages: dict, since: float, token: str) -> dict[str, list[tuple[str, float]]]:
@@ -134,15 +156,20 @@ def _transitions(stages: dict, since: float, token: str) -> dict[str, list[tuple
     found = {}
     for name, stage in stages.items():
         status = _residency(stage.address, "Status", token)
-        found[name] = [("load" if t.to_state == "resident" else "release", t.finished_unix - t.started_unix)
-                       for t in status.transitions if t.started_unix >= since]
+        found[name] = [
+            ("load" if t.to_state == "resident" else "release", t.finished_unix - t.started_unix)
+            for t in status.transitions
+            if t.started_unix >= since
+        ]
     return found
 
 
 def report(trim: bool, results: dict, args) -> None:
     med = statistics.median
-    print(f"\n== small model, {args.size}x{args.size}, {args.steps} steps, bursts of {args.burst}, "
-          f"{args.repeats} repeats, malloc_trim after release: {'on' if trim else 'OFF'} ==")
+    print(
+        f"\n== small model, {args.size}x{args.size}, {args.steps} steps, bursts of {args.burst}, "
+        f"{args.repeats} repeats, malloc_trim after release: {'on' if trim else 'OFF'} =="
+    )
     print(f"{'':24s} {'resident':>10s} {'sequential':>11s} {'ratio':>7s}")
     for stage in STAGES:
         r = med([p[stage] for p, _ in results["resident"]]) / MIB
@@ -158,8 +185,10 @@ def report(trim: bool, results: dict, args) -> None:
     for stage in STAGES:
         loads = [sec for _, t in results["swaps"] for kind, sec in t[stage] if kind == "load"]
         releases = [sec for _, t in results["swaps"] for kind, sec in t[stage] if kind == "release"]
-        print(f"{stage:9s} load {med(loads) * 1000 if loads else 0:7.1f} ms   "
-              f"release {med(releases) * 1000 if releases else 0:7.1f} ms   (medians of {len(loads)}, {len(releases)})")
+        print(
+            f"{stage:9s} load {med(loads) * 1000 if loads else 0:7.1f} ms   "
+            f"release {med(releases) * 1000 if releases else 0:7.1f} ms   (medians of {len(loads)}, {len(releases)})"
+        )
     print(f"images identical in both modes: {results['equal']}")
 
 

@@ -30,18 +30,25 @@ def denoise_ratios(args) -> None:
     from fluxmesh.cli.supervisor import free_port, start_local
     from fluxmesh.client import Client, Step
 
-    modes = {"off": {}, "vae": {"preview": "vae", "preview_every": args.every},
-             "fast": {"preview": "fast", "preview_every": args.every}}
+    modes = {
+        "off": {},
+        "vae": {"preview": "vae", "preview_every": args.every},
+        "fast": {"preview": "fast", "preview_every": args.every},
+    }
     with tempfile.TemporaryDirectory() as tmp:
         folder = tiny_model(Path(tmp) / "small")
         flags = ["--threads", str(args.stage_threads)] if args.stage_threads else []
         # --stage-threads 0: torch's default in every stage (not up's division of the cores)
-        with start_local(str(folder), port=free_port(), common_args=flags, share_cores=bool(flags)) as cluster, \
-                Client(cluster.address, timeout=600) as client:
+        with (
+            start_local(str(folder), port=free_port(), common_args=flags, share_cores=bool(flags)) as cluster,
+            Client(cluster.address, timeout=600) as client,
+        ):
+
             def run(options) -> tuple[float, int]:
                 previews, result = 0, None
-                for event in client.stream(PROMPT, width=args.width, height=args.height, steps=args.steps,
-                                           guidance=3.5, seed=1, **options):
+                for event in client.stream(
+                    PROMPT, width=args.width, height=args.height, steps=args.steps, guidance=3.5, seed=1, **options
+                ):
                     if isinstance(event, Step) and event.previews:
                         previews += 1
                     result = event
@@ -57,12 +64,16 @@ def denoise_ratios(args) -> None:
                     samples[name].append(seconds)
                     delivered[name].append(previews)
     off = median(samples["off"])
-    print(f"small tiny model, {args.width}x{args.height}, {args.steps} steps, previews every {args.every}, "
-          f"{args.repeats} runs each, stage threads {args.stage_threads or 'default'}, {os.cpu_count()} CPUs")
+    print(
+        f"small tiny model, {args.width}x{args.height}, {args.steps} steps, previews every {args.every}, "
+        f"{args.repeats} runs each, stage threads {args.stage_threads or 'default'}, {os.cpu_count()} CPUs"
+    )
     for name in modes:
         m = median(samples[name])
-        print(f"denoise, previews {name:4s}: median {m * 1000:8.1f} ms (min {min(samples[name]) * 1000:.1f}), "
-              f"ratio to off {m / off:.3f}, previews delivered per run {median(delivered[name]):.0f}")
+        print(
+            f"denoise, previews {name:4s}: median {m * 1000:8.1f} ms (min {min(samples[name]) * 1000:.1f}), "
+            f"ratio to off {m / off:.3f}, previews delivered per run {median(delivered[name]):.0f}"
+        )
 
 
 def fast_preview_cost(repeats: int) -> None:
@@ -92,8 +103,10 @@ def fast_preview_cost(repeats: int) -> None:
     full = per_call(lambda: fast_previews(x0, 1024, 1024, 8, rgb))
     size = len(fast_previews(x0, 1024, 1024, 8, rgb)[0].data)
     print(f"fast preview at 1024x1024 (packed 4096x64 -> 128x128 RGB), median of {repeats}, 1 torch thread:")
-    print(f"  x0 estimate {estimate:.3f} ms, projection {project:.3f} ms, projection + JPEG {full:.3f} ms "
-          f"({size} bytes); per preview step: {estimate + full:.3f} ms")
+    print(
+        f"  x0 estimate {estimate:.3f} ms, projection {project:.3f} ms, projection + JPEG {full:.3f} ms "
+        f"({size} bytes); per preview step: {estimate + full:.3f} ms"
+    )
 
 
 def main() -> None:

@@ -96,8 +96,7 @@ def section_cores(folder: Path, args) -> None:
     from fluxmesh.cli.supervisor import free_port, start_local
     from fluxmesh.rpc.cores import divide_cores, host_cores
 
-    configs = {"torch default (all cores per stage)": False,
-               f"cores divided {divide_cores(host_cores())}": True}
+    configs = {"torch default (all cores per stage)": False, f"cores divided {divide_cores(host_cores())}": True}
     results: dict[str, dict[str, list[float]]] = {name: {"serial": [], "concurrent": []} for name in configs}
     clusters = {name: start_local(str(folder), port=free_port(), share_cores=share) for name, share in configs.items()}
     try:
@@ -110,32 +109,47 @@ def section_cores(folder: Path, args) -> None:
     finally:
         for cluster in clusters.values():
             cluster.stop()
-    print(f"== cores: 8 requests serial vs 8 at once, {args.width}x{args.height}, {args.steps} steps, "
-          f"{host_cores()} cores, median of {args.rounds} rounds")
+    print(
+        f"== cores: 8 requests serial vs 8 at once, {args.width}x{args.height}, {args.steps} steps, "
+        f"{host_cores()} cores, median of {args.rounds} rounds"
+    )
     for name, figures in results.items():
         serial, concurrent = statistics.median(figures["serial"]), statistics.median(figures["concurrent"])
-        print(f"  {name:40s} serial {serial:6.2f} img/s   8 at once {concurrent:6.2f} img/s   "
-              f"concurrent/serial {concurrent / serial:.2f}")
+        print(
+            f"  {name:40s} serial {serial:6.2f} img/s   8 at once {concurrent:6.2f} img/s   "
+            f"concurrent/serial {concurrent / serial:.2f}"
+        )
 
 
 def section_serving(folder: Path, args) -> None:
     import torch
     from diffusers import FluxPipeline
+
     from fluxmesh.cli.supervisor import free_port, start_local
 
-    configs = {"serial denoiser (--max-batch 1)": ["--max-batch", "1"],
-               f"batching (--max-batch {args.max_batch})": ["--max-batch", str(args.max_batch)]}
+    configs = {
+        "serial denoiser (--max-batch 1)": ["--max-batch", "1"],
+        f"batching (--max-batch {args.max_batch})": ["--max-batch", str(args.max_batch)],
+    }
     loads = {1: 4, 4: 8, 8: 8}  # clients: requests per burst
     figures: dict[str, dict[int, list[Load]]] = {name: {c: [] for c in loads} for name in configs}
-    clusters = {name: start_local(str(folder), port=free_port(), stage_args={"denoiser": flags})
-                for name, flags in configs.items()}
+    clusters = {
+        name: start_local(str(folder), port=free_port(), stage_args={"denoiser": flags})
+        for name, flags in configs.items()
+    }
     pipe = FluxPipeline.from_pretrained(folder, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     in_process: list[float] = []
 
     def local(seed: int) -> None:
-        pipe(PROMPT, width=args.width, height=args.height, num_inference_steps=args.steps, guidance_scale=3.5,
-             generator=torch.Generator("cpu").manual_seed(seed))
+        pipe(
+            PROMPT,
+            width=args.width,
+            height=args.height,
+            num_inference_steps=args.steps,
+            guidance_scale=3.5,
+            generator=torch.Generator("cpu").manual_seed(seed),
+        )
 
     try:
         for cluster in clusters.values():
@@ -152,19 +166,26 @@ def section_serving(folder: Path, args) -> None:
     finally:
         for cluster in clusters.values():
             cluster.stop()
-    print(f"== serving: small tiny model, {args.width}x{args.height}, {args.steps} steps, four processes as "
-          f"`fluxmesh up` starts them, median of {args.rounds} rounds")
+    print(
+        f"== serving: small tiny model, {args.width}x{args.height}, {args.steps} steps, four processes as "
+        f"`fluxmesh up` starts them, median of {args.rounds} rounds"
+    )
     print(f"  {'configuration':34s} {'clients':>7s} {'images/s':>9s} {'p50 s':>7s} {'p99 s':>7s}")
     for name, by_clients in figures.items():
         for clients, rounds in by_clients.items():
-            print(f"  {name:34s} {clients:7d} {statistics.median(r.images_per_second for r in rounds):9.2f} "
-                  f"{statistics.median(r.percentile(0.5) for r in rounds):7.2f} "
-                  f"{statistics.median(r.percentile(0.99) for r in rounds):7.2f}")
-    print(f"  {'in-process FluxPipeline, serially':34s} {1:7d} {1 / statistics.median(in_process):9.2f} "
-          f"{statistics.median(in_process):7.2f} {max(in_process):7.2f}")
+            print(
+                f"  {name:34s} {clients:7d} {statistics.median(r.images_per_second for r in rounds):9.2f} "
+                f"{statistics.median(r.percentile(0.5) for r in rounds):7.2f} "
+                f"{statistics.median(r.percentile(0.99) for r in rounds):7.2f}"
+            )
+    print(
+        f"  {'in-process FluxPipeline, serially':34s} {1:7d} {1 / statistics.median(in_process):9.2f} "
+        f"{statistics.median(in_process):7.2f} {max(in_process):7.2f}"
+    )
     base, batched = (figures[name][8] for name in configs)
     ratio = statistics.median(r.images_per_second for r in batched) / statistics.median(
-        r.images_per_second for r in base)
+        r.images_per_second for r in base
+    )
     print(f"  8 clients: batching / serial denoiser images/s {ratio:.2f}")
 
 
@@ -175,21 +196,30 @@ def section_batch_cost(folder: Path, args) -> None:
     transformer = FluxTransformer2DModel.from_pretrained(folder, subfolder="transformer", local_files_only=True).eval()
     config = transformer.config
     seq = (args.height // 16) * (args.width // 16)
-    print(f"== batch-cost: one transformer forward, {args.width}x{args.height}, torch threads "
-          f"{torch.get_num_threads()}, median of {args.rounds * 3}")
+    print(
+        f"== batch-cost: one transformer forward, {args.width}x{args.height}, torch threads "
+        f"{torch.get_num_threads()}, median of {args.rounds * 3}"
+    )
     for length in (512, 256):
         per_image = {}
         for batch in (1, 2, 4, 8):
-            inputs = {"hidden_states": torch.randn(batch, seq, config.in_channels),
-                          "encoder_hidden_states": torch.randn(batch, length, config.joint_attention_dim),
-                          "pooled_projections": torch.randn(batch, config.pooled_projection_dim),
-                          "timestep": torch.full((batch,), 0.5), "guidance": torch.full((batch,), 3.5),
-                          "txt_ids": torch.zeros(length, 3), "img_ids": torch.zeros(seq, 3), "return_dict": False}
+            inputs = {
+                "hidden_states": torch.randn(batch, seq, config.in_channels),
+                "encoder_hidden_states": torch.randn(batch, length, config.joint_attention_dim),
+                "pooled_projections": torch.randn(batch, config.pooled_projection_dim),
+                "timestep": torch.full((batch,), 0.5),
+                "guidance": torch.full((batch,), 3.5),
+                "txt_ids": torch.zeros(length, 3),
+                "img_ids": torch.zeros(seq, 3),
+                "return_dict": False,
+            }
             with torch.inference_mode():
                 samples = timed(lambda inputs=inputs: transformer(**inputs), repeats=args.rounds * 3)
             per_image[batch] = statistics.median(samples) / batch
-        print(f"  T5 {length}: " + "   ".join(f"batch {b}: {t * 1000:6.1f} ms/image ({per_image[1] / t:.2f}x)"
-                                            for b, t in per_image.items()))
+        print(
+            f"  T5 {length}: "
+            + "   ".join(f"batch {b}: {t * 1000:6.1f} ms/image ({per_image[1] / t:.2f}x)" for b, t in per_image.items())
+        )
 
 
 def section_prompt_cache(folder: Path, args) -> None:
@@ -198,15 +228,21 @@ def section_prompt_cache(folder: Path, args) -> None:
     from fluxmesh.cli.supervisor import free_port, start_local
     from fluxmesh.client import Client
 
-    print("== prompt-cache: sequential mode (stages released between turns), bursts of 4 requests of one "
-          f"prompt, {args.width}x{args.height}, {args.steps} steps")
+    print(
+        "== prompt-cache: sequential mode (stages released between turns), bursts of 4 requests of one "
+        f"prompt, {args.width}x{args.height}, {args.steps} steps"
+    )
     for name, mib in (("--prompt-cache-mib 0", "0"), ("prompt cache on (default)", "256")):
-        with start_local(str(folder), port=free_port(), common_args=["--residency", "standby"],
-                         orchestrator_args=["--sequential", "--prompt-cache-mib", mib]) as cluster:
+        with start_local(
+            str(folder),
+            port=free_port(),
+            common_args=["--residency", "standby"],
+            orchestrator_args=["--sequential", "--prompt-cache-mib", mib],
+        ) as cluster:
+
             def one(seed: int):
                 with Client(cluster.address, timeout=600) as client:
-                    return client.generate(PROMPT, width=args.width, height=args.height, steps=args.steps,
-                                           seed=seed)
+                    return client.generate(PROMPT, width=args.width, height=args.height, steps=args.steps, seed=seed)
 
             def encoder_calls() -> int:
                 with Client(cluster.address) as client:
@@ -217,9 +253,11 @@ def section_prompt_cache(folder: Path, args) -> None:
                 with concurrent.futures.ThreadPoolExecutor(4) as pool:
                     results = list(pool.map(one, seeds))
                 wall = time.perf_counter() - started
-                print(f"  {name:26s} {label:12s} encoder calls {encoder_calls() - before}   swaps per request "
-                      f"{[r.timings.swaps for r in results]}   cached encodes {[r.timings.cached_encodes for r in results]}"
-                      f"   {wall:.1f}s")
+                print(
+                    f"  {name:26s} {label:12s} encoder calls {encoder_calls() - before}   swaps per request "
+                    f"{[r.timings.swaps for r in results]}   cached encodes {[r.timings.cached_encodes for r in results]}"
+                    f"   {wall:.1f}s"
+                )
 
 
 def section_step_cache(folder: Path, args) -> None:
@@ -234,22 +272,32 @@ def section_step_cache(folder: Path, args) -> None:
             client.generate(PROMPT, width=args.width, height=args.height, steps=args.steps, seed=0, cache=policy)
         for round_ in range(args.rounds * 2):
             for policy in policies:
-                result = client.generate(PROMPT, width=args.width, height=args.height, steps=args.steps,
-                                         seed=round_, cache=policy)
+                result = client.generate(
+                    PROMPT, width=args.width, height=args.height, steps=args.steps, seed=round_, cache=policy
+                )
                 seconds[policy].append(result.timings.denoise)
                 total = result.blocks_run + result.blocks_skipped
                 skipped[policy] = result.blocks_skipped / total if total else 0.0
     base = statistics.median(seconds[None])
-    print(f"== step-cache: denoise seconds through the four processes, {args.width}x{args.height}, {args.steps} "
-          f"steps, median of {args.rounds * 2}")
+    print(
+        f"== step-cache: denoise seconds through the four processes, {args.width}x{args.height}, {args.steps} "
+        f"steps, median of {args.rounds * 2}"
+    )
     for policy in policies:
         median = statistics.median(seconds[policy])
-        print(f"  {policy or 'off':18s} denoise {median:6.3f}s   time ratio {median / base:.2f}   attention blocks "
-              f"skipped {skipped[policy]:.0%}")
+        print(
+            f"  {policy or 'off':18s} denoise {median:6.3f}s   time ratio {median / base:.2f}   attention blocks "
+            f"skipped {skipped[policy]:.0%}"
+        )
 
 
-SECTIONS = {"serving": section_serving, "batch-cost": section_batch_cost, "prompt-cache": section_prompt_cache,
-            "step-cache": section_step_cache, "cores": section_cores}
+SECTIONS = {
+    "serving": section_serving,
+    "batch-cost": section_batch_cost,
+    "prompt-cache": section_prompt_cache,
+    "step-cache": section_step_cache,
+    "cores": section_cores,
+}
 
 
 def main() -> None:

@@ -41,8 +41,10 @@ def _serve(port: int, dtype: str, tuned: bool, ready) -> None:
             return response
 
     async def main():
-        server = Server([Service("fluxmesh.v1.TextEncoder", Echo(), encoder_pb2_grpc.add_TextEncoderServicer_to_server)],
-                        address=f"127.0.0.1:{port}")
+        server = Server(
+            [Service("fluxmesh.v1.TextEncoder", Echo(), encoder_pb2_grpc.add_TextEncoderServicer_to_server)],
+            address=f"127.0.0.1:{port}",
+        )
         await server.start()
         ready.set()
         await server.wait_for_signal()
@@ -113,12 +115,16 @@ def main() -> None:
         for tuned in (True, False):
             samples[tuned] += _round(args.dtype, args.repeats, tuned)
     nbytes = SHAPE[0] * SHAPE[1] * SHAPE[2] * (2 if args.dtype == "bfloat16" else 4)
-    print(f"512x4096 {args.dtype} ({nbytes / 2**20:.0f} MiB) per hop over loopback, "
-          f"{args.rounds} x {args.repeats} calls per setting")
+    print(
+        f"512x4096 {args.dtype} ({nbytes / 2**20:.0f} MiB) per hop over loopback, "
+        f"{args.rounds} x {args.repeats} calls per setting"
+    )
     for tuned, label in ((True, "fluxmesh allocator setup"), (False, "glibc defaults          ")):
         t = median(samples[tuned])
-        print(f"{label}: median {t * 1000:.2f} ms  ->  {nbytes / t / 1e9:.2f} GB/s  "
-              f"(best {nbytes / min(samples[tuned]) / 1e9:.2f} GB/s)")
+        print(
+            f"{label}: median {t * 1000:.2f} ms  ->  {nbytes / t / 1e9:.2f} GB/s  "
+            f"(best {nbytes / min(samples[tuned]) / 1e9:.2f} GB/s)"
+        )
     speedup = median(samples[False]) / median(samples[True])
     print(f"target >= 1 GB/s with fluxmesh's setup; the setup is {speedup:.2f}x faster than glibc's defaults")
 

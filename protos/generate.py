@@ -13,10 +13,10 @@ import argparse
 import filecmp
 import sys
 import tempfile
+from importlib import resources
 from pathlib import Path
 
 from grpc_tools import protoc
-from importlib import resources
 
 ROOT = Path(__file__).resolve().parent
 PACKAGE_DIR = ROOT / "fluxmesh" / "v1"

@@ -43,8 +43,13 @@ def schnell_model(tmp_path_factory) -> Path:
 def _start(model: Path, *extra_orchestrator_args: str):
     from fluxmesh.cli.supervisor import free_port, start_local
 
-    return start_local(str(model), port=free_port(), common_args=STAGE_FLAGS,
-                       orchestrator_args=list(extra_orchestrator_args), timeout=180)
+    return start_local(
+        str(model),
+        port=free_port(),
+        common_args=STAGE_FLAGS,
+        orchestrator_args=list(extra_orchestrator_args),
+        timeout=180,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -12,9 +12,19 @@ from PIL import Image
 PROMPT = "a photo of a cat sitting on a windowsill"
 
 
-def reference_images(folder: Path, *, prompt: str = PROMPT, width: int, height: int, steps: int, guidance: float,
-                     seed: int, num_images: int = 1, max_sequence_length: int | None = None,
-                     **pipeline_kwargs) -> list[Image.Image]:
+def reference_images(
+    folder: Path,
+    *,
+    prompt: str = PROMPT,
+    width: int,
+    height: int,
+    steps: int,
+    guidance: float,
+    seed: int,
+    num_images: int = 1,
+    max_sequence_length: int | None = None,
+    **pipeline_kwargs,
+) -> list[Image.Image]:
     """What diffusers.FluxPipeline makes of the same folder and inputs: the correctness oracle.
     `pipeline_kwargs` go to the call as they are (e.g. negative_prompt, true_cfg_scale)."""
     import torch
@@ -24,8 +34,14 @@ def reference_images(folder: Path, *, prompt: str = PROMPT, width: int, height: 
     if not pipe.transformer.config.guidance_embeds and not max_sequence_length:
         kwargs["max_sequence_length"] = 256  # schnell's default, as the encoder stage uses
     return pipe(
-        prompt, width=width, height=height, num_inference_steps=steps, guidance_scale=guidance,
-        num_images_per_prompt=num_images, generator=torch.Generator("cpu").manual_seed(seed), **kwargs,
+        prompt,
+        width=width,
+        height=height,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        num_images_per_prompt=num_images,
+        generator=torch.Generator("cpu").manual_seed(seed),
+        **kwargs,
         **pipeline_kwargs,
     ).images
 
@@ -62,9 +78,21 @@ def init_and_mask(width: int = 112, height: int = 80, seed: int = 0) -> tuple[Im
     return Image.fromarray(pixels, "RGB"), Image.fromarray(mask, "L")
 
 
-def edit_reference_images(folder: Path, *, init: Image.Image, mask: Image.Image | None = None, strength: float,
-                          width: int, height: int, steps: int, guidance: float, seed: int, num_images: int = 1,
-                          prompt: str = PROMPT, **pipeline_kwargs) -> list[Image.Image]:
+def edit_reference_images(
+    folder: Path,
+    *,
+    init: Image.Image,
+    mask: Image.Image | None = None,
+    strength: float,
+    width: int,
+    height: int,
+    steps: int,
+    guidance: float,
+    seed: int,
+    num_images: int = 1,
+    prompt: str = PROMPT,
+    **pipeline_kwargs,
+) -> list[Image.Image]:
     """What diffusers' FluxImg2ImgPipeline (no mask), FluxInpaintPipeline (mask) or, for a Fill
     model folder, FluxFillPipeline makes of the same inputs: the oracle for image editing."""
     import torch
@@ -74,9 +102,17 @@ def edit_reference_images(folder: Path, *, init: Image.Image, mask: Image.Image 
     if not pipe.transformer.config.guidance_embeds:
         extra["max_sequence_length"] = 256  # schnell's default, as the encoder stage uses
     return pipe(
-        prompt, image=init, strength=strength, width=width, height=height, num_inference_steps=steps,
-        guidance_scale=guidance, num_images_per_prompt=num_images, generator=torch.Generator("cpu").manual_seed(seed),
-        **extra, **pipeline_kwargs,
+        prompt,
+        image=init,
+        strength=strength,
+        width=width,
+        height=height,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        num_images_per_prompt=num_images,
+        generator=torch.Generator("cpu").manual_seed(seed),
+        **extra,
+        **pipeline_kwargs,
     ).images
 
 

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import httpx
+
 from fluxmesh.cli.lifeline import child_environment
 from fluxmesh.cli.supervisor import free_port
 
@@ -38,8 +39,18 @@ class Gateway:
         self.log = log
         self.url = f"{scheme}://127.0.0.1:{self.port}"
         self.verify = verify
-        command = [sys.executable, "-c", LAUNCHER, "serve", "http", "--orchestrator", orchestrator,
-                   "--port", str(self.port), *extra]
+        command = [
+            sys.executable,
+            "-c",
+            LAUNCHER,
+            "serve",
+            "http",
+            "--orchestrator",
+            orchestrator,
+            "--port",
+            str(self.port),
+            *extra,
+        ]
         with open(log, "ab") as output:  # a file, not a pipe: a full pipe would stall the gateway
             self.process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=child_environment())
         self._wait_ready()

@@ -190,9 +190,7 @@ def write_xlabs_lora(
     return _save(sd, path)
 
 
-def write_bfl_lora(
-    path: str | Path, model_dir: str | Path, seed: int, *, rank: int = 4, strength: float = 2.0
-) -> Path:
+def write_bfl_lora(path: str | Path, model_dir: str | Path, seed: int, *, rank: int = 4, strength: float = 2.0) -> Path:
     """BFL module names with PEFT suffixes: `diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight`."""
     dims = Dims.of(model_dir)
     pairs = _Pairs(seed, rank, strength)

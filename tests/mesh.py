@@ -25,8 +25,15 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 class Mesh:
-    def __init__(self, model: Path, logs: Path, *, extra_args: dict[str, list[str]] | None = None,
-                 env: dict[str, str] | None = None, health_credentials: dict[str, grpc.ChannelCredentials] | None = None):
+    def __init__(
+        self,
+        model: Path,
+        logs: Path,
+        *,
+        extra_args: dict[str, list[str]] | None = None,
+        env: dict[str, str] | None = None,
+        health_credentials: dict[str, grpc.ChannelCredentials] | None = None,
+    ):
         self.model = model
         self.logs = logs
         self.ports = {name: free_port() for name in (*STAGES, "orchestrator")}
@@ -40,18 +47,33 @@ class Mesh:
         return f"127.0.0.1:{self.ports[name]}"
 
     def args(self, name: str) -> list[str]:
-        common = ["--host", "127.0.0.1", "--port", str(self.ports[name]), "--metrics-port",
-                  str(self.metrics_ports[name])]
+        common = [
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.ports[name]),
+            "--metrics-port",
+            str(self.metrics_ports[name]),
+        ]
         if name == "orchestrator":
-            return ["serve", "orchestrator", *common, *[f"--{stage}={self.address(stage)}" for stage in STAGES],
-                    *self.extra_args.get(name, [])]
+            return [
+                "serve",
+                "orchestrator",
+                *common,
+                *[f"--{stage}={self.address(stage)}" for stage in STAGES],
+                *self.extra_args.get(name, []),
+            ]
         return ["serve", name, "--model", str(self.model), *common, *STAGE_FLAGS, *self.extra_args.get(name, [])]
 
     def start(self, name: str) -> Child:
         """Start (or restart, on the same port) one process, its output appended to its log."""
         log = open(self.logs / f"{name}.log", "ab")
-        process = subprocess.Popen([sys.executable, "-m", "fluxmesh.cli", *self.args(name)], stdout=log,
-                                   stderr=subprocess.STDOUT, env=child_environment(self.env))
+        process = subprocess.Popen(
+            [sys.executable, "-m", "fluxmesh.cli", *self.args(name)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=child_environment(self.env),
+        )
         log.close()  # the child holds its own descriptor
         child = Child(name, self.address(name), process)
         self.cluster.children.append(child)
@@ -67,8 +89,9 @@ class Mesh:
         """Wait until `name` reports `status`; returns the seconds it took."""
         started = time.monotonic()
         while self.health(name) != status:
-            assert self.process(name).poll() is None, \
+            assert self.process(name).poll() is None, (
                 f"{name} exited with {self.process(name).returncode}; its log ends:\n{self.log(name)[-3000:]}"
+            )
             assert time.monotonic() - started < timeout, f"{name} not {status} after {timeout}s"
             time.sleep(0.1)
         return time.monotonic() - started

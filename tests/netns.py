@@ -76,14 +76,20 @@ class Host:
     def popen(self, argv: Sequence[str], *, log: Path | None = None, **kwargs) -> subprocess.Popen:
         """Start `argv` inside this host (own session, so stopping it stops its children)."""
         out = open(log, "ab") if log is not None else subprocess.DEVNULL  # noqa: SIM115 (the child holds it)
-        process = subprocess.Popen(["ip", "netns", "exec", self.namespace, *argv], stdout=kwargs.pop("stdout", out),
-                                   stderr=kwargs.pop("stderr", subprocess.STDOUT), start_new_session=True, **kwargs)
+        process = subprocess.Popen(
+            ["ip", "netns", "exec", self.namespace, *argv],
+            stdout=kwargs.pop("stdout", out),
+            stderr=kwargs.pop("stderr", subprocess.STDOUT),
+            start_new_session=True,
+            **kwargs,
+        )
         self.processes.append(process)
         return process
 
     def run(self, argv: Sequence[str], *, timeout: float = 60) -> subprocess.CompletedProcess:
-        return subprocess.run(["ip", "netns", "exec", self.namespace, *argv], capture_output=True, text=True,
-                              timeout=timeout, check=False)
+        return subprocess.run(
+            ["ip", "netns", "exec", self.namespace, *argv], capture_output=True, text=True, timeout=timeout, check=False
+        )
 
 
 def _burst(rate: str) -> str:
@@ -121,8 +127,27 @@ class Network:
         _ip("-n", namespace, "link", "set", "lo", "up")
         if rate is not None:
             for ns, device in ((namespace, "eth0"), (self.switch, cable)):  # both directions
-                subprocess.run(["tc", "-n", ns, "qdisc", "add", "dev", device, "root", "tbf", "rate", rate,
-                                "burst", _burst(rate), "latency", "50ms"], check=True, capture_output=True)
+                subprocess.run(
+                    [
+                        "tc",
+                        "-n",
+                        ns,
+                        "qdisc",
+                        "add",
+                        "dev",
+                        device,
+                        "root",
+                        "tbf",
+                        "rate",
+                        rate,
+                        "burst",
+                        _burst(rate),
+                        "latency",
+                        "50ms",
+                    ],
+                    check=True,
+                    capture_output=True,
+                )
         host = Host(name, namespace, address, cable)
         self.hosts[name] = host
         self._write_hosts_files()

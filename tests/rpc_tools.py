@@ -19,8 +19,9 @@ def _identity(data: bytes) -> bytes:
     return data
 
 
-def call(channel: grpc.Channel, method: str, request: Message | bytes, *, timeout: float = 30.0,
-         metadata=None) -> tuple[grpc.StatusCode, str, list[bytes]]:
+def call(
+    channel: grpc.Channel, method: str, request: Message | bytes, *, timeout: float = 30.0, metadata=None
+) -> tuple[grpc.StatusCode, str, list[bytes]]:
     """Send `request` to `method`; return the final status, its details and the raw responses."""
     data = request if isinstance(request, bytes) else request.SerializeToString()
     responses: list[bytes] = []

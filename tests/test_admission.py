@@ -16,11 +16,11 @@ import pytest
 
 from conftest import stage_access
 from factories import PROMPT
-from mesh import SERVING
 from fluxmesh.cli.supervisor import Cluster, free_port, health_status
 from fluxmesh.client import Client, FluxmeshError, Queued, Result, Step
 from fluxmesh.orchestrator.admission import AdmissionQueue
 from fluxmesh.rpc.errors import ResourceExhausted
+from mesh import SERVING
 
 
 async def _admit_all(queue: AdmissionQueue, tickets, order: list[str]) -> None:
@@ -38,8 +38,10 @@ async def test_higher_priority_first_fifo_within_a_priority():
     holder = queue.enter()
     async for _ in queue.wait_turn(holder):
         pass  # takes the only slot
-    tickets = [(name, queue.enter(priority)) for name, priority in
-               [("low-1", 0), ("high-1", 5), ("low-2", 0), ("mid", 1), ("high-2", 5), ("neg", -3)]]
+    tickets = [
+        (name, queue.enter(priority))
+        for name, priority in [("low-1", 0), ("high-1", 5), ("low-2", 0), ("mid", 1), ("high-2", 5), ("neg", -3)]
+    ]
     order: list[str] = []
     admitting = asyncio.ensure_future(_admit_all(queue, tickets, order))
     await asyncio.sleep(0.05)
@@ -91,11 +93,25 @@ def small_orchestrator(stage_addresses, stage_token):
     port = free_port()
     flags, env = stage_access(stage_token)
     with Cluster() as cluster:
-        cluster.start("orchestrator", [
-            "serve", "orchestrator", "--host", "127.0.0.1", "--port", str(port), "--max-active", "1",
-            "--max-queue", "2", *[f"--{stage}={address}" for stage, address in stage_addresses.items()
-                                  if stage != "orchestrator"], *flags,
-        ], f"127.0.0.1:{port}", env)
+        cluster.start(
+            "orchestrator",
+            [
+                "serve",
+                "orchestrator",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--max-active",
+                "1",
+                "--max-queue",
+                "2",
+                *[f"--{stage}={address}" for stage, address in stage_addresses.items() if stage != "orchestrator"],
+                *flags,
+            ],
+            f"127.0.0.1:{port}",
+            env,
+        )
         deadline = time.monotonic() + 60
         while health_status(cluster.address) != SERVING:
             assert time.monotonic() < deadline
@@ -159,6 +175,6 @@ async def test_a_low_priority_request_is_overtaken_at_most_max_overtakes_times()
     admitting = asyncio.ensure_future(_admit_all(queue, tickets, admitted))
     await queue.leave(holder)
     await asyncio.wait_for(admitting, 5)
-    before_low = admitted[:admitted.index("low")]
+    before_low = admitted[: admitted.index("low")]
     assert len(before_low) <= 2 + 3, admitted  # the bound: the older ones + max_overtakes
     assert before_low[:3] == ["high-0", "high-1", "high-2"]  # priority still orders the rest

@@ -13,6 +13,7 @@ import threading
 import numpy as np
 import pytest
 import torch
+
 from factories import PROMPT, max_abs_diff, reference_images
 from fluxmesh.client import Client
 from fluxmesh.rpc.errors import Cancelled
@@ -30,9 +31,16 @@ def _job(engine, **overrides):
     from fluxmesh.services.denoiser.engine import DenoiseJob
 
     generator = torch.Generator().manual_seed(overrides.pop("embed_seed", 0))
-    fields = {"prompt_embeds": torch.randn(1, 8, engine.joint_attention_dim, generator=generator),
-                  "pooled_prompt_embeds": torch.randn(1, engine.pooled_projection_dim, generator=generator),
-                  "width": 64, "height": 64, "steps": 6, "guidance": 3.5, "seed": 7, "num_images": 1}
+    fields = {
+        "prompt_embeds": torch.randn(1, 8, engine.joint_attention_dim, generator=generator),
+        "pooled_prompt_embeds": torch.randn(1, engine.pooled_projection_dim, generator=generator),
+        "width": 64,
+        "height": 64,
+        "steps": 6,
+        "guidance": 3.5,
+        "seed": 7,
+        "num_images": 1,
+    }
     return DenoiseJob(**{**fields, **overrides})
 
 
@@ -95,8 +103,10 @@ def _steps_seen() -> tuple[list[int], callable]:
 def test_requests_joining_mid_way_get_the_image_they_get_alone(engine, dev_model, forwards):
     harness = Harness(engine, max_batch=4)
     first = _job(engine, steps=8, seed=1)
-    joiners = [_job(engine, steps=5, seed=2, guidance=5.0, embed_seed=1),
-               _job(engine, steps=3, seed=3, guidance=2.0, num_images=2, embed_seed=2)]
+    joiners = [
+        _job(engine, steps=5, seed=2, guidance=5.0, embed_seed=1),
+        _job(engine, steps=3, seed=3, guidance=2.0, num_images=2, embed_seed=2),
+    ]
     other_size = _job(engine, width=96, height=64, steps=4, seed=4)
 
     async def scenario():
@@ -124,8 +134,9 @@ def test_requests_joining_mid_way_get_the_image_they_get_alone(engine, dev_model
     for job, batched in zip(jobs, results):
         alone = harness.alone(job)
         assert batched.shape == alone.shape
-        difference = np.abs(_pixels(dev_model, batched, job.width, job.height)
-                            - _pixels(dev_model, alone, job.width, job.height)).max()
+        difference = np.abs(
+            _pixels(dev_model, batched, job.width, job.height) - _pixels(dev_model, alone, job.width, job.height)
+        ).max()
         assert difference <= 1, (job.seed, difference)
 
 
@@ -192,6 +203,7 @@ def test_different_lora_sets_and_modes_do_not_share_a_forward(engine, dev_model)
 
 def test_end_to_end_concurrent_requests_batch_and_keep_the_diffusers_pixels(dev_cluster, dev_model, stage_addresses):
     import grpc
+
     from fluxmesh.v1 import common_pb2, denoiser_pb2_grpc
 
     def largest_batch() -> int:
@@ -199,8 +211,11 @@ def test_end_to_end_concurrent_requests_batch_and_keep_the_diffusers_pixels(dev_
             info = denoiser_pb2_grpc.DenoiserStub(channel).Info(common_pb2.InfoRequest(), timeout=10)
         return int(info.details["largest_batch"])
 
-    requests = [{"seed": 31, "steps": 24, "guidance": 3.5}, {"seed": 32, "steps": 20, "guidance": 4.5},
-                {"seed": 33, "steps": 16, "guidance": 2.5}]
+    requests = [
+        {"seed": 31, "steps": 24, "guidance": 3.5},
+        {"seed": 32, "steps": 20, "guidance": 4.5},
+        {"seed": 33, "steps": 16, "guidance": 2.5},
+    ]
 
     def one(options):
         with Client(dev_cluster.address, timeout=300) as client:

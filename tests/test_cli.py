@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from factories import max_abs_diff, png_image, reference_images
-from mesh import SERVING
 from fluxmesh.cli.supervisor import free_port, health_status
+from mesh import SERVING
 
 FLUXMESH = [sys.executable, "-m", "fluxmesh.cli"]
 
@@ -39,8 +39,12 @@ def _alive(pid: int) -> bool:
 @pytest.fixture(scope="module")
 def up_process(dev_model):
     port = free_port()
-    process = subprocess.Popen([*FLUXMESH, "up", "--model", str(dev_model), "--port", str(port), "--threads", "1"],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        [*FLUXMESH, "up", "--model", str(dev_model), "--port", str(port), "--threads", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.monotonic() + 180
     while health_status(f"127.0.0.1:{port}") != SERVING:
         assert process.poll() is None, process.stdout.read()
@@ -54,8 +58,25 @@ def up_process(dev_model):
 def test_up_then_generate_writes_the_diffusers_image(up_process, dev_model, tmp_path):
     _, address = up_process
     out = tmp_path / "cat.png"
-    done = run("generate", "--address", address, "-p", "a photo of a cat sitting on a windowsill",
-               "--width", "64", "--height", "96", "--steps", "3", "--guidance", "3.5", "--seed", "99", "-o", str(out))
+    done = run(
+        "generate",
+        "--address",
+        address,
+        "-p",
+        "a photo of a cat sitting on a windowsill",
+        "--width",
+        "64",
+        "--height",
+        "96",
+        "--steps",
+        "3",
+        "--guidance",
+        "3.5",
+        "--seed",
+        "99",
+        "-o",
+        str(out),
+    )
     assert done.returncode == 0, done.stderr
     assert "seed 99" in done.stderr and "denoise" in done.stderr
     expected = reference_images(dev_model, width=64, height=96, steps=3, guidance=3.5, seed=99)[0]
@@ -64,8 +85,23 @@ def test_up_then_generate_writes_the_diffusers_image(up_process, dev_model, tmp_
 
 def test_generate_num_images_writes_numbered_files(up_process, tmp_path):
     _, address = up_process
-    done = run("generate", "--address", address, "-p", "a fox", "--width", "64", "--height", "64", "--steps", "1",
-               "--num-images", "2", "-o", str(tmp_path / "fox.png"))
+    done = run(
+        "generate",
+        "--address",
+        address,
+        "-p",
+        "a fox",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        "1",
+        "--num-images",
+        "2",
+        "-o",
+        str(tmp_path / "fox.png"),
+    )
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fox-0.png", "fox-1.png"]
 
@@ -83,12 +119,49 @@ def test_generate_reports_bad_input_and_exits_nonzero(up_process):
 def test_generate_takes_true_cfg_flags(up_process, tmp_path):
     _, address = up_process
     out = tmp_path / "cfg.png"
-    done = run("generate", "--address", address, "-p", "a fox", "--width", "64", "--height", "64", "--steps", "2",
-               "--seed", "3", "--negative-prompt", "blurry", "--true-cfg-scale", "4", "-o", str(out))
+    done = run(
+        "generate",
+        "--address",
+        address,
+        "-p",
+        "a fox",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        "2",
+        "--seed",
+        "3",
+        "--negative-prompt",
+        "blurry",
+        "--true-cfg-scale",
+        "4",
+        "-o",
+        str(out),
+    )
     assert done.returncode == 0, done.stderr
     plain = tmp_path / "plain.png"
-    assert run("generate", "--address", address, "-p", "a fox", "--width", "64", "--height", "64", "--steps", "2",
-               "--seed", "3", "-o", str(plain)).returncode == 0
+    assert (
+        run(
+            "generate",
+            "--address",
+            address,
+            "-p",
+            "a fox",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--steps",
+            "2",
+            "--seed",
+            "3",
+            "-o",
+            str(plain),
+        ).returncode
+        == 0
+    )
     assert max_abs_diff(png_image(out.read_bytes()), png_image(plain.read_bytes())) > 1
 
 
@@ -115,8 +188,11 @@ def test_sigterm_stops_up_and_every_child(up_process):
 def test_children_die_with_a_killed_parent(dev_model):
     """Even SIGKILL of `up` leaves no orphans (PR_SET_PDEATHSIG)."""
     port = free_port()
-    process = subprocess.Popen([*FLUXMESH, "up", "--model", str(dev_model), "--port", str(port), "--threads", "1"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [*FLUXMESH, "up", "--model", str(dev_model), "--port", str(port), "--threads", "1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 180
     while len(_children(process.pid)) < 4 and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -135,11 +211,21 @@ def test_a_child_whose_parent_is_already_gone_stops_itself():
     parent it was given is not its parent and stops (lifeline.py)."""
     from fluxmesh.cli.lifeline import PARENT_PID_ENV
 
-    gone = subprocess.run([*FLUXMESH, "health", "127.0.0.1:9", "--timeout", "0.1"], capture_output=True, text=True,
-                          timeout=60, env={**os.environ, PARENT_PID_ENV: "1"})  # not our parent
+    gone = subprocess.run(
+        [*FLUXMESH, "health", "127.0.0.1:9", "--timeout", "0.1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, PARENT_PID_ENV: "1"},
+    )  # not our parent
     assert gone.returncode == -signal.SIGTERM
-    ours = subprocess.run([*FLUXMESH, "health", "127.0.0.1:9", "--timeout", "0.1"], capture_output=True, text=True,
-                          timeout=60, env={**os.environ, PARENT_PID_ENV: str(os.getpid())})
+    ours = subprocess.run(
+        [*FLUXMESH, "health", "127.0.0.1:9", "--timeout", "0.1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, PARENT_PID_ENV: str(os.getpid())},
+    )
     assert ours.returncode == 1, ours.stderr  # ran to its end: nothing listens on port 9
 
 
@@ -147,16 +233,25 @@ def test_tiny_model_is_deterministic(tmp_path):
     import hashlib
 
     def digest(folder: Path) -> dict[str, str]:
-        return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-                for p in sorted(folder.rglob("*")) if p.is_file()}
+        return {
+            str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*"))
+            if p.is_file()
+        }
 
     for name in ("a", "b"):
         assert run("tiny-model", str(tmp_path / name), "--schnell").returncode == 0
     a, b = digest(tmp_path / "a"), digest(tmp_path / "b")
     assert a == b
-    assert {"model_index.json", "transformer/config.json", "transformer/diffusion_pytorch_model.safetensors",
-            "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
-            "text_encoder_2/model.safetensors", "scheduler/scheduler_config.json"} <= set(a)
+    assert {
+        "model_index.json",
+        "transformer/config.json",
+        "transformer/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+        "text_encoder/model.safetensors",
+        "text_encoder_2/model.safetensors",
+        "scheduler/scheduler_config.json",
+    } <= set(a)
 
 
 def test_demo_runs_all_four_processes_and_writes_a_png(tmp_path):

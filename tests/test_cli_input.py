@@ -30,22 +30,26 @@ def _refused(argv: list[str]) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("flag,value,says", [
-    ("--max-active", "0", "--max-active 0: must be at least 1"),
-    ("--max-active", "-1", "--max-active -1: must be at least 1"),
-    ("--max-queue", "-1", "--max-queue -1: must be at least 0"),
-    ("--request-timeout", "-5", "--request-timeout -5: must be above 0"),
-    ("--max-request-mib", "0", "--max-request-mib 0: must be at least 1"),
-    ("--max-request-mib", "-3", "--max-request-mib -3: must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "flag,value,says",
+    [
+        ("--max-active", "0", "--max-active 0: must be at least 1"),
+        ("--max-active", "-1", "--max-active -1: must be at least 1"),
+        ("--max-queue", "-1", "--max-queue -1: must be at least 0"),
+        ("--request-timeout", "-5", "--request-timeout -5: must be above 0"),
+        ("--max-request-mib", "0", "--max-request-mib 0: must be at least 1"),
+        ("--max-request-mib", "-3", "--max-request-mib -3: must be at least 1"),
+    ],
+)
 def test_orchestrator_limits_out_of_range_are_refused_in_one_line(nothing_starts, flag, value, says):
     assert says in _refused(["serve", "orchestrator", flag, value])
     assert nothing_starts == []
 
 
 def test_orchestrator_limits_at_their_edges_are_taken(nothing_starts):
-    result = CliRunner().invoke(app, ["serve", "orchestrator", "--max-active", "1", "--max-queue", "0",
-                                      "--request-timeout", "0"])
+    result = CliRunner().invoke(
+        app, ["serve", "orchestrator", "--max-active", "1", "--max-queue", "0", "--request-timeout", "0"]
+    )
     assert result.exit_code == 0, result.output
     (options,) = nothing_starts
     assert (options.max_active, options.max_queue, options.request_timeout) == (1, 0, None)

@@ -21,9 +21,12 @@ def test_stream_yields_stages_steps_and_result_in_order(dev_cluster):
     assert kinds[0] in ("Queued", "StageStarted")
     stages = [(type(e).__name__, e.stage) for e in events if isinstance(e, (StageStarted, StageFinished))]
     assert stages == [
-        ("StageStarted", Stage.encode), ("StageFinished", Stage.encode),
-        ("StageStarted", Stage.denoise), ("StageFinished", Stage.denoise),
-        ("StageStarted", Stage.decode), ("StageFinished", Stage.decode),
+        ("StageStarted", Stage.encode),
+        ("StageFinished", Stage.encode),
+        ("StageStarted", Stage.denoise),
+        ("StageFinished", Stage.denoise),
+        ("StageStarted", Stage.decode),
+        ("StageFinished", Stage.decode),
     ]
     assert [(e.step, e.total) for e in events if isinstance(e, Step)] == [(1, 3), (2, 3), (3, 3)]
     result = events[-1]

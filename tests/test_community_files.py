@@ -60,15 +60,19 @@ def lora_cluster(dev_model, files):
 @pytest.fixture(scope="module")
 def gguf_cluster(dev_model, files):
     lora = ["--lora-dir", str(files["loras"])]
-    with _cluster(dev_model, encoder=["--t5-gguf", str(files["t5_q8"]), *lora],
-                  denoiser=["--transformer-gguf", str(files["q8_bfl"]), *lora]) as cluster:
+    with _cluster(
+        dev_model,
+        encoder=["--t5-gguf", str(files["t5_q8"]), *lora],
+        denoiser=["--transformer-gguf", str(files["q8_bfl"]), *lora],
+    ) as cluster:
         yield cluster
 
 
 def _split(cluster, loras=()):
     with Client(cluster.address, timeout=120) as client:
-        return client.generate(PROMPT, width=SIZE, height=SIZE, steps=STEPS, guidance=GUIDANCE, seed=SEED,
-                               loras=list(loras)).image
+        return client.generate(
+            PROMPT, width=SIZE, height=SIZE, steps=STEPS, guidance=GUIDANCE, seed=SEED, loras=list(loras)
+        ).image
 
 
 def _pipeline(model: Path, *, transformer_gguf: Path | None = None, t5_gguf: Path | None = None):
@@ -78,13 +82,18 @@ def _pipeline(model: Path, *, transformer_gguf: Path | None = None, t5_gguf: Pat
     parts = {}
     if transformer_gguf is not None:  # diffusers' own GGUF path
         parts["transformer"] = FluxTransformer2DModel.from_single_file(
-            str(transformer_gguf), config=str(model), subfolder="transformer", local_files_only=True,
-            quantization_config=GGUFQuantizationConfig(compute_dtype=torch.float32), torch_dtype=torch.float32,
+            str(transformer_gguf),
+            config=str(model),
+            subfolder="transformer",
+            local_files_only=True,
+            quantization_config=GGUFQuantizationConfig(compute_dtype=torch.float32),
+            torch_dtype=torch.float32,
         )
     if t5_gguf is not None:  # transformers' own GGUF path
         folder = model / "text_encoder_2"
         parts["text_encoder_2"] = T5EncoderModel.from_pretrained(
-            folder, gguf_file=str(t5_gguf), config=T5Config.from_pretrained(folder), local_files_only=True)
+            folder, gguf_file=str(t5_gguf), config=T5Config.from_pretrained(folder), local_files_only=True
+        )
     pipe = FluxPipeline.from_pretrained(model, local_files_only=True, **parts)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -96,8 +105,14 @@ def _reference(pipe, lora_files: list[tuple[Path, float]] = ()):
         pipe.load_lora_weights(str(path), adapter_name=name)
     if names:
         pipe.set_adapters(names, adapter_weights=[w for _, w in lora_files])
-    return pipe(PROMPT, width=SIZE, height=SIZE, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
-                generator=torch.Generator("cpu").manual_seed(SEED)).images[0]
+    return pipe(
+        PROMPT,
+        width=SIZE,
+        height=SIZE,
+        num_inference_steps=STEPS,
+        guidance_scale=GUIDANCE,
+        generator=torch.Generator("cpu").manual_seed(SEED),
+    ).images[0]
 
 
 def _oracle_files(files, fmt):
@@ -172,16 +187,26 @@ def test_gguf_q8_stays_close_to_the_unquantized_image(gguf_cluster, dev_cluster)
 
 def test_loras_on_a_gguf_base_match_diffusers(gguf_cluster, dev_model, files):
     got = _split(gguf_cluster, [(f"kohya/{n}", w) for n, w in STACK])
-    want = _reference(_pipeline(dev_model, transformer_gguf=files["q8_diffusers"], t5_gguf=files["t5_q8"]),
-                      _oracle_files(files, "kohya"))
+    want = _reference(
+        _pipeline(dev_model, transformer_gguf=files["q8_diffusers"], t5_gguf=files["t5_q8"]),
+        _oracle_files(files, "kohya"),
+    )
     assert max_abs_diff(got, want) <= 1
-    assert max_abs_diff(_split(gguf_cluster), _reference(_pipeline(
-        dev_model, transformer_gguf=files["q8_diffusers"], t5_gguf=files["t5_q8"]))) <= 1
+    assert (
+        max_abs_diff(
+            _split(gguf_cluster),
+            _reference(_pipeline(dev_model, transformer_gguf=files["q8_diffusers"], t5_gguf=files["t5_q8"])),
+        )
+        <= 1
+    )
 
 
 def test_both_gguf_namings_give_the_same_image(dev_model, files, gguf_cluster):
-    with _cluster(dev_model, encoder=["--t5-gguf", str(files["t5_q8"])],
-                  denoiser=["--transformer-gguf", str(files["q8_diffusers"])]) as cluster:
+    with _cluster(
+        dev_model,
+        encoder=["--t5-gguf", str(files["t5_q8"])],
+        denoiser=["--transformer-gguf", str(files["q8_diffusers"])],
+    ) as cluster:
         diffusers_named = _split(cluster)
     assert max_abs_diff(diffusers_named, _split(gguf_cluster)) == 0
 
@@ -192,9 +217,24 @@ def test_bad_gguf_file_fails_at_start_naming_it(dev_model, tmp_path):
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-m", "fluxmesh.cli", "serve", "denoiser", "--model", str(dev_model),
-                           "--port", str(free_port()), "--transformer-gguf", str(bad)],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fluxmesh.cli",
+            "serve",
+            "denoiser",
+            "--model",
+            str(dev_model),
+            "--port",
+            str(free_port()),
+            "--transformer-gguf",
+            str(bad),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode != 0
     assert str(bad) in done.stderr
 
@@ -204,13 +244,21 @@ def test_quantize_command_writes_a_loadable_file(dev_model, tmp_path):
     import sys
 
     out = tmp_path / "q4.gguf"
-    done = subprocess.run([sys.executable, "-m", "fluxmesh.cli", "quantize", str(dev_model), str(out), "-t", "Q4_0"],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "fluxmesh.cli", "quantize", str(dev_model), str(out), "-t", "Q4_0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     from fluxmesh.services.gguf import load_gguf_transformer
 
     model = load_gguf_transformer(out, dev_model)
     assert model.config.guidance_embeds
-    bad = subprocess.run([sys.executable, "-m", "fluxmesh.cli", "quantize", str(tmp_path / "missing"), str(out)],
-                         capture_output=True, text=True, timeout=60)
+    bad = subprocess.run(
+        [sys.executable, "-m", "fluxmesh.cli", "quantize", str(tmp_path / "missing"), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad.returncode == 2 and "missing" in bad.stderr

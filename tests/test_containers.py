@@ -33,8 +33,9 @@ def _left_behind(project: str) -> dict[str, str]:
     label = f"label=io.podman.compose.project={project}"
     found = {}
     for kind in ("ps -a", "network ls", "volume ls"):
-        listed = subprocess.run(["podman", *kind.split(), "-q", "--filter", label], capture_output=True, text=True,
-                                timeout=60, check=False)
+        listed = subprocess.run(
+            ["podman", *kind.split(), "-q", "--filter", label], capture_output=True, text=True, timeout=60, check=False
+        )
         if listed.stdout.strip():
             found[kind] = listed.stdout.strip()
     return found
@@ -42,8 +43,14 @@ def _left_behind(project: str) -> dict[str, str]:
 
 @pytest.mark.timeout(1500)
 def test_images_build_and_compose_serves_an_image_to_this_host():
-    run = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=1400, check=False,
-                         env={**os.environ, "PYTHON": sys.executable})
+    run = subprocess.run(
+        ["bash", str(SCRIPT)],
+        capture_output=True,
+        text=True,
+        timeout=1400,
+        check=False,
+        env={**os.environ, "PYTHON": sys.executable},
+    )
     output = run.stdout + run.stderr
     assert run.returncode == 0, output[-6000:]
     for service in ("encoder", "denoiser", "vae", "orchestrator"):

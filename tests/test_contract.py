@@ -64,9 +64,13 @@ def test_sequence_length_zero_means_the_default_only_where_asked():
 
 def test_loras_weights_and_duplicates():
     assert contract.check_loras([("a", 1), ("b", -4.0)]) == (("a", 1.0), ("b", -4.0))
-    for loras, field in (([("a", 4.5)], "loras[0].weight"), ([("a", True)], "loras[0].weight"),
-                         ([("", 1.0)], "loras[0].name"), ([("a", 1.0), ("a", 0.5)], "loras[1].name"),
-                         ([("a",)], "loras[0]")):
+    for loras, field in (
+        ([("a", 4.5)], "loras[0].weight"),
+        ([("a", True)], "loras[0].weight"),
+        ([("", 1.0)], "loras[0].name"),
+        ([("a", 1.0), ("a", 0.5)], "loras[1].name"),
+        ([("a",)], "loras[0]"),
+    ):
         with pytest.raises(InvalidArgument) as caught:
             contract.check_loras(loras)
         assert caught.value.field == field

@@ -9,14 +9,17 @@ import time
 
 import grpc
 import pytest
-from mesh import SERVING
+
 from fluxmesh.cli.lifeline import child_environment
 from fluxmesh.cli.supervisor import free_port, health_status
 from fluxmesh.rpc.cores import CPU_SHARE_ENV, STAGE_WEIGHTS, divide_cores, parse_share
+from mesh import SERVING
 
 
-@pytest.mark.parametrize("cores, expected", [(1, (1, 1, 1)), (2, (1, 1, 1)), (4, (1, 2, 1)), (6, (1, 4, 1)),
-                                             (16, (4, 8, 4)), (64, (16, 32, 16))])
+@pytest.mark.parametrize(
+    "cores, expected",
+    [(1, (1, 1, 1)), (2, (1, 1, 1)), (4, (1, 2, 1)), (6, (1, 4, 1)), (16, (4, 8, 4)), (64, (16, 32, 16))],
+)
 def test_cores_are_divided_by_stage_weight(cores, expected):
     shares = divide_cores(cores)
     assert tuple(shares[stage] for stage in ("encoder", "denoiser", "vae")) == expected
@@ -27,6 +30,7 @@ def test_cores_are_divided_by_stage_weight(cores, expected):
 
 def test_explicit_threads_win_and_accelerator_stages_keep_few():
     import torch
+
     from fluxmesh.services.runtime.device import (
         ACCELERATOR_STAGE_THREADS,
         Device,
@@ -51,10 +55,24 @@ def test_a_stage_started_with_a_share_computes_with_it(dev_model):
     from fluxmesh.v1 import common_pb2, vae_pb2_grpc
 
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "fluxmesh.cli", "serve", "vae", "--model", str(dev_model),
-                                "--host", "127.0.0.1", "--port", str(port)],
-                               env=child_environment({CPU_SHARE_ENV: "1"}), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fluxmesh.cli",
+            "serve",
+            "vae",
+            "--model",
+            str(dev_model),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env=child_environment({CPU_SHARE_ENV: "1"}),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.monotonic() + 120
         while health_status(f"127.0.0.1:{port}") != SERVING:
@@ -73,6 +91,7 @@ def test_explicit_threads_are_reported(stage_addresses, stage_token):
     from fluxmesh.v1 import common_pb2, denoiser_pb2_grpc
 
     with grpc.insecure_channel(stage_addresses["denoiser"]) as channel:
-        info = denoiser_pb2_grpc.DenoiserStub(channel).Info(common_pb2.InfoRequest(), timeout=10,
-                                                            metadata=stage_metadata(stage_token))
+        info = denoiser_pb2_grpc.DenoiserStub(channel).Info(
+            common_pb2.InfoRequest(), timeout=10, metadata=stage_metadata(stage_token)
+        )
     assert info.details["threads"] == "1"  # the test clusters' --threads 1

@@ -16,8 +16,17 @@ import pytest
 
 from fluxmesh.orchestrator.app import OrchestratorOptions, build_server
 from fluxmesh.rpc.server import Server, Service
-from fluxmesh.v1 import (common_pb2, denoiser_pb2, denoiser_pb2_grpc, encoder_pb2, encoder_pb2_grpc, generator_pb2,
-                         generator_pb2_grpc, vae_pb2, vae_pb2_grpc)
+from fluxmesh.v1 import (
+    common_pb2,
+    denoiser_pb2,
+    denoiser_pb2_grpc,
+    encoder_pb2,
+    encoder_pb2_grpc,
+    generator_pb2,
+    generator_pb2_grpc,
+    vae_pb2,
+    vae_pb2_grpc,
+)
 
 
 class Recorder:
@@ -55,8 +64,9 @@ class FakeEncoder(encoder_pb2_grpc.TextEncoderServicer):
 
     async def Encode(self, request, context):
         await self.recorder.record("encoder", context)
-        return encoder_pb2.EncodeResponse(prompt_embeds=_tensor(1, 4, 8), pooled_prompt_embeds=_tensor(1, 8),
-                                          truncated_tokens=[0])
+        return encoder_pb2.EncodeResponse(
+            prompt_embeds=_tensor(1, 4, 8), pooled_prompt_embeds=_tensor(1, 8), truncated_tokens=[0]
+        )
 
 
 class FakeDenoiser(denoiser_pb2_grpc.DenoiserServicer):
@@ -85,15 +95,21 @@ class FakeVae(vae_pb2_grpc.VaeServicer):
 async def stack():
     """Recording stand-in stages on one port, and a real orchestrator in front of them."""
     recorder = Recorder()
-    stages = Server([
-        Service("fluxmesh.v1.TextEncoder", FakeEncoder(recorder), encoder_pb2_grpc.add_TextEncoderServicer_to_server),
-        Service("fluxmesh.v1.Denoiser", FakeDenoiser(recorder), denoiser_pb2_grpc.add_DenoiserServicer_to_server),
-        Service("fluxmesh.v1.Vae", FakeVae(recorder), vae_pb2_grpc.add_VaeServicer_to_server),
-    ], address="127.0.0.1:0")
+    stages = Server(
+        [
+            Service(
+                "fluxmesh.v1.TextEncoder", FakeEncoder(recorder), encoder_pb2_grpc.add_TextEncoderServicer_to_server
+            ),
+            Service("fluxmesh.v1.Denoiser", FakeDenoiser(recorder), denoiser_pb2_grpc.add_DenoiserServicer_to_server),
+            Service("fluxmesh.v1.Vae", FakeVae(recorder), vae_pb2_grpc.add_VaeServicer_to_server),
+        ],
+        address="127.0.0.1:0",
+    )
     await stages.start()
     address = f"127.0.0.1:{stages.port}"
-    orchestrator, monitor = build_server(OrchestratorOptions(encoder=address, denoiser=address, vae=address,
-                                                             address="127.0.0.1:0", request_timeout=2.0))
+    orchestrator, monitor = build_server(
+        OrchestratorOptions(encoder=address, denoiser=address, vae=address, address="127.0.0.1:0", request_timeout=2.0)
+    )
     await orchestrator.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{orchestrator.port}")
     yield recorder, generator_pb2_grpc.GeneratorStub(channel)

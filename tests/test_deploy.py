@@ -53,8 +53,9 @@ def cli(monkeypatch):
     calls = []
     monkeypatch.setattr(stage_app, "serve_stage", lambda options: calls.append(("stage", options)))
     monkeypatch.setattr(orchestrator_app, "serve_orchestrator", lambda options: calls.append(("orchestrator", options)))
-    monkeypatch.setattr(supervisor, "health_status",
-                        lambda address, *args, **kwargs: calls.append(("health", address)) or 1)
+    monkeypatch.setattr(
+        supervisor, "health_status", lambda address, *args, **kwargs: calls.append(("health", address)) or 1
+    )
 
     def start_local(model, **kwargs):
         calls.append(("up", model, kwargs))
@@ -178,15 +179,21 @@ def test_compose_health_checks_call_fluxmesh_health_on_the_served_port(compose, 
 
 def test_compose_stages_are_pinned_to_gpus_chosen_by_environment(compose):
     services = compose["services"]
-    for stage, variable in (("encoder", "ENCODER_GPU"), ("denoiser", "DENOISER_GPU"), ("vae", "VAE_GPU"),
-                            ("sequential", "GPU")):
+    for stage, variable in (
+        ("encoder", "ENCODER_GPU"),
+        ("denoiser", "DENOISER_GPU"),
+        ("vae", "VAE_GPU"),
+        ("sequential", "GPU"),
+    ):
         (device,) = services[stage]["deploy"]["resources"]["reservations"]["devices"]
         assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
         (ids,) = device["device_ids"]
         assert ids.startswith("${" + variable + ":-"), ids
         assert option(_argv(services[stage]), "--device") == "cuda:0"  # the one GPU the container sees
-    defaults = [substitute(services[s]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"][0])
-                for s in STAGE_PORTS]
+    defaults = [
+        substitute(services[s]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"][0])
+        for s in STAGE_PORTS
+    ]
     assert defaults == ["0", "1", "2"]  # one GPU per stage unless told otherwise
 
 
@@ -265,8 +272,9 @@ def _kustomize(directory: Path) -> list[dict]:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("kubectl is not installed: the overlays cannot be rendered here (kubectl kustomize)")
-    rendered = subprocess.run([kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=60,
-                              check=False)
+    rendered = subprocess.run(
+        [kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=60, check=False
+    )
     assert rendered.returncode == 0, rendered.stderr
     return [doc for doc in yaml.safe_load_all(rendered.stdout) if doc]
 
@@ -344,10 +352,18 @@ def test_every_overlay_is_valid_for_current_kubernetes_releases(overlays, versio
             try:
                 kubernetes_validate.validate(doc, version, strict=True)
             except kubernetes_validate.ValidationError as error:
-                pytest.fail(f"{name}: {doc['kind']}/{doc['metadata']['name']} invalid for {version}: "
-                            f"{error.message} at {list(error.path)}")
+                pytest.fail(
+                    f"{name}: {doc['kind']}/{doc['metadata']['name']} invalid for {version}: "
+                    f"{error.message} at {list(error.path)}"
+                )
     assert {d["kind"] for docs in overlays.values() for d in docs} - OPERATOR_KINDS >= {
-        "Namespace", "Deployment", "Service", "PodDisruptionBudget", "NetworkPolicy", "PersistentVolumeClaim"}
+        "Namespace",
+        "Deployment",
+        "Service",
+        "PodDisruptionBudget",
+        "NetworkPolicy",
+        "PersistentVolumeClaim",
+    }
 
 
 def test_the_schema_check_can_fail():
@@ -370,10 +386,14 @@ def test_every_deployment_runs_real_commands_with_matching_ports_and_probes(over
             assert [p["containerPort"] for p in container["ports"] if p["name"] == "grpc"] == [port]
             for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
                 if "exec" in container.get(probe, {}):
-                    assert in_pod(deployment, container[probe]["exec"]["command"]) == \
-                        ("health", f"localhost:{port}"), (name, probe)
-            assert deployment["spec"]["selector"]["matchLabels"].items() <= \
-                deployment["spec"]["template"]["metadata"]["labels"].items()
+                    assert in_pod(deployment, container[probe]["exec"]["command"]) == ("health", f"localhost:{port}"), (
+                        name,
+                        probe,
+                    )
+            assert (
+                deployment["spec"]["selector"]["matchLabels"].items()
+                <= deployment["spec"]["template"]["metadata"]["labels"].items()
+            )
             if kind == "stage":
                 assert port == STAGE_PORTS[options[0].stage] and name == f"fluxmesh-{options[0].stage}"
             if kind in ("stage", "orchestrator"):  # reachable from other pods, said explicitly
@@ -409,8 +429,10 @@ def test_gpu_stages_request_a_gpu_tolerate_gpu_nodes_and_spread(overlays):
             assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
             if deployment["spec"]["replicas"] > 1 or overlay == "replicas":
                 spread = {c["topologyKey"]: c for c in pod["topologySpreadConstraints"]}
-                assert spread["kubernetes.io/hostname"]["labelSelector"]["matchLabels"] == \
-                    deployment["spec"]["selector"]["matchLabels"], name
+                assert (
+                    spread["kubernetes.io/hostname"]["labelSelector"]["matchLabels"]
+                    == deployment["spec"]["selector"]["matchLabels"]
+                ), name
 
 
 def test_every_stage_has_a_disruption_budget_and_a_headless_service(overlays, in_pod):
@@ -473,15 +495,25 @@ def test_network_policies_let_only_the_orchestrator_reach_the_stages(overlays):
         for name, deployment in _by_kind(docs, "Deployment").items():
             labels = deployment["spec"]["template"]["metadata"]["labels"]
             ports = {p["name"]: p["containerPort"] for p in _container(deployment)["ports"]}
-            rules = [rule for p in policies if _selects(p["spec"]["podSelector"], labels)
-                     for rule in p["spec"].get("ingress", [])]
+            rules = [
+                rule
+                for p in policies
+                if _selects(p["spec"]["podSelector"], labels)
+                for rule in p["spec"].get("ingress", [])
+            ]
             grpc_rules = [r for r in rules if {"port": "grpc"} in r["ports"]]
             assert grpc_rules, name
             if _component(deployment) in STAGE_PORTS:
                 for rule in grpc_rules:
                     (peer,) = rule["from"]
-                    assert peer == {"podSelector": {"matchLabels": {
-                        "app.kubernetes.io/name": "fluxmesh", "app.kubernetes.io/component": "orchestrator"}}}
+                    assert peer == {
+                        "podSelector": {
+                            "matchLabels": {
+                                "app.kubernetes.io/name": "fluxmesh",
+                                "app.kubernetes.io/component": "orchestrator",
+                            }
+                        }
+                    }
             assert set(ports) == {"grpc", "metrics"}
             for rule in rules:
                 assert {p["port"] for p in rule["ports"]} <= set(ports), name  # named ports that exist
@@ -489,14 +521,17 @@ def test_network_policies_let_only_the_orchestrator_reach_the_stages(overlays):
 
 def _registered_metrics() -> dict[str, set[str]]:
     """Every metric fluxmesh's processes export: name -> label names."""
+    from prometheus_client import REGISTRY
+
     import fluxmesh.orchestrator.metrics  # importing registers them
     import fluxmesh.rpc.metrics
     import fluxmesh.services.runtime.metrics  # noqa: F401
-    from prometheus_client import REGISTRY
 
-    return {family.name: {label for sample in family.samples for label in sample.labels}
-                         | set(getattr(REGISTRY._names_to_collectors.get(family.name), "_labelnames", ()))
-            for family in REGISTRY.collect()}
+    return {
+        family.name: {label for sample in family.samples for label in sample.labels}
+        | set(getattr(REGISTRY._names_to_collectors.get(family.name), "_labelnames", ()))
+        for family in REGISTRY.collect()
+    }
 
 
 def test_autoscalers_scale_each_stage_on_metrics_fluxmesh_exports(overlays):
@@ -564,11 +599,13 @@ def test_the_tls_component_gives_stages_mutual_tls_with_certificates_that_match(
 
 def test_the_cli_runner_here_rejects_what_the_cli_rejects(cli):
     """The checks above can fail: a wrong flag, value or missing option does not run."""
-    for argv in (["fluxmesh", "serve", "denoiser", "--model", "m", "--prot", "1"],
-                 ["fluxmesh", "serve", "vae", "--model", "m", "--port", "fifty"],
-                 ["fluxmesh", "serve", "orchestrator", "--release-to", "nowhere"],
-                 ["fluxmesh", "serve", "encoder"],
-                 ["fluxmesh", "helth", "localhost:1"]):
+    for argv in (
+        ["fluxmesh", "serve", "denoiser", "--model", "m", "--prot", "1"],
+        ["fluxmesh", "serve", "vae", "--model", "m", "--port", "fifty"],
+        ["fluxmesh", "serve", "orchestrator", "--release-to", "nowhere"],
+        ["fluxmesh", "serve", "encoder"],
+        ["fluxmesh", "helth", "localhost:1"],
+    ):
         result = cli(argv, ok=False)
         assert result.exit_code == 2, (argv, result.output)
 
@@ -582,8 +619,9 @@ async def test_servers_export_calls_in_flight_for_the_autoscalers():
     from fluxmesh.rpc.server import Server
 
     def in_flight() -> float:
-        value = REGISTRY.get_sample_value("fluxmesh_rpc_in_flight",
-                                          {"service": "grpc.health.v1.Health", "method": "Watch"})
+        value = REGISTRY.get_sample_value(
+            "fluxmesh_rpc_in_flight", {"service": "grpc.health.v1.Health", "method": "Watch"}
+        )
         return value or 0.0
 
     server = Server([], address="127.0.0.1:0")

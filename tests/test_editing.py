@@ -28,16 +28,37 @@ def _generate(cluster, **options):
         return client.generate(PROMPT, **options)
 
 
-@pytest.mark.parametrize("width,height,strength,num_images", [
-    pytest.param(96, 64, 0.7, 2, id="resized-0.7-x2"),
-    pytest.param(64, 64, 1.0, 1, id="square-1.0"),
-])
+@pytest.mark.parametrize(
+    "width,height,strength,num_images",
+    [
+        pytest.param(96, 64, 0.7, 2, id="resized-0.7-x2"),
+        pytest.param(64, 64, 1.0, 1, id="square-1.0"),
+    ],
+)
 def test_image_to_image_matches_flux_img2img_pipeline(dev_cluster, dev_model, width, height, strength, num_images):
     init, _ = init_and_mask()  # 112x80: resized to width x height, as the pipeline does
-    result = _generate(dev_cluster, width=width, height=height, steps=4, guidance=3.5, seed=5, num_images=num_images,
-                       init_image=init, strength=strength)
-    expected = edit_reference_images(dev_model, init=init, strength=strength, width=width, height=height, steps=4,
-                                     guidance=3.5, seed=5, num_images=num_images)
+    result = _generate(
+        dev_cluster,
+        width=width,
+        height=height,
+        steps=4,
+        guidance=3.5,
+        seed=5,
+        num_images=num_images,
+        init_image=init,
+        strength=strength,
+    )
+    expected = edit_reference_images(
+        dev_model,
+        init=init,
+        strength=strength,
+        width=width,
+        height=height,
+        steps=4,
+        guidance=3.5,
+        seed=5,
+        num_images=num_images,
+    )
     assert [image.size for image in result.images] == [(width, height)] * num_images
     assert max(max_abs_diff(got, want) for got, want in zip(result.images, expected)) <= 1
 
@@ -45,24 +66,45 @@ def test_image_to_image_matches_flux_img2img_pipeline(dev_cluster, dev_model, wi
 def test_inpainting_matches_flux_inpaint_pipeline(dev_cluster, dev_model):
     init, mask = init_and_mask(seed=1)
     # The mask as a JPEG, the init image as PNG bytes: both formats go the same way.
-    result = _generate(dev_cluster, width=96, height=64, steps=5, guidance=3.5, seed=9, num_images=2,
-                       init_image=_png(init), mask_image=_png(mask, "JPEG"), strength=0.8)
+    result = _generate(
+        dev_cluster,
+        width=96,
+        height=64,
+        steps=5,
+        guidance=3.5,
+        seed=9,
+        num_images=2,
+        init_image=_png(init),
+        mask_image=_png(mask, "JPEG"),
+        strength=0.8,
+    )
     jpeg_mask = Image.open(io.BytesIO(_png(mask, "JPEG")))
-    expected = edit_reference_images(dev_model, init=init, mask=jpeg_mask, strength=0.8, width=96, height=64,
-                                     steps=5, guidance=3.5, seed=9, num_images=2)
+    expected = edit_reference_images(
+        dev_model,
+        init=init,
+        mask=jpeg_mask,
+        strength=0.8,
+        width=96,
+        height=64,
+        steps=5,
+        guidance=3.5,
+        seed=9,
+        num_images=2,
+    )
     assert max(max_abs_diff(got, want) for got, want in zip(result.images, expected)) <= 1
     # Guard the oracle: the mask changes the result (the same request without it is image to image).
-    unmasked = _generate(dev_cluster, width=96, height=64, steps=5, guidance=3.5, seed=9, init_image=init,
-                         strength=0.8)
+    unmasked = _generate(dev_cluster, width=96, height=64, steps=5, guidance=3.5, seed=9, init_image=init, strength=0.8)
     assert max_abs_diff(result.images[0], unmasked.image) > 10
 
 
 def test_schnell_image_to_image_matches(schnell_cluster, schnell_model):
     init, _ = init_and_mask(seed=2)
-    result = _generate(schnell_cluster, width=64, height=64, steps=3, guidance=0.0, seed=3, init_image=init,
-                       strength=0.5)
-    expected = edit_reference_images(schnell_model, init=init, strength=0.5, width=64, height=64, steps=3,
-                                     guidance=0.0, seed=3)
+    result = _generate(
+        schnell_cluster, width=64, height=64, steps=3, guidance=0.0, seed=3, init_image=init, strength=0.5
+    )
+    expected = edit_reference_images(
+        schnell_model, init=init, strength=0.5, width=64, height=64, steps=3, guidance=0.0, seed=3
+    )
     assert max_abs_diff(result.image, expected[0]) <= 1
 
 
@@ -70,8 +112,9 @@ def test_size_defaults_to_the_init_image(dev_cluster, dev_model):
     init, _ = init_and_mask(width=104, height=72)  # rounded down to the model's multiple of 16
     result = _generate(dev_cluster, steps=2, guidance=3.5, seed=4, init_image=init, strength=0.6)
     assert (result.width, result.height) == (96, 64) and result.image.size == (96, 64)
-    expected = edit_reference_images(dev_model, init=init, strength=0.6, width=96, height=64, steps=2, guidance=3.5,
-                                     seed=4)
+    expected = edit_reference_images(
+        dev_model, init=init, strength=0.6, width=96, height=64, steps=2, guidance=3.5, seed=4
+    )
     assert max_abs_diff(result.image, expected[0]) <= 1
 
 
@@ -86,6 +129,7 @@ def test_strength_cuts_the_steps_and_different_seeds_differ(dev_cluster):
 
 
 # -- FLUX.1-Fill ---------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def fill_model(tmp_path_factory):
@@ -104,22 +148,55 @@ def fill_cluster(fill_model):
 
 def test_fill_model_matches_flux_fill_pipeline(fill_cluster, fill_model):
     init, mask = init_and_mask(seed=3)
-    result = _generate(fill_cluster, width=96, height=64, steps=4, guidance=30.0, seed=8, num_images=2,
-                       init_image=init, mask_image=mask)  # strength: Fill's default, 1.0
-    expected = edit_reference_images(fill_model, init=init, mask=mask, strength=1.0, width=96, height=64, steps=4,
-                                     guidance=30.0, seed=8, num_images=2)
+    result = _generate(
+        fill_cluster,
+        width=96,
+        height=64,
+        steps=4,
+        guidance=30.0,
+        seed=8,
+        num_images=2,
+        init_image=init,
+        mask_image=mask,
+    )  # strength: Fill's default, 1.0
+    expected = edit_reference_images(
+        fill_model,
+        init=init,
+        mask=mask,
+        strength=1.0,
+        width=96,
+        height=64,
+        steps=4,
+        guidance=30.0,
+        seed=8,
+        num_images=2,
+    )
     assert max(max_abs_diff(got, want) for got, want in zip(result.images, expected)) <= 1
-    partial = _generate(fill_cluster, width=64, height=64, steps=4, guidance=30.0, seed=8, init_image=init,
-                        mask_image=mask, strength=0.5)
-    expected = edit_reference_images(fill_model, init=init, mask=mask, strength=0.5, width=64, height=64, steps=4,
-                                     guidance=30.0, seed=8)
+    partial = _generate(
+        fill_cluster,
+        width=64,
+        height=64,
+        steps=4,
+        guidance=30.0,
+        seed=8,
+        init_image=init,
+        mask_image=mask,
+        strength=0.5,
+    )
+    expected = edit_reference_images(
+        fill_model, init=init, mask=mask, strength=0.5, width=64, height=64, steps=4, guidance=30.0, seed=8
+    )
     assert max_abs_diff(partial.image, expected[0]) <= 1
 
 
-@pytest.mark.parametrize("field,options", [
-    ("init_image", {}),
-    ("mask_image", {"init_image": init_and_mask()[0]}),
-], ids=["no-init", "no-mask"])
+@pytest.mark.parametrize(
+    "field,options",
+    [
+        ("init_image", {}),
+        ("mask_image", {"init_image": init_and_mask()[0]}),
+    ],
+    ids=["no-init", "no-mask"],
+)
 def test_fill_model_needs_init_image_and_mask(fill_cluster, field, options):
     with pytest.raises(FluxmeshError) as caught:
         _generate(fill_cluster, width=64, height=64, steps=2, **options)
@@ -128,6 +205,7 @@ def test_fill_model_needs_init_image_and_mask(fill_cluster, field, options):
 
 
 # -- bad input -----------------------------------------------------------------------------------
+
 
 def _bad_inputs():
     init, mask = init_and_mask()
@@ -211,20 +289,50 @@ def test_cli_generate_inpaints_and_writes_previews(dev_cluster, dev_model, tmp_p
     init, mask = init_and_mask(seed=4)
     init.save(tmp_path / "init.png")
     mask.save(tmp_path / "mask.png")
-    command = [sys.executable, "-m", "fluxmesh.cli", "generate", "--address", dev_cluster.address, "-p", PROMPT,
-               "--init-image", str(tmp_path / "init.png"), "--mask", str(tmp_path / "mask.png"), "--strength", "0.8",
-               "--width", "64", "--height", "64", "--steps", "5", "--seed", "6", "--preview", "fast",
-               "--preview-every", "2", "--preview-dir", str(tmp_path / "previews"), "-o", str(tmp_path / "out.png")]
+    command = [
+        sys.executable,
+        "-m",
+        "fluxmesh.cli",
+        "generate",
+        "--address",
+        dev_cluster.address,
+        "-p",
+        PROMPT,
+        "--init-image",
+        str(tmp_path / "init.png"),
+        "--mask",
+        str(tmp_path / "mask.png"),
+        "--strength",
+        "0.8",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        "5",
+        "--seed",
+        "6",
+        "--preview",
+        "fast",
+        "--preview-every",
+        "2",
+        "--preview-dir",
+        str(tmp_path / "previews"),
+        "-o",
+        str(tmp_path / "out.png"),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    expected = edit_reference_images(dev_model, init=init, mask=mask, strength=0.8, width=64, height=64, steps=5,
-                                     guidance=3.5, seed=6)
+    expected = edit_reference_images(
+        dev_model, init=init, mask=mask, strength=0.8, width=64, height=64, steps=5, guidance=3.5, seed=6
+    )
     assert max_abs_diff(Image.open(tmp_path / "out.png"), expected[0]) <= 1
     # strength 0.8 of 5 steps runs 4: previews at steps 2 and 4
     assert sorted(p.name for p in (tmp_path / "previews").iterdir()) == ["step-002.jpg", "step-004.jpg"]
     assert Image.open(tmp_path / "previews" / "step-004.jpg").size == (8, 8)
-    bad = subprocess.run([*command[:-2], "--strength", "2", "-o", str(tmp_path / "bad.png")], capture_output=True,
-                         text=True, timeout=60)
+    bad = subprocess.run(
+        [*command[:-2], "--strength", "2", "-o", str(tmp_path / "bad.png")], capture_output=True, text=True, timeout=60
+    )
     assert bad.returncode == 2 and "strength:" in bad.stderr and not (tmp_path / "bad.png").exists()
 
 
@@ -233,7 +341,15 @@ def test_a_fill_model_refuses_true_cfg(fill_cluster):
     init, mask = init_and_mask(seed=3)
     with Client(fill_cluster.address, timeout=60) as client:
         with pytest.raises(FluxmeshError) as caught:
-            client.generate(PROMPT, width=64, height=64, steps=2, init_image=init, mask_image=mask,
-                            negative_prompt="blurry", true_cfg_scale=2.0)
+            client.generate(
+                PROMPT,
+                width=64,
+                height=64,
+                steps=2,
+                init_image=init,
+                mask_image=mask,
+                negative_prompt="blurry",
+                true_cfg_scale=2.0,
+            )
     assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert caught.value.message.startswith("true_cfg_scale: FLUX.1-Fill")

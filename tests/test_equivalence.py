@@ -16,10 +16,12 @@ CASES = [
 
 def _split_vs_diffusers(cluster, folder, width, height, num_images, *, steps, guidance, seed):
     with Client(cluster.address, timeout=120) as client:
-        result = client.generate(PROMPT, width=width, height=height, steps=steps, guidance=guidance,
-                                 seed=seed, num_images=num_images)
-    expected = reference_images(folder, width=width, height=height, steps=steps, guidance=guidance,
-                                seed=seed, num_images=num_images)
+        result = client.generate(
+            PROMPT, width=width, height=height, steps=steps, guidance=guidance, seed=seed, num_images=num_images
+        )
+    expected = reference_images(
+        folder, width=width, height=height, steps=steps, guidance=guidance, seed=seed, num_images=num_images
+    )
     assert len(result.images) == num_images
     assert [image.size for image in result.images] == [(width, height)] * num_images
     return [max_abs_diff(got, want) for got, want in zip(result.images, expected)]
@@ -33,7 +35,9 @@ def test_dev_model_matches_flux_pipeline(dev_cluster, dev_model, width, height, 
 
 @pytest.mark.parametrize("width,height,num_images", CASES)
 def test_schnell_model_matches_flux_pipeline(schnell_cluster, schnell_model, width, height, num_images):
-    diffs = _split_vs_diffusers(schnell_cluster, schnell_model, width, height, num_images, steps=2, guidance=0.0, seed=7)
+    diffs = _split_vs_diffusers(
+        schnell_cluster, schnell_model, width, height, num_images, steps=2, guidance=0.0, seed=7
+    )
     assert max(diffs) <= 1, diffs
 
 

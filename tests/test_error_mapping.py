@@ -39,8 +39,10 @@ async def test_only_a_missing_method_is_unimplemented(vae_stub, caplog):
     assert missing.value.code() == grpc.StatusCode.UNIMPLEMENTED
     assert missing.value.details() == "/fluxmesh.v1.Vae/Decode is not implemented by this server"
 
-    with caplog.at_level(logging.ERROR, logger="fluxmesh.rpc.interceptors"), \
-            pytest.raises(grpc.aio.AioRpcError) as torch_error:
+    with (
+        caplog.at_level(logging.ERROR, logger="fluxmesh.rpc.interceptors"),
+        pytest.raises(grpc.aio.AioRpcError) as torch_error,
+    ):
         await vae_stub.Info(common_pb2.InfoRequest(), timeout=10)
     assert torch_error.value.code() == grpc.StatusCode.INTERNAL, torch_error.value.details()
     assert "NotImplementedError" in torch_error.value.details()
@@ -48,18 +50,24 @@ async def test_only_a_missing_method_is_unimplemented(vae_stub, caplog):
     assert record.exc_info is not None and record.exc_info[0] is NotImplementedError  # the traceback is logged
 
 
-@pytest.mark.parametrize("details,expected", [
-    ("loras[0].name: no LoRA named 'x'", "denoiser stage: loras[0].name: no LoRA named 'x'"),
-    ("denoiser stage: weights are released; call fluxmesh.v1.Residency/Load first",
-     "denoiser stage: weights are released; call fluxmesh.v1.Residency/Load first"),
-])
+@pytest.mark.parametrize(
+    "details,expected",
+    [
+        ("loras[0].name: no LoRA named 'x'", "denoiser stage: loras[0].name: no LoRA named 'x'"),
+        (
+            "denoiser stage: weights are released; call fluxmesh.v1.Residency/Load first",
+            "denoiser stage: weights are released; call fluxmesh.v1.Residency/Load first",
+        ),
+    ],
+)
 def test_the_orchestrator_names_a_stage_once(details, expected):
     from fluxmesh.orchestrator.stages import stage_errors
     from fluxmesh.rpc.errors import FluxmeshError
 
     with pytest.raises(FluxmeshError) as relayed, stage_errors("denoiser", "127.0.0.1:1"):
-        raise grpc.aio.AioRpcError(grpc.StatusCode.FAILED_PRECONDITION, grpc.aio.Metadata(), grpc.aio.Metadata(),
-                                   details)
+        raise grpc.aio.AioRpcError(
+            grpc.StatusCode.FAILED_PRECONDITION, grpc.aio.Metadata(), grpc.aio.Metadata(), details
+        )
     assert relayed.value.message == expected and relayed.value.code == grpc.StatusCode.FAILED_PRECONDITION
 
 
@@ -89,8 +97,10 @@ async def test_a_reason_crosses_the_wire_as_a_status_detail_not_as_words():
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = vae_pb2_grpc.VaeStub(channel)
             reasons = {}
-            for name, call in (("decode", stub.Decode(vae_pb2.DecodeRequest(), timeout=10)),
-                               ("encode", stub.Encode(vae_pb2.EncodeImageRequest(), timeout=10))):
+            for name, call in (
+                ("decode", stub.Decode(vae_pb2.DecodeRequest(), timeout=10)),
+                ("encode", stub.Encode(vae_pb2.EncodeImageRequest(), timeout=10)),
+            ):
                 with pytest.raises(FluxmeshError) as caught:
                     with stage_errors("vae", "here"):
                         await call

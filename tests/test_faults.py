@@ -18,12 +18,12 @@ import grpc
 import pytest
 
 from factories import PROMPT
-from mesh import NOT_SERVING, SERVING, Mesh, metric
-from rpc_tools import call
 from fluxmesh.cli.supervisor import STAGES
 from fluxmesh.client import Client, FluxmeshError, Result, Stage, StageStarted, Step
 from fluxmesh.rpc.channels import sync_channel
 from fluxmesh.v1 import common_pb2, generator_pb2
+from mesh import NOT_SERVING, SERVING, Mesh, metric
+from rpc_tools import call
 
 
 @pytest.fixture(scope="module")
@@ -75,11 +75,14 @@ def test_stages_may_start_in_any_order(mesh):
 
 def test_one_request_id_in_every_process_log(mesh):
     with sync_channel(mesh.address("orchestrator")) as channel:
-        code, details, events = call(channel, "/fluxmesh.v1.Generator/Generate",
-                                     # a prompt of its own: one the prompt cache holds would skip the encoder
-                                     generator_pb2.GenerateRequest(prompt=f"{PROMPT}, traced", width=64, height=64,
-                                                                   steps=2, seed=3),
-                                     metadata=(("x-request-id", "trace-me-7"),), timeout=60)
+        code, details, events = call(
+            channel,
+            "/fluxmesh.v1.Generator/Generate",
+            # a prompt of its own: one the prompt cache holds would skip the encoder
+            generator_pb2.GenerateRequest(prompt=f"{PROMPT}, traced", width=64, height=64, steps=2, seed=3),
+            metadata=(("x-request-id", "trace-me-7"),),
+            timeout=60,
+        )
     assert code == grpc.StatusCode.OK, details
     assert generator_pb2.GenerateEvent.FromString(events[-1]).request_id == "trace-me-7"
     time.sleep(0.3)
@@ -128,8 +131,11 @@ with Client(sys.argv[1], timeout=300) as client:
 
 def test_a_client_killed_mid_denoise_stops_the_denoiser_within_a_step(mesh):
     before = _wait_steps_settle(mesh)
-    client = subprocess.Popen([sys.executable, "-c", textwrap.dedent(CLIENT_SCRIPT), mesh.address("orchestrator")],
-                              stdout=subprocess.PIPE, text=True)
+    client = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(CLIENT_SCRIPT), mesh.address("orchestrator")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     seen = int(client.stdout.readline())
     client.kill()  # no goodbye: the connection just drops
     client.wait()

@@ -15,9 +15,10 @@ import grpc
 import httpx
 import openai
 import pytest
+from PIL import Image
+
 from conftest import stage_access
 from factories import PROMPT
-from mesh import SERVING
 from fluxmesh.cli.lifeline import child_environment
 from fluxmesh.cli.supervisor import Cluster, free_port, health_status
 from fluxmesh.client import Client
@@ -25,7 +26,7 @@ from fluxmesh.gateway.errors import HTTP_STATUS, from_fluxmesh
 from fluxmesh.gateway.store import ResultStore
 from fluxmesh.rpc.errors import FluxmeshError
 from gateway_process import Gateway
-from PIL import Image
+from mesh import SERVING
 
 TOKEN = "gateway-test-token"
 
@@ -33,8 +34,14 @@ TOKEN = "gateway-test-token"
 @pytest.fixture(scope="module")
 def gateway(dev_cluster, tmp_path_factory):
     """A gateway in front of the shared cluster; a 1 MiB body limit so the 413 test stays cheap."""
-    process = Gateway(dev_cluster.address, "--max-body-mib", "1", "--result-ttl", "60",
-                      log=tmp_path_factory.mktemp("gateway") / "gateway.log")
+    process = Gateway(
+        dev_cluster.address,
+        "--max-body-mib",
+        "1",
+        "--result-ttl",
+        "60",
+        log=tmp_path_factory.mktemp("gateway") / "gateway.log",
+    )
     yield process
     output = process.stop()
     assert "torch-free" in output, output[-3000:]  # the gateway never imported torch
@@ -63,31 +70,39 @@ def test_generate_through_the_gateway_equals_the_grpc_sdk_byte_for_byte(oai, sdk
     assert _png(reply.data[0].b64_json) == want.image_data[0]
     assert reply.model_extra["fluxmesh"]["seed"] == 5 and reply.model_extra["fluxmesh"]["steps"] == 2
     # step caching rides in the same body; off is exactly today's pixels
-    off = oai.images.generate(prompt=PROMPT, size="64x64", extra_body={"steps": 2, "seed": 5, "guidance": 3.0,
-                                                                       "cache": "off"})
+    off = oai.images.generate(
+        prompt=PROMPT, size="64x64", extra_body={"steps": 2, "seed": 5, "guidance": 3.0, "cache": "off"}
+    )
     assert _png(off.data[0].b64_json) == want.image_data[0] and off.model_extra["fluxmesh"]["blocks_skipped"] == 0
 
 
 def test_n_images_formats_and_urls(oai, sdk, gateway):
     want = sdk.generate(prompt=PROMPT, width=64, height=64, steps=1, seed=9, num_images=2)
-    jpeg = oai.images.generate(prompt=PROMPT, size="64x64", n=2, output_format="jpeg", output_compression=60,
-                               extra_body={"steps": 1, "seed": 9})
+    jpeg = oai.images.generate(
+        prompt=PROMPT,
+        size="64x64",
+        n=2,
+        output_format="jpeg",
+        output_compression=60,
+        extra_body={"steps": 1, "seed": 9},
+    )
     assert len(jpeg.data) == 2
     for data, png in zip(jpeg.data, want.image_data):
         image = Image.open(io.BytesIO(_png(data.b64_json)))
         assert image.format == "JPEG" and image.size == (64, 64)
         # lossy, but the same picture
-        diff = max(abs(a - b) for a, b in zip(image.convert("L").tobytes(),
-                                              Image.open(io.BytesIO(png)).convert("L").tobytes()))
+        diff = max(
+            abs(a - b) for a, b in zip(image.convert("L").tobytes(), Image.open(io.BytesIO(png)).convert("L").tobytes())
+        )
         assert diff < 96
     one = sdk.generate(prompt=PROMPT, width=64, height=64, steps=1, seed=9)
-    webp = oai.images.generate(prompt=PROMPT, size="64x64", output_format="webp", output_compression=100,
-                               extra_body={"steps": 1, "seed": 9})
+    webp = oai.images.generate(
+        prompt=PROMPT, size="64x64", output_format="webp", output_compression=100, extra_body={"steps": 1, "seed": 9}
+    )
     lossless = Image.open(io.BytesIO(_png(webp.data[0].b64_json)))
     assert lossless.format == "WEBP"
     assert lossless.convert("RGB").tobytes() == Image.open(io.BytesIO(one.image_data[0])).convert("RGB").tobytes()
-    by_url = oai.images.generate(prompt=PROMPT, size="64x64", response_format="url",
-                                 extra_body={"steps": 1, "seed": 9})
+    by_url = oai.images.generate(prompt=PROMPT, size="64x64", response_format="url", extra_body={"steps": 1, "seed": 9})
     url = by_url.data[0].url
     assert url.startswith(gateway.url) and by_url.data[0].b64_json is None
     fetched = httpx.get(url)
@@ -97,13 +112,17 @@ def test_n_images_formats_and_urls(oai, sdk, gateway):
 
 
 def test_streaming_sends_partial_images_then_the_completed_image(oai, sdk):
-    stream = oai.images.generate(prompt=PROMPT, size="64x64", stream=True, partial_images=2,
-                                 extra_body={"steps": 6, "seed": 3})
+    stream = oai.images.generate(
+        prompt=PROMPT, size="64x64", stream=True, partial_images=2, extra_body={"steps": 6, "seed": 3}
+    )
     events = list(stream)
     kinds = [event.type for event in events]
     assert kinds == ["image_generation.partial_image"] * 2 + ["image_generation.completed"], kinds
     assert [event.partial_image_index for event in events[:2]] == [0, 1]
-    assert [event.model_extra["step"] for event in events[:2]] == [2, 4]  # evenly spread over the 6 steps (the 6th is the result)
+    assert [event.model_extra["step"] for event in events[:2]] == [
+        2,
+        4,
+    ]  # evenly spread over the 6 steps (the 6th is the result)
     for partial in events[:2]:
         assert Image.open(io.BytesIO(_png(partial.b64_json))).format == "PNG"
     want = sdk.generate(prompt=PROMPT, width=64, height=64, steps=6, seed=3)
@@ -131,14 +150,20 @@ def test_edit_and_inpaint_through_the_gateway_equal_the_grpc_sdk(oai, sdk):
     mask = Image.new("L", (64, 64), 0)
     mask.paste(255, (16, 16, 48, 48))
     mask_png = _png_bytes(mask)
-    edited = oai.images.edit(image=("init.png", init, "image/png"), prompt=PROMPT,
-                             extra_body={"strength": 0.5, "steps": 4, "seed": 2})
+    edited = oai.images.edit(
+        image=("init.png", init, "image/png"), prompt=PROMPT, extra_body={"strength": 0.5, "steps": 4, "seed": 2}
+    )
     want = sdk.generate(prompt=PROMPT, init_image=init, strength=0.5, steps=4, seed=2)
     assert edited.size == "64x64" and _png(edited.data[0].b64_json) == want.image_data[0]
 
-    stream = oai.images.edit(image=("init.png", init, "image/png"), mask=("mask.png", mask_png, "image/png"),
-                             prompt=PROMPT, stream=True, partial_images=1,
-                             extra_body={"strength": 0.75, "steps": 4, "seed": 2})
+    stream = oai.images.edit(
+        image=("init.png", init, "image/png"),
+        mask=("mask.png", mask_png, "image/png"),
+        prompt=PROMPT,
+        stream=True,
+        partial_images=1,
+        extra_body={"strength": 0.75, "steps": 4, "seed": 2},
+    )
     events = list(stream)
     assert [e.type for e in events] == ["image_edit.partial_image", "image_edit.completed"]
     want = sdk.generate(prompt=PROMPT, init_image=init, mask_image=mask_png, strength=0.75, steps=4, seed=2)
@@ -156,22 +181,27 @@ def test_models_and_loras(oai, gateway):
     loras = httpx.get(f"{gateway.url}/v1/loras").json()
     assert loras == {"object": "list", "data": []}  # the shared cluster has no LoRA directory
     # a request may name the served model by its id
-    assert len(oai.images.generate(model="tiny-dev", prompt=PROMPT, size="64x64",
-                                   extra_body={"steps": 1, "seed": 1}).data) == 1
+    assert (
+        len(oai.images.generate(model="tiny-dev", prompt=PROMPT, size="64x64", extra_body={"steps": 1, "seed": 1}).data)
+        == 1
+    )
 
 
-@pytest.mark.parametrize("kwargs, param", [
-    ({"size": "63x64"}, "size"),
-    ({"size": "large"}, "size"),
-    ({"n": 9}, "n"),
-    ({"n": 0}, "n"),
-    ({"extra_body": {"steps": 0}}, "steps"),
-    ({"extra_body": {"seeed": 1}}, "seeed"),
-    ({"output_format": "gif"}, "output_format"),
-    ({"output_compression": 50}, "output_compression"),  # png is lossless
-    ({"extra_body": {"loras": [{"name": "x", "weight": 9}]}}, "loras[0].weight"),
-    ({"extra_body": {"cache": "sometimes"}}, "cache"),
-])
+@pytest.mark.parametrize(
+    "kwargs, param",
+    [
+        ({"size": "63x64"}, "size"),
+        ({"size": "large"}, "size"),
+        ({"n": 9}, "n"),
+        ({"n": 0}, "n"),
+        ({"extra_body": {"steps": 0}}, "steps"),
+        ({"extra_body": {"seeed": 1}}, "seeed"),
+        ({"output_format": "gif"}, "output_format"),
+        ({"output_compression": 50}, "output_compression"),  # png is lossless
+        ({"extra_body": {"loras": [{"name": "x", "weight": 9}]}}, "loras[0].weight"),
+        ({"extra_body": {"cache": "sometimes"}}, "cache"),
+    ],
+)
 def test_bad_requests_are_400_naming_the_openai_field(oai, kwargs, param):
     with pytest.raises(openai.BadRequestError) as caught:
         oai.images.generate(prompt=PROMPT, **{"size": "64x64", **kwargs})
@@ -204,8 +234,11 @@ def test_the_gateways_own_tokens_are_checked_before_anything_is_called():
     app = create_app(GatewayOptions(orchestrator=f"127.0.0.1:{free_port()}", tokens=("right",)))
     body = {"prompt": PROMPT, "size": "64x64"}
     with TestClient(app) as http:
-        for headers, says in (({}, "missing bearer token"), ({"Authorization": "Bearer wrong"}, "invalid bearer token"),
-                              ({"Authorization": "Basic eDp5"}, "Bearer <token>")):
+        for headers, says in (
+            ({}, "missing bearer token"),
+            ({"Authorization": "Bearer wrong"}, "invalid bearer token"),
+            ({"Authorization": "Basic eDp5"}, "Bearer <token>"),
+        ):
             reply = http.post("/v1/images/generations", json=body, headers=headers)
             assert reply.status_code == 401 and says in reply.json()["error"]["message"], reply.text
         assert http.get("/v1/loras", headers={"Authorization": "Bearer wrong"}).status_code == 401
@@ -247,12 +280,27 @@ def guarded(stage_addresses, stage_token, tmp_path_factory):
     (folder / "tokens").write_text(f"{TOKEN}\n")
     port = free_port()
     with Cluster() as cluster:
-        cluster.start("orchestrator", [
-            "serve", "orchestrator", "--host", "127.0.0.1", "--port", str(port), "--token-file",
-            str(folder / "tokens"), "--max-priority", "1", "--max-queue", "0",
-            *[f"--{stage}={address}" for stage, address in stage_addresses.items() if stage != "orchestrator"],
-            *stage_access(stage_token)[0],
-        ], f"127.0.0.1:{port}", stage_access(stage_token)[1])
+        cluster.start(
+            "orchestrator",
+            [
+                "serve",
+                "orchestrator",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--token-file",
+                str(folder / "tokens"),
+                "--max-priority",
+                "1",
+                "--max-queue",
+                "0",
+                *[f"--{stage}={address}" for stage, address in stage_addresses.items() if stage != "orchestrator"],
+                *stage_access(stage_token)[0],
+            ],
+            f"127.0.0.1:{port}",
+            stage_access(stage_token)[1],
+        )
         deadline = time.monotonic() + 60
         while health_status(cluster.address) != SERVING:
             assert time.monotonic() < deadline
@@ -311,12 +359,15 @@ EDGE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("content, content_type, status, param, says", EDGE_CASES,
-                         ids=["truncated-json", "array", "no-prompt", "unknown-field", "wrong-type", "form", "text",
-                              "oversized"])
+@pytest.mark.parametrize(
+    "content, content_type, status, param, says",
+    EDGE_CASES,
+    ids=["truncated-json", "array", "no-prompt", "unknown-field", "wrong-type", "form", "text", "oversized"],
+)
 def test_raw_http_edge_cases_are_clear_errors(gateway, content, content_type, status, param, says):
-    reply = httpx.post(f"{gateway.url}/v1/images/generations", content=content,
-                       headers={"content-type": content_type}, timeout=30)
+    reply = httpx.post(
+        f"{gateway.url}/v1/images/generations", content=content, headers={"content-type": content_type}, timeout=30
+    )
     assert reply.status_code == status, reply.text
     error = reply.json()["error"]
     assert error["param"] == param and says in error["message"], error
@@ -329,14 +380,20 @@ def test_wrong_methods_paths_and_edit_bodies(gateway):
     assert missing.status_code == 404 and "no such endpoint" in missing.json()["error"]["message"]
     as_json = httpx.post(f"{gateway.url}/v1/images/edits", json={"prompt": PROMPT})
     assert as_json.status_code == 415 and "multipart/form-data" in as_json.json()["error"]["message"]
-    no_image = httpx.post(f"{gateway.url}/v1/images/edits", data={"prompt": PROMPT},
-                          files={"mask": ("m.png", b"x", "image/png")})
+    no_image = httpx.post(
+        f"{gateway.url}/v1/images/edits", data={"prompt": PROMPT}, files={"mask": ("m.png", b"x", "image/png")}
+    )
     assert no_image.status_code == 400 and no_image.json()["error"]["param"] == "image"
-    not_an_image = httpx.post(f"{gateway.url}/v1/images/edits", data={"prompt": PROMPT},
-                              files={"image": ("i.png", b"not a png", "image/png")})
+    not_an_image = httpx.post(
+        f"{gateway.url}/v1/images/edits", data={"prompt": PROMPT}, files={"image": ("i.png", b"not a png", "image/png")}
+    )
     assert not_an_image.status_code == 400 and not_an_image.json()["error"]["param"] == "image"
-    assert httpx.post(f"{gateway.url}/v1/images/generations", headers={"Authorization": "Basic eDp5"},
-                      json={"prompt": PROMPT}).status_code == 401
+    assert (
+        httpx.post(
+            f"{gateway.url}/v1/images/generations", headers={"Authorization": "Basic eDp5"}, json={"prompt": PROMPT}
+        ).status_code
+        == 401
+    )
 
 
 def _steps_run(sdk: Client) -> int:
@@ -367,16 +424,38 @@ def test_a_client_that_disconnects_cancels_the_generation(gateway, sdk, stream):
 
 def test_openapi_documents_what_is_served(gateway):
     spec = httpx.get(f"{gateway.url}/openapi.json").json()
-    assert set(spec["paths"]) == {"/v1/images/generations", "/v1/images/edits", "/v1/images/results/{name}",
-                                  "/v1/models", "/v1/models/{model_id}", "/v1/loras", "/health"}
+    assert set(spec["paths"]) == {
+        "/v1/images/generations",
+        "/v1/images/edits",
+        "/v1/images/results/{name}",
+        "/v1/models",
+        "/v1/models/{model_id}",
+        "/v1/loras",
+        "/health",
+    }
     for path, operations in spec["paths"].items():
         for method in operations:
             reply = httpx.request(method.upper(), gateway.url + path.replace("{name}", "x").replace("{model_id}", "x"))
             assert "no such endpoint" not in reply.text and reply.status_code != 405, (method, path)
     generation = spec["components"]["schemas"]["ImageGenerationRequest"]
     assert generation["additionalProperties"] is False
-    assert {"prompt", "n", "size", "response_format", "output_format", "stream", "partial_images", "seed",
-            "steps", "guidance", "negative_prompt", "true_cfg_scale", "loras", "priority", "cache"} <= set(generation["properties"])
+    assert {
+        "prompt",
+        "n",
+        "size",
+        "response_format",
+        "output_format",
+        "stream",
+        "partial_images",
+        "seed",
+        "steps",
+        "guidance",
+        "negative_prompt",
+        "true_cfg_scale",
+        "loras",
+        "priority",
+        "cache",
+    } <= set(generation["properties"])
     edits = spec["paths"]["/v1/images/edits"]["post"]["requestBody"]["content"]
     assert list(edits) == ["multipart/form-data"]
     schema = spec["components"]["schemas"][edits["multipart/form-data"]["schema"]["$ref"].rsplit("/", 1)[1]]
@@ -414,11 +493,23 @@ def test_https_with_the_same_tls_flags_as_the_grpc_ports(dev_cluster, tmp_path):
     authority = Authority(tmp_path, "http")
     server = authority.issue("server", server=True)
     trust = ssl.create_default_context(cafile=str(authority.pem))
-    gateway = Gateway(dev_cluster.address, "--tls-cert", str(server.cert), "--tls-key", str(server.key),
-                      log=tmp_path / "g.log", scheme="https", verify=trust)
+    gateway = Gateway(
+        dev_cluster.address,
+        "--tls-cert",
+        str(server.cert),
+        "--tls-key",
+        str(server.key),
+        log=tmp_path / "g.log",
+        scheme="https",
+        verify=trust,
+    )
     try:
-        reply = httpx.post(f"{gateway.url}/v1/images/generations", verify=trust, timeout=60,
-                           json={"prompt": PROMPT, "size": "64x64", "steps": 1, "seed": 1})
+        reply = httpx.post(
+            f"{gateway.url}/v1/images/generations",
+            verify=trust,
+            timeout=60,
+            json={"prompt": PROMPT, "size": "64x64", "steps": 1, "seed": 1},
+        )
         assert reply.status_code == 200 and reply.json()["data"][0]["b64_json"]
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"{gateway.url}/health")  # not trusted without the CA
@@ -432,9 +523,28 @@ def test_demo_serve_prints_the_page_address_and_serves_it(tmp_path):
     port = free_port()
     log = tmp_path / "demo.log"
     with open(log, "wb") as output:  # a file, not a pipe: five processes write to it
-        demo = subprocess.Popen([sys.executable, "-m", "fluxmesh.cli", "demo", "--serve", "--http-port", str(port),
-                                 "-o", str(tmp_path / "demo.png"), "--width", "64", "--height", "64", "--steps", "2"],
-                                stdout=output, stderr=subprocess.STDOUT, env=child_environment())
+        demo = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "fluxmesh.cli",
+                "demo",
+                "--serve",
+                "--http-port",
+                str(port),
+                "-o",
+                str(tmp_path / "demo.png"),
+                "--width",
+                "64",
+                "--height",
+                "64",
+                "--steps",
+                "2",
+            ],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            env=child_environment(),
+        )
     try:
         page = f"http://127.0.0.1:{port}/"
         deadline = time.monotonic() + 240
@@ -443,8 +553,9 @@ def test_demo_serve_prints_the_page_address_and_serves_it(tmp_path):
             time.sleep(0.2)
         assert (tmp_path / "demo.png").stat().st_size > 0
         assert "fluxmesh" in httpx.get(page).text
-        reply = httpx.post(page + "v1/images/generations", json={"prompt": PROMPT, "size": "64x64", "steps": 1},
-                           timeout=60)
+        reply = httpx.post(
+            page + "v1/images/generations", json={"prompt": PROMPT, "size": "64x64", "steps": 1}, timeout=60
+        )
         assert reply.status_code == 200 and reply.json()["data"][0]["b64_json"]
     finally:
         demo.terminate()

@@ -508,9 +508,12 @@ def test_quantize_never_writes_over_its_source_and_replaces_only_with_force(tiny
     sums = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (weights, t5_weights)}
     (tmp_path / "alias.gguf").symlink_to(weights)
 
-    for quantize, source, target in ((quantize_transformer, model, weights), (quantize_transformer, weights, weights),
-                                     (quantize_transformer, model, tmp_path / "alias.gguf"),
-                                     (quantize_t5, model, t5_weights)):
+    for quantize, source, target in (
+        (quantize_transformer, model, weights),
+        (quantize_transformer, weights, weights),
+        (quantize_transformer, model, tmp_path / "alias.gguf"),
+        (quantize_t5, model, t5_weights),
+    ):
         for force in (False, True):
             with pytest.raises(InvalidArgument, match="output: .* is a source file of this conversion"):
                 quantize(source, target, "Q8_0", force=force)
@@ -551,12 +554,20 @@ def test_quantize_command_refuses_in_one_line(tiny, tmp_path):
 
     out = tmp_path / "x.gguf"
     out.write_bytes(b"keep me")
-    done = subprocess.run([sys.executable, "-m", "fluxmesh.cli", "quantize", str(tiny), str(out)],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "fluxmesh.cli", "quantize", str(tiny), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2 and done.stderr.strip().count("\n") == 0, done.stderr
     assert "exists; pass --force" in done.stderr and out.read_bytes() == b"keep me"
-    done = subprocess.run([sys.executable, "-m", "fluxmesh.cli", "quantize", str(tiny), str(out), "--force"],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "fluxmesh.cli", "quantize", str(tiny), str(out), "--force"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert gguf.GGUFReader(out).fields["general.architecture"].contents() == "flux"
 
@@ -580,18 +591,23 @@ def test_metadata_beyond_the_bounds_is_refused_before_parsing(tmp_path):
 
     from fluxmesh.services.gguf.loading import MAX_ARRAY_ITEMS, MAX_METADATA_ENTRIES, read_gguf
 
-    many = _gguf_with_metadata(tmp_path / "many.gguf", [struct.pack("<Q", 2) + b"k%d" % (i % 10) + b"\0\0\0\0\1"
-                                                        for i in range(200_000)])
+    many = _gguf_with_metadata(
+        tmp_path / "many.gguf", [struct.pack("<Q", 2) + b"k%d" % (i % 10) + b"\0\0\0\0\1" for i in range(200_000)]
+    )
     items = MAX_ARRAY_ITEMS + 1
-    big_array = _gguf_with_metadata(tmp_path / "array.gguf", [
-        struct.pack("<Q", 3) + b"big" + struct.pack("<IIQ", 9, 0, items) + bytes(items)])
-    long_string = _gguf_with_metadata(tmp_path / "string.gguf", [
-        struct.pack("<Q", 1) + b"s" + struct.pack("<IQ", 8, 1 << 40)])
+    big_array = _gguf_with_metadata(
+        tmp_path / "array.gguf", [struct.pack("<Q", 3) + b"big" + struct.pack("<IIQ", 9, 0, items) + bytes(items)]
+    )
+    long_string = _gguf_with_metadata(
+        tmp_path / "string.gguf", [struct.pack("<Q", 1) + b"s" + struct.pack("<IQ", 8, 1 << 40)]
+    )
     cut = _gguf_with_metadata(tmp_path / "cut.gguf", [struct.pack("<Q", 1) + b"a"])
-    for path, reason in ((many, f"200001 metadata entries; the limit is {MAX_METADATA_ENTRIES}"),
-                         (big_array, f"metadata arrays hold more than {MAX_ARRAY_ITEMS} items"),
-                         (long_string, "a 1099511627776-byte string"),
-                         (cut, "the metadata ends early")):
+    for path, reason in (
+        (many, f"200001 metadata entries; the limit is {MAX_METADATA_ENTRIES}"),
+        (big_array, f"metadata arrays hold more than {MAX_ARRAY_ITEMS} items"),
+        (long_string, "a 1099511627776-byte string"),
+        (cut, "the metadata ends early"),
+    ):
         started = time.monotonic()
         with pytest.raises(GGUFFileError, match=reason):
             read_gguf(path, ("flux",))  # what the loaders and `plan` open files with

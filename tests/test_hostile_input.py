@@ -23,9 +23,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from conftest import STAGE_FLAGS, stage_metadata
-from rpc_tools import Caller
 from fluxmesh.cli.supervisor import free_port, start_local
 from fluxmesh.v1 import common_pb2, denoiser_pb2, encoder_pb2, generator_pb2, vae_pb2
+from rpc_tools import Caller
 
 C = grpc.StatusCode
 GENERATE = "/fluxmesh.v1.Generator/Generate"
@@ -34,12 +34,24 @@ DENOISE = "/fluxmesh.v1.Denoiser/Denoise"
 DECODE = "/fluxmesh.v1.Vae/Decode"
 ENCODE_IMAGE = "/fluxmesh.v1.Vae/Encode"
 RESIDENCY = {stage: "/fluxmesh.v1.Residency/Status" for stage in ("encoder", "denoiser", "vae")}
-INFO = {"orchestrator": "/fluxmesh.v1.Generator/Info", "encoder": "/fluxmesh.v1.TextEncoder/Info",
-        "denoiser": "/fluxmesh.v1.Denoiser/Info", "vae": "/fluxmesh.v1.Vae/Info"}
-SERVICE_OF = {GENERATE: "orchestrator", ENCODE: "encoder", DENOISE: "denoiser", DECODE: "vae", ENCODE_IMAGE: "vae",
-              "/fluxmesh.v1.Residency/Status": "vae", "/fluxmesh.v1.Residency/Release": "vae",
-              "/fluxmesh.v1.Generator/ListLoras": "orchestrator", "/fluxmesh.v1.Denoiser/ListLoras": "denoiser",
-              **{method: name for name, method in INFO.items()}}
+INFO = {
+    "orchestrator": "/fluxmesh.v1.Generator/Info",
+    "encoder": "/fluxmesh.v1.TextEncoder/Info",
+    "denoiser": "/fluxmesh.v1.Denoiser/Info",
+    "vae": "/fluxmesh.v1.Vae/Info",
+}
+SERVICE_OF = {
+    GENERATE: "orchestrator",
+    ENCODE: "encoder",
+    DENOISE: "denoiser",
+    DECODE: "vae",
+    ENCODE_IMAGE: "vae",
+    "/fluxmesh.v1.Residency/Status": "vae",
+    "/fluxmesh.v1.Residency/Release": "vae",
+    "/fluxmesh.v1.Generator/ListLoras": "orchestrator",
+    "/fluxmesh.v1.Denoiser/ListLoras": "denoiser",
+    **{method: name for name, method in INFO.items()},
+}
 CORRUPT = b"\x0a\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01"  # a length-delimited field of absurd length
 PROMPT = "a photo of a cat sitting on a windowsill"
 
@@ -66,9 +78,14 @@ def lora_dir(tmp_path_factory, dev_model) -> Path:
 @pytest.fixture(scope="module")
 def cluster(dev_model, lora_dir):
     lora = ["--lora-dir", str(lora_dir)]
-    with start_local(str(dev_model), port=free_port(), common_args=STAGE_FLAGS,
-                     stage_args={"encoder": lora, "denoiser": lora},
-                     orchestrator_args=["--max-request-mib", "1"], timeout=180) as running:
+    with start_local(
+        str(dev_model),
+        port=free_port(),
+        common_args=STAGE_FLAGS,
+        stage_args={"encoder": lora, "denoiser": lora},
+        orchestrator_args=["--max-request-mib", "1"],
+        timeout=180,
+    ) as running:
         yield running
 
 
@@ -85,8 +102,11 @@ def rpc(cluster):
 
 
 def _tensor(array: np.ndarray, dtype: str = "float32", shape: list[int] | None = None) -> common_pb2.Tensor:
-    return common_pb2.Tensor(dtype=dtype, shape=list(array.shape) if shape is None else shape,
-                             data=np.ascontiguousarray(array, dtype=np.float32).tobytes())
+    return common_pb2.Tensor(
+        dtype=dtype,
+        shape=list(array.shape) if shape is None else shape,
+        data=np.ascontiguousarray(array, dtype=np.float32).tobytes(),
+    )
 
 
 @dataclass(frozen=True)
@@ -154,9 +174,16 @@ def valid(addresses, rpc) -> Valid:
     code, _, [raw] = rpc(addresses["encoder"], ENCODE, encode)
     assert code == C.OK
     embeddings = encoder_pb2.EncodeResponse.FromString(raw)
-    denoise = denoiser_pb2.DenoiseRequest(prompt_embeds=embeddings.prompt_embeds,
-                                          pooled_prompt_embeds=embeddings.pooled_prompt_embeds,
-                                          width=64, height=64, steps=1, guidance=3.5, seed=1, num_images=1)
+    denoise = denoiser_pb2.DenoiseRequest(
+        prompt_embeds=embeddings.prompt_embeds,
+        pooled_prompt_embeds=embeddings.pooled_prompt_embeds,
+        width=64,
+        height=64,
+        steps=1,
+        guidance=3.5,
+        seed=1,
+        num_images=1,
+    )
     code, _, events = rpc(addresses["denoiser"], DENOISE, denoise)
     assert code == C.OK
     latents = denoiser_pb2.DenoiseEvent.FromString(events[-1]).latents
@@ -205,8 +232,7 @@ def _one_row_png(width: int = 64, height: int = 64) -> bytes:
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     row = b"\x00" + bytes([200, 30, 30]) * width
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(row))
-            + chunk(b"IEND", b""))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(row)) + chunk(b"IEND", b"")
 
 
 def _image_request(**changes) -> vae_pb2.EncodeImageRequest:
@@ -239,68 +265,206 @@ CASES: list[tuple[str, str, Build, grpc.StatusCode, str]] = [
     ("gen-guidance-inf", GENERATE, lambda v: v.generating(guidance=math.inf), C.INVALID_ARGUMENT, "guidance:"),
     ("gen-guidance-neg-inf", GENERATE, lambda v: v.generating(guidance=-math.inf), C.INVALID_ARGUMENT, "guidance:"),
     ("gen-images-many", GENERATE, lambda v: v.generating(num_images=9), C.INVALID_ARGUMENT, "num_images:"),
-    ("gen-negative-without-scale", GENERATE, lambda v: v.generating(negative_prompt="blurry"), C.INVALID_ARGUMENT,
-     "true_cfg_scale:"),
-    ("gen-scale-without-negative", GENERATE, lambda v: v.generating(true_cfg_scale=4.0), C.INVALID_ARGUMENT,
-     "negative_prompt:"),
-    ("gen-true-cfg-nan", GENERATE, lambda v: v.generating(negative_prompt="", true_cfg_scale=math.nan),
-     C.INVALID_ARGUMENT, "true_cfg_scale:"),
-    ("gen-true-cfg-huge", GENERATE, lambda v: v.generating(negative_prompt="", true_cfg_scale=31.0),
-     C.INVALID_ARGUMENT, "true_cfg_scale:"),
-    ("gen-true-cfg-below-one", GENERATE, lambda v: v.generating(negative_prompt="", true_cfg_scale=0.5),
-     C.INVALID_ARGUMENT, "true_cfg_scale:"),
-    ("gen-negative-2-alone", GENERATE, lambda v: v.generating(negative_prompt_2="blurry"), C.INVALID_ARGUMENT,
-     "negative_prompt_2:"),
-    ("gen-huge-negative", GENERATE, lambda v: v.generating(negative_prompt="x" * 20_001, true_cfg_scale=2.0),
-     C.INVALID_ARGUMENT, "negative_prompt:"),
+    (
+        "gen-negative-without-scale",
+        GENERATE,
+        lambda v: v.generating(negative_prompt="blurry"),
+        C.INVALID_ARGUMENT,
+        "true_cfg_scale:",
+    ),
+    (
+        "gen-scale-without-negative",
+        GENERATE,
+        lambda v: v.generating(true_cfg_scale=4.0),
+        C.INVALID_ARGUMENT,
+        "negative_prompt:",
+    ),
+    (
+        "gen-true-cfg-nan",
+        GENERATE,
+        lambda v: v.generating(negative_prompt="", true_cfg_scale=math.nan),
+        C.INVALID_ARGUMENT,
+        "true_cfg_scale:",
+    ),
+    (
+        "gen-true-cfg-huge",
+        GENERATE,
+        lambda v: v.generating(negative_prompt="", true_cfg_scale=31.0),
+        C.INVALID_ARGUMENT,
+        "true_cfg_scale:",
+    ),
+    (
+        "gen-true-cfg-below-one",
+        GENERATE,
+        lambda v: v.generating(negative_prompt="", true_cfg_scale=0.5),
+        C.INVALID_ARGUMENT,
+        "true_cfg_scale:",
+    ),
+    (
+        "gen-negative-2-alone",
+        GENERATE,
+        lambda v: v.generating(negative_prompt_2="blurry"),
+        C.INVALID_ARGUMENT,
+        "negative_prompt_2:",
+    ),
+    (
+        "gen-huge-negative",
+        GENERATE,
+        lambda v: v.generating(negative_prompt="x" * 20_001, true_cfg_scale=2.0),
+        C.INVALID_ARGUMENT,
+        "negative_prompt:",
+    ),
     ("gen-images-negative", GENERATE, lambda v: v.generating(num_images=-1), C.INVALID_ARGUMENT, "num_images:"),
-    ("gen-seq-long", GENERATE, lambda v: v.generating(max_sequence_length=513), C.INVALID_ARGUMENT,
-     "max_sequence_length:"),
-    ("gen-seq-negative", GENERATE, lambda v: v.generating(max_sequence_length=-1), C.INVALID_ARGUMENT,
-     "max_sequence_length:"),
-    ("gen-unknown-preview-kind", GENERATE, lambda v: v.generating(preview=generator_pb2.Preview(kind=9)),
-     C.INVALID_ARGUMENT, "preview.kind:"),
-    ("gen-lora-unknown", GENERATE, lambda v: v.generating(loras=[_lora("no-such-lora")]), C.NOT_FOUND,
-     "no-such-lora"),
-    ("gen-lora-escapes", GENERATE, lambda v: v.generating(loras=[_lora("../../etc/passwd")]), C.INVALID_ARGUMENT,
-     "../../etc/passwd"),
-    ("gen-lora-absolute", GENERATE, lambda v: v.generating(loras=[_lora("/etc/passwd")]), C.INVALID_ARGUMENT,
-     "/etc/passwd"),
-    ("gen-lora-not-safetensors", GENERATE, lambda v: v.generating(loras=[_lora("broken")]), C.INVALID_ARGUMENT,
-     "broken"),
-    ("gen-lora-float8", GENERATE, lambda v: v.generating(loras=[_lora("float8")]), C.INVALID_ARGUMENT,
-     "(float8.safetensors): tensor"),
-    ("gen-lora-loop", GENERATE, lambda v: v.generating(loras=[_lora("loop")]), C.INVALID_ARGUMENT,
-     "'loop' is a symlink loop"),
-    ("gen-lora-weight-nan", GENERATE, lambda v: v.generating(loras=[_lora("x", math.nan)]), C.INVALID_ARGUMENT,
-     "loras[0].weight:"),
-    ("gen-lora-weight-big", GENERATE, lambda v: v.generating(loras=[_lora("x", 5.0)]), C.INVALID_ARGUMENT,
-     "loras[0].weight:"),
-    ("gen-lora-empty-name", GENERATE, lambda v: v.generating(loras=[_lora("")]), C.INVALID_ARGUMENT,
-     "loras[0].name:"),
-    ("gen-lora-twice", GENERATE, lambda v: v.generating(loras=[_lora("a"), _lora("a")]), C.INVALID_ARGUMENT,
-     "loras[1].name:"),
-    ("gen-preview-every-negative", GENERATE, lambda v: v.generating(preview=generator_pb2.Preview(kind=1, every=-2)),
-     C.INVALID_ARGUMENT, "preview.every:"),
-    ("gen-init-image-garbage", GENERATE, lambda v: v.generating(init_image=b"\x89PNG\r\n\x1a\n garbage"),
-     C.INVALID_ARGUMENT, "init_image:"),
-    ("gen-init-image-one-row", GENERATE, lambda v: v.generating(init_image=_one_row_png()), C.INVALID_ARGUMENT,
-     "init_image: truncated PNG"),
-    ("gen-mask-one-row", GENERATE, lambda v: v.generating(init_image=_png(), mask_image=_one_row_png()),
-     C.INVALID_ARGUMENT, "mask_image: truncated PNG"),
-    ("gen-init-image-gif", GENERATE, lambda v: v.generating(init_image=_png(fmt="GIF")), C.INVALID_ARGUMENT,
-     "init_image:"),
-    ("gen-init-image-huge-header", GENERATE, lambda v: v.generating(init_image=_png(8192, 16, "L")),
-     C.INVALID_ARGUMENT, "init_image:"),
-    ("gen-mask-without-init", GENERATE, lambda v: v.generating(mask_image=_png(mode="L")), C.INVALID_ARGUMENT,
-     "mask_image:"),
-    ("gen-mask-wrong-size", GENERATE, lambda v: v.generating(init_image=_png(), mask_image=_png(32, 32, "L")),
-     C.INVALID_ARGUMENT, "mask_image:"),
+    (
+        "gen-seq-long",
+        GENERATE,
+        lambda v: v.generating(max_sequence_length=513),
+        C.INVALID_ARGUMENT,
+        "max_sequence_length:",
+    ),
+    (
+        "gen-seq-negative",
+        GENERATE,
+        lambda v: v.generating(max_sequence_length=-1),
+        C.INVALID_ARGUMENT,
+        "max_sequence_length:",
+    ),
+    (
+        "gen-unknown-preview-kind",
+        GENERATE,
+        lambda v: v.generating(preview=generator_pb2.Preview(kind=9)),
+        C.INVALID_ARGUMENT,
+        "preview.kind:",
+    ),
+    ("gen-lora-unknown", GENERATE, lambda v: v.generating(loras=[_lora("no-such-lora")]), C.NOT_FOUND, "no-such-lora"),
+    (
+        "gen-lora-escapes",
+        GENERATE,
+        lambda v: v.generating(loras=[_lora("../../etc/passwd")]),
+        C.INVALID_ARGUMENT,
+        "../../etc/passwd",
+    ),
+    (
+        "gen-lora-absolute",
+        GENERATE,
+        lambda v: v.generating(loras=[_lora("/etc/passwd")]),
+        C.INVALID_ARGUMENT,
+        "/etc/passwd",
+    ),
+    (
+        "gen-lora-not-safetensors",
+        GENERATE,
+        lambda v: v.generating(loras=[_lora("broken")]),
+        C.INVALID_ARGUMENT,
+        "broken",
+    ),
+    (
+        "gen-lora-float8",
+        GENERATE,
+        lambda v: v.generating(loras=[_lora("float8")]),
+        C.INVALID_ARGUMENT,
+        "(float8.safetensors): tensor",
+    ),
+    (
+        "gen-lora-loop",
+        GENERATE,
+        lambda v: v.generating(loras=[_lora("loop")]),
+        C.INVALID_ARGUMENT,
+        "'loop' is a symlink loop",
+    ),
+    (
+        "gen-lora-weight-nan",
+        GENERATE,
+        lambda v: v.generating(loras=[_lora("x", math.nan)]),
+        C.INVALID_ARGUMENT,
+        "loras[0].weight:",
+    ),
+    (
+        "gen-lora-weight-big",
+        GENERATE,
+        lambda v: v.generating(loras=[_lora("x", 5.0)]),
+        C.INVALID_ARGUMENT,
+        "loras[0].weight:",
+    ),
+    ("gen-lora-empty-name", GENERATE, lambda v: v.generating(loras=[_lora("")]), C.INVALID_ARGUMENT, "loras[0].name:"),
+    (
+        "gen-lora-twice",
+        GENERATE,
+        lambda v: v.generating(loras=[_lora("a"), _lora("a")]),
+        C.INVALID_ARGUMENT,
+        "loras[1].name:",
+    ),
+    (
+        "gen-preview-every-negative",
+        GENERATE,
+        lambda v: v.generating(preview=generator_pb2.Preview(kind=1, every=-2)),
+        C.INVALID_ARGUMENT,
+        "preview.every:",
+    ),
+    (
+        "gen-init-image-garbage",
+        GENERATE,
+        lambda v: v.generating(init_image=b"\x89PNG\r\n\x1a\n garbage"),
+        C.INVALID_ARGUMENT,
+        "init_image:",
+    ),
+    (
+        "gen-init-image-one-row",
+        GENERATE,
+        lambda v: v.generating(init_image=_one_row_png()),
+        C.INVALID_ARGUMENT,
+        "init_image: truncated PNG",
+    ),
+    (
+        "gen-mask-one-row",
+        GENERATE,
+        lambda v: v.generating(init_image=_png(), mask_image=_one_row_png()),
+        C.INVALID_ARGUMENT,
+        "mask_image: truncated PNG",
+    ),
+    (
+        "gen-init-image-gif",
+        GENERATE,
+        lambda v: v.generating(init_image=_png(fmt="GIF")),
+        C.INVALID_ARGUMENT,
+        "init_image:",
+    ),
+    (
+        "gen-init-image-huge-header",
+        GENERATE,
+        lambda v: v.generating(init_image=_png(8192, 16, "L")),
+        C.INVALID_ARGUMENT,
+        "init_image:",
+    ),
+    (
+        "gen-mask-without-init",
+        GENERATE,
+        lambda v: v.generating(mask_image=_png(mode="L")),
+        C.INVALID_ARGUMENT,
+        "mask_image:",
+    ),
+    (
+        "gen-mask-wrong-size",
+        GENERATE,
+        lambda v: v.generating(init_image=_png(), mask_image=_png(32, 32, "L")),
+        C.INVALID_ARGUMENT,
+        "mask_image:",
+    ),
     ("gen-strength-without-init", GENERATE, lambda v: v.generating(strength=0.5), C.INVALID_ARGUMENT, "strength:"),
-    ("gen-strength-zero", GENERATE, lambda v: v.generating(init_image=_png(), strength=0.0), C.INVALID_ARGUMENT,
-     "strength:"),
-    ("gen-strength-nan", GENERATE, lambda v: v.generating(init_image=_png(), strength=math.nan), C.INVALID_ARGUMENT,
-     "strength:"),
+    (
+        "gen-strength-zero",
+        GENERATE,
+        lambda v: v.generating(init_image=_png(), strength=0.0),
+        C.INVALID_ARGUMENT,
+        "strength:",
+    ),
+    (
+        "gen-strength-nan",
+        GENERATE,
+        lambda v: v.generating(init_image=_png(), strength=math.nan),
+        C.INVALID_ARGUMENT,
+        "strength:",
+    ),
     ("gen-corrupt-bytes", GENERATE, lambda v: CORRUPT, C.INVALID_ARGUMENT, "request:"),
     ("gen-invalid-utf8", GENERATE, lambda v: _invalid_utf8_prompt(), C.INVALID_ARGUMENT, "request:"),
     ("gen-oversized", GENERATE, lambda v: v.generating(prompt_2="z" * (2 << 20)), C.RESOURCE_EXHAUSTED, ""),
@@ -312,121 +476,290 @@ CASES: list[tuple[str, str, Build, grpc.StatusCode, str]] = [
     ("enc-too-many-prompts", ENCODE, lambda v: v.encoding(prompts=["a"] * 9), C.INVALID_ARGUMENT, "prompts:"),
     ("enc-prompts-2-mismatch", ENCODE, lambda v: v.encoding(prompts_2=["a", "b"]), C.INVALID_ARGUMENT, "prompts_2:"),
     ("enc-huge-prompt", ENCODE, lambda v: v.encoding(prompts=["x" * 20_001]), C.INVALID_ARGUMENT, "prompts[0]:"),
-    ("enc-huge-prompt-2", ENCODE, lambda v: v.encoding(prompts_2=["y" * 20_001]), C.INVALID_ARGUMENT,
-     "prompts_2[0]:"),
-    ("enc-seq-long", ENCODE, lambda v: v.encoding(max_sequence_length=513), C.INVALID_ARGUMENT,
-     "max_sequence_length:"),
-    ("enc-seq-negative", ENCODE, lambda v: v.encoding(max_sequence_length=-3), C.INVALID_ARGUMENT,
-     "max_sequence_length:"),
+    ("enc-huge-prompt-2", ENCODE, lambda v: v.encoding(prompts_2=["y" * 20_001]), C.INVALID_ARGUMENT, "prompts_2[0]:"),
+    ("enc-seq-long", ENCODE, lambda v: v.encoding(max_sequence_length=513), C.INVALID_ARGUMENT, "max_sequence_length:"),
+    (
+        "enc-seq-negative",
+        ENCODE,
+        lambda v: v.encoding(max_sequence_length=-3),
+        C.INVALID_ARGUMENT,
+        "max_sequence_length:",
+    ),
     ("enc-lora-unknown", ENCODE, lambda v: v.encoding(loras=[_lora("missing")]), C.NOT_FOUND, "loras[0]"),
     ("enc-lora-escapes", ENCODE, lambda v: v.encoding(loras=[_lora("../x")]), C.INVALID_ARGUMENT, "loras[0]"),
     ("enc-corrupt-bytes", ENCODE, lambda v: CORRUPT, C.INVALID_ARGUMENT, "request:"),
     ("enc-info-corrupt", INFO["encoder"], lambda v: CORRUPT, C.INVALID_ARGUMENT, "request:"),
     # --- Denoiser.Denoise -----------------------------------------------------------------
-    ("den-dtype-unknown", DENOISE, lambda v: v.with_tensors(prompt_embeds=_tensor(v.embeds, "complex64")),
-     C.INVALID_ARGUMENT, "prompt_embeds.dtype:"),
-    ("den-dtype-empty", DENOISE, lambda v: v.with_tensors(prompt_embeds=_tensor(v.embeds, "")),
-     C.INVALID_ARGUMENT, "prompt_embeds.dtype:"),
-    ("den-embeds-missing", DENOISE, lambda v: v.with_tensors(prompt_embeds=common_pb2.Tensor()),
-     C.INVALID_ARGUMENT, "prompt_embeds.dtype:"),
-    ("den-dtype-uint8", DENOISE, lambda v: v.with_tensors(prompt_embeds=common_pb2.Tensor(
-        dtype="uint8", shape=list(v.embeds.shape), data=bytes(v.embeds.size))), C.INVALID_ARGUMENT,
-     "prompt_embeds.dtype:"),
-    ("den-shape-negative", DENOISE, lambda v: v.with_tensors(prompt_embeds=_tensor(v.embeds, shape=[1, -16, 32])),
-     C.INVALID_ARGUMENT, "prompt_embeds.shape:"),
-    ("den-shape-2d", DENOISE, lambda v: v.with_tensors(prompt_embeds=_tensor(v.embeds[0])), C.INVALID_ARGUMENT,
-     "prompt_embeds.shape:"),
-    ("den-bytes-short", DENOISE, lambda v: v.with_tensors(prompt_embeds=_tensor(v.embeds, shape=[1, 17, 32])),
-     C.INVALID_ARGUMENT, "prompt_embeds.data:"),
-    ("den-absurd-size", DENOISE, lambda v: v.with_tensors(prompt_embeds=_tensor(v.embeds, shape=[1 << 20, 1 << 20,
-                                                                                                  32])),
-     C.INVALID_ARGUMENT, "prompt_embeds.shape:"),
-    ("den-empty-tensor", DENOISE, lambda v: v.with_tensors(prompt_embeds=common_pb2.Tensor(
-        dtype="float32", shape=[1, 0, 32])), C.INVALID_ARGUMENT, "prompt_embeds.shape:"),
-    ("den-nan-embeds", DENOISE, lambda v: v.with_tensors(prompt_embeds=_tensor(_with(v.embeds, (0, 3, 5), np.nan))),
-     C.INVALID_ARGUMENT, "prompt_embeds.data:"),
-    ("den-inf-embeds", DENOISE, lambda v: v.with_tensors(prompt_embeds=_tensor(_with(v.embeds, (0, 0, 0), np.inf))),
-     C.INVALID_ARGUMENT, "prompt_embeds.data:"),
-    ("den-nan-pooled", DENOISE, lambda v: v.with_tensors(pooled_prompt_embeds=_tensor(_with(v.pooled, (0, 1), np.nan))),
-     C.INVALID_ARGUMENT, "pooled_prompt_embeds.data:"),
-    ("den-embed-dim", DENOISE, lambda v: v.with_tensors(prompt_embeds=_tensor(np.zeros((1, 16, 31)))),
-     C.INVALID_ARGUMENT, "prompt_embeds.shape:"),
-    ("den-pooled-dim", DENOISE, lambda v: v.with_tensors(pooled_prompt_embeds=_tensor(np.zeros((1, 33)))),
-     C.INVALID_ARGUMENT, "pooled_prompt_embeds.shape:"),
-    ("den-batch-mismatch", DENOISE, lambda v: v.with_tensors(pooled_prompt_embeds=_tensor(np.zeros((2, 32)))),
-     C.INVALID_ARGUMENT, "pooled_prompt_embeds.shape:"),
-    ("den-seq-too-long", DENOISE, lambda v: v.with_tensors(prompt_embeds=_tensor(np.zeros((1, 2000, 32)))),
-     C.INVALID_ARGUMENT, "prompt_embeds.shape:"),
+    (
+        "den-dtype-unknown",
+        DENOISE,
+        lambda v: v.with_tensors(prompt_embeds=_tensor(v.embeds, "complex64")),
+        C.INVALID_ARGUMENT,
+        "prompt_embeds.dtype:",
+    ),
+    (
+        "den-dtype-empty",
+        DENOISE,
+        lambda v: v.with_tensors(prompt_embeds=_tensor(v.embeds, "")),
+        C.INVALID_ARGUMENT,
+        "prompt_embeds.dtype:",
+    ),
+    (
+        "den-embeds-missing",
+        DENOISE,
+        lambda v: v.with_tensors(prompt_embeds=common_pb2.Tensor()),
+        C.INVALID_ARGUMENT,
+        "prompt_embeds.dtype:",
+    ),
+    (
+        "den-dtype-uint8",
+        DENOISE,
+        lambda v: v.with_tensors(
+            prompt_embeds=common_pb2.Tensor(dtype="uint8", shape=list(v.embeds.shape), data=bytes(v.embeds.size))
+        ),
+        C.INVALID_ARGUMENT,
+        "prompt_embeds.dtype:",
+    ),
+    (
+        "den-shape-negative",
+        DENOISE,
+        lambda v: v.with_tensors(prompt_embeds=_tensor(v.embeds, shape=[1, -16, 32])),
+        C.INVALID_ARGUMENT,
+        "prompt_embeds.shape:",
+    ),
+    (
+        "den-shape-2d",
+        DENOISE,
+        lambda v: v.with_tensors(prompt_embeds=_tensor(v.embeds[0])),
+        C.INVALID_ARGUMENT,
+        "prompt_embeds.shape:",
+    ),
+    (
+        "den-bytes-short",
+        DENOISE,
+        lambda v: v.with_tensors(prompt_embeds=_tensor(v.embeds, shape=[1, 17, 32])),
+        C.INVALID_ARGUMENT,
+        "prompt_embeds.data:",
+    ),
+    (
+        "den-absurd-size",
+        DENOISE,
+        lambda v: v.with_tensors(prompt_embeds=_tensor(v.embeds, shape=[1 << 20, 1 << 20, 32])),
+        C.INVALID_ARGUMENT,
+        "prompt_embeds.shape:",
+    ),
+    (
+        "den-empty-tensor",
+        DENOISE,
+        lambda v: v.with_tensors(prompt_embeds=common_pb2.Tensor(dtype="float32", shape=[1, 0, 32])),
+        C.INVALID_ARGUMENT,
+        "prompt_embeds.shape:",
+    ),
+    (
+        "den-nan-embeds",
+        DENOISE,
+        lambda v: v.with_tensors(prompt_embeds=_tensor(_with(v.embeds, (0, 3, 5), np.nan))),
+        C.INVALID_ARGUMENT,
+        "prompt_embeds.data:",
+    ),
+    (
+        "den-inf-embeds",
+        DENOISE,
+        lambda v: v.with_tensors(prompt_embeds=_tensor(_with(v.embeds, (0, 0, 0), np.inf))),
+        C.INVALID_ARGUMENT,
+        "prompt_embeds.data:",
+    ),
+    (
+        "den-nan-pooled",
+        DENOISE,
+        lambda v: v.with_tensors(pooled_prompt_embeds=_tensor(_with(v.pooled, (0, 1), np.nan))),
+        C.INVALID_ARGUMENT,
+        "pooled_prompt_embeds.data:",
+    ),
+    (
+        "den-embed-dim",
+        DENOISE,
+        lambda v: v.with_tensors(prompt_embeds=_tensor(np.zeros((1, 16, 31)))),
+        C.INVALID_ARGUMENT,
+        "prompt_embeds.shape:",
+    ),
+    (
+        "den-pooled-dim",
+        DENOISE,
+        lambda v: v.with_tensors(pooled_prompt_embeds=_tensor(np.zeros((1, 33)))),
+        C.INVALID_ARGUMENT,
+        "pooled_prompt_embeds.shape:",
+    ),
+    (
+        "den-batch-mismatch",
+        DENOISE,
+        lambda v: v.with_tensors(pooled_prompt_embeds=_tensor(np.zeros((2, 32)))),
+        C.INVALID_ARGUMENT,
+        "pooled_prompt_embeds.shape:",
+    ),
+    (
+        "den-seq-too-long",
+        DENOISE,
+        lambda v: v.with_tensors(prompt_embeds=_tensor(np.zeros((1, 2000, 32)))),
+        C.INVALID_ARGUMENT,
+        "prompt_embeds.shape:",
+    ),
     ("den-width-zero", DENOISE, lambda v: v.with_tensors(width=0), C.INVALID_ARGUMENT, "width:"),
     ("den-width-not-multiple", DENOISE, lambda v: v.with_tensors(width=72), C.INVALID_ARGUMENT, "width:"),
     ("den-height-huge", DENOISE, lambda v: v.with_tensors(height=1 << 20), C.INVALID_ARGUMENT, "height:"),
     ("den-steps-zero", DENOISE, lambda v: v.with_tensors(steps=0), C.INVALID_ARGUMENT, "steps:"),
     ("den-steps-many", DENOISE, lambda v: v.with_tensors(steps=10_000), C.INVALID_ARGUMENT, "steps:"),
     ("den-images-many", DENOISE, lambda v: v.with_tensors(num_images=9), C.INVALID_ARGUMENT, "num_images:"),
-    ("den-batch-times-images", DENOISE, lambda v: v.with_tensors(
-        prompt_embeds=_tensor(np.zeros((2, 16, 32))), pooled_prompt_embeds=_tensor(np.zeros((2, 32))), num_images=5),
-     C.INVALID_ARGUMENT, "num_images:"),
+    (
+        "den-batch-times-images",
+        DENOISE,
+        lambda v: v.with_tensors(
+            prompt_embeds=_tensor(np.zeros((2, 16, 32))), pooled_prompt_embeds=_tensor(np.zeros((2, 32))), num_images=5
+        ),
+        C.INVALID_ARGUMENT,
+        "num_images:",
+    ),
     ("den-guidance-huge", DENOISE, lambda v: v.with_tensors(guidance=1e38), C.INVALID_ARGUMENT, "guidance:"),
     ("gen-guidance-huge", GENERATE, lambda v: v.generating(guidance=1e38), C.INVALID_ARGUMENT, "guidance:"),
-    ("gen-loras-too-many", GENERATE, lambda v: v.generating(loras=[_lora(f"l{i}") for i in range(9)]),
-     C.INVALID_ARGUMENT, "loras: 9 LoRAs; the limit is 8"),
+    (
+        "gen-loras-too-many",
+        GENERATE,
+        lambda v: v.generating(loras=[_lora(f"l{i}") for i in range(9)]),
+        C.INVALID_ARGUMENT,
+        "loras: 9 LoRAs; the limit is 8",
+    ),
     ("den-guidance-nan", DENOISE, lambda v: v.with_tensors(guidance=math.nan), C.INVALID_ARGUMENT, "guidance:"),
-    ("den-negative-shape", DENOISE, lambda v: v.with_tensors(
-        negative_prompt_embeds=_tensor(np.zeros((1, 8, 32))), negative_pooled_prompt_embeds=_tensor(v.pooled),
-        true_cfg_scale=4.0), C.INVALID_ARGUMENT, "negative_prompt_embeds.shape:"),
-    ("den-negative-half", DENOISE, lambda v: v.with_tensors(
-        negative_prompt_embeds=_tensor(v.embeds), true_cfg_scale=4.0), C.INVALID_ARGUMENT,
-     "negative_pooled_prompt_embeds:"),
-    ("den-negative-without-scale", DENOISE, lambda v: v.with_tensors(
-        negative_prompt_embeds=_tensor(v.embeds), negative_pooled_prompt_embeds=_tensor(v.pooled)),
-     C.INVALID_ARGUMENT, "true_cfg_scale:"),
-    ("den-negative-nan", DENOISE, lambda v: v.with_tensors(
-        negative_prompt_embeds=_tensor(_with(v.embeds, (0, 1, 1), np.nan)),
-        negative_pooled_prompt_embeds=_tensor(v.pooled), true_cfg_scale=4.0), C.INVALID_ARGUMENT,
-     "negative_prompt_embeds.data:"),
+    (
+        "den-negative-shape",
+        DENOISE,
+        lambda v: v.with_tensors(
+            negative_prompt_embeds=_tensor(np.zeros((1, 8, 32))),
+            negative_pooled_prompt_embeds=_tensor(v.pooled),
+            true_cfg_scale=4.0,
+        ),
+        C.INVALID_ARGUMENT,
+        "negative_prompt_embeds.shape:",
+    ),
+    (
+        "den-negative-half",
+        DENOISE,
+        lambda v: v.with_tensors(negative_prompt_embeds=_tensor(v.embeds), true_cfg_scale=4.0),
+        C.INVALID_ARGUMENT,
+        "negative_pooled_prompt_embeds:",
+    ),
+    (
+        "den-negative-without-scale",
+        DENOISE,
+        lambda v: v.with_tensors(
+            negative_prompt_embeds=_tensor(v.embeds), negative_pooled_prompt_embeds=_tensor(v.pooled)
+        ),
+        C.INVALID_ARGUMENT,
+        "true_cfg_scale:",
+    ),
+    (
+        "den-negative-nan",
+        DENOISE,
+        lambda v: v.with_tensors(
+            negative_prompt_embeds=_tensor(_with(v.embeds, (0, 1, 1), np.nan)),
+            negative_pooled_prompt_embeds=_tensor(v.pooled),
+            true_cfg_scale=4.0,
+        ),
+        C.INVALID_ARGUMENT,
+        "negative_prompt_embeds.data:",
+    ),
     ("den-lora-unknown", DENOISE, lambda v: v.with_tensors(loras=[_lora("missing")]), C.NOT_FOUND, "loras[0]"),
-    ("den-lora-float8", DENOISE, lambda v: v.with_tensors(loras=[_lora("float8")]), C.INVALID_ARGUMENT,
-     "is float8_e4m3fn"),
-    ("den-lora-escapes", DENOISE, lambda v: v.with_tensors(loras=[_lora("sub/../../x")]), C.INVALID_ARGUMENT,
-     "loras[0]"),
+    (
+        "den-lora-float8",
+        DENOISE,
+        lambda v: v.with_tensors(loras=[_lora("float8")]),
+        C.INVALID_ARGUMENT,
+        "is float8_e4m3fn",
+    ),
+    (
+        "den-lora-escapes",
+        DENOISE,
+        lambda v: v.with_tensors(loras=[_lora("sub/../../x")]),
+        C.INVALID_ARGUMENT,
+        "loras[0]",
+    ),
     ("den-corrupt-bytes", DENOISE, lambda v: CORRUPT, C.INVALID_ARGUMENT, "request:"),
     ("den-info-corrupt", INFO["denoiser"], lambda v: CORRUPT, C.INVALID_ARGUMENT, "request:"),
     ("den-listloras-corrupt", "/fluxmesh.v1.Denoiser/ListLoras", lambda v: CORRUPT, C.INVALID_ARGUMENT, "request:"),
     # --- Vae.Decode -------------------------------------------------------------------------
-    ("vae-bytes-short", DECODE, lambda v: v.with_decode(latents=common_pb2.Tensor(
-        dtype="float32", shape=[1, 16, 64], data=b"\0" * 10)), C.INVALID_ARGUMENT, "latents.data:"),
-    ("vae-dtype-unknown", DECODE, lambda v: v.with_decode(latents=_tensor(v.latents, "float64")),
-     C.INVALID_ARGUMENT, "latents.dtype:"),
-    ("vae-dtype-uint8", DECODE, lambda v: v.with_decode(latents=common_pb2.Tensor(
-        dtype="uint8", shape=list(v.latents.shape), data=bytes(v.latents.size))), C.INVALID_ARGUMENT,
-     "latents.dtype:"),
-    ("vae-nan", DECODE, lambda v: v.with_decode(latents=_tensor(_with(v.latents, (0, 2, 3), np.nan))),
-     C.INVALID_ARGUMENT, "latents.data:"),
+    (
+        "vae-bytes-short",
+        DECODE,
+        lambda v: v.with_decode(latents=common_pb2.Tensor(dtype="float32", shape=[1, 16, 64], data=b"\0" * 10)),
+        C.INVALID_ARGUMENT,
+        "latents.data:",
+    ),
+    (
+        "vae-dtype-unknown",
+        DECODE,
+        lambda v: v.with_decode(latents=_tensor(v.latents, "float64")),
+        C.INVALID_ARGUMENT,
+        "latents.dtype:",
+    ),
+    (
+        "vae-dtype-uint8",
+        DECODE,
+        lambda v: v.with_decode(
+            latents=common_pb2.Tensor(dtype="uint8", shape=list(v.latents.shape), data=bytes(v.latents.size))
+        ),
+        C.INVALID_ARGUMENT,
+        "latents.dtype:",
+    ),
+    (
+        "vae-nan",
+        DECODE,
+        lambda v: v.with_decode(latents=_tensor(_with(v.latents, (0, 2, 3), np.nan))),
+        C.INVALID_ARGUMENT,
+        "latents.data:",
+    ),
     ("vae-width-zero", DECODE, lambda v: v.with_decode(width=0), C.INVALID_ARGUMENT, "width:"),
     ("vae-width-not-multiple", DECODE, lambda v: v.with_decode(width=70), C.INVALID_ARGUMENT, "width:"),
     ("vae-width-huge", DECODE, lambda v: v.with_decode(width=1 << 16), C.INVALID_ARGUMENT, "width:"),
     ("vae-shape-vs-size", DECODE, lambda v: v.with_decode(width=128), C.INVALID_ARGUMENT, "latents.shape:"),
-    ("vae-batch-many", DECODE, lambda v: v.with_decode(latents=_tensor(np.zeros((9, 16, 64)))), C.INVALID_ARGUMENT,
-     "latents.shape:"),
+    (
+        "vae-batch-many",
+        DECODE,
+        lambda v: v.with_decode(latents=_tensor(np.zeros((9, 16, 64)))),
+        C.INVALID_ARGUMENT,
+        "latents.shape:",
+    ),
     ("vae-unknown-format", DECODE, lambda v: v.with_decode(format=99), C.INVALID_ARGUMENT, "format:"),
     ("vae-corrupt-bytes", DECODE, lambda v: CORRUPT, C.INVALID_ARGUMENT, "request:"),
     ("vae-info-corrupt", INFO["vae"], lambda v: CORRUPT, C.INVALID_ARGUMENT, "request:"),
     # --- Vae.Encode (init images) -------------------------------------------------------------
     ("vae-encode-empty-image", ENCODE_IMAGE, lambda v: _image_request(image=b""), C.INVALID_ARGUMENT, "image:"),
-    ("vae-encode-garbage", ENCODE_IMAGE, lambda v: _image_request(image=b"GIF89a nonsense"), C.INVALID_ARGUMENT,
-     "image:"),
+    (
+        "vae-encode-garbage",
+        ENCODE_IMAGE,
+        lambda v: _image_request(image=b"GIF89a nonsense"),
+        C.INVALID_ARGUMENT,
+        "image:",
+    ),
     ("vae-encode-width-zero", ENCODE_IMAGE, lambda v: _image_request(width=0), C.INVALID_ARGUMENT, "width:"),
     ("vae-encode-width-huge", ENCODE_IMAGE, lambda v: _image_request(width=1 << 20), C.INVALID_ARGUMENT, "width:"),
-    ("vae-encode-mask-size", ENCODE_IMAGE, lambda v: _image_request(mask=_png(16, 16, "L")), C.INVALID_ARGUMENT,
-     "mask:"),
-    ("vae-encode-one-row", ENCODE_IMAGE, lambda v: _image_request(image=_one_row_png()), C.INVALID_ARGUMENT,
-     "image: truncated PNG"),
+    (
+        "vae-encode-mask-size",
+        ENCODE_IMAGE,
+        lambda v: _image_request(mask=_png(16, 16, "L")),
+        C.INVALID_ARGUMENT,
+        "mask:",
+    ),
+    (
+        "vae-encode-one-row",
+        ENCODE_IMAGE,
+        lambda v: _image_request(image=_one_row_png()),
+        C.INVALID_ARGUMENT,
+        "image: truncated PNG",
+    ),
     ("vae-encode-mask-colour", ENCODE_IMAGE, lambda v: _image_request(mask=_png()), C.INVALID_ARGUMENT, "mask:"),
     ("vae-encode-corrupt", ENCODE_IMAGE, lambda v: CORRUPT, C.INVALID_ARGUMENT, "request:"),
     # --- Residency (every stage) ----------------------------------------------------------------
     ("residency-status-corrupt", RESIDENCY["vae"], lambda v: CORRUPT, C.INVALID_ARGUMENT, "request:"),
-    ("residency-release-corrupt", "/fluxmesh.v1.Residency/Release", lambda v: CORRUPT, C.INVALID_ARGUMENT,
-     "request:"),
+    ("residency-release-corrupt", "/fluxmesh.v1.Residency/Release", lambda v: CORRUPT, C.INVALID_ARGUMENT, "request:"),
 ]
 
 
@@ -443,13 +776,18 @@ def _valid_call(v: Valid, service: str, method: str = "") -> tuple[str, object]:
     }[service]
 
 
-@pytest.mark.parametrize("service,method", [("orchestrator", "/fluxmesh.v1.Generator/ListLoras"),
-                                            ("denoiser", "/fluxmesh.v1.Denoiser/ListLoras")])
+@pytest.mark.parametrize(
+    "service,method",
+    [("orchestrator", "/fluxmesh.v1.Generator/ListLoras"), ("denoiser", "/fluxmesh.v1.Denoiser/ListLoras")],
+)
 def test_odd_lora_directory_entries_do_not_break_the_listing(addresses, rpc, lora_dir, service, method):
     code, details, [raw] = rpc(addresses[service], method, common_pb2.ListLorasRequest())
     assert code == C.OK, details
     assert sorted(lora.name for lora in common_pb2.ListLorasResponse.FromString(raw).loras) == [
-        "broken", "float8", "good"]  # files a request may name (reading them is another matter)
+        "broken",
+        "float8",
+        "good",
+    ]  # files a request may name (reading them is another matter)
     assert str(lora_dir).encode() not in raw
 
 
@@ -461,7 +799,8 @@ def test_the_corpus_covers_every_rpc():
 
 @pytest.mark.parametrize("name,method,build,code,named", CASES, ids=[case[0] for case in CASES])
 def test_malformed_request_gets_its_status_and_the_service_keeps_serving(
-        cluster, addresses, rpc, valid, name, method, build, code, named):
+    cluster, addresses, rpc, valid, name, method, build, code, named
+):
     service = SERVICE_OF.get(method, "orchestrator")
     got, details, _ = rpc(addresses[service], method, build(valid))
     assert got == code, (got, details)
@@ -477,12 +816,29 @@ def test_malformed_request_gets_its_status_and_the_service_keeps_serving(
 # --- property-based fuzz -------------------------------------------------------------------
 
 NEVER = {C.INTERNAL, C.UNKNOWN, C.UNAVAILABLE, C.DATA_LOSS}
-FIELDS = {"prompt", "prompt_2", "width", "height", "steps", "guidance", "num_images", "max_sequence_length", "loras",
-          "preview", "request", "priority", "seed"}
+FIELDS = {
+    "prompt",
+    "prompt_2",
+    "width",
+    "height",
+    "steps",
+    "guidance",
+    "num_images",
+    "max_sequence_length",
+    "loras",
+    "preview",
+    "request",
+    "priority",
+    "seed",
+}
 SIDES = st.sampled_from([-64, 1, 15, 16, 48, 64, 65, 80, 2064, 1 << 20, 2**31 - 1])
 FLOATS = st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=32), st.sampled_from([0.0, 3.5]))
-FUZZ = settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                        HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=60,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 
 def _picker(draw, near_valid: bool | None = None):
@@ -505,10 +861,11 @@ def generate_requests(draw) -> generator_pb2.GenerateRequest:
     request = generator_pb2.GenerateRequest(
         prompt=pick(st.sampled_from([PROMPT, "a fox", "ü 🦊"]), st.one_of(st.text(max_size=40), st.just(" "))),
         prompt_2=pick(st.sampled_from(["", "in the snow"]), st.text(max_size=20)),
-        width=pick(st.sampled_from([64, 80]), SIDES), height=pick(st.sampled_from([64, 96]), SIDES),
+        width=pick(st.sampled_from([64, 80]), SIDES),
+        height=pick(st.sampled_from([64, 96]), SIDES),
         num_images=pick(st.sampled_from([0, 1]), st.sampled_from([-1, 9, 2**31 - 1])),
         max_sequence_length=pick(st.sampled_from([0, 8]), st.sampled_from([-1, 513, 2**31 - 1])),
-        priority=draw(st.integers(-2**31, 2**31 - 1)),
+        priority=draw(st.integers(-(2**31), 2**31 - 1)),
         # never the 28-step default: keep valid draws cheap
         steps=pick(st.sampled_from([1, 2]), st.sampled_from([-1, 0, 101, 2**31 - 1])),
     )
@@ -542,8 +899,10 @@ def tensors(draw, shape: tuple[int, ...], near_valid: bool) -> common_pb2.Tensor
     """Tensors meant for `shape`: near-valid ones (right dtype, shape and byte count, values that
     may still be NaN/Inf) or hostile ones (any dtype name, any dims, any bytes)."""
     pick = _picker(draw, near_valid)
-    dtype = pick(st.sampled_from(["float32"]), st.one_of(st.sampled_from(["float16", "bfloat16", "uint8", "int64"]),
-                                                         st.text(max_size=8)))
+    dtype = pick(
+        st.sampled_from(["float32"]),
+        st.one_of(st.sampled_from(["float16", "bfloat16", "uint8", "int64"]), st.text(max_size=8)),
+    )
     dims = pick(st.just(list(shape)), st.lists(st.integers(-2, 70), min_size=0, max_size=4))
     size = {"float32": 4, "float16": 2, "bfloat16": 2, "uint8": 1}.get(dtype, 4)
     count = int(np.prod(dims)) if dims and min(dims) >= 0 else 0
@@ -566,9 +925,11 @@ def test_fuzz_denoise(cluster, addresses, rpc, valid, data):
     request = denoiser_pb2.DenoiseRequest(
         prompt_embeds=data.draw(tensors(valid.embeds.shape, pick.near_valid)),
         pooled_prompt_embeds=data.draw(tensors(valid.pooled.shape, pick.near_valid)),
-        width=pick(st.sampled_from([32, 64]), SIDES), height=pick(st.sampled_from([16, 64]), SIDES),
+        width=pick(st.sampled_from([32, 64]), SIDES),
+        height=pick(st.sampled_from([16, 64]), SIDES),
         steps=pick(st.just(1), st.sampled_from([-1, 0, 101])),
-        guidance=pick(st.just(3.5), FLOATS), seed=data.draw(st.integers(0, 2**64 - 1)),
+        guidance=pick(st.just(3.5), FLOATS),
+        seed=data.draw(st.integers(0, 2**64 - 1)),
         num_images=pick(st.sampled_from([0, 1, 2]), st.sampled_from([-1, 9])),
     )
     code, details, _ = rpc(addresses["denoiser"], DENOISE, request)
@@ -580,17 +941,28 @@ def test_fuzz_denoise(cluster, addresses, rpc, valid, data):
 @given(data=st.data())
 def test_fuzz_decode(cluster, addresses, rpc, valid, data):
     pick = _picker(data.draw)
-    request = vae_pb2.DecodeRequest(latents=data.draw(tensors(valid.latents.shape, pick.near_valid)),
-                                    width=pick(st.just(64), SIDES), height=pick(st.just(64), SIDES),
-                                    format=pick(st.sampled_from([0, 1, 2]), st.integers(-2, 5)))
+    request = vae_pb2.DecodeRequest(
+        latents=data.draw(tensors(valid.latents.shape, pick.near_valid)),
+        width=pick(st.just(64), SIDES),
+        height=pick(st.just(64), SIDES),
+        format=pick(st.sampled_from([0, 1, 2]), st.integers(-2, 5)),
+    )
     code, details, _ = rpc(addresses["vae"], DECODE, request)
     event(code.name)  # shown by --hypothesis-show-statistics: how many draws were valid
     assert code in (C.OK, C.INVALID_ARGUMENT), (code, details)
 
 
 # Not Residency.Load/Release: a valid one would (rightly) change which weights the stage holds.
-METHODS = [GENERATE, ENCODE, DENOISE, DECODE, ENCODE_IMAGE, *INFO.values(), "/fluxmesh.v1.Denoiser/ListLoras",
-           "/fluxmesh.v1.Residency/Status"]
+METHODS = [
+    GENERATE,
+    ENCODE,
+    DENOISE,
+    DECODE,
+    ENCODE_IMAGE,
+    *INFO.values(),
+    "/fluxmesh.v1.Denoiser/ListLoras",
+    "/fluxmesh.v1.Residency/Status",
+]
 
 
 @FUZZ

@@ -32,15 +32,21 @@ LOWERED = LIMITS.lowered(max_side=512, max_steps=50, max_images=4, max_work=20.0
 async def stack():
     """Stand-in stages, and a real orchestrator with LOWERED limits in front of them."""
     recorder = Recorder()
-    stages = Server([
-        Service("fluxmesh.v1.TextEncoder", FakeEncoder(recorder), encoder_pb2_grpc.add_TextEncoderServicer_to_server),
-        Service("fluxmesh.v1.Denoiser", FakeDenoiser(recorder), denoiser_pb2_grpc.add_DenoiserServicer_to_server),
-        Service("fluxmesh.v1.Vae", FakeVae(recorder), vae_pb2_grpc.add_VaeServicer_to_server),
-    ], address="127.0.0.1:0")
+    stages = Server(
+        [
+            Service(
+                "fluxmesh.v1.TextEncoder", FakeEncoder(recorder), encoder_pb2_grpc.add_TextEncoderServicer_to_server
+            ),
+            Service("fluxmesh.v1.Denoiser", FakeDenoiser(recorder), denoiser_pb2_grpc.add_DenoiserServicer_to_server),
+            Service("fluxmesh.v1.Vae", FakeVae(recorder), vae_pb2_grpc.add_VaeServicer_to_server),
+        ],
+        address="127.0.0.1:0",
+    )
     await stages.start()
     address = f"127.0.0.1:{stages.port}"
-    orchestrator, _ = build_server(OrchestratorOptions(encoder=address, denoiser=address, vae=address,
-                                                       address="127.0.0.1:0", limits=LOWERED))
+    orchestrator, _ = build_server(
+        OrchestratorOptions(encoder=address, denoiser=address, vae=address, address="127.0.0.1:0", limits=LOWERED)
+    )
     await orchestrator.start()
     recorder.orchestrator = f"127.0.0.1:{orchestrator.port}"
     channel = grpc.aio.insecure_channel(recorder.orchestrator)
@@ -63,8 +69,11 @@ def test_work_is_megapixel_steps_and_true_cfg_counts_twice():
     assert contract.request_work(1024, 1024, 1, 28) == 28
     assert contract.request_work(2048, 2048, 8, 100, true_cfg=True) == 6400
     contract.check_work(2048, 2048, 1, 100)  # exactly the default budget of 400
-    with pytest.raises(InvalidArgument, match=r"^INVALID_ARGUMENT: work: 2048x2048 x 8 images x 100 steps x 2 "
-                                              r"\(true CFG\) = 6400 megapixel-steps exceeds the budget of 400"):
+    with pytest.raises(
+        InvalidArgument,
+        match=r"^INVALID_ARGUMENT: work: 2048x2048 x 8 images x 100 steps x 2 "
+        r"\(true CFG\) = 6400 megapixel-steps exceeds the budget of 400",
+    ):
         contract.check_work(2048, 2048, 8, 100, true_cfg=True)
     with pytest.raises(InvalidArgument, match="max_work: 500 must be within"):
         LIMITS.lowered(max_work=500)  # flags only lower
@@ -76,8 +85,10 @@ CASES = [
     ({"steps": 51}, "steps: 51 is outside [1, 50]"),
     ({"num_images": 5}, "num_images: 5 is outside [1, 4]"),
     ({"width": 512, "height": 512, "num_images": 4, "steps": 21}, "work: 512x512 x 4 images x 21 steps = 21 "),
-    ({"width": 512, "height": 512, "num_images": 4, "steps": 11, "negative_prompt": "", "true_cfg_scale": 2.0},
-     "work: 512x512 x 4 images x 11 steps x 2 (true CFG) = 22 "),
+    (
+        {"width": 512, "height": 512, "num_images": 4, "steps": 11, "negative_prompt": "", "true_cfg_scale": 2.0},
+        "work: 512x512 x 4 images x 11 steps x 2 (true CFG) = 22 ",
+    ),
     ({"guidance": 1e38}, "guidance: 1e+38 must be finite within [0, 100]"),
 ]
 
@@ -85,30 +96,50 @@ CASES = [
 @pytest.mark.parametrize("fields,refusal", CASES, ids=[c[1].split(":")[0] + str(i) for i, c in enumerate(CASES)])
 async def test_a_request_over_a_lowered_ceiling_is_refused_before_any_stage(stack, fields, refusal):
     recorder, stub, _ = stack
-    request = generator_pb2.GenerateRequest(**{"prompt": "a cat", "width": 64, "height": 64, "steps": 1, "seed": 1,
-                                               **fields})
+    request = generator_pb2.GenerateRequest(
+        **{"prompt": "a cat", "width": 64, "height": 64, "steps": 1, "seed": 1, **fields}
+    )
     code, details = await _refusal(stub, request)
-    assert (code, details[:len(refusal)]) == (grpc.StatusCode.INVALID_ARGUMENT, refusal)
+    assert (code, details[: len(refusal)]) == (grpc.StatusCode.INVALID_ARGUMENT, refusal)
     assert recorder.seen == {}  # no stage did any work for it
     within = generator_pb2.GenerateRequest(prompt="a cat", width=512, height=512, num_images=4, steps=20, seed=1)
     assert (await _refusal(stub, within))[0] == grpc.StatusCode.OK  # exactly the budget: admitted
 
 
-@pytest.mark.parametrize("width,height,images,steps,true_cfg", [
-    (512, 512, 4, 20, False), (512, 512, 4, 21, False), (512, 512, 4, 11, True), (1024, 512, 1, 1, False),
-    (512, 512, 5, 1, False), (256, 256, 1, 51, False), (2048, 2048, 8, 100, True)])
-async def test_plan_and_the_server_agree_on_what_is_admissible(stack, dev_model, width, height, images, steps,
-                                                               true_cfg):
+@pytest.mark.parametrize(
+    "width,height,images,steps,true_cfg",
+    [
+        (512, 512, 4, 20, False),
+        (512, 512, 4, 21, False),
+        (512, 512, 4, 11, True),
+        (1024, 512, 1, 1, False),
+        (512, 512, 5, 1, False),
+        (256, 256, 1, 51, False),
+        (2048, 2048, 8, 100, True),
+    ],
+)
+async def test_plan_and_the_server_agree_on_what_is_admissible(
+    stack, dev_model, width, height, images, steps, true_cfg
+):
     """`fluxmesh plan` with the orchestrator's limit flags gives the refusal the server gives."""
     from fluxmesh.services.tools.planning import make_plan
 
     _, stub, _ = stack
     cfg = {"negative_prompt": "", "true_cfg_scale": 2.0} if true_cfg else {}
-    request = generator_pb2.GenerateRequest(prompt="a cat", width=width, height=height, num_images=images,
-                                            steps=steps, seed=1, **cfg)
+    request = generator_pb2.GenerateRequest(
+        prompt="a cat", width=width, height=height, num_images=images, steps=steps, seed=1, **cfg
+    )
     code, served = await _refusal(stub, request)
-    plan = make_plan(dev_model, vram=16 << 30, width=width, height=height, num_images=images, steps=steps,
-                     true_cfg=true_cfg, limits=LOWERED)
+    plan = make_plan(
+        dev_model,
+        vram=16 << 30,
+        width=width,
+        height=height,
+        num_images=images,
+        steps=steps,
+        true_cfg=true_cfg,
+        limits=LOWERED,
+    )
     assert plan.refusal == served and (code == grpc.StatusCode.OK) == (served == "")
 
 
@@ -136,11 +167,13 @@ async def test_health_answers_while_hostile_requests_are_checked(stack):
     loras = generator_pb2.GenerateRequest(prompt="a cat", width=64, height=64, steps=1, seed=1)
     for i in range(1_000_000):
         loras.loras.add(name=f"l{i}", weight=1.0)
-    images = generator_pb2.GenerateRequest(prompt="a cat", steps=1, seed=1, init_image=_noise_png(4096),
-                                           mask_image=_noise_png(4000))  # refused once both are decoded
+    images = generator_pb2.GenerateRequest(
+        prompt="a cat", steps=1, seed=1, init_image=_noise_png(4096), mask_image=_noise_png(4000)
+    )  # refused once both are decoded
     channel = grpc.aio.insecure_channel(recorder.orchestrator)
-    generate = channel.unary_stream("/fluxmesh.v1.Generator/Generate", request_serializer=None,
-                                    response_deserializer=None)
+    generate = channel.unary_stream(
+        "/fluxmesh.v1.Generator/Generate", request_serializer=None, response_deserializer=None
+    )
 
     async def send(data: bytes) -> tuple[grpc.StatusCode, str]:
         try:
@@ -160,8 +193,10 @@ async def test_health_answers_while_hostile_requests_are_checked(stack):
     results = [task.result() for task in hostile]
     await channel.close()
     assert results[0] == (grpc.StatusCode.INVALID_ARGUMENT, "loras: 1000000 LoRAs; the limit is 8 per request")
-    assert results[1] == (grpc.StatusCode.INVALID_ARGUMENT,
-                          "mask_image: 4000x4000 differs from the init image's 4096x4096")
+    assert results[1] == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "mask_image: 4000x4000 differs from the init image's 4096x4096",
+    )
     assert checks >= 2, f"{checks} health checks; the slowest took {slowest:.2f}s"
 
 
@@ -172,9 +207,21 @@ def test_the_denoiser_names_a_diverged_run_itself():
 
     from fluxmesh.services.denoiser.engine import DenoiseJob, _check_converged
 
-    job = DenoiseJob(prompt_embeds=torch.zeros(1, 4, 8), pooled_prompt_embeds=torch.zeros(1, 8), width=64, height=64,
-                     steps=4, guidance=90.0, seed=1, num_images=1, loras=(("ink", 4.0),))
+    job = DenoiseJob(
+        prompt_embeds=torch.zeros(1, 4, 8),
+        pooled_prompt_embeds=torch.zeros(1, 8),
+        width=64,
+        height=64,
+        steps=4,
+        guidance=90.0,
+        seed=1,
+        num_images=1,
+        loras=(("ink", 4.0),),
+    )
     _check_converged(torch.zeros(1, 16, 64), job)
-    with pytest.raises(InvalidArgument, match=r"^INVALID_ARGUMENT: latents: denoising diverged: the latents hold "
-                                              r"NaN or Inf after 4 steps \(guidance 90, LoRAs ink@4\)"):
+    with pytest.raises(
+        InvalidArgument,
+        match=r"^INVALID_ARGUMENT: latents: denoising diverged: the latents hold "
+        r"NaN or Inf after 4 steps \(guidance 90, LoRAs ink@4\)",
+    ):
         _check_converged(torch.tensor([[[0.0, float("nan")]]]), job)

@@ -54,8 +54,13 @@ def _pipeline(model: Path, transformer=None):
 
 def _image(pipe) -> np.ndarray:
     out = pipe(
-        PROMPT, height=64, width=64, num_inference_steps=4, guidance_scale=3.5,
-        generator=torch.Generator("cpu").manual_seed(7), output_type="np",
+        PROMPT,
+        height=64,
+        width=64,
+        num_inference_steps=4,
+        guidance_scale=3.5,
+        generator=torch.Generator("cpu").manual_seed(7),
+        output_type="np",
     ).images[0]
     return (out * 255).round().astype(np.int16)  # the uint8 pixels PIL output would hold
 
@@ -335,7 +340,8 @@ def test_odd_directory_entries_are_skipped_and_logged(lora_dir, tmp_path, caplog
     from fluxmesh.services.loras.stage import StageLoras
 
     assert [(name, cached) for name, _, cached in StageLoras(tmp_path, None, "transformer").listing()] == [
-        ("good", False)]
+        ("good", False)
+    ]
 
 
 @pytest.mark.parametrize("weight", [math.nan, math.inf, -math.inf, 4.01, -5, "1", None, True])
@@ -376,7 +382,9 @@ def test_bad_files_are_invalid_arguments_and_change_nothing(dev_model, lora_dir,
     # reached clients as UNIMPLEMENTED) or that are no LoRA weights at all.
     good = load_file(str(tmp_path / "good.safetensors"))
     save_file({k: v.to(torch.float8_e4m3fn) for k, v in good.items()}, str(tmp_path / "float8.safetensors"))
-    save_file({k: (v * 100).to(torch.int32) if v.ndim else v for k, v in good.items()}, str(tmp_path / "ints.safetensors"))
+    save_file(
+        {k: (v * 100).to(torch.int32) if v.ndim else v for k, v in good.items()}, str(tmp_path / "ints.safetensors")
+    )
 
     served = Served(dev_model, tmp_path)
     for name, reason in [

@@ -30,7 +30,6 @@ import netns
 from certs import Authority
 from conftest import STAGE_FLAGS
 from factories import PROMPT
-
 from fluxmesh.cli.lifeline import child_environment
 
 REASON = netns.unavailable()
@@ -42,8 +41,10 @@ METRICS_PORT = 9100
 STAGE_TOKEN = "stage-token-between-hosts"
 CLIENT_TOKEN = "client-token-for-the-public-side"
 # each orchestrator host and how it names the two denoisers
-ORCHESTRATORS = {"orchestrator": f"dns:///denoiser.{DOMAIN}:50052",
-                 "orchestrator-list": f"denoiser-a.{DOMAIN}:50052,denoiser-b.{DOMAIN}:50052"}
+ORCHESTRATORS = {
+    "orchestrator": f"dns:///denoiser.{DOMAIN}:50052",
+    "orchestrator-list": f"denoiser-a.{DOMAIN}:50052,denoiser-b.{DOMAIN}:50052",
+}
 
 DRIVER = r"""
 import json, sys, time
@@ -79,8 +80,15 @@ class Driver:
     def __init__(self, host: netns.Host, ca: Path):
         self.ca = ca
         self.host = host
-        self.process = host.popen([sys.executable, "-c", DRIVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                  stderr=None, env=child_environment({}), text=True, bufsize=1)
+        self.process = host.popen(
+            [sys.executable, "-c", DRIVER],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=None,
+            env=child_environment({}),
+            text=True,
+            bufsize=1,
+        )
         self.lines: queue.Queue[dict] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -98,10 +106,27 @@ class Driver:
         except queue.Empty:
             pytest.fail(f"the client said nothing for {timeout} s")
 
-    def generate(self, *, seed: int, steps: int = 2, size: int = 64, timeout: float = 60,
-                 token: str | None = CLIENT_TOKEN, via: str = "orchestrator"):
-        self.send(op="generate", address=f"{via}.{DOMAIN}:{PORTS['orchestrator']}", ca=str(self.ca),
-                  token=token, prompt=PROMPT, seed=seed, steps=steps, size=size, timeout=timeout)
+    def generate(
+        self,
+        *,
+        seed: int,
+        steps: int = 2,
+        size: int = 64,
+        timeout: float = 60,
+        token: str | None = CLIENT_TOKEN,
+        via: str = "orchestrator",
+    ):
+        self.send(
+            op="generate",
+            address=f"{via}.{DOMAIN}:{PORTS['orchestrator']}",
+            ca=str(self.ca),
+            token=token,
+            prompt=PROMPT,
+            seed=seed,
+            steps=steps,
+            size=size,
+            timeout=timeout,
+        )
         while True:
             event = self.next(timeout + 10)
             yield event
@@ -154,8 +179,10 @@ def cluster(dev_model, tmp_path_factory):
     ca = Authority(work, "cluster")
     network = netns.Network()
     try:
-        hosts = {name: network.host(name, rate="1gbit")
-                 for name in ("client", *ORCHESTRATORS, "encoder", "denoiser-a", "denoiser-b", "vae")}
+        hosts = {
+            name: network.host(name, rate="1gbit")
+            for name in ("client", *ORCHESTRATORS, "encoder", "denoiser-a", "denoiser-b", "vae")
+        }
         for host in hosts.values():  # each host answers to NAME.fluxmesh.test too
             network.alias(f"{host.name}.{DOMAIN}", [host])
         network.alias(f"denoiser.{DOMAIN}", [hosts["denoiser-a"], hosts["denoiser-b"]])
@@ -171,20 +198,63 @@ def cluster(dev_model, tmp_path_factory):
             stage = "denoiser" if name.startswith("denoiser") else "orchestrator" if name in ORCHESTRATORS else name
             names = [f"{name}.{DOMAIN}", "localhost"] + ([f"denoiser.{DOMAIN}"] if stage == "denoiser" else [])
             server = ca.issue(name, server=True, hosts=names)
-            common = ["--host", host.address, "--port", str(PORTS[stage]), "--metrics-port", str(METRICS_PORT),
-                      "--tls-cert", str(server.cert), "--tls-key", str(server.key)]
+            common = [
+                "--host",
+                host.address,
+                "--port",
+                str(PORTS[stage]),
+                "--metrics-port",
+                str(METRICS_PORT),
+                "--tls-cert",
+                str(server.cert),
+                "--tls-key",
+                str(server.key),
+            ]
             if stage == "orchestrator":
-                argv = ["serve", "orchestrator", *common, "--token-file", str(tokens),
-                        "--encoder", f"encoder.{DOMAIN}:50051", "--vae", f"vae.{DOMAIN}:50053",
-                        "--denoiser", ORCHESTRATORS[name],
-                        "--stage-tls-ca", str(ca.pem), "--stage-tls-cert", str(orchestrator_client.cert),
-                        "--stage-tls-key", str(orchestrator_client.key), "--stage-token-file", str(stage_token)]
+                argv = [
+                    "serve",
+                    "orchestrator",
+                    *common,
+                    "--token-file",
+                    str(tokens),
+                    "--encoder",
+                    f"encoder.{DOMAIN}:50051",
+                    "--vae",
+                    f"vae.{DOMAIN}:50053",
+                    "--denoiser",
+                    ORCHESTRATORS[name],
+                    "--stage-tls-ca",
+                    str(ca.pem),
+                    "--stage-tls-cert",
+                    str(orchestrator_client.cert),
+                    "--stage-tls-key",
+                    str(orchestrator_client.key),
+                    "--stage-token-file",
+                    str(stage_token),
+                ]
             else:
-                argv = ["serve", stage, "--model", str(dev_model), *common, *STAGE_FLAGS,
-                        "--tls-ca", str(ca.pem), "--require-client-cert", "--token-file", str(stage_token)]
+                argv = [
+                    "serve",
+                    stage,
+                    "--model",
+                    str(dev_model),
+                    *common,
+                    *STAGE_FLAGS,
+                    "--tls-ca",
+                    str(ca.pem),
+                    "--require-client-cert",
+                    "--token-file",
+                    str(stage_token),
+                ]
             host.popen([sys.executable, "-m", "fluxmesh.cli", *argv], log=work / f"{name}.log", env=env)
-        probe = ["--tls-ca", str(ca.pem), "--tls-cert", str(orchestrator_client.cert),
-                 "--tls-key", str(orchestrator_client.key)]
+        probe = [
+            "--tls-ca",
+            str(ca.pem),
+            "--tls-cert",
+            str(orchestrator_client.cert),
+            "--tls-key",
+            str(orchestrator_client.key),
+        ]
         for name in ("encoder", "denoiser-a", "denoiser-b", "vae"):
             _wait_serving(hosts[name], PORTS["denoiser" if name.startswith("denoiser") else name], probe)
         for name in ORCHESTRATORS:
@@ -219,17 +289,22 @@ def test_a_generation_across_hosts_with_tls_mutual_tls_and_tokens(cluster):
 
 def _busy_denoiser(driver: Driver, hosts: dict) -> str:
     """The denoiser host with a Denoise call in flight (fluxmesh_rpc_in_flight, as autoscalers see it)."""
-    busy = [name for name in ("denoiser-a", "denoiser-b")
-            if metric(hosts["client"], hosts[name], "fluxmesh_rpc_in_flight", service="fluxmesh.v1.Denoiser",
-                      method="Denoise")]
+    busy = [
+        name
+        for name in ("denoiser-a", "denoiser-b")
+        if metric(
+            hosts["client"], hosts[name], "fluxmesh_rpc_in_flight", service="fluxmesh.v1.Denoiser", method="Denoise"
+        )
+    ]
     assert len(busy) == 1, busy
     return busy[0]
 
 
 def _denoised(driver: Driver, host: netns.Host) -> float:
     """Denoise calls the host's denoiser completed."""
-    value = metric(driver.host, host, "fluxmesh_rpc_handled_total", service="fluxmesh.v1.Denoiser",
-                   method="Denoise", code="OK")
+    value = metric(
+        driver.host, host, "fluxmesh_rpc_handled_total", service="fluxmesh.v1.Denoiser", method="Denoise", code="OK"
+    )
     assert value is not None, f"{host.name}'s metrics did not answer"
     return value
 
@@ -252,7 +327,9 @@ def test_a_cut_denoiser_host_fails_its_request_within_the_deadline_then_rejoins(
         assert last["event"] == "error" and last["code"] == "UNAVAILABLE", last
         assert "denoiser" in last["message"]
         assert time.monotonic() - cut_at < deadline
-        print(f"{via}: cut after step {first['step'] + len(steps)}: UNAVAILABLE {time.monotonic() - cut_at:.1f} s later")
+        print(
+            f"{via}: cut after step {first['step'] + len(steps)}: UNAVAILABLE {time.monotonic() - cut_at:.1f} s later"
+        )
 
         before = _denoised(driver, hosts[live])
         for seed in range(3):  # the next requests go to the live replica and succeed

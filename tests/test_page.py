@@ -12,16 +12,17 @@ import time
 
 import pytest
 from PIL import Image
-from factories import PROMPT
-from mesh import SERVING
-from fluxmesh.cli.supervisor import Cluster, free_port, health_status
-from fluxmesh.client import Client
-from gateway_process import Gateway
 from selenium import webdriver
 from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
+
+from factories import PROMPT
+from fluxmesh.cli.supervisor import Cluster, free_port, health_status
+from fluxmesh.client import Client
+from gateway_process import Gateway
+from mesh import SERVING
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 TOKEN = "page-test-token"
@@ -34,11 +35,21 @@ def protected(stage_addresses, tmp_path_factory):
     (folder / "tokens").write_text(f"{TOKEN}\n")
     port = free_port()
     with Cluster() as cluster:
-        cluster.start("orchestrator", [
-            "serve", "orchestrator", "--host", "127.0.0.1", "--port", str(port), "--token-file",
-            str(folder / "tokens"),
-            *[f"--{stage}={address}" for stage, address in stage_addresses.items() if stage != "orchestrator"],
-        ], f"127.0.0.1:{port}")
+        cluster.start(
+            "orchestrator",
+            [
+                "serve",
+                "orchestrator",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--token-file",
+                str(folder / "tokens"),
+                *[f"--{stage}={address}" for stage, address in stage_addresses.items() if stage != "orchestrator"],
+            ],
+            f"127.0.0.1:{port}",
+        )
         deadline = time.monotonic() + 60
         while health_status(cluster.address) != SERVING:
             assert time.monotonic() < deadline
@@ -54,9 +65,17 @@ def browser(tmp_path_factory):
         pytest.fail(f"the page test needs {CHROMIUM} and {CHROMEDRIVER} (apt install chromium chromium-driver)")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1280,1100",
-                 f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--window-size=1280,1100",
+        f"--user-data-dir={tmp_path_factory.mktemp('chromium')}",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     yield driver
@@ -68,8 +87,9 @@ def _wait(driver, condition, timeout: float = 60.0, what: str = ""):
         return WebDriverWait(driver, timeout, poll_frequency=0.05).until(lambda d: condition(d))
     except TimeoutException:
         errors = [e.text for e in driver.find_elements(By.CSS_SELECTOR, ".error") if e.text]
-        raise AssertionError(f"waited {timeout}s for {what}; the page says {_text(driver, 'status')!r}, "
-                             f"errors {errors}") from None
+        raise AssertionError(
+            f"waited {timeout}s for {what}; the page says {_text(driver, 'status')!r}, errors {errors}"
+        ) from None
 
 
 def _text(driver, element_id: str) -> str:
@@ -137,8 +157,16 @@ def test_the_page_generates_shows_errors_and_cancels(browser, protected, tmp_pat
     _wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery figure")) == 2, what="the edit")
     shown = browser.find_elements(By.CSS_SELECTOR, "#gallery figure img")[0].get_attribute("src")
     with Client(address, token=TOKEN, timeout=60) as client:
-        want = client.generate(prompt=PROMPT, init_image=init.read_bytes(), strength=0.5, width=128, height=128,
-                               steps=4, seed=7, guidance=3.5)
+        want = client.generate(
+            prompt=PROMPT,
+            init_image=init.read_bytes(),
+            strength=0.5,
+            width=128,
+            height=128,
+            steps=4,
+            seed=7,
+            guidance=3.5,
+        )
     assert base64.b64decode(shown.split(",", 1)[1]) == want.image_data[0]
     browser.execute_script("document.getElementById('image').value = ''")  # back to text to image
 

@@ -61,8 +61,11 @@ def test_flux_dev_configs_give_the_published_sizes(dev_sized):
     weights = {s.stage: s.weight_bytes for s in plan.stages}
     # Parameter counts of FLUX.1-dev: transformer 11,901,408,320; T5-XXL encoder 4,762,310,656;
     # CLIP-L text 123,060,480 (+ its 77 int64 position ids); VAE 83,819,683. bf16: 2 bytes each.
-    assert weights == {"encoder": 2 * (4_762_310_656 + 123_060_480) + 8 * 77, "denoiser": 2 * 11_901_408_320,
-                       "vae": 2 * 83_819_683}
+    assert weights == {
+        "encoder": 2 * (4_762_310_656 + 123_060_480) + 8 * 77,
+        "denoiser": 2 * 11_901_408_320,
+        "vae": 2 * 83_819_683,
+    }
 
 
 def test_placements_follow_from_the_numbers(dev_sized):
@@ -83,22 +86,30 @@ def test_placements_follow_from_the_numbers(dev_sized):
 
 
 def test_plan_command_json_and_errors(dev_model):
-    done = subprocess.run([*FLUXMESH, "plan", "--model", str(dev_model), "--vram", "4GiB", "--width", "64",
-                           "--height", "64", "--json"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [*FLUXMESH, "plan", "--model", str(dev_model), "--vram", "4GiB", "--width", "64", "--height", "64", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     data = json.loads(done.stdout)
     assert [s["stage"] for s in data["stages"]] == ["encoder", "denoiser", "vae"]
     assert all(layout["fits"] for layout in data["layouts"])  # a tiny model fits anything
-    bad = subprocess.run([*FLUXMESH, "plan", "--model", str(dev_model), "--vram", "lots"],
-                         capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [*FLUXMESH, "plan", "--model", str(dev_model), "--vram", "lots"], capture_output=True, text=True, timeout=120
+    )
     assert bad.returncode == 2 and "vram: 'lots'" in bad.stderr
-    bad = subprocess.run([*FLUXMESH, "plan", "--model", str(dev_model), "--width", "100"],
-                         capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [*FLUXMESH, "plan", "--model", str(dev_model), "--width", "100"], capture_output=True, text=True, timeout=120
+    )
     assert bad.returncode == 2 and "width: 100" in bad.stderr
 
 
-@pytest.mark.parametrize("text,expected", [("16GiB", 16 * GIB), ("16 GB", 16 * GIB), ("12.5G", int(12.5 * GIB)),
-                                           ("800MiB", 800 * 2**20), ("1TiB", 2**40)])
+@pytest.mark.parametrize(
+    "text,expected",
+    [("16GiB", 16 * GIB), ("16 GB", 16 * GIB), ("12.5G", int(12.5 * GIB)), ("800MiB", 800 * 2**20), ("1TiB", 2**40)],
+)
 def test_parse_size(text, expected):
     assert parse_size(text) == expected
 
@@ -127,14 +138,18 @@ def test_plan_refuses_the_gguf_files_the_stages_refuse(dev_model, schnell_model,
             return error.message
         return None
 
-    for folder, kind, file, load in ((dev_model, "transformer_gguf", schnell_transformer, load_gguf_transformer),
-                                     (schnell_model, "transformer_gguf", schnell_transformer, load_gguf_transformer),
-                                     (other, "t5_gguf", dev_t5, load_gguf_t5),
-                                     (dev_model, "t5_gguf", dev_t5, load_gguf_t5)):
+    for folder, kind, file, load in (
+        (dev_model, "transformer_gguf", schnell_transformer, load_gguf_transformer),
+        (schnell_model, "transformer_gguf", schnell_transformer, load_gguf_transformer),
+        (other, "t5_gguf", dev_t5, load_gguf_t5),
+        (dev_model, "t5_gguf", dev_t5, load_gguf_t5),
+    ):
         served = refusal(lambda: load(file, folder, torch.float32))  # noqa: B023 - called at once
         planned = refusal(lambda: make_plan(folder, vram=GIB, width=64, height=64, **{kind: file}))  # noqa: B023
         assert planned == served, (folder.name, kind)
     assert "does not fit the model folder's transformer" in refusal(
-        lambda: make_plan(dev_model, vram=GIB, width=64, height=64, transformer_gguf=schnell_transformer))
+        lambda: make_plan(dev_model, vram=GIB, width=64, height=64, transformer_gguf=schnell_transformer)
+    )
     assert "the model folder's T5 has d_ff=" in refusal(
-        lambda: make_plan(other, vram=GIB, width=64, height=64, t5_gguf=dev_t5))
+        lambda: make_plan(other, vram=GIB, width=64, height=64, t5_gguf=dev_t5)
+    )

@@ -35,8 +35,9 @@ def taken_port():
 
 
 def _orchestrator(*flags: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*FLUXMESH, "serve", "orchestrator", "--host", "127.0.0.1", *flags],
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [*FLUXMESH, "serve", "orchestrator", "--host", "127.0.0.1", *flags], capture_output=True, text=True, timeout=60
+    )
 
 
 def test_a_taken_grpc_port_stops_the_server_with_a_message(taken_port):

@@ -34,8 +34,9 @@ def _steps(events) -> list[Step]:
 
 def test_fast_previews_come_every_n_steps_at_latent_size(dev_cluster):
     with Client(dev_cluster.address, timeout=120) as client:
-        events = list(client.stream(PROMPT, width=96, height=64, steps=7, seed=3, num_images=2, preview="fast",
-                                    preview_every=2))
+        events = list(
+            client.stream(PROMPT, width=96, height=64, steps=7, seed=3, num_images=2, preview="fast", preview_every=2)
+        )
     steps = _steps(events)
     assert [s.step for s in steps] == list(range(1, 8))  # every step still has its event, once
     with_previews = [s for s in steps if s.previews]
@@ -67,15 +68,25 @@ def test_inpainting_previews_show_the_kept_region_as_the_original(dev_cluster):
     first_previews = []
     with Client(dev_cluster.address, timeout=120) as client:
         for seed, prompt in ((1, PROMPT), (2, "a blue whale")):
-            events = client.stream(prompt, width=256, height=256, steps=4, seed=seed, init_image=init,
-                                   mask_image=mask, strength=1.0, preview="fast", preview_every=1)
+            events = client.stream(
+                prompt,
+                width=256,
+                height=256,
+                steps=4,
+                seed=seed,
+                init_image=init,
+                mask_image=mask,
+                strength=1.0,
+                preview="fast",
+                preview_every=1,
+            )
             first_previews.append(np.asarray(_steps(list(events))[0].previews[0], dtype=np.float64))
     size = first_previews[0].shape[1::-1]
     small_mask = np.asarray(mask.resize(size, Image.BOX), dtype=np.float64)
     # JPEG blocks and chroma straddle the mask's edge: compare away from it.
     near_edge = np.zeros_like(small_mask, dtype=bool)
-    near_edge[size[1] // 4 - 3: 3 * size[1] // 4 + 3, size[0] // 4 - 3: 3 * size[0] // 4 + 3] = True
-    near_edge[size[1] // 4 + 3: 3 * size[1] // 4 - 3, size[0] // 4 + 3: 3 * size[0] // 4 - 3] = False
+    near_edge[size[1] // 4 - 3 : 3 * size[1] // 4 + 3, size[0] // 4 - 3 : 3 * size[0] // 4 + 3] = True
+    near_edge[size[1] // 4 + 3 : 3 * size[1] // 4 - 3, size[0] // 4 + 3 : 3 * size[0] // 4 - 3] = False
     kept, repainted = (small_mask == 0) & ~near_edge, (small_mask == 255) & ~near_edge
     difference = np.abs(first_previews[0] - first_previews[1])
     assert kept.sum() > 100 and repainted.sum() > 20
@@ -114,8 +125,21 @@ async def test_async_client_gives_previews_as_pil_images(dev_cluster):
 
     init, _ = init_and_mask()
     async with AsyncClient(dev_cluster.address, timeout=120) as client:
-        steps = [e async for e in client.stream(PROMPT, width=64, height=64, steps=10, seed=2, init_image=init,
-                                                strength=0.5, preview="fast", preview_every=2) if isinstance(e, Step)]
+        steps = [
+            e
+            async for e in client.stream(
+                PROMPT,
+                width=64,
+                height=64,
+                steps=10,
+                seed=2,
+                init_image=init,
+                strength=0.5,
+                preview="fast",
+                preview_every=2,
+            )
+            if isinstance(e, Step)
+        ]
     # strength 0.5 of 10 steps runs 5: previews at steps 2 and 4 of 5
     assert [(s.step, s.total) for s in steps] == [(i, 5) for i in range(1, 6)]
     assert [s.step for s in steps if s.previews] == [2, 4]
@@ -163,12 +187,23 @@ def test_slow_vae_previews_stall_neither_denoising_nor_the_result(slow_preview_c
         before = _vae_requests(client)
         started = time.monotonic()
         arrivals = []
-        for event in client.stream(PROMPT, width=64, height=64, steps=8, seed=5, preview="vae", preview_every=2,
-                                   init_image=init, mask_image=mask, strength=1.0):
+        for event in client.stream(
+            PROMPT,
+            width=64,
+            height=64,
+            steps=8,
+            seed=5,
+            preview="vae",
+            preview_every=2,
+            init_image=init,
+            mask_image=mask,
+            strength=1.0,
+        ):
             arrivals.append((time.monotonic() - started, event))
         after = _vae_requests(client)
-        plain = client.generate(PROMPT, width=64, height=64, steps=8, seed=5, init_image=init, mask_image=mask,
-                                strength=1.0)
+        plain = client.generate(
+            PROMPT, width=64, height=64, steps=8, seed=5, init_image=init, mask_image=mask, strength=1.0
+        )
     steps = [(t, e) for t, e in arrivals if isinstance(e, Step)]
     result_at, result = arrivals[-1]
     assert isinstance(result, Result)
@@ -183,6 +218,7 @@ def test_slow_vae_previews_stall_neither_denoising_nor_the_result(slow_preview_c
 
 
 # -- the relay's rules, without processes ------------------------------------------------------
+
 
 class _FakeDecode:
     """A vae stage stand-in: records what it was asked to decode, finishes when told to."""
@@ -273,8 +309,8 @@ def test_fast_projection_equals_unpack_then_project():
 
 
 def test_sequential_mode_sends_fast_previews_for_vae_ones():
-    from fluxmesh.orchestrator.request import PreviewParams
     from fluxmesh.orchestrator.previews import preview_options
+    from fluxmesh.orchestrator.request import PreviewParams
 
     options, warning = preview_options(PreviewParams("vae", 3), vae_alongside_denoiser=True, latent_rgb=[])
     assert options.x0 and not options.fast and options.every == 3 and warning is None

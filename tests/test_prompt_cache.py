@@ -9,6 +9,7 @@ import os
 import time
 
 import pytest
+
 from factories import max_abs_diff, reference_images
 from fluxmesh.client import Client
 from fluxmesh.orchestrator.prompt_cache import BYTES, HITS, MISSES, PromptCache
@@ -31,15 +32,22 @@ class FakeEncoder:
         await asyncio.sleep(self.delay)
         if self.fail:
             raise RuntimeError("encoder down")
-        return [encoder_pb2.EncodeResponse(
-            prompt_embeds=common_pb2.Tensor(dtype="float32", shape=[1], data=r.SerializeToString().ljust(self.size)),
-            truncated_tokens=[len(self.calls)]) for r in requests]
+        return [
+            encoder_pb2.EncodeResponse(
+                prompt_embeds=common_pb2.Tensor(
+                    dtype="float32", shape=[1], data=r.SerializeToString().ljust(self.size)
+                ),
+                truncated_tokens=[len(self.calls)],
+            )
+            for r in requests
+        ]
 
 
 def _request(prompt="a cat", **fields) -> encoder_pb2.EncodeRequest:
     loras = fields.pop("loras", [])
-    return encoder_pb2.EncodeRequest(prompts=[prompt], loras=[common_pb2.LoraWeight(name=n, weight=w) for n, w in loras],
-                                     **fields)
+    return encoder_pb2.EncodeRequest(
+        prompts=[prompt], loras=[common_pb2.LoraWeight(name=n, weight=w) for n, w in loras], **fields
+    )
 
 
 def _run(coro):
@@ -65,10 +73,17 @@ def test_a_repeat_is_answered_with_the_encoders_own_bytes_and_no_call():
     assert cache.bytes == len(first[0].SerializeToString()) and BYTES._value.get() >= cache.bytes
 
 
-@pytest.mark.parametrize("changed", [
-    {"prompt": "a dog"}, {"prompts_2": ["a cat, in T5"]}, {"max_sequence_length": 128},
-    {"loras": [("style", 1.0)]}, {"loras": [("style", 0.5)]}, {"loras": [("other", 1.0)]},
-])
+@pytest.mark.parametrize(
+    "changed",
+    [
+        {"prompt": "a dog"},
+        {"prompts_2": ["a cat, in T5"]},
+        {"max_sequence_length": 128},
+        {"loras": [("style", 1.0)]},
+        {"loras": [("style", 0.5)]},
+        {"loras": [("other", 1.0)]},
+    ],
+)
 def test_everything_that_changes_the_embedding_changes_the_key(changed):
     encoder = FakeEncoder()
     cache = PromptCache(1 << 20, encoder.info)
@@ -143,8 +158,9 @@ def test_a_burst_of_one_prompt_is_encoded_once_and_a_failed_call_is_not_shared()
     failing = PromptCache(1 << 20, encoder.info)
 
     async def failed_burst():
-        return await asyncio.gather(*(failing.encode([_request("x")], encoder.encode_many) for _ in range(3)),
-                                    return_exceptions=True)
+        return await asyncio.gather(
+            *(failing.encode([_request("x")], encoder.encode_many) for _ in range(3)), return_exceptions=True
+        )
 
     outcomes = _run(failed_burst())
     assert all(isinstance(o, RuntimeError) for o in outcomes)

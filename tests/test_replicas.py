@@ -16,12 +16,12 @@ import grpc
 import pytest
 
 from conftest import STAGE_FLAGS, stage_access
-from mesh import SERVING
 from fluxmesh.cli.supervisor import Cluster, free_port, health_status
 from fluxmesh.client import Client, FluxmeshError
 from fluxmesh.orchestrator.replicas import Replica, ReplicaSet, channel_options, parse_targets
 from fluxmesh.rpc.errors import InvalidArgument
 from fluxmesh.v1 import common_pb2, denoiser_pb2_grpc
+from mesh import SERVING
 
 PROMPT = "two foxes in the snow"
 
@@ -110,14 +110,42 @@ def two_denoisers(dev_model, stage_addresses, stage_token):
         denoisers = []
         for name in ("denoiser-a", "denoiser-b"):
             port = free_port()
-            cluster.start(name, ["serve", "denoiser", "--model", str(dev_model), "--host", "127.0.0.1", "--port",
-                                 str(port), *STAGE_FLAGS], f"127.0.0.1:{port}")
+            cluster.start(
+                name,
+                [
+                    "serve",
+                    "denoiser",
+                    "--model",
+                    str(dev_model),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    *STAGE_FLAGS,
+                ],
+                f"127.0.0.1:{port}",
+            )
             denoisers.append(f"127.0.0.1:{port}")
         port = free_port()
-        cluster.start("orchestrator", ["serve", "orchestrator", "--host", "127.0.0.1", "--port", str(port),
-                                       "--max-active", "8", f"--encoder={stage_addresses['encoder']}",
-                                       f"--denoiser={','.join(denoisers)}", f"--vae={stage_addresses['vae']}",
-                                       *flags], f"127.0.0.1:{port}", env)
+        cluster.start(
+            "orchestrator",
+            [
+                "serve",
+                "orchestrator",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--max-active",
+                "8",
+                f"--encoder={stage_addresses['encoder']}",
+                f"--denoiser={','.join(denoisers)}",
+                f"--vae={stage_addresses['vae']}",
+                *flags,
+            ],
+            f"127.0.0.1:{port}",
+            env,
+        )
         cluster.wait_serving(180)
         time.sleep(1.5)  # SERVING once one replica is; a health-monitor round later it has seen both
         yield cluster, denoisers

@@ -17,9 +17,16 @@ def _job(dev_model, **overrides):
     from fluxmesh.services.denoiser.engine import DenoiseJob
 
     generator = torch.Generator().manual_seed(0)
-    fields = dict(prompt_embeds=torch.randn(1, 8, 32, generator=generator),
-                  pooled_prompt_embeds=torch.randn(1, 32, generator=generator),
-                  width=64, height=64, steps=2, guidance=3.5, seed=7, num_images=1)
+    fields = dict(
+        prompt_embeds=torch.randn(1, 8, 32, generator=generator),
+        pooled_prompt_embeds=torch.randn(1, 32, generator=generator),
+        width=64,
+        height=64,
+        steps=2,
+        guidance=3.5,
+        seed=7,
+        num_images=1,
+    )
     return DenoiseJob(**{**fields, **overrides})
 
 
@@ -59,7 +66,9 @@ def test_released_weights_refuse_calls_and_come_back_identical(denoiser, dev_mod
     states = [(t.from_state, t.to_state) for t in residency.transitions]
     assert states == [("released", "resident"), ("resident", "released"), ("released", "resident")]
     assert all(t.finished_unix >= t.started_unix for t in residency.transitions)
-    assert all(a.finished_unix <= b.started_unix for a, b in zip(residency.transitions, list(residency.transitions)[1:]))
+    assert all(
+        a.finished_unix <= b.started_unix for a, b in zip(residency.transitions, list(residency.transitions)[1:])
+    )
 
 
 def test_offloaded_keeps_weights_in_cpu_memory(dev_model):
@@ -139,6 +148,7 @@ def test_several_loras_survive_every_release_mode_on_the_model_thread(dev_model,
 
 # --- who may move the weights: the Residency RPCs on a real stage server, in process ---------
 
+
 async def _serve_vae(dev_model, **options):
     from fluxmesh.rpc.server import Server
     from fluxmesh.services.app import StageOptions, build_service
@@ -154,12 +164,16 @@ async def _residency(server, method: str, token: str | None = None):
 
     from fluxmesh.v1 import residency_pb2, residency_pb2_grpc
 
-    request = {"Load": residency_pb2.LoadRequest(), "Release": residency_pb2.ReleaseRequest(),
-               "Status": residency_pb2.ResidencyStatusRequest()}[method]
+    request = {
+        "Load": residency_pb2.LoadRequest(),
+        "Release": residency_pb2.ReleaseRequest(),
+        "Status": residency_pb2.ResidencyStatusRequest(),
+    }[method]
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         try:
             reply = await getattr(residency_pb2_grpc.ResidencyStub(channel), method)(
-                request, timeout=30, metadata=(("authorization", f"Bearer {token}"),) if token else None)
+                request, timeout=30, metadata=(("authorization", f"Bearer {token}"),) if token else None
+            )
         except grpc.aio.AioRpcError as error:
             return error.code(), error.details()
     return grpc.StatusCode.OK, reply.state

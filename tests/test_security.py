@@ -20,14 +20,20 @@ import pytest
 
 from certs import Authority
 from factories import PROMPT
-from mesh import NOT_SERVING, SERVING, Mesh
-from rpc_tools import call
 from fluxmesh.cli.supervisor import STAGES
 from fluxmesh.client import Client, FluxmeshError
 from fluxmesh.rpc.channels import sync_channel
-from fluxmesh.rpc.security import (ClientSecurity, SecurityConfigError, ServerSecurity, read_token, read_tokens,
-                                   token_matches)
+from fluxmesh.rpc.security import (
+    ClientSecurity,
+    SecurityConfigError,
+    ServerSecurity,
+    read_token,
+    read_tokens,
+    token_matches,
+)
 from fluxmesh.v1 import common_pb2
+from mesh import NOT_SERVING, SERVING, Mesh
+from rpc_tools import call
 
 PUBLIC_TOKENS = ("public-token-1", "public-token-2")  # two lines: rotation
 STAGE_TOKEN = "stage-token-only-the-orchestrator-has"
@@ -44,11 +50,13 @@ def pki(tmp_path_factory):
     stage_token = directory / "stage-token"
     stage_token.write_text(STAGE_TOKEN + "\n")
     return {
-        "ca": ca.pem, "rogue_ca": rogue.pem,
+        "ca": ca.pem,
+        "rogue_ca": rogue.pem,
         "server": ca.issue("server", server=True),
         "orchestrator_client": ca.issue("orchestrator", server=False),
         "rogue_client": rogue.issue("intruder", server=False),
-        "tokens": tokens, "stage_token": stage_token,
+        "tokens": tokens,
+        "stage_token": stage_token,
     }
 
 
@@ -60,14 +68,27 @@ def _credentials(ca=None, client=None) -> grpc.ChannelCredentials:
 def secure_mesh(dev_model, pki, tmp_path_factory):
     server = ["--tls-cert", str(pki["server"].cert), "--tls-key", str(pki["server"].key)]
     stage = [*server, "--tls-ca", str(pki["ca"]), "--require-client-cert", "--token-file", str(pki["stage_token"])]
-    orchestrator = [*server, "--token-file", str(pki["tokens"]),
-                    "--stage-tls-ca", str(pki["ca"]), "--stage-tls-cert", str(pki["orchestrator_client"].cert),
-                    "--stage-tls-key", str(pki["orchestrator_client"].key), "--stage-token-env", "STAGE_TOKEN"]
+    orchestrator = [
+        *server,
+        "--token-file",
+        str(pki["tokens"]),
+        "--stage-tls-ca",
+        str(pki["ca"]),
+        "--stage-tls-cert",
+        str(pki["orchestrator_client"].cert),
+        "--stage-tls-key",
+        str(pki["orchestrator_client"].key),
+        "--stage-token-env",
+        "STAGE_TOKEN",
+    ]
     stage_probe = _credentials(pki["ca"], pki["orchestrator_client"])
-    mesh = Mesh(dev_model, tmp_path_factory.mktemp("secure-logs"),
-                extra_args={**{name: stage for name in STAGES}, "orchestrator": orchestrator},
-                env={"STAGE_TOKEN": STAGE_TOKEN},
-                health_credentials={**{name: stage_probe for name in STAGES}, "orchestrator": _credentials(pki["ca"])})
+    mesh = Mesh(
+        dev_model,
+        tmp_path_factory.mktemp("secure-logs"),
+        extra_args={**{name: stage for name in STAGES}, "orchestrator": orchestrator},
+        env={"STAGE_TOKEN": STAGE_TOKEN},
+        health_credentials={**{name: stage_probe for name in STAGES}, "orchestrator": _credentials(pki["ca"])},
+    )
     try:
         for name in (*STAGES, "orchestrator"):
             mesh.start(name)
@@ -87,36 +108,102 @@ def _status(address: str, method: str, *, credentials=None, token: str | None = 
 
 
 def test_a_generation_over_tls_with_a_token_works(secure_mesh, pki):
-    with Client(secure_mesh.address("orchestrator"), credentials=_credentials(pki["ca"]), token=PUBLIC_TOKENS[1],
-                timeout=60) as client:
+    with Client(
+        secure_mesh.address("orchestrator"), credentials=_credentials(pki["ca"]), token=PUBLIC_TOKENS[1], timeout=60
+    ) as client:
         result = client.generate(PROMPT, width=64, height=64, steps=1, seed=1)
     assert result.image.size == (64, 64)
 
 
 def test_the_cli_takes_the_tls_and_token_flags(secure_mesh, pki, tmp_path):
     out = tmp_path / "cat.png"
-    done = subprocess.run([sys.executable, "-m", "fluxmesh.cli", "generate", "--address",
-                           secure_mesh.address("orchestrator"), "-p", PROMPT, "--width", "64", "--height", "64",
-                           "--steps", "1", "--tls-ca", str(pki["ca"]), "--token-env", "MY_TOKEN", "-o", str(out)],
-                          capture_output=True, text=True, timeout=120, env={**os.environ, "MY_TOKEN": PUBLIC_TOKENS[0]})
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fluxmesh.cli",
+            "generate",
+            "--address",
+            secure_mesh.address("orchestrator"),
+            "-p",
+            PROMPT,
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--steps",
+            "1",
+            "--tls-ca",
+            str(pki["ca"]),
+            "--token-env",
+            "MY_TOKEN",
+            "-o",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "MY_TOKEN": PUBLIC_TOKENS[0]},
+    )
     assert done.returncode == 0, done.stderr
     assert out.stat().st_size > 0
-    over = subprocess.run([sys.executable, "-m", "fluxmesh.cli", "generate", "--address",
-                           secure_mesh.address("orchestrator"), "-p", PROMPT, "--width", "64", "--height", "64",
-                           "--steps", "1", "--tls-ca", str(pki["ca"]), "--token-env", "MY_TOKEN", "--priority", "11",
-                           "-o", str(tmp_path / "never.png")],
-                          capture_output=True, text=True, timeout=120, env={**os.environ, "MY_TOKEN": PUBLIC_TOKENS[0]})
+    over = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fluxmesh.cli",
+            "generate",
+            "--address",
+            secure_mesh.address("orchestrator"),
+            "-p",
+            PROMPT,
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--steps",
+            "1",
+            "--tls-ca",
+            str(pki["ca"]),
+            "--token-env",
+            "MY_TOKEN",
+            "--priority",
+            "11",
+            "-o",
+            str(tmp_path / "never.png"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "MY_TOKEN": PUBLIC_TOKENS[0]},
+    )
     assert over.returncode == 2 and "priority: 11 is above 10" in over.stderr, over.stderr
-    health = subprocess.run([sys.executable, "-m", "fluxmesh.cli", "health", secure_mesh.address("orchestrator"),
-                             "--tls-ca", str(pki["ca"])], capture_output=True, text=True, timeout=60)
+    health = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fluxmesh.cli",
+            "health",
+            secure_mesh.address("orchestrator"),
+            "--tls-ca",
+            str(pki["ca"]),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert health.stdout.strip() == "SERVING"  # health checks need TLS but no token
 
 
 @pytest.mark.parametrize("how", ["plaintext", "untrusted CA"])
 def test_a_client_without_the_ca_is_refused(secure_mesh, pki, how):
     credentials = None if how == "plaintext" else _credentials(pki["rogue_ca"])
-    code = _status(secure_mesh.address("orchestrator"), "/fluxmesh.v1.Generator/Info", credentials=credentials,
-                   token=PUBLIC_TOKENS[0])
+    code = _status(
+        secure_mesh.address("orchestrator"),
+        "/fluxmesh.v1.Generator/Info",
+        credentials=credentials,
+        token=PUBLIC_TOKENS[0],
+    )
     assert code == C.UNAVAILABLE  # no TLS session, no call
 
 
@@ -129,17 +216,26 @@ def test_a_missing_or_wrong_token_is_unauthenticated(secure_mesh, pki, token):
     assert caught.value.code == C.UNAUTHENTICATED
     assert ("missing" if token is None else "invalid") in caught.value.message
     # nothing was parsed or run for it, and the server still serves the right token
-    assert _status(address, "/fluxmesh.v1.Generator/Info", credentials=_credentials(pki["ca"]),
-                   token=PUBLIC_TOKENS[0]) == C.OK
+    assert (
+        _status(address, "/fluxmesh.v1.Generator/Info", credentials=_credentials(pki["ca"]), token=PUBLIC_TOKENS[0])
+        == C.OK
+    )
 
 
-@pytest.mark.parametrize("token,priority,allowed", [
-    (PUBLIC_TOKENS[0], 10, True), (PUBLIC_TOKENS[0], 11, False), (PUBLIC_TOKENS[0], -100, True),
-    (PUBLIC_TOKENS[1], 50, True), (PUBLIC_TOKENS[1], 51, False),
-])
+@pytest.mark.parametrize(
+    "token,priority,allowed",
+    [
+        (PUBLIC_TOKENS[0], 10, True),
+        (PUBLIC_TOKENS[0], 11, False),
+        (PUBLIC_TOKENS[0], -100, True),
+        (PUBLIC_TOKENS[1], 50, True),
+        (PUBLIC_TOKENS[1], 51, False),
+    ],
+)
 def test_priority_is_capped_per_token(secure_mesh, pki, token, priority, allowed):
-    with Client(secure_mesh.address("orchestrator"), credentials=_credentials(pki["ca"]), token=token,
-                timeout=60) as client:
+    with Client(
+        secure_mesh.address("orchestrator"), credentials=_credentials(pki["ca"]), token=token, timeout=60
+    ) as client:
         if allowed:
             assert client.generate(PROMPT, width=64, height=64, steps=1, priority=priority).image.size == (64, 64)
             return
@@ -152,12 +248,17 @@ def test_priority_is_capped_per_token(secure_mesh, pki, token, priority, allowed
 @pytest.mark.parametrize("stage", STAGES)
 def test_a_stage_only_answers_the_orchestrators_certificate_and_token(secure_mesh, pki, stage):
     address = secure_mesh.address(stage)
-    method = {"encoder": "/fluxmesh.v1.TextEncoder/Info", "denoiser": "/fluxmesh.v1.Denoiser/Info",
-              "vae": "/fluxmesh.v1.Vae/Info"}[stage]
+    method = {
+        "encoder": "/fluxmesh.v1.TextEncoder/Info",
+        "denoiser": "/fluxmesh.v1.Denoiser/Info",
+        "vae": "/fluxmesh.v1.Vae/Info",
+    }[stage]
     # no client certificate, or one from another CA: the TLS handshake fails
     assert _status(address, method, credentials=_credentials(pki["ca"]), token=STAGE_TOKEN) == C.UNAVAILABLE
-    assert _status(address, method, credentials=_credentials(pki["ca"], pki["rogue_client"]),
-                   token=STAGE_TOKEN) == C.UNAVAILABLE
+    assert (
+        _status(address, method, credentials=_credentials(pki["ca"], pki["rogue_client"]), token=STAGE_TOKEN)
+        == C.UNAVAILABLE
+    )
     # the orchestrator's certificate but not the stage token (the public one is not it)
     cert = _credentials(pki["ca"], pki["orchestrator_client"])
     assert _status(address, method, credentials=cert) == C.UNAUTHENTICATED
@@ -181,7 +282,9 @@ def test_an_unloaded_stage_makes_the_orchestrator_not_serving(secure_mesh, pki):
         finally:
             assert stub.Load(residency_pb2.LoadRequest(), timeout=60, metadata=token).state == "resident"
     secure_mesh.wait_health(SERVING, timeout=10)
-    assert "vae stage at" in secure_mesh.log("orchestrator") and "weights are released" in secure_mesh.log("orchestrator")
+    assert "vae stage at" in secure_mesh.log("orchestrator") and "weights are released" in secure_mesh.log(
+        "orchestrator"
+    )
 
 
 def test_an_orchestrator_without_the_stage_token_is_not_serving_and_says_whose_fault(secure_mesh, pki, tmp_path):
@@ -192,11 +295,25 @@ def test_an_orchestrator_without_the_stage_token_is_not_serving_and_says_whose_f
 
     port = free_port()
     with Cluster() as cluster:
-        cluster.start("orchestrator", [
-            "serve", "orchestrator", "--host", "127.0.0.1", "--port", str(port),
-            *[f"--{stage}={secure_mesh.address(stage)}" for stage in STAGES],
-            "--stage-tls-ca", str(pki["ca"]), "--stage-tls-cert", str(pki["orchestrator_client"].cert),
-            "--stage-tls-key", str(pki["orchestrator_client"].key)], f"127.0.0.1:{port}")
+        cluster.start(
+            "orchestrator",
+            [
+                "serve",
+                "orchestrator",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                *[f"--{stage}={secure_mesh.address(stage)}" for stage in STAGES],
+                "--stage-tls-ca",
+                str(pki["ca"]),
+                "--stage-tls-cert",
+                str(pki["orchestrator_client"].cert),
+                "--stage-tls-key",
+                str(pki["orchestrator_client"].key),
+            ],
+            f"127.0.0.1:{port}",
+        )
         deadline = time.monotonic() + 60
         while health_status(cluster.address) is None:
             assert time.monotonic() < deadline, "the orchestrator did not start"
@@ -234,11 +351,14 @@ def test_local_stages_demand_a_token_only_their_orchestrator_has(dev_cluster):
 def _listening_addresses(pid: int) -> set[str]:
     """'ip:port' of every TCP socket process `pid` listens on, from /proc (gRPC binds IPv6
     sockets with IPv4-mapped addresses, so tcp6 is read too; an IPv4-mapped one reads as IPv4)."""
-    inodes = {os.readlink(f"/proc/{pid}/fd/{fd}")[8:-1] for fd in os.listdir(f"/proc/{pid}/fd")
-              if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:[")}
+    inodes = {
+        os.readlink(f"/proc/{pid}/fd/{fd}")[8:-1]
+        for fd in os.listdir(f"/proc/{pid}/fd")
+        if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:[")
+    }
 
     def ipv4(word: str) -> str:  # one 32-bit word, printed in host (little-endian) order
-        return ".".join(str(int(word[i:i + 2], 16)) for i in (6, 4, 2, 0))
+        return ".".join(str(int(word[i : i + 2], 16)) for i in (6, 4, 2, 0))
 
     found = set()
     for table in ("tcp", "tcp6"):
@@ -263,11 +383,33 @@ def test_up_exposes_only_the_orchestrator_and_secures_it(dev_model, pki, tmp_pat
     from fluxmesh.cli.supervisor import free_port, health_status
 
     port = free_port()
-    up = subprocess.Popen([sys.executable, "-m", "fluxmesh.cli", "up", "--model", str(dev_model), "--threads", "1",
-                           "--host", "0.0.0.0", "--port", str(port), "--tls-cert", str(pki["server"].cert),
-                           "--tls-key", str(pki["server"].key), "--token-file", str(pki["tokens"]),
-                           "--max-priority", "0"],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    up = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fluxmesh.cli",
+            "up",
+            "--model",
+            str(dev_model),
+            "--threads",
+            "1",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(port),
+            "--tls-cert",
+            str(pki["server"].cert),
+            "--tls-key",
+            str(pki["server"].key),
+            "--token-file",
+            str(pki["tokens"]),
+            "--max-priority",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         address = f"127.0.0.1:{port}"
         deadline = time.monotonic() + 180
@@ -281,12 +423,15 @@ def test_up_exposes_only_the_orchestrator_and_secures_it(dev_model, pki, tmp_pat
             with pytest.raises(FluxmeshError) as caught:  # up's --max-priority 0: no grant, no overtaking
                 client.generate(PROMPT, width=64, height=64, steps=1, priority=1)
         assert caught.value.code == C.PERMISSION_DENIED
-        assert _status(address, "/fluxmesh.v1.Generator/Info", credentials=_credentials(pki["ca"])) \
-            == C.UNAUTHENTICATED
+        assert _status(address, "/fluxmesh.v1.Generator/Info", credentials=_credentials(pki["ca"])) == C.UNAUTHENTICATED
         assert _status(address, "/fluxmesh.v1.Generator/Info", token=PUBLIC_TOKENS[0]) == C.UNAVAILABLE  # no TLS
 
-        children = [int(p) for p in subprocess.run(["ps", "-o", "pid=", "--ppid", str(up.pid)], capture_output=True,
-                                                   text=True).stdout.split()]
+        children = [
+            int(p)
+            for p in subprocess.run(
+                ["ps", "-o", "pid=", "--ppid", str(up.pid)], capture_output=True, text=True
+            ).stdout.split()
+        ]
         listening = {pid: _listening_addresses(pid) for pid in children}
         assert sorted(map(len, listening.values())) == [1, 1, 1, 1]
         public = [pid for pid, addresses in listening.items() if addresses & {f"0.0.0.0:{port}", f"[::]:{port}"}]
@@ -298,14 +443,17 @@ def test_up_exposes_only_the_orchestrator_and_secures_it(dev_model, pki, tmp_pat
                 # the orchestrator's tokens, queue and priority ceilings by calling them directly
                 for stage_address in addresses:
                     assert _status(stage_address, "/fluxmesh.v1.Residency/Status") == C.UNAUTHENTICATED
-                    assert _status(stage_address, "/fluxmesh.v1.Residency/Status",
-                                   token=PUBLIC_TOKENS[1]) == C.UNAUTHENTICATED
+                    assert (
+                        _status(stage_address, "/fluxmesh.v1.Residency/Status", token=PUBLIC_TOKENS[1])
+                        == C.UNAUTHENTICATED
+                    )
     finally:
         up.terminate()
         up.wait(timeout=60)
 
 
 # --- the pieces, in-process ------------------------------------------------------------------
+
 
 def test_tokens_compare_in_constant_time_against_every_accepted_token(monkeypatch):
     import hmac
@@ -359,14 +507,32 @@ def test_settings_that_cannot_work_are_refused(pki):
     with pytest.raises(SecurityConfigError, match="both --tls-cert and --tls-key"):
         ClientSecurity(cert=server.cert)
     assert ServerSecurity().credentials() is None and ServerSecurity().describe() == "plaintext"
-    assert ServerSecurity(cert=server.cert, key=server.key, ca=pki["ca"], require_client_cert=True,
-                          tokens=("t",)).describe() == "mutual TLS + bearer token"
+    assert (
+        ServerSecurity(
+            cert=server.cert, key=server.key, ca=pki["ca"], require_client_cert=True, tokens=("t",)
+        ).describe()
+        == "mutual TLS + bearer token"
+    )
 
 
 def test_a_serve_command_with_a_missing_token_source_is_a_usage_error(dev_model):
-    done = subprocess.run([sys.executable, "-m", "fluxmesh.cli", "serve", "vae", "--model", str(dev_model),
-                           "--token-env", "FLUXMESH_NO_SUCH_VARIABLE"], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "COLUMNS": "300"})  # rich must not wrap the message
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fluxmesh.cli",
+            "serve",
+            "vae",
+            "--model",
+            str(dev_model),
+            "--token-env",
+            "FLUXMESH_NO_SUCH_VARIABLE",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "300"},
+    )  # rich must not wrap the message
     assert done.returncode == 2
     assert "FLUXMESH_NO_SUCH_VARIABLE is unset or empty" in done.stderr
     assert "Traceback" not in done.stderr
@@ -391,8 +557,15 @@ def test_weights_are_never_unpickled(dev_model, tmp_path):
         VaeEngine(folder, Device.parse("cpu"))
 
 
-@pytest.mark.parametrize("argv", [["serve", "vae", "--model", "m"], ["serve", "encoder", "--model", "m"],
-                                  ["serve", "denoiser", "--model", "m"], ["serve", "orchestrator"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["serve", "vae", "--model", "m"],
+        ["serve", "encoder", "--model", "m"],
+        ["serve", "denoiser", "--model", "m"],
+        ["serve", "orchestrator"],
+    ],
+)
 def test_serve_listens_on_loopback_unless_told_otherwise(monkeypatch, argv):
     """Safe by default: no stage (nor the orchestrator) is reachable from another machine unless
     --host says so (and then the server warns while it demands no credential)."""
@@ -423,18 +596,23 @@ def test_the_sdk_sends_no_token_in_the_clear_beyond_loopback_unless_told(pki, ma
         if make == "sync":
             Client(address, **kwargs).close()
         else:
+
             async def go():
                 await AsyncClient(address, **kwargs).close()
+
             asyncio.run(go())
 
     with pytest.raises(FluxmeshError) as caught:
         build("gen.example.com:50050", token="t")
     assert caught.value.code == C.INVALID_ARGUMENT and caught.value.message.startswith("token: refusing")
-    for address, kwargs in (("gen.example.com:50050", {"token": "t", "allow_plaintext_token": True}),
-                            ("gen.example.com:50050", {"token": "t", "credentials": _credentials(pki["ca"])}),
-                            ("gen.example.com:50050", {}),  # no token: nothing to leak
-                            ("127.0.0.1:50050", {"token": "t"}), ("localhost:50050", {"token": "t"}),
-                            ("[::1]:50050", {"token": "t"})):
+    for address, kwargs in (
+        ("gen.example.com:50050", {"token": "t", "allow_plaintext_token": True}),
+        ("gen.example.com:50050", {"token": "t", "credentials": _credentials(pki["ca"])}),
+        ("gen.example.com:50050", {}),  # no token: nothing to leak
+        ("127.0.0.1:50050", {"token": "t"}),
+        ("localhost:50050", {"token": "t"}),
+        ("[::1]:50050", {"token": "t"}),
+    ):
         build(address, **kwargs)
 
 
@@ -446,8 +624,9 @@ def test_the_cli_sends_no_token_in_the_clear_beyond_loopback_unless_told(monkeyp
     monkeypatch.setenv("MY_TOKEN", "t")
     result = CliRunner().invoke(app, ["info", "--address", "gen.example.com:50050", "--token-env", "MY_TOKEN"])
     assert result.exit_code == 2 and "Traceback" not in result.output
-    assert "refusing to send a bearer token over plaintext" in result.output and "--allow-plaintext-token" in \
-        result.output
+    assert (
+        "refusing to send a bearer token over plaintext" in result.output and "--allow-plaintext-token" in result.output
+    )
     allowed = CliRunner().invoke(app, ["info", "--address", "127.0.0.1:1", "--token-env", "MY_TOKEN"])
     assert allowed.exit_code == 2 and "UNAVAILABLE" in allowed.output  # it tried: nobody listens there
     assert len([line for line in allowed.output.splitlines() if line.strip()]) == 1  # one line, no traceback

@@ -22,7 +22,6 @@ import pytest
 
 from conftest import stage_access, stage_metadata
 from factories import max_abs_diff
-from mesh import SERVING
 from fluxmesh.cli.supervisor import Cluster, free_port, health_status
 from fluxmesh.client import Client
 from fluxmesh.orchestrator.residency.resident import SwapCost
@@ -30,6 +29,7 @@ from fluxmesh.orchestrator.residency.sequential import SequentialStrategy
 from fluxmesh.rpc.errors import NOT_RESIDENT, FluxmeshError, reason_of
 from fluxmesh.rpc.security import STAGE_TOKEN_ENV
 from fluxmesh.v1 import encoder_pb2, encoder_pb2_grpc, residency_pb2, residency_pb2_grpc
+from mesh import SERVING
 
 PROMPT = "a lighthouse on a cliff at dusk"
 STAGES = ("encoder", "denoiser", "vae")
@@ -105,8 +105,14 @@ async def test_newer_requests_do_not_hold_the_stage_older_ones_wait_behind():
     await asyncio.gather(first, late)
     assert log.index("old denoiser") < log.index("new encoder")
     assert log.index("old vae") < log.index("new encoder")  # the older request finishes its round
-    assert residency.events == ["load encoder", "load denoiser", "load vae", "load encoder", "load denoiser",
-                                "load vae"]
+    assert residency.events == [
+        "load encoder",
+        "load denoiser",
+        "load vae",
+        "load encoder",
+        "load denoiser",
+        "load vae",
+    ]
 
 
 async def test_one_request_waiting_for_two_stages_at_once_gets_both_in_turn():
@@ -127,8 +133,9 @@ async def test_one_request_waiting_for_two_stages_at_once_gets_both_in_turn():
         return cost
 
     costs = await asyncio.gather(edit("a"), edit("b"))
-    assert sorted(log) == sorted(["a encoder", "a vae", "a denoiser", "a vae", "b encoder", "b vae", "b denoiser",
-                                  "b vae"])
+    assert sorted(log) == sorted(
+        ["a encoder", "a vae", "a denoiser", "a vae", "b encoder", "b vae", "b denoiser", "b vae"]
+    )
     assert residency.events == ["load encoder", "load vae", "load denoiser", "load vae"]  # one round each
     assert all(c.swaps == 4 for c in costs)
 
@@ -155,8 +162,9 @@ async def test_only_a_not_resident_reason_makes_the_strategy_forget_what_is_load
     assert residency.loaded == "encoder"
     with pytest.raises(FluxmeshError):
         async with residency.use("encoder"):
-            raise FluxmeshError("encoder stage: weights are released", code=grpc.StatusCode.FAILED_PRECONDITION,
-                                reason=NOT_RESIDENT)
+            raise FluxmeshError(
+                "encoder stage: weights are released", code=grpc.StatusCode.FAILED_PRECONDITION, reason=NOT_RESIDENT
+            )
     assert residency.loaded is None
 
 
@@ -177,7 +185,11 @@ def test_sequential_mode_refuses_dns_targets():
     from fluxmesh.rpc.errors import InvalidArgument
 
     async def build():
-        stages = [EncoderClient("localhost:1"), DenoiserClient("dns:///denoiser.example:50052"), VaeClient("localhost:2")]
+        stages = [
+            EncoderClient("localhost:1"),
+            DenoiserClient("dns:///denoiser.example:50052"),
+            VaeClient("localhost:2"),
+        ]
         with pytest.raises(InvalidArgument, match="denoiser: dns:///"):
             SequentialStrategy(stages)
 
@@ -216,8 +228,9 @@ def _metadata():
 
 def _status(address: str) -> residency_pb2.ResidencyStatus:
     with grpc.insecure_channel(address) as channel:
-        return residency_pb2_grpc.ResidencyStub(channel).Status(residency_pb2.ResidencyStatusRequest(), timeout=10,
-                                                                metadata=_metadata())
+        return residency_pb2_grpc.ResidencyStub(channel).Status(
+            residency_pb2.ResidencyStatusRequest(), timeout=10, metadata=_metadata()
+        )
 
 
 def _residency(address: str, method: str, request) -> residency_pb2.ResidencyStatus:
@@ -233,10 +246,26 @@ def sequential_up(tmp_path_factory):
 
     model = write_tiny_model(tmp_path_factory.mktemp("models") / "small", size="small")
     port = free_port()
-    up = subprocess.Popen([sys.executable, "-m", "fluxmesh.cli", "up", "--model", str(model), "--port", str(port),
-                           "--threads", "1", "--sequential",
-                           # these tests count swaps per request: every request must reach the encoder
-                           "--prompt-cache-mib", "0"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    up = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fluxmesh.cli",
+            "up",
+            "--model",
+            str(model),
+            "--port",
+            str(port),
+            "--threads",
+            "1",
+            "--sequential",
+            # these tests count swaps per request: every request must reach the encoder
+            "--prompt-cache-mib",
+            "0",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     resident = Cluster()
     try:
         deadline = time.monotonic() + 180
@@ -250,12 +279,32 @@ def sequential_up(tmp_path_factory):
         flags, env = stage_access(_TOKEN["stage"])
         # Sequential mode leaves weights released: this resident orchestrator is NOT_SERVING until
         # its test loads them, so it is waited for as a process, not for SERVING.
-        resident.start("resident", ["serve", "orchestrator", "--host", "127.0.0.1", "--port", str(resident_port),
-                                    "--max-active", "4", *[f"--{s}={stages[s][1]}" for s in STAGES], *flags],
-                       f"127.0.0.1:{resident_port}", env, probe_tcp_only=True)
+        resident.start(
+            "resident",
+            [
+                "serve",
+                "orchestrator",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(resident_port),
+                "--max-active",
+                "4",
+                *[f"--{s}={stages[s][1]}" for s in STAGES],
+                *flags,
+            ],
+            f"127.0.0.1:{resident_port}",
+            env,
+            probe_tcp_only=True,
+        )
         resident.wait_serving(120)
-        yield {"sequential": f"127.0.0.1:{port}", "resident": resident.address, "stages": stages,
-               "initial": initial, "model": model}
+        yield {
+            "sequential": f"127.0.0.1:{port}",
+            "resident": resident.address,
+            "stages": stages,
+            "initial": initial,
+            "model": model,
+        }
     finally:
         resident.stop()
         up.terminate()
@@ -298,7 +347,9 @@ def test_burst_of_four_costs_three_swaps_and_never_two_stages_loaded(sequential_
     results = _burst(sequential_up["sequential"], seeds=[1, 2, 3, 4], size=128, steps=2)
     statuses = {stage: _status(address) for stage, (_, address) in stages.items()}
 
-    loads = [t for s in statuses.values() for t in s.transitions if t.to_state == "resident" and t.started_unix >= since]
+    loads = [
+        t for s in statuses.values() for t in s.transitions if t.to_state == "resident" and t.started_unix >= since
+    ]
     assert len(loads) == 3, [(t.from_state, t.to_state) for t in loads]
     assert all(r.timings.swaps == 3 and r.timings.swap > 0 for r in results)
     held = {stage: _holding(status, since) for stage, status in statuses.items()}
@@ -311,8 +362,11 @@ def test_burst_of_four_costs_three_swaps_and_never_two_stages_loaded(sequential_
     # The stages say the same in Info: only the VAE (the last phase) holds weights now.
     with Client(sequential_up["sequential"]) as client:
         info = {s.stage: s for s in client.info().stages}
-    assert {s: i.residency for s, i in info.items()} == {"encoder": "released", "denoiser": "released",
-                                                          "vae": "resident"}
+    assert {s: i.residency for s, i in info.items()} == {
+        "encoder": "released",
+        "denoiser": "released",
+        "vae": "resident",
+    }
     assert info["encoder"].weight_bytes == 0 and info["vae"].weight_bytes > 0
 
 
@@ -321,8 +375,9 @@ def test_a_released_stage_refuses_model_calls_and_keeps_serving(sequential_up):
     assert _status(address).state == "released"
     with grpc.insecure_channel(address) as channel:
         with pytest.raises(grpc.RpcError) as caught:
-            encoder_pb2_grpc.TextEncoderStub(channel).Encode(encoder_pb2.EncodeRequest(prompts=["a cat"]), timeout=30,
-                                                             metadata=_metadata())
+            encoder_pb2_grpc.TextEncoderStub(channel).Encode(
+                encoder_pb2.EncodeRequest(prompts=["a cat"]), timeout=30, metadata=_metadata()
+            )
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "released" in caught.value.details() and "Residency/Load" in caught.value.details()
     assert reason_of(caught.value) == NOT_RESIDENT  # what the orchestrator reads, not the words
@@ -363,8 +418,10 @@ def test_sequential_lowers_peak_rss_and_keeps_the_pixels(sequential_up):
     _burst(sequential_up["sequential"], [9], size=256, steps=3)  # the first swap releases the others
     sequential_peak, sequential = peak_rss(sequential_up["sequential"], [11, 12, 13, 14])
 
-    print(f"peak RSS of the stages: resident {resident_peak / 2**20:.0f} MiB, "
-          f"sequential {sequential_peak / 2**20:.0f} MiB")
+    print(
+        f"peak RSS of the stages: resident {resident_peak / 2**20:.0f} MiB, "
+        f"sequential {sequential_peak / 2**20:.0f} MiB"
+    )
     assert sequential_peak < resident_peak
     # The denoiser batches a burst step by step, and the two modes group the same four requests
     # differently (resident: as they arrive; sequential: as one phase), so the promise is the
@@ -396,8 +453,22 @@ def test_the_prompt_cache_skips_the_encoder_and_its_swap_on_a_repeated_burst(seq
     cached = Cluster()
     port = free_port()
     flags, env = stage_access(_TOKEN["stage"])
-    cached.start("cached", ["serve", "orchestrator", "--host", "127.0.0.1", "--port", str(port), "--sequential",
-                            *[f"--{s}={stages[s][1]}" for s in STAGES], *flags], f"127.0.0.1:{port}", env)
+    cached.start(
+        "cached",
+        [
+            "serve",
+            "orchestrator",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--sequential",
+            *[f"--{s}={stages[s][1]}" for s in STAGES],
+            *flags,
+        ],
+        f"127.0.0.1:{port}",
+        env,
+    )
     prompt = "a paper boat on a pond, repeated"
 
     def burst(seeds):
@@ -420,9 +491,12 @@ def test_the_prompt_cache_skips_the_encoder_and_its_swap_on_a_repeated_burst(seq
         assert sorted(r.timings.cached_encodes for r in first) == [0, 1, 1, 1]
         again = burst([25, 26, 27, 28])
         assert encoder_requests() == before + 1
-        assert all(r.timings.cached_encodes == 1 and r.timings.swaps == 2 for r in again), [r.timings.swaps for r in again]
+        assert all(r.timings.cached_encodes == 1 and r.timings.swaps == 2 for r in again), [
+            r.timings.swaps for r in again
+        ]
     finally:
         cached.stop()
-    expected = reference_images(sequential_up["model"], prompt=prompt, width=64, height=64, steps=2, guidance=3.5,
-                                seed=25)[0]
+    expected = reference_images(
+        sequential_up["model"], prompt=prompt, width=64, height=64, steps=2, guidance=3.5, seed=25
+    )[0]
     assert max_abs_diff(again[0].image, expected) <= 1

@@ -19,16 +19,21 @@ VAE = "fluxmesh.v1.Vae"
 
 
 async def _server(address: str = "127.0.0.1:0", security: ServerSecurity | None = None) -> Server:
-    server = Server([Service(VAE, vae_pb2_grpc.VaeServicer(), vae_pb2_grpc.add_VaeServicer_to_server)],
-                    address=address, security=security)
+    server = Server(
+        [Service(VAE, vae_pb2_grpc.VaeServicer(), vae_pb2_grpc.add_VaeServicer_to_server)],
+        address=address,
+        security=security,
+    )
     await server.start()
     return server
 
 
 async def _list_services(channel: grpc.aio.Channel, version: str) -> list[str]:
-    call = channel.stream_stream(f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
-                                 request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
-                                 response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
+    call = channel.stream_stream(
+        f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+    )
     stream = call(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
     replies = [reply async for reply in stream]
     return [service.name for service in replies[0].list_services_response.service]
@@ -41,15 +46,21 @@ async def test_reflection_answers_under_both_names(version):
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             names = await _list_services(channel, version)
             # a v1 client can go on to ask for a service's file (what grpcurl describe does)
-            call = channel.stream_stream(f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
-                                         request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
-                                         response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
+            call = channel.stream_stream(
+                f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
+                request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+            )
             request = reflection_pb2.ServerReflectionRequest(file_containing_symbol=VAE)
             [reply] = [r async for r in call(iter([request]), timeout=10)]
     finally:
         await server.stop(0)
-    assert {VAE, "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection",
-            "grpc.reflection.v1alpha.ServerReflection"} <= set(names)
+    assert {
+        VAE,
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    } <= set(names)
     assert reply.file_descriptor_response.file_descriptor_proto, reply
 
 
@@ -63,16 +74,21 @@ async def test_health_list_names_every_service():
     finally:
         await server.stop(0)
     assert {name: reply.status for name, reply in listed.statuses.items()} == {
-        "": health_pb2.HealthCheckResponse.SERVING, VAE: health_pb2.HealthCheckResponse.NOT_SERVING}
+        "": health_pb2.HealthCheckResponse.SERVING,
+        VAE: health_pb2.HealthCheckResponse.NOT_SERVING,
+    }
 
 
-@pytest.mark.parametrize("address,security,warned", [
-    ("0.0.0.0:0", ServerSecurity(), True),
-    ("[::]:0", ServerSecurity(), True),
-    ("0.0.0.0:0", ServerSecurity(tokens=("t",)), False),
-    ("127.0.0.1:0", ServerSecurity(), False),
-    ("localhost:0", ServerSecurity(), False),
-])
+@pytest.mark.parametrize(
+    "address,security,warned",
+    [
+        ("0.0.0.0:0", ServerSecurity(), True),
+        ("[::]:0", ServerSecurity(), True),
+        ("0.0.0.0:0", ServerSecurity(tokens=("t",)), False),
+        ("127.0.0.1:0", ServerSecurity(), False),
+        ("localhost:0", ServerSecurity(), False),
+    ],
+)
 async def test_listening_beyond_loopback_without_credentials_is_loud(caplog, address, security, warned):
     caplog.set_level(logging.WARNING, logger="fluxmesh.rpc.server")
     server = await _server(address, security)

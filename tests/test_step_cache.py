@@ -31,10 +31,17 @@ def _job(engine, cache=None, **overrides):
     from fluxmesh.services.denoiser.step_cache import StepCachePolicy
 
     generator = torch.Generator().manual_seed(0)
-    fields = dict(prompt_embeds=torch.randn(1, 8, engine.joint_attention_dim, generator=generator),
-                  pooled_prompt_embeds=torch.randn(1, engine.pooled_projection_dim, generator=generator),
-                  width=64, height=64, steps=10, guidance=3.5, seed=11, num_images=1,
-                  cache=StepCachePolicy(*cache) if cache else None)
+    fields = dict(
+        prompt_embeds=torch.randn(1, 8, engine.joint_attention_dim, generator=generator),
+        pooled_prompt_embeds=torch.randn(1, engine.pooled_projection_dim, generator=generator),
+        width=64,
+        height=64,
+        steps=10,
+        guidance=3.5,
+        seed=11,
+        num_images=1,
+        cache=StepCachePolicy(*cache) if cache else None,
+    )
     return DenoiseJob(**{**fields, **overrides})
 
 
@@ -43,15 +50,20 @@ class ProcessorCount:
 
     def __init__(self, transformer):
         self.count = 0
-        self.attentions = [block.attn for name in ("transformer_blocks", "single_transformer_blocks")
-                           for block in getattr(transformer, name)]
+        self.attentions = [
+            block.attn
+            for name in ("transformer_blocks", "single_transformer_blocks")
+            for block in getattr(transformer, name)
+        ]
         self.originals = [attn.processor for attn in self.attentions]
 
     def __enter__(self):
         for attn, processor in zip(self.attentions, self.originals):
+
             def counting(*args, _processor=processor, **kwargs):
                 self.count += 1
                 return _processor(*args, **kwargs)
+
             attn.processor = counting
         return self
 
@@ -110,8 +122,9 @@ def test_caching_requests_never_share_a_forward(engine, monkeypatch):
 
     shared: list[int] = []
     real = batching.forward
-    monkeypatch.setattr(batching, "forward", lambda transformer, lanes: (shared.append(len(lanes)),
-                                                                          real(transformer, lanes))[1])
+    monkeypatch.setattr(
+        batching, "forward", lambda transformer, lanes: (shared.append(len(lanes)), real(transformer, lanes))[1]
+    )
     worker = ModelWorker("test-cache", own_thread=True)
     batcher = batching.Batcher(engine, worker, max_batch=4)
     jobs = [_job(engine, ("first-block", 1.5), seed=s) for s in (1, 2)] + [_job(engine, seed=3), _job(engine, seed=4)]
@@ -147,8 +160,10 @@ def test_the_orchestrator_names_a_bad_cache_field_before_any_stage_runs(dev_clus
             return {stage.stage: int(stage.details["requests"]) for stage in client.info().stages}
 
     before = work_done()
-    for cache, field in ((common_pb2.StepCache(), "cache.kind"),
-                         (common_pb2.StepCache(kind=common_pb2.STEP_CACHE_KIND_MAG, threshold=-1), "cache.threshold")):
+    for cache, field in (
+        (common_pb2.StepCache(), "cache.kind"),
+        (common_pb2.StepCache(kind=common_pb2.STEP_CACHE_KIND_MAG, threshold=-1), "cache.threshold"),
+    ):
         request = generator_pb2.GenerateRequest(prompt=PROMPT, width=64, height=64, steps=2, cache=cache)
         with grpc.insecure_channel(dev_cluster.address) as channel:
             with pytest.raises(grpc.RpcError) as caught:

@@ -36,8 +36,9 @@ def test_one_image_at_a_time_gives_flux_pipelines_pixels(vae):
         ours = [np.asarray(image, dtype=np.int16) for image in vae.decode(latents, 64, 64)]
     unpacked = FluxPipeline._unpack_latents(latents, 64, 64, vae.vae_scale_factor)
     with torch.inference_mode():
-        batch = vae.vae.decode(unpacked / vae.vae.config.scaling_factor + vae.vae.config.shift_factor,
-                               return_dict=False)[0]
+        batch = vae.vae.decode(
+            unpacked / vae.vae.config.scaling_factor + vae.vae.config.shift_factor, return_dict=False
+        )[0]
     theirs = [np.asarray(image, dtype=np.int16) for image in vae.image_processor.postprocess(batch, output_type="pil")]
     assert len(ours) == 3 and max(int(np.abs(a - b).max()) for a, b in zip(ours, theirs)) <= 1
 
@@ -58,8 +59,8 @@ def test_a_cancelled_decode_stops_between_images(vae, monkeypatch):
 
 
 async def test_the_servicer_stops_decoding_when_its_caller_goes_away(vae, monkeypatch):
-    from fluxmesh.services.vae.servicer import VaeServicer
     from fluxmesh.services.runtime.tensors import to_pb
+    from fluxmesh.services.vae.servicer import VaeServicer
     from fluxmesh.v1 import common_pb2, vae_pb2
 
     servicer = VaeServicer(vae, "tiny")
@@ -73,8 +74,9 @@ async def test_the_servicer_stops_decoding_when_its_caller_goes_away(vae, monkey
         return decode(latents, **kwargs)
 
     monkeypatch.setattr(vae.vae, "decode", slow)
-    request = vae_pb2.DecodeRequest(latents=to_pb(_latents(vae, 4)), width=64, height=64,
-                                    format=common_pb2.IMAGE_FORMAT_PNG)
+    request = vae_pb2.DecodeRequest(
+        latents=to_pb(_latents(vae, 4)), width=64, height=64, format=common_pb2.IMAGE_FORMAT_PNG
+    )
     call = asyncio.ensure_future(servicer.Decode(request, None))
     await asyncio.to_thread(started.wait, 10)
     call.cancel()  # what grpc does to a handler whose client disconnected

@@ -9,10 +9,10 @@ import pytest
 
 from conftest import stage_access, stage_metadata
 from factories import PROMPT
-from mesh import NOT_SERVING
 from fluxmesh.cli.supervisor import free_port
 from fluxmesh.client import Client, FluxmeshError
 from fluxmesh.v1 import common_pb2
+from mesh import NOT_SERVING
 
 BAD_FIELDS = [
     ("width", {"width": 100}),
@@ -75,11 +75,23 @@ def test_stage_down_is_unavailable_naming_the_stage(dev_cluster, stage_addresses
     port = free_port()
     dead = f"127.0.0.1:{free_port()}"
     with Cluster() as cluster:
-        cluster.start("orchestrator", [
-            "serve", "orchestrator", "--host", "127.0.0.1", "--port", str(port),
-            f"--encoder={stage_addresses['encoder']}", f"--denoiser={stage_addresses['denoiser']}", f"--vae={dead}",
-            *stage_access(stage_token)[0],
-        ], f"127.0.0.1:{port}", stage_access(stage_token)[1])
+        cluster.start(
+            "orchestrator",
+            [
+                "serve",
+                "orchestrator",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                f"--encoder={stage_addresses['encoder']}",
+                f"--denoiser={stage_addresses['denoiser']}",
+                f"--vae={dead}",
+                *stage_access(stage_token)[0],
+            ],
+            f"127.0.0.1:{port}",
+            stage_access(stage_token)[1],
+        )
         deadline = time.monotonic() + 60
         while health_status(cluster.address) is None and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -102,12 +114,18 @@ def test_stage_rejects_mismatched_tensor_bytes(stage_addresses, stage_token):
         stub = vae_pb2_grpc.VaeStub(channel)
         bad = common_pb2.Tensor(dtype="float32", shape=[1, 16, 64], data=b"\0" * 10)
         with pytest.raises(grpc.RpcError) as caught:
-            stub.Decode(vae_pb2.DecodeRequest(latents=bad, width=64, height=64), timeout=10,
-                        metadata=stage_metadata(stage_token))
+            stub.Decode(
+                vae_pb2.DecodeRequest(latents=bad, width=64, height=64),
+                timeout=10,
+                metadata=stage_metadata(stage_token),
+            )
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert caught.value.details().startswith("latents.data:")
         bad = common_pb2.Tensor(dtype="complex64", shape=[1], data=b"\0" * 8)
         with pytest.raises(grpc.RpcError) as caught:
-            stub.Decode(vae_pb2.DecodeRequest(latents=bad, width=64, height=64), timeout=10,
-                        metadata=stage_metadata(stage_token))
+            stub.Decode(
+                vae_pb2.DecodeRequest(latents=bad, width=64, height=64),
+                timeout=10,
+                metadata=stage_metadata(stage_token),
+            )
         assert caught.value.details().startswith("latents.dtype:")

@@ -51,8 +51,9 @@ def test_t5_xxl_sized_embedding_passes_every_hop(wide_t5_model, dtype):
     from conftest import STAGE_FLAGS
     from fluxmesh.cli.supervisor import free_port, start_local
 
-    with start_local(str(wide_t5_model), port=free_port(), common_args=[*STAGE_FLAGS, "--dtype", dtype],
-                     timeout=180) as cluster:
+    with start_local(
+        str(wide_t5_model), port=free_port(), common_args=[*STAGE_FLAGS, "--dtype", dtype], timeout=180
+    ) as cluster:
         with Client(cluster.address, timeout=120) as client:
             info = {s.stage: s for s in client.info().stages}
             result = client.generate(PROMPT, width=64, height=64, steps=2, guidance=3.5, seed=5)

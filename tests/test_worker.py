@@ -23,6 +23,7 @@ def _count(n: int, emit, cancelled: threading.Event) -> str:
 async def test_items_arrive_in_order_converted_on_the_model_thread_then_the_result():
     worker = ModelWorker("test", own_thread=True)
     try:
+
         def convert(i, emitted_on):
             return i, emitted_on, threading.current_thread().name
 
@@ -39,6 +40,7 @@ async def test_leaving_early_stops_the_call_and_waits_for_it():
     worker = ModelWorker("test", own_thread=True)
     finished = []
     try:
+
         def run(emit, cancelled):
             finished.append(_count(1000, emit, cancelled))
 
@@ -55,6 +57,7 @@ async def test_leaving_early_stops_the_call_and_waits_for_it():
 async def test_the_model_calls_error_reaches_the_caller():
     worker = ModelWorker("test", own_thread=True)
     try:
+
         def fail(emit, cancelled):
             emit(1)
             raise ValueError("bad step")
@@ -73,6 +76,7 @@ async def test_a_cancelled_caller_stops_the_call():
     worker = ModelWorker("test", own_thread=True)
     finished = []
     try:
+
         def run(emit, cancelled):
             finished.append(_count(1000, emit, cancelled))
 
@@ -95,6 +99,7 @@ async def test_a_coroutine_function_is_awaited_and_streams_the_same_way():
     """As the denoiser's batcher: it puts the work on the model thread itself."""
     worker = ModelWorker("test", own_thread=True)
     try:
+
         async def batched(n, emit, cancelled):
             return await worker.run_unchecked(_count, n, emit, cancelled)
 

@@ -27,17 +27,48 @@ from fluxmesh.rpc.errors import InvalidArgument
 from fluxmesh.v1 import common_pb2, generator_pb2, residency_pb2
 
 __all__ = [
-    "LIMITS", "Limits", "Stage", "Phase", "PreviewKind", "WeightState", "ReleaseTo", "StartResidency",
-    "FLOAT_DTYPES", "WIRE_DTYPES", "check_side", "check_size", "check_steps", "check_num_images", "check_guidance",
-    "check_prompt_text", "check_prompt_count", "check_sequence_length", "check_strength", "steps_after_strength",
-    "check_strength_leaves_a_step", "check_true_cfg_scale", "check_lora_weight", "check_loras", "check_preview_every",
-    "check_float_dtype", "fit_size", "REDUX_SEQUENCE_LENGTH", "check_redux_scale",
-    "check_conditioning_length", "PREFERRED_KONTEXT_RESOLUTIONS", "MEGAPIXEL", "request_work", "check_work",
-    "check_admissible", "ReferenceRole", "ControlPreprocess",
+    "LIMITS",
+    "Limits",
+    "Stage",
+    "Phase",
+    "PreviewKind",
+    "WeightState",
+    "ReleaseTo",
+    "StartResidency",
+    "FLOAT_DTYPES",
+    "WIRE_DTYPES",
+    "check_side",
+    "check_size",
+    "check_steps",
+    "check_num_images",
+    "check_guidance",
+    "check_prompt_text",
+    "check_prompt_count",
+    "check_sequence_length",
+    "check_strength",
+    "steps_after_strength",
+    "check_strength_leaves_a_step",
+    "check_true_cfg_scale",
+    "check_lora_weight",
+    "check_loras",
+    "check_preview_every",
+    "check_float_dtype",
+    "fit_size",
+    "REDUX_SEQUENCE_LENGTH",
+    "check_redux_scale",
+    "check_conditioning_length",
+    "PREFERRED_KONTEXT_RESOLUTIONS",
+    "MEGAPIXEL",
+    "request_work",
+    "check_work",
+    "check_admissible",
+    "ReferenceRole",
+    "ControlPreprocess",
 ]
 
 
 # -- ceilings ---------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -80,6 +111,7 @@ LIMITS = Limits()
 
 # -- closed vocabularies ----------------------------------------------------------------------
 
+
 class Stage(StrEnum):
     """The three stage services (process, --stage name, Residency stage)."""
 
@@ -110,8 +142,11 @@ class Phase(StrEnum):
 
 
 _STAGE_OF = {Phase.encode: Stage.encoder, Phase.denoise: Stage.denoiser, Phase.decode: Stage.vae}
-_PHASE_PB = {Phase.encode: generator_pb2.STAGE_ENCODE, Phase.denoise: generator_pb2.STAGE_DENOISE,
-             Phase.decode: generator_pb2.STAGE_DECODE}
+_PHASE_PB = {
+    Phase.encode: generator_pb2.STAGE_ENCODE,
+    Phase.denoise: generator_pb2.STAGE_DENOISE,
+    Phase.decode: generator_pb2.STAGE_DECODE,
+}
 _PHASE_FROM_PB = {v: k for k, v in _PHASE_PB.items()}
 
 
@@ -188,6 +223,7 @@ class ControlPreprocess(StrEnum):
 
 # -- weight residency -------------------------------------------------------------------------
 
+
 class WeightState(StrEnum):
     """Where a stage's weights are (fluxmesh.v1.Residency)."""
 
@@ -228,8 +264,11 @@ class ReleaseTo(StrEnum):
         return next(kind for kind, number in _RELEASE_PB.items() if number == request.release_to)
 
 
-_RELEASE_PB = {ReleaseTo.auto: residency_pb2.RELEASE_TO_AUTO, ReleaseTo.cpu: residency_pb2.RELEASE_TO_CPU,
-               ReleaseTo.disk: residency_pb2.RELEASE_TO_DISK}
+_RELEASE_PB = {
+    ReleaseTo.auto: residency_pb2.RELEASE_TO_AUTO,
+    ReleaseTo.cpu: residency_pb2.RELEASE_TO_CPU,
+    ReleaseTo.disk: residency_pb2.RELEASE_TO_DISK,
+}
 
 
 class StartResidency(StrEnum):
@@ -265,11 +304,13 @@ def check_float_dtype(field: str, dtype: str) -> None:
 
 # -- sizes, steps, counts ---------------------------------------------------------------------
 
+
 def check_side(field: str, value: int, multiple: int, limits: Limits = LIMITS) -> None:
     """A side in pixels: a multiple of the model's size granularity within [min_side, max_side]."""
     if value % multiple or not limits.min_side <= value <= limits.max_side:
-        raise InvalidArgument(field, f"{value} must be a multiple of {multiple} within "
-                                     f"[{limits.min_side}, {limits.max_side}]")
+        raise InvalidArgument(
+            field, f"{value} must be a multiple of {multiple} within [{limits.min_side}, {limits.max_side}]"
+        )
 
 
 def check_size(width: int, height: int, multiple: int, limits: Limits = LIMITS) -> None:
@@ -308,8 +349,10 @@ def check_guidance(guidance: float, field: str = "guidance", limits: Limits = LI
 
 # -- the work budget --------------------------------------------------------------------------
 
-def check_admissible(width: int, height: int, images: int, steps_run: int, true_cfg: bool, multiple: int,
-                     limits: Limits = LIMITS) -> None:
+
+def check_admissible(
+    width: int, height: int, images: int, steps_run: int, true_cfg: bool, multiple: int, limits: Limits = LIMITS
+) -> None:
     """Size, images and work of a request, as the orchestrator admits it and `fluxmesh plan`
     judges it (one function, so the two cannot disagree). `steps_run`: after strength."""
     check_size(width, height, multiple, limits)
@@ -327,16 +370,20 @@ def request_work(width: int, height: int, images: int, steps: int, true_cfg: boo
     return width * height / MEGAPIXEL * images * steps * (2 if true_cfg else 1)
 
 
-def check_work(width: int, height: int, images: int, steps: int, true_cfg: bool = False,
-               limits: Limits = LIMITS) -> None:
+def check_work(
+    width: int, height: int, images: int, steps: int, true_cfg: bool = False, limits: Limits = LIMITS
+) -> None:
     """Refuse a request above the work budget, naming it and the request's own figures.
     INVALID_ARGUMENT, not RESOURCE_EXHAUSTED: the same request would be refused on every retry."""
     work = request_work(width, height, images, steps, true_cfg)
     if work > limits.max_work:
         cfg = " x 2 (true CFG)" if true_cfg else ""
-        raise InvalidArgument("work", f"{width}x{height} x {images} images x {steps} steps{cfg} = {work:g} "
-                                      f"megapixel-steps exceeds the budget of {limits.max_work:g} per request; "
-                                      "lower the size, num_images or steps")
+        raise InvalidArgument(
+            "work",
+            f"{width}x{height} x {images} images x {steps} steps{cfg} = {work:g} "
+            f"megapixel-steps exceeds the budget of {limits.max_work:g} per request; "
+            "lower the size, num_images or steps",
+        )
 
 
 def check_prompt_text(field: str, text: str, limits: Limits = LIMITS) -> None:
@@ -360,6 +407,7 @@ def check_sequence_length(field: str, length: int, limits: Limits = LIMITS, *, z
 
 # -- image editing ----------------------------------------------------------------------------
 
+
 def check_strength(strength: float, field: str = "strength") -> None:
     if not (0 < strength <= 1):  # also false for NaN
         raise InvalidArgument(field, f"{strength} is outside (0, 1]")
@@ -379,6 +427,7 @@ def check_strength_leaves_a_step(strength: float, steps: int, field: str = "stre
 
 # -- guidance, LoRAs, previews ----------------------------------------------------------------
 
+
 def check_true_cfg_scale(scale: float, limits: Limits = LIMITS, field: str = "true_cfg_scale") -> None:
     if not math.isfinite(scale) or not 1.0 <= scale <= limits.max_true_cfg_scale:
         raise InvalidArgument(field, f"{scale} must be finite within [1, {limits.max_true_cfg_scale:g}]")
@@ -394,8 +443,22 @@ REDUX_SEQUENCE_LENGTH = 512
 # diffusers' pipeline_flux_kontext.PREFERRED_KONTEXT_RESOLUTIONS (width, height): the sizes
 # Kontext was trained on. Copied, not imported: the orchestrator never imports diffusers (torch).
 PREFERRED_KONTEXT_RESOLUTIONS = (
-    (672, 1568), (688, 1504), (720, 1456), (752, 1392), (800, 1328), (832, 1248), (880, 1184), (944, 1104),
-    (1024, 1024), (1104, 944), (1184, 880), (1248, 832), (1328, 800), (1392, 752), (1456, 720), (1504, 688),
+    (672, 1568),
+    (688, 1504),
+    (720, 1456),
+    (752, 1392),
+    (800, 1328),
+    (832, 1248),
+    (880, 1184),
+    (944, 1104),
+    (1024, 1024),
+    (1104, 944),
+    (1184, 880),
+    (1248, 832),
+    (1328, 800),
+    (1392, 752),
+    (1456, 720),
+    (1504, 688),
     (1568, 672),
 )
 

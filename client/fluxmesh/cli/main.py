@@ -25,8 +25,9 @@ import typer
 from fluxmesh.cli.commands import calls, local, serve, tools
 from fluxmesh.cli.lifeline import die_with_parent_if_asked
 
-app = typer.Typer(help="FLUX.1 image generation served as gRPC microservices.", no_args_is_help=True,
-                  pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="FLUX.1 image generation served as gRPC microservices.", no_args_is_help=True, pretty_exceptions_enable=False
+)
 
 # (group, name): a named group is a subcommand (`fluxmesh serve ...`); None adds its commands
 # to the root (`fluxmesh up`).

@@ -17,8 +17,12 @@ def follow(events: Iterable[Event], console: Console | None = None, previews: Pr
     console = console or Console(stderr=True)
     result = None
     with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console, transient=False,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
     ) as progress:
         steps = None
         for event in events:

@@ -38,31 +38,62 @@ Model = Annotated[str, typer.Option(help="Diffusers-layout model folder or Hub i
 # Loopback unless told otherwise: a server reachable from elsewhere should demand a credential
 # (it warns loudly when it does not: fluxmesh.rpc.server).
 LOOPBACK_HOST = "127.0.0.1"
-Host = Annotated[str, typer.Option(help="Interface to listen on (default loopback only; 0.0.0.0 or [::] for every "
-                                        "interface: then demand a token or client certificates).")]
+Host = Annotated[
+    str,
+    typer.Option(
+        help="Interface to listen on (default loopback only; 0.0.0.0 or [::] for every "
+        "interface: then demand a token or client certificates)."
+    ),
+]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda:N or mps.")]
 Dtype = Annotated[str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), bfloat16, float16 or float32.")]
-Threads = Annotated[int | None, typer.Option(
-    help="torch CPU threads per stage (default: torch's; under `fluxmesh up` the host's cores divided between the "
-         "stages; 2 for a stage on a GPU).")]
+Threads = Annotated[
+    int | None,
+    typer.Option(
+        help="torch CPU threads per stage (default: torch's; under `fluxmesh up` the host's cores divided between the "
+        "stages; 2 for a stage on a GPU)."
+    ),
+]
 LoraDir = Annotated[PathOption, typer.Option(help="Directory of LoRA .safetensors files requests may name.")]
-TransformerGguf = Annotated[PathOption, typer.Option(help="GGUF-quantized FLUX transformer (city96/BFL or diffusers "
-                                                          "names).")]
+TransformerGguf = Annotated[
+    PathOption, typer.Option(help="GGUF-quantized FLUX transformer (city96/BFL or diffusers names).")
+]
 T5Gguf = Annotated[PathOption, typer.Option(help="GGUF-quantized T5-XXL encoder (t5encoder architecture).")]
-Sequential = Annotated[bool, typer.Option(
-    help="One accelerator for all stages: only one stage's weights on it at a time, requests grouped by phase.")]
-ReleaseToOption = Annotated[ReleaseTo, typer.Option(
-    help="Sequential mode: released weights stay in CPU memory (cpu), are freed and read from disk again (disk), "
-         "or auto: cpu for stages on an accelerator, disk for stages on the CPU.")]
-MaxPriority = Annotated[int, typer.Option(
-    help="Highest request priority a caller may use (lower is always allowed); a token file line "
-         "'TOKEN max-priority=N' gives that token its own.")]
-MaxBatch = Annotated[int | None, typer.Option(min=1,
-    help="Denoiser: most images that share one transformer forward per step (continuous batching of "
-         "compatible requests; true CFG counts twice). 1 turns batching off. Default 4.")]
-PromptCacheMib = Annotated[int | None, typer.Option(
-    help="MiB of prompt embeddings the orchestrator keeps (exact: a repeated prompt skips the encoder); "
-         "0 turns the cache off. Default 256.")]
+Sequential = Annotated[
+    bool,
+    typer.Option(
+        help="One accelerator for all stages: only one stage's weights on it at a time, requests grouped by phase."
+    ),
+]
+ReleaseToOption = Annotated[
+    ReleaseTo,
+    typer.Option(
+        help="Sequential mode: released weights stay in CPU memory (cpu), are freed and read from disk again (disk), "
+        "or auto: cpu for stages on an accelerator, disk for stages on the CPU."
+    ),
+]
+MaxPriority = Annotated[
+    int,
+    typer.Option(
+        help="Highest request priority a caller may use (lower is always allowed); a token file line "
+        "'TOKEN max-priority=N' gives that token its own."
+    ),
+]
+MaxBatch = Annotated[
+    int | None,
+    typer.Option(
+        min=1,
+        help="Denoiser: most images that share one transformer forward per step (continuous batching of "
+        "compatible requests; true CFG counts twice). 1 turns batching off. Default 4.",
+    ),
+]
+PromptCacheMib = Annotated[
+    int | None,
+    typer.Option(
+        help="MiB of prompt embeddings the orchestrator keeps (exact: a repeated prompt skips the encoder); "
+        "0 turns the cache off. Default 256."
+    ),
+]
 Address = Annotated[str, typer.Option(help="Orchestrator address.")]
 
 
@@ -75,31 +106,50 @@ class StageServeOptions:
     device: Device = "auto"
     dtype: Dtype = "auto"
     threads: Threads = None
-    residency: Annotated[StartResidency, typer.Option(
-        help="Weights at start: resident (on --device), offloaded (CPU memory), released (not read until "
-             "Residency.Load), standby (offloaded on an accelerator, released on CPU: what sequential mode uses)."
-    )] = StartResidency.resident
+    residency: Annotated[
+        StartResidency,
+        typer.Option(
+            help="Weights at start: resident (on --device), offloaded (CPU memory), released (not read until "
+            "Residency.Load), standby (offloaded on an accelerator, released on CPU: what sequential mode uses)."
+        ),
+    ] = StartResidency.resident
 
 
 @dataclass(frozen=True)
 class ServeOptions:
     """TLS, mutual TLS, bearer token and metrics flags of every `fluxmesh serve` command."""
 
-    tls_cert: Annotated[PathOption, typer.Option(help="PEM certificate (chain) this server presents; enables TLS.",
-                                                 rich_help_panel=_PANEL_SERVE)] = None
-    tls_key: Annotated[PathOption, typer.Option(help="PEM private key of --tls-cert.",
-                                                rich_help_panel=_PANEL_SERVE)] = None
-    tls_ca: Annotated[PathOption, typer.Option(help="PEM CA that client certificates must chain to.",
-                                               rich_help_panel=_PANEL_SERVE)] = None
-    require_client_cert: Annotated[bool, typer.Option(help="Mutual TLS: refuse clients without a certificate "
-                                                           "signed by --tls-ca.", rich_help_panel=_PANEL_SERVE)] = False
-    token_file: Annotated[PathOption, typer.Option(help="File of accepted bearer tokens, one per line; calls "
-                                                        "without one are UNAUTHENTICATED.",
-                                                   rich_help_panel=_PANEL_SERVE)] = None
-    token_env: Annotated[str | None, typer.Option(help="Environment variable holding an accepted bearer token.",
-                                                     rich_help_panel=_PANEL_SERVE)] = None
-    metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus metrics on this HTTP port (/metrics).",
-                                                        rich_help_panel=_PANEL_SERVE)] = None
+    tls_cert: Annotated[
+        PathOption,
+        typer.Option(help="PEM certificate (chain) this server presents; enables TLS.", rich_help_panel=_PANEL_SERVE),
+    ] = None
+    tls_key: Annotated[
+        PathOption, typer.Option(help="PEM private key of --tls-cert.", rich_help_panel=_PANEL_SERVE)
+    ] = None
+    tls_ca: Annotated[
+        PathOption, typer.Option(help="PEM CA that client certificates must chain to.", rich_help_panel=_PANEL_SERVE)
+    ] = None
+    require_client_cert: Annotated[
+        bool,
+        typer.Option(
+            help="Mutual TLS: refuse clients without a certificate signed by --tls-ca.", rich_help_panel=_PANEL_SERVE
+        ),
+    ] = False
+    token_file: Annotated[
+        PathOption,
+        typer.Option(
+            help="File of accepted bearer tokens, one per line; calls without one are UNAUTHENTICATED.",
+            rich_help_panel=_PANEL_SERVE,
+        ),
+    ] = None
+    token_env: Annotated[
+        str | None,
+        typer.Option(help="Environment variable holding an accepted bearer token.", rich_help_panel=_PANEL_SERVE),
+    ] = None
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(help="Serve Prometheus metrics on this HTTP port (/metrics).", rich_help_panel=_PANEL_SERVE),
+    ] = None
 
     def as_flags(self) -> list[str]:
         """The same options as `fluxmesh serve` flags, for a child process (`fluxmesh up`)."""
@@ -123,68 +173,114 @@ class ServeOptions:
         from fluxmesh.rpc.security import ServerSecurity, read_tokens
 
         tokens = read_tokens(file=self.token_file, env=self.token_env) if (self.token_file or self.token_env) else ()
-        return ServerSecurity(cert=self.tls_cert, key=self.tls_key, ca=self.tls_ca,
-                              require_client_cert=self.require_client_cert, tokens=tokens)
+        return ServerSecurity(
+            cert=self.tls_cert,
+            key=self.tls_key,
+            ca=self.tls_ca,
+            require_client_cert=self.require_client_cert,
+            tokens=tokens,
+        )
 
 
 @dataclass(frozen=True)
 class StageClientOptions:
     """How the orchestrator reaches its stages: the stages' CA, its client certificate, a stage token."""
 
-    stage_tls_ca: Annotated[PathOption, typer.Option(help="PEM CA the stages' certificates chain to; enables TLS "
-                                                          "to the stages.", rich_help_panel=_PANEL_STAGES)] = None
-    stage_tls_cert: Annotated[PathOption, typer.Option(help="Client certificate presented to the stages "
-                                                            "(mutual TLS).", rich_help_panel=_PANEL_STAGES)] = None
-    stage_tls_key: Annotated[PathOption, typer.Option(help="Private key of --stage-tls-cert.",
-                                                      rich_help_panel=_PANEL_STAGES)] = None
-    stage_tls_server_name: Annotated[str | None, typer.Option(help="Name expected in the stages' certificates "
-                                                                      "(default: the address's host).",
-                                                                 rich_help_panel=_PANEL_STAGES)] = None
-    stage_token_file: Annotated[PathOption, typer.Option(help="File whose first line is the token sent to stages.",
-                                                         rich_help_panel=_PANEL_STAGES)] = None
-    stage_token_env: Annotated[str | None, typer.Option(help="Environment variable holding the token sent to "
-                                                                "stages.", rich_help_panel=_PANEL_STAGES)] = None
+    stage_tls_ca: Annotated[
+        PathOption,
+        typer.Option(
+            help="PEM CA the stages' certificates chain to; enables TLS to the stages.", rich_help_panel=_PANEL_STAGES
+        ),
+    ] = None
+    stage_tls_cert: Annotated[
+        PathOption,
+        typer.Option(help="Client certificate presented to the stages (mutual TLS).", rich_help_panel=_PANEL_STAGES),
+    ] = None
+    stage_tls_key: Annotated[
+        PathOption, typer.Option(help="Private key of --stage-tls-cert.", rich_help_panel=_PANEL_STAGES)
+    ] = None
+    stage_tls_server_name: Annotated[
+        str | None,
+        typer.Option(
+            help="Name expected in the stages' certificates (default: the address's host).",
+            rich_help_panel=_PANEL_STAGES,
+        ),
+    ] = None
+    stage_token_file: Annotated[
+        PathOption,
+        typer.Option(help="File whose first line is the token sent to stages.", rich_help_panel=_PANEL_STAGES),
+    ] = None
+    stage_token_env: Annotated[
+        str | None,
+        typer.Option(help="Environment variable holding the token sent to stages.", rich_help_panel=_PANEL_STAGES),
+    ] = None
 
     def security(self) -> ClientSecurity:
         from fluxmesh.rpc.security import ClientSecurity, read_token
 
-        return ClientSecurity(ca=self.stage_tls_ca, cert=self.stage_tls_cert, key=self.stage_tls_key,
-                              server_name=self.stage_tls_server_name,
-                              token=read_token(file=self.stage_token_file, env=self.stage_token_env))
+        return ClientSecurity(
+            ca=self.stage_tls_ca,
+            cert=self.stage_tls_cert,
+            key=self.stage_tls_key,
+            server_name=self.stage_tls_server_name,
+            token=read_token(file=self.stage_token_file, env=self.stage_token_env),
+        )
 
 
 @dataclass(frozen=True)
 class ClientOptions:
     """TLS and token flags of the commands that call a server (generate, info, health, ...)."""
 
-    tls: Annotated[bool, typer.Option(help="Use TLS with the system's trusted roots.",
-                                      rich_help_panel=_PANEL_CLIENT)] = False
-    tls_ca: Annotated[PathOption, typer.Option(help="PEM CA the server's certificate chains to; enables TLS.",
-                                               rich_help_panel=_PANEL_CLIENT)] = None
-    tls_cert: Annotated[PathOption, typer.Option(help="Client certificate, for servers that require mutual TLS.",
-                                                 rich_help_panel=_PANEL_CLIENT)] = None
-    tls_key: Annotated[PathOption, typer.Option(help="Private key of --tls-cert.",
-                                                rich_help_panel=_PANEL_CLIENT)] = None
-    token_file: Annotated[PathOption, typer.Option(help="File whose first line is the bearer token to send.",
-                                                   rich_help_panel=_PANEL_CLIENT)] = None
-    token_env: Annotated[str | None, typer.Option(help="Environment variable holding the bearer token to send.",
-                                                     rich_help_panel=_PANEL_CLIENT)] = None
+    tls: Annotated[
+        bool, typer.Option(help="Use TLS with the system's trusted roots.", rich_help_panel=_PANEL_CLIENT)
+    ] = False
+    tls_ca: Annotated[
+        PathOption,
+        typer.Option(help="PEM CA the server's certificate chains to; enables TLS.", rich_help_panel=_PANEL_CLIENT),
+    ] = None
+    tls_cert: Annotated[
+        PathOption,
+        typer.Option(help="Client certificate, for servers that require mutual TLS.", rich_help_panel=_PANEL_CLIENT),
+    ] = None
+    tls_key: Annotated[PathOption, typer.Option(help="Private key of --tls-cert.", rich_help_panel=_PANEL_CLIENT)] = (
+        None
+    )
+    token_file: Annotated[
+        PathOption,
+        typer.Option(help="File whose first line is the bearer token to send.", rich_help_panel=_PANEL_CLIENT),
+    ] = None
+    token_env: Annotated[
+        str | None,
+        typer.Option(help="Environment variable holding the bearer token to send.", rich_help_panel=_PANEL_CLIENT),
+    ] = None
 
-    allow_plaintext_token: Annotated[bool, typer.Option(help="Send the token even over plaintext to an address "
-                                                               "beyond loopback (only on a network you trust).",
-                                                          rich_help_panel=_PANEL_CLIENT)] = False
+    allow_plaintext_token: Annotated[
+        bool,
+        typer.Option(
+            help="Send the token even over plaintext to an address beyond loopback (only on a network you trust).",
+            rich_help_panel=_PANEL_CLIENT,
+        ),
+    ] = False
 
     def security(self) -> ClientSecurity:
         from fluxmesh.rpc.security import ClientSecurity, read_token
 
-        return ClientSecurity(ca=self.tls_ca, cert=self.tls_cert, key=self.tls_key, tls=self.tls,
-                              token=read_token(file=self.token_file, env=self.token_env))
+        return ClientSecurity(
+            ca=self.tls_ca,
+            cert=self.tls_cert,
+            key=self.tls_key,
+            tls=self.tls,
+            token=read_token(file=self.token_file, env=self.token_env),
+        )
 
     def client_kwargs(self) -> dict:
         """`credentials=` and `token=` for `fluxmesh.client.Client`."""
         security = self.security()
-        return {"credentials": security.credentials(), "token": security.token,
-                "allow_plaintext_token": self.allow_plaintext_token}
+        return {
+            "credentials": security.credentials(),
+            "token": security.token,
+            "allow_plaintext_token": self.allow_plaintext_token,
+        }
 
 
 _PANEL_LIMITS = "Request limits (lower only)"
@@ -200,7 +296,7 @@ _LIMIT_HELP = {  # what each ceiling of fluxmesh.contract.Limits bounds
     "max_true_cfg_scale": "Largest true_cfg_scale.",
     "max_guidance": "Largest guidance.",
     "max_work": "Work budget per request, in megapixel-steps: width x height / 1024^2 x images x steps run "
-                "(x 2 with true CFG).",
+    "(x 2 with true CFG).",
 }
 
 
@@ -213,27 +309,40 @@ def _limits_group(class_name: str, names: tuple[str, ...] | None = None) -> type
     for name in names or tuple(f.name for f in dataclasses.fields(LIMITS) if f.name != "min_side"):
         default, help_text = getattr(LIMITS, name), _LIMIT_HELP.get(name, f"The contract's {name}.")
         kind = int | None if isinstance(default, int) else float | None
-        fields.append((name, Annotated[kind, typer.Option(help=f"{help_text} Default {default:g}; only lower.",
-                                                          rich_help_panel=_PANEL_LIMITS)], None))
+        fields.append(
+            (
+                name,
+                Annotated[
+                    kind,
+                    typer.Option(help=f"{help_text} Default {default:g}; only lower.", rich_help_panel=_PANEL_LIMITS),
+                ],
+                None,
+            )
+        )
 
     def limits(self):
         """The contract's limits with these flags' ceilings lowered (a higher one is refused)."""
         from fluxmesh.contract import LIMITS
-
         from fluxmesh.rpc.errors import FluxmeshError
 
         try:
-            return LIMITS.lowered(**{f.name: v for f in dataclasses.fields(self)
-                                     if (v := getattr(self, f.name)) is not None})
+            return LIMITS.lowered(
+                **{f.name: v for f in dataclasses.fields(self) if (v := getattr(self, f.name)) is not None}
+            )
         except FluxmeshError as error:  # a usage error: one line, no traceback
             raise typer.BadParameter(error.message) from None
 
     def as_flags(self) -> list[str]:
-        return [flag for f in dataclasses.fields(self) if (v := getattr(self, f.name)) is not None
-                for flag in ("--" + f.name.replace("_", "-"), str(v))]  # not :g, which writes 1e+06 for an int
+        return [
+            flag
+            for f in dataclasses.fields(self)
+            if (v := getattr(self, f.name)) is not None
+            for flag in ("--" + f.name.replace("_", "-"), str(v))
+        ]  # not :g, which writes 1e+06 for an int
 
-    return dataclasses.make_dataclass(class_name, fields, frozen=True,
-                                      namespace={"limits": limits, "as_flags": as_flags})
+    return dataclasses.make_dataclass(
+        class_name, fields, frozen=True, namespace={"limits": limits, "as_flags": as_flags}
+    )
 
 
 RequestLimits = _limits_group("RequestLimits")  # the orchestrator's (and `up`'s)
@@ -255,8 +364,11 @@ def with_option_groups(command):
             group_hints = typing.get_type_hints(annotation, include_extras=True)
             for field in dataclasses.fields(annotation):
                 default = inspect.Parameter.empty if field.default is dataclasses.MISSING else field.default
-                parameters.append(inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY,
-                                                    default=default, annotation=group_hints[field.name]))
+                parameters.append(
+                    inspect.Parameter(
+                        field.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=group_hints[field.name]
+                    )
+                )
         else:
             parameters.append(parameter.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=annotation))
 

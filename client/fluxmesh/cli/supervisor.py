@@ -25,12 +25,13 @@ from dataclasses import dataclass, field
 from typing import IO
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from fluxmesh.cli.lifeline import child_environment
 from fluxmesh.cli.ports import free_port
 from fluxmesh.contract import Stage
 from fluxmesh.rpc.cores import CPU_SHARE_ENV, divide_cores, host_cores
 from fluxmesh.rpc.security import STAGE_TOKEN_ENV
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +46,9 @@ def reachable(host: str) -> str:
     return host
 
 
-def health_status(address: str, service: str = "", timeout: float = 2.0,
-                  credentials: grpc.ChannelCredentials | None = None) -> int | None:
+def health_status(
+    address: str, service: str = "", timeout: float = 2.0, credentials: grpc.ChannelCredentials | None = None
+) -> int | None:
     """The grpc.health.v1 status of `address` (None when it does not answer)."""
     channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
     with channel:
@@ -84,12 +86,23 @@ class Cluster:
     def address(self) -> str:
         return self.children[-1].address  # the orchestrator is started last
 
-    def start(self, name: str, args: list[str], address: str, env: dict[str, str] | None = None, *,
-              probe_tcp_only: bool = False) -> Child:
+    def start(
+        self,
+        name: str,
+        args: list[str],
+        address: str,
+        env: dict[str, str] | None = None,
+        *,
+        probe_tcp_only: bool = False,
+    ) -> Child:
         command = [sys.executable, "-m", "fluxmesh.cli", *args]
         log.debug("starting %s: %s", name, " ".join(command))
-        process = subprocess.Popen(command, env=child_environment(env),  # no preexec_fn: see lifeline.py
-                                   stdout=self.output, stderr=subprocess.STDOUT if self.output else None)
+        process = subprocess.Popen(
+            command,
+            env=child_environment(env),  # no preexec_fn: see lifeline.py
+            stdout=self.output,
+            stderr=subprocess.STDOUT if self.output else None,
+        )
         child = Child(name, address, process, probe_tcp_only)
         self.children.append(child)
         return child
@@ -168,18 +181,36 @@ def start_local(
         for stage in STAGES:
             stage_port = free_port(LOOPBACK)
             addresses[stage] = f"{LOOPBACK}:{stage_port}"
-            args = ["serve", stage, "--model", model, "--host", LOOPBACK, "--port", str(stage_port),
-                    "--token-env", STAGE_TOKEN_ENV]
+            args = [
+                "serve",
+                stage,
+                "--model",
+                model,
+                "--host",
+                LOOPBACK,
+                "--port",
+                str(stage_port),
+                "--token-env",
+                STAGE_TOKEN_ENV,
+            ]
             env = {STAGE_TOKEN_ENV: cluster.stage_token}
             if share_cores:
                 env[CPU_SHARE_ENV] = str(shares[stage])
-            cluster.start(stage, args + (common_args or []) + (stage_args or {}).get(stage, []), addresses[stage],
-                          env)
+            cluster.start(stage, args + (common_args or []) + (stage_args or {}).get(stage, []), addresses[stage], env)
         cluster.start(
             "orchestrator",
-            ["serve", "orchestrator", "--host", host, "--port", str(port),
-             *[f"--{stage}={addresses[stage]}" for stage in STAGES], "--stage-token-env", STAGE_TOKEN_ENV,
-             *(orchestrator_args or [])],
+            [
+                "serve",
+                "orchestrator",
+                "--host",
+                host,
+                "--port",
+                str(port),
+                *[f"--{stage}={addresses[stage]}" for stage in STAGES],
+                "--stage-token-env",
+                STAGE_TOKEN_ENV,
+                *(orchestrator_args or []),
+            ],
             f"{reachable(host)}:{port}",
             {STAGE_TOKEN_ENV: cluster.stage_token},
             probe_tcp_only=orchestrator_tls,

@@ -1,9 +1,9 @@
 """fluxmesh client SDK: grpcio, protobuf and pillow only (no torch).
 
-    from fluxmesh.client import Client
-    with Client("localhost:50050") as client:
-        result = client.generate("a red fox in the snow", width=1024, height=1024, seed=7)
-        result.image.save("fox.png")
+from fluxmesh.client import Client
+with Client("localhost:50050") as client:
+    result = client.generate("a red fox in the snow", width=1024, height=1024, seed=7)
+    result.image.save("fox.png")
 """
 
 from fluxmesh.client.aio import AsyncClient, AsyncGenerationStream

@@ -36,8 +36,15 @@ class AsyncGenerationStream:
 class AsyncClient:
     """The asyncio twin of `Client`: the same arguments, awaited."""
 
-    def __init__(self, address: str, *, token: str | None = None, credentials: grpc.ChannelCredentials | None = None,
-                 timeout: float | None = None, allow_plaintext_token: bool = False):
+    def __init__(
+        self,
+        address: str,
+        *,
+        token: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        timeout: float | None = None,
+        allow_plaintext_token: bool = False,
+    ):
         # A token goes over plaintext only to loopback, or when the caller says so.
         check_token_transport(address, token, tls=credentials is not None, allow_plaintext=allow_plaintext_token)
         self.address = address
@@ -49,8 +56,9 @@ class AsyncClient:
     async def __aenter__(self) -> AsyncClient:
         return self
 
-    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                        traceback: TracebackType | None) -> None:
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
         await self.close()
 
     async def close(self) -> None:
@@ -62,8 +70,9 @@ class AsyncClient:
         return self._stream(options)
 
     def _stream(self, options: GenerateOptions) -> AsyncGenerationStream:
-        call = self._stub.Generate(options.to_request(), timeout=options.timeout or self.timeout,
-                                   metadata=self._metadata)
+        call = self._stub.Generate(
+            options.to_request(), timeout=options.timeout or self.timeout, metadata=self._metadata
+        )
         return AsyncGenerationStream(call)
 
     @takes_generate_options

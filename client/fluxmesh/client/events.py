@@ -131,13 +131,29 @@ class GeneratorInfo:
 
 
 def info_from_pb(message: generator_pb2.GeneratorInfo) -> GeneratorInfo:
-    stages = [StageInfo(stage=s.stage, model=s.model, device=s.device, dtype=s.dtype, weight_bytes=s.weight_bytes,
-                        peak_memory_bytes=s.peak_memory_bytes, residency=s.residency, details=dict(s.details),
-                        size_multiple=s.size_multiple, vae_scale_factor=s.vae_scale_factor,
-                        guidance_embeds=s.guidance_embeds, fill=s.fill, kontext=s.kontext, control=s.control,
-                        redux=s.redux, max_sequence_length=s.max_sequence_length,
-                        transformer_gguf=s.transformer_gguf, latent_rgb=tuple(s.latent_rgb))
-              for s in message.stages]
+    stages = [
+        StageInfo(
+            stage=s.stage,
+            model=s.model,
+            device=s.device,
+            dtype=s.dtype,
+            weight_bytes=s.weight_bytes,
+            peak_memory_bytes=s.peak_memory_bytes,
+            residency=s.residency,
+            details=dict(s.details),
+            size_multiple=s.size_multiple,
+            vae_scale_factor=s.vae_scale_factor,
+            guidance_embeds=s.guidance_embeds,
+            fill=s.fill,
+            kontext=s.kontext,
+            control=s.control,
+            redux=s.redux,
+            max_sequence_length=s.max_sequence_length,
+            transformer_gguf=s.transformer_gguf,
+            latent_rgb=tuple(s.latent_rgb),
+        )
+        for s in message.stages
+    ]
     return GeneratorInfo(stages=stages, size_multiple=message.size_multiple, guidance_embeds=message.guidance_embeds)
 
 
@@ -161,8 +177,15 @@ def event_from_pb(message: generator_pb2.GenerateEvent) -> Event:
         return StageFinished(rid, Phase.from_pb(message.stage_finished.stage), message.stage_finished.seconds)
     if kind == "step":
         s = message.step
-        return Step(rid, s.step, s.total, s.seconds, [_image(i) for i in s.previews], s.preview_step,
-                    [i.data for i in s.previews])
+        return Step(
+            rid,
+            s.step,
+            s.total,
+            s.seconds,
+            [_image(i) for i in s.previews],
+            s.preview_step,
+            [i.data for i in s.previews],
+        )
     if kind == "result":
         r = message.result
         t = r.timings
@@ -170,8 +193,16 @@ def event_from_pb(message: generator_pb2.GenerateEvent) -> Event:
             request_id=rid,
             images=[_image(i) for i in r.images],
             seed=r.seed,
-            timings=Timings(t.queued_seconds, t.encode_seconds, t.denoise_seconds, t.decode_seconds, t.total_seconds,
-                            t.swap_seconds, t.swaps, t.cached_encodes),
+            timings=Timings(
+                t.queued_seconds,
+                t.encode_seconds,
+                t.denoise_seconds,
+                t.decode_seconds,
+                t.total_seconds,
+                t.swap_seconds,
+                t.swaps,
+                t.cached_encodes,
+            ),
             width=r.width,
             height=r.height,
             steps=r.steps,

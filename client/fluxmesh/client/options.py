@@ -24,8 +24,18 @@ from fluxmesh.contract import ControlPreprocess, PreviewKind, ReferenceRole
 from fluxmesh.rpc import step_cache
 from fluxmesh.v1 import common_pb2, generator_pb2
 
-__all__ = ["ControlPreprocess", "GenerateOptions", "ImageInput", "Lora", "PreviewKind", "Reference", "ReferenceRole",
-           "option_help", "parse_lora", "takes_generate_options"]
+__all__ = [
+    "ControlPreprocess",
+    "GenerateOptions",
+    "ImageInput",
+    "Lora",
+    "PreviewKind",
+    "Reference",
+    "ReferenceRole",
+    "option_help",
+    "parse_lora",
+    "takes_generate_options",
+]
 
 Lora = tuple[str, float]
 ImageInput = bytes | str | os.PathLike[str] | Image.Image  # PNG/JPEG bytes, a path to one, or a PIL image
@@ -51,14 +61,19 @@ class Reference:
     def __post_init__(self) -> None:  # InvalidArgument naming the field, before any call
         object.__setattr__(self, "role", ReferenceRole.parse(str(self.role), "references.role"))
         if self.preprocess is not None:
-            object.__setattr__(self, "preprocess", ControlPreprocess.parse(str(self.preprocess),
-                                                                           "references.preprocess"))
+            object.__setattr__(
+                self, "preprocess", ControlPreprocess.parse(str(self.preprocess), "references.preprocess")
+            )
 
     def to_pb(self) -> generator_pb2.Reference:
         role = cast(ReferenceRole, self.role)
-        reference = generator_pb2.Reference(role=cast(generator_pb2.ReferenceRole, role.pb),
-                                            image=image_bytes(self.image), scale=self.scale,
-                                            pooled_scale=self.pooled_scale, keep_size=self.keep_size)
+        reference = generator_pb2.Reference(
+            role=cast(generator_pb2.ReferenceRole, role.pb),
+            image=image_bytes(self.image),
+            scale=self.scale,
+            pooled_scale=self.pooled_scale,
+            keep_size=self.keep_size,
+        )
         if self.preprocess is not None:
             reference.preprocess = cast(common_pb2.ControlPreprocess, cast(ControlPreprocess, self.preprocess).pb)
         return reference
@@ -68,8 +83,7 @@ class Reference:
 class GenerateOptions:
     """One generation: its prompt and options. Unset (None) values take the server's default."""
 
-    prompt: str = field(metadata=_doc("What to draw (CLIP reads its first 77 tokens, T5 up to "
-                                      "max_sequence_length)."))
+    prompt: str = field(metadata=_doc("What to draw (CLIP reads its first 77 tokens, T5 up to max_sequence_length)."))
     _: KW_ONLY
     prompt_2: str = field(default="", metadata=_doc("Separate T5 prompt (default: the prompt)."))
     width: int = field(default=0, metadata=_doc("Default 1024, or the init image's width."))
@@ -78,33 +92,55 @@ class GenerateOptions:
     guidance: float | None = field(default=None, metadata=_doc("Default 3.5; ignored by schnell."))
     seed: int | None = field(default=None, metadata=_doc("Default: chosen by the server and returned."))
     num_images: int = field(default=1, metadata=_doc("Images per request, from seeds seed, seed+1, ..."))
-    max_sequence_length: int = field(default=0, metadata=_doc("T5 length; 0: the encoder's default "
-                                                              "(512 dev, 256 schnell)."))
-    loras: Iterable[Lora | str] = field(default=(), metadata=_doc("LoRAs by the names the server offers: "
-                                                                  "(name, weight) or a bare name for weight 1.0."))
+    max_sequence_length: int = field(
+        default=0, metadata=_doc("T5 length; 0: the encoder's default (512 dev, 256 schnell).")
+    )
+    loras: Iterable[Lora | str] = field(
+        default=(), metadata=_doc("LoRAs by the names the server offers: (name, weight) or a bare name for weight 1.0.")
+    )
     init_image: ImageInput | None = field(default=None, metadata=_doc("Image to start from (image to image)."))
     mask_image: ImageInput | None = field(default=None, metadata=_doc("Mask, white = repaint (inpainting)."))
-    strength: float | None = field(default=None, metadata=_doc("How much of the init image to repaint, in (0, 1] "
-                                                               "(default 0.6; 1.0 for FLUX.1-Fill)."))
-    preview: PreviewKind | str | None = field(default=None, metadata=_doc("Live previews in Step events: fast "
-                                                                          "(latents to RGB) or vae."))
+    strength: float | None = field(
+        default=None,
+        metadata=_doc("How much of the init image to repaint, in (0, 1] (default 0.6; 1.0 for FLUX.1-Fill)."),
+    )
+    preview: PreviewKind | str | None = field(
+        default=None, metadata=_doc("Live previews in Step events: fast (latents to RGB) or vae.")
+    )
     preview_every: int = field(default=1, metadata=_doc("A preview every N steps."))
-    priority: int = field(default=0, metadata=_doc("Place in line: higher runs first (up to what the server "
-                                                   "allows this caller), lower lets others go first."))
-    negative_prompt: str | None = field(default=None, metadata=_doc("True CFG: what to steer away from (may be "
-                                                                    "''); needs true_cfg_scale > 1."))
+    priority: int = field(
+        default=0,
+        metadata=_doc(
+            "Place in line: higher runs first (up to what the server allows this caller), lower lets others go first."
+        ),
+    )
+    negative_prompt: str | None = field(
+        default=None, metadata=_doc("True CFG: what to steer away from (may be ''); needs true_cfg_scale > 1.")
+    )
     negative_prompt_2: str = field(default="", metadata=_doc("T5 negative prompt (default: the negative prompt)."))
-    true_cfg_scale: float | None = field(default=None, metadata=_doc("True CFG scale, as FluxPipeline's (1: off; "
-                                                                     "> 1 runs the negative prompt too, twice the "
-                                                                     "cost per step)."))
-    cache: str | None = field(default=None, metadata=_doc("Step caching: off, first-block, mag or taylorseer, "
-                                                          "optionally :THRESHOLD (faster, approximate pixels; "
-                                                          "default: the server's)."))
-    references: Iterable[Reference] = field(default=(), metadata=_doc("Images with a role: Kontext's image to edit, "
-                                                                      "Redux image prompts, a Control image "
-                                                                      "(see Reference)."))
-    timeout: float | None = field(default=None, metadata=_doc("Deadline of this call in seconds (default: the "
-                                                              "client's)."))
+    true_cfg_scale: float | None = field(
+        default=None,
+        metadata=_doc(
+            "True CFG scale, as FluxPipeline's (1: off; > 1 runs the negative prompt too, twice the cost per step)."
+        ),
+    )
+    cache: str | None = field(
+        default=None,
+        metadata=_doc(
+            "Step caching: off, first-block, mag or taylorseer, "
+            "optionally :THRESHOLD (faster, approximate pixels; "
+            "default: the server's)."
+        ),
+    )
+    references: Iterable[Reference] = field(
+        default=(),
+        metadata=_doc(
+            "Images with a role: Kontext's image to edit, Redux image prompts, a Control image (see Reference)."
+        ),
+    )
+    timeout: float | None = field(
+        default=None, metadata=_doc("Deadline of this call in seconds (default: the client's).")
+    )
 
     def __post_init__(self) -> None:
         if self.preview is not None:  # InvalidArgument (a ValueError) naming the field, before any call
@@ -115,11 +151,21 @@ class GenerateOptions:
     def to_request(self) -> generator_pb2.GenerateRequest:
         """The wire request (unset optional fields stay unset, so the server applies its defaults)."""
         request = generator_pb2.GenerateRequest(
-            prompt=self.prompt, prompt_2=self.prompt_2, width=self.width, height=self.height, num_images=self.num_images,
-            max_sequence_length=self.max_sequence_length, loras=[_lora_pb(lora) for lora in self.loras],
-            priority=self.priority, negative_prompt_2=self.negative_prompt_2,
-            steps=self.steps, guidance=self.guidance, seed=self.seed, strength=self.strength,
-            negative_prompt=self.negative_prompt, true_cfg_scale=self.true_cfg_scale,
+            prompt=self.prompt,
+            prompt_2=self.prompt_2,
+            width=self.width,
+            height=self.height,
+            num_images=self.num_images,
+            max_sequence_length=self.max_sequence_length,
+            loras=[_lora_pb(lora) for lora in self.loras],
+            priority=self.priority,
+            negative_prompt_2=self.negative_prompt_2,
+            steps=self.steps,
+            guidance=self.guidance,
+            seed=self.seed,
+            strength=self.strength,
+            negative_prompt=self.negative_prompt,
+            true_cfg_scale=self.true_cfg_scale,
             init_image=None if self.init_image is None else image_bytes(self.init_image),
             mask_image=None if self.mask_image is None else image_bytes(self.mask_image),
             references=[reference.to_pb() for reference in self.references],
@@ -145,8 +191,9 @@ R = TypeVar("R")
 P = ParamSpec("P")
 
 
-def _parameters_of(options: Callable[P, GenerateOptions]) -> Callable[
-        [Callable[[C, GenerateOptions], R]], Callable[Concatenate[C, P], R]]:
+def _parameters_of(
+    options: Callable[P, GenerateOptions],
+) -> Callable[[Callable[[C, GenerateOptions], R]], Callable[Concatenate[C, P], R]]:
     """A decorator that gives `method(self, options)` the signature of `options`' constructor
     (typing.ParamSpec: type checkers and IDEs read the fields as the method's parameters)."""
 
@@ -160,10 +207,14 @@ def _parameters_of(options: Callable[P, GenerateOptions]) -> Callable[
         wrapper: Any = call_async if inspect.iscoroutinefunction(method) else call
         functools.update_wrapper(wrapper, method)
         signature = inspect.signature(method)
-        wrapper.__signature__ = signature.replace(parameters=[
-            next(iter(signature.parameters.values())), *inspect.signature(options).parameters.values()])
-        wrapper.__doc__ = (method.__doc__ or "").rstrip() + "\n\nArguments (GenerateOptions):\n" + "\n".join(
-            f"    {f.name}: {f.metadata['doc']}" for f in dataclasses.fields(GenerateOptions))
+        wrapper.__signature__ = signature.replace(
+            parameters=[next(iter(signature.parameters.values())), *inspect.signature(options).parameters.values()]
+        )
+        wrapper.__doc__ = (
+            (method.__doc__ or "").rstrip()
+            + "\n\nArguments (GenerateOptions):\n"
+            + "\n".join(f"    {f.name}: {f.metadata['doc']}" for f in dataclasses.fields(GenerateOptions))
+        )
         return wrapper  # type: ignore[no-any-return]
 
     return decorate

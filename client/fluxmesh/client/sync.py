@@ -40,8 +40,15 @@ class Client:
     enable TLS; `timeout` is the deadline in seconds of every generation that names none.
     """
 
-    def __init__(self, address: str, *, token: str | None = None, credentials: grpc.ChannelCredentials | None = None,
-                 timeout: float | None = None, allow_plaintext_token: bool = False):
+    def __init__(
+        self,
+        address: str,
+        *,
+        token: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        timeout: float | None = None,
+        allow_plaintext_token: bool = False,
+    ):
         # A token goes over plaintext only to loopback, or when the caller says so.
         check_token_transport(address, token, tls=credentials is not None, allow_plaintext=allow_plaintext_token)
         self.address = address
@@ -53,8 +60,9 @@ class Client:
     def __enter__(self) -> Client:
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                 traceback: TracebackType | None) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
         self.close()
 
     def close(self) -> None:
@@ -66,8 +74,9 @@ class Client:
         return self._stream(options)
 
     def _stream(self, options: GenerateOptions) -> GenerationStream:
-        call = self._stub.Generate(options.to_request(), timeout=options.timeout or self.timeout,
-                                   metadata=self._metadata)
+        call = self._stub.Generate(
+            options.to_request(), timeout=options.timeout or self.timeout, metadata=self._metadata
+        )
         return GenerationStream(call)
 
     @takes_generate_options

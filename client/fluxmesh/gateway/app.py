@@ -11,11 +11,12 @@ from typing import Any
 import grpc
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from starlette.middleware.body_limit import RequestBodyLimitMiddleware
+
 from fluxmesh.gateway import errors
 from fluxmesh.gateway.routes import router
 from fluxmesh.gateway.store import ResultStore
 from fluxmesh.gateway.upstream import Upstream
-from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +46,15 @@ def create_app(options: GatewayOptions) -> FastAPI:
             await app.state.upstream.close()
 
     # No /docs or /redoc: FastAPI's load Swagger UI and ReDoc from a CDN; /openapi.json stays.
-    app = FastAPI(title="fluxmesh", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  description="OpenAI-compatible images API in front of a fluxmesh orchestrator, and a web "
-                              "page at /. `Authorization: Bearer` tokens are passed on to the orchestrator.")
+    app = FastAPI(
+        title="fluxmesh",
+        version="1",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        description="OpenAI-compatible images API in front of a fluxmesh orchestrator, and a web "
+        "page at /. `Authorization: Bearer` tokens are passed on to the orchestrator.",
+    )
     app.state.options = options
     app.state.store = ResultStore(max_bytes=options.result_store_bytes, ttl=options.result_ttl)
     app.state.model_ids = set()
@@ -58,8 +65,12 @@ def create_app(options: GatewayOptions) -> FastAPI:
     app.add_middleware(RequestBodyLimitMiddleware, max_body_size=options.max_body_bytes)
     app.add_middleware(errors.DeclaredSizeLimit, max_body_bytes=options.max_body_bytes)
     if options.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=list(options.cors_origins), allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"])
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(options.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
     return app
 
 

@@ -26,5 +26,7 @@ def encode(data: bytes, output_format: str, compression: int | None = None) -> b
     elif output_format == "webp" and compression == 100:
         image.save(buffer, format="WEBP", lossless=True)
     else:
-        image.save(buffer, format=output_format.upper(), quality=DEFAULT_QUALITY if compression is None else compression)
+        image.save(
+            buffer, format=output_format.upper(), quality=DEFAULT_QUALITY if compression is None else compression
+        )
     return buffer.getvalue()

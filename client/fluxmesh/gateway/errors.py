@@ -15,8 +15,9 @@ import grpc
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fluxmesh.rpc.errors import FluxmeshError
 from starlette.exceptions import HTTPException
+
+from fluxmesh.rpc.errors import FluxmeshError
 
 # google.rpc.Code's documented HTTP mapping (code.proto); CANCELLED is nginx's 499 "client closed".
 HTTP_STATUS = {
@@ -38,14 +39,21 @@ HTTP_STATUS = {
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
 
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-               404: "not_found_error", 405: "invalid_request_error", 409: "conflict_error",
-               413: "invalid_request_error", 415: "invalid_request_error", 429: "rate_limit_error",
-               504: "timeout_error"}
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+    504: "timeout_error",
+}
 
 # The orchestrator's field names for what the OpenAI request spells otherwise.
-OPENAI_PARAMS = {"width": "size", "height": "size", "num_images": "n", "init_image": "image",
-                 "mask_image": "mask"}
+OPENAI_PARAMS = {"width": "size", "height": "size", "num_images": "n", "init_image": "image", "mask_image": "mask"}
 _FIELD = re.compile(r"^([A-Za-z_][\w.\[\]]*): ")
 
 RETRY_AFTER_SECONDS = 2  # the orchestrator refuses a full queue at once; a short wait usually finds room
@@ -60,13 +68,24 @@ class GatewayError(Exception):
 
 
 def error_body(status: int, message: str, *, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "server_error" if status >= 500 else
-                                                                     "invalid_request_error"),
-                      "param": param, "code": code}}
+    return {
+        "error": {
+            "message": message,
+            "type": ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
+            "param": param,
+            "code": code,
+        }
+    }
 
 
-def error_response(status: int, message: str, *, param: str | None = None, code: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(
+    status: int,
+    message: str,
+    *,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
     return JSONResponse(error_body(status, message, param=param, code=code), status_code=status, headers=headers)
 
 
@@ -101,8 +120,9 @@ def _validation_message(error: dict) -> tuple[str, str | None]:
 async def _on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
     found = exc.errors()
     if any(tuple(e.get("loc", ())) == ("body", "image[]") for e in found):
-        return error_response(400, "image: one image per edit (fluxmesh starts from one init image)",
-                              param="image", code="invalid_value")
+        return error_response(
+            400, "image: one image per edit (fluxmesh starts from one init image)", param="image", code="invalid_value"
+        )
     message, param = _validation_message(found[0])
     return error_response(400, message, param=param, code="invalid_value")
 
@@ -117,12 +137,18 @@ async def _on_fluxmesh(request: Request, exc: FluxmeshError) -> JSONResponse:
 
 
 async def _on_http(request: Request, exc: HTTPException) -> JSONResponse:
-    messages = {404: f"no such endpoint: {request.method} {request.url.path}",
-                405: f"{request.method} is not allowed on {request.url.path}",
-                413: "the request body is larger than this gateway accepts"}
+    messages = {
+        404: f"no such endpoint: {request.method} {request.url.path}",
+        405: f"{request.method} is not allowed on {request.url.path}",
+        413: "the request body is larger than this gateway accepts",
+    }
     code = {413: "request_too_large", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-    return error_response(exc.status_code, messages.get(exc.status_code, str(exc.detail)), code=code,
-                          headers=getattr(exc, "headers", None))
+    return error_response(
+        exc.status_code,
+        messages.get(exc.status_code, str(exc.detail)),
+        code=code,
+        headers=getattr(exc, "headers", None),
+    )
 
 
 class DeclaredSizeLimit:
@@ -138,8 +164,11 @@ class DeclaredSizeLimit:
         if scope["type"] == "http":
             declared = dict(scope["headers"]).get(b"content-length", b"")
             if declared.isdigit() and int(declared) > self.max_body_bytes:
-                response = error_response(413, f"the request body is {int(declared)} bytes; this gateway accepts "
-                                               f"up to {self.max_body_bytes}", code="request_too_large")
+                response = error_response(
+                    413,
+                    f"the request body is {int(declared)} bytes; this gateway accepts up to {self.max_body_bytes}",
+                    code="request_too_large",
+                )
                 return await response(scope, receive, send)
         await self.app(scope, receive, send)
 

@@ -18,6 +18,8 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from starlette.requests import Request
+
 from fluxmesh.client import (
     AsyncClient,
     Event,
@@ -32,7 +34,6 @@ from fluxmesh.gateway.encoding import MEDIA_TYPES, encode
 from fluxmesh.gateway.errors import GatewayError, error_body, from_fluxmesh
 from fluxmesh.gateway.schemas import Generation, ImageOptions, LoraSpec
 from fluxmesh.gateway.store import ResultStore
-from starlette.requests import Request
 
 T = TypeVar("T")
 
@@ -47,18 +48,38 @@ class Job:
     created: int = field(default_factory=lambda: int(time.time()))
 
 
-def make_job(options: ImageOptions, *, event_prefix: str, init_image: bytes | None = None,
-             mask_image: bytes | None = None, strength: float | None = None) -> Job:
+def make_job(
+    options: ImageOptions,
+    *,
+    event_prefix: str,
+    init_image: bytes | None = None,
+    mask_image: bytes | None = None,
+    strength: float | None = None,
+) -> Job:
     if options.output_compression is not None and options.output_format == "png":
-        raise GatewayError(400, "output_compression: applies to jpeg and webp only (PNG is lossless)",
-                           param="output_compression", code="invalid_value")
+        raise GatewayError(
+            400,
+            "output_compression: applies to jpeg and webp only (PNG is lossless)",
+            param="output_compression",
+            code="invalid_value",
+        )
     width, height = options.dimensions()
     arguments: dict[str, Any] = {
-        "prompt": options.prompt, "prompt_2": options.prompt_2, "width": width, "height": height,
-        "steps": options.steps, "guidance": options.guidance, "seed": options.seed, "num_images": options.n,
-        "max_sequence_length": options.max_sequence_length, "loras": [_lora(lora) for lora in options.loras],
-        "priority": options.priority, "negative_prompt": options.negative_prompt,
-        "true_cfg_scale": options.true_cfg_scale, "cache": options.cache, "timeout": options.timeout,
+        "prompt": options.prompt,
+        "prompt_2": options.prompt_2,
+        "width": width,
+        "height": height,
+        "steps": options.steps,
+        "guidance": options.guidance,
+        "seed": options.seed,
+        "num_images": options.n,
+        "max_sequence_length": options.max_sequence_length,
+        "loras": [_lora(lora) for lora in options.loras],
+        "priority": options.priority,
+        "negative_prompt": options.negative_prompt,
+        "true_cfg_scale": options.true_cfg_scale,
+        "cache": options.cache,
+        "timeout": options.timeout,
     }
     if init_image is not None:
         arguments.update(init_image=init_image, mask_image=mask_image, strength=strength)
@@ -117,11 +138,17 @@ async def collect(client: AsyncClient, job: Job) -> Result:
 
 def _generation(result: Result) -> Generation:
     t = result.timings
-    return Generation(seed=result.seed, width=result.width, height=result.height, steps=result.steps,
-                      guidance=result.guidance, warnings=result.warnings, blocks_skipped=result.blocks_skipped,
-                      blocks_run=result.blocks_run,
-                      timings={"queued": t.queued, "encode": t.encode, "denoise": t.denoise, "decode": t.decode,
-                               "total": t.total})
+    return Generation(
+        seed=result.seed,
+        width=result.width,
+        height=result.height,
+        steps=result.steps,
+        guidance=result.guidance,
+        warnings=result.warnings,
+        blocks_skipped=result.blocks_skipped,
+        blocks_run=result.blocks_run,
+        timings={"queued": t.queued, "encode": t.encode, "denoise": t.denoise, "decode": t.decode, "total": t.total},
+    )
 
 
 def _image_data(data: bytes, job: Job, store: ResultStore, base_url: str) -> dict[str, str]:
@@ -131,16 +158,22 @@ def _image_data(data: bytes, job: Job, store: ResultStore, base_url: str) -> dic
         try:
             key = store.put(encoded, MEDIA_TYPES[fmt])
         except ValueError as error:
-            raise GatewayError(400, f"response_format: {error}; ask for b64_json", param="response_format",
-                               code="invalid_value") from None
+            raise GatewayError(
+                400, f"response_format: {error}; ask for b64_json", param="response_format", code="invalid_value"
+            ) from None
         return {"url": f"{base_url}v1/images/results/{key}.{fmt}"}
     return {"b64_json": base64.b64encode(encoded).decode("ascii")}
 
 
 def images_response(result: Result, job: Job, store: ResultStore, base_url: str) -> dict[str, Any]:
-    return {"created": job.created, "data": [_image_data(png, job, store, base_url) for png in result.image_data],
-            "output_format": job.options.output_format, "size": f"{result.width}x{result.height}",
-            "background": "opaque", "fluxmesh": _generation(result).model_dump()}
+    return {
+        "created": job.created,
+        "data": [_image_data(png, job, store, base_url) for png in result.image_data],
+        "output_format": job.options.output_format,
+        "size": f"{result.width}x{result.height}",
+        "background": "opaque",
+        "fluxmesh": _generation(result).model_dump(),
+    }
 
 
 def sse(name: str, payload: dict[str, Any]) -> str:
@@ -161,8 +194,9 @@ class PartialImages:
         return shown >= math.ceil(step.total * (self.sent + 1) / (self.wanted + 1))
 
 
-async def stream_events(first: Event, rest: AsyncGenerator[Event, None], job: Job, store: ResultStore,
-                        base_url: str) -> AsyncIterator[str]:
+async def stream_events(
+    first: Event, rest: AsyncGenerator[Event, None], job: Job, store: ResultStore, base_url: str
+) -> AsyncIterator[str]:
     """The SSE body; an error after the stream began is an `error` event (the status is sent)."""
     options, prefix = job.options, job.event_prefix
     partials = PartialImages(options.partial_images if options.stream else 0)
@@ -177,24 +211,44 @@ async def stream_events(first: Event, rest: AsyncGenerator[Event, None], job: Jo
             yield sse("fluxmesh.stage", {"type": "fluxmesh.stage", "stage": event.stage.value})
         elif isinstance(event, Step):
             if options.progress:
-                yield sse("fluxmesh.step", {"type": "fluxmesh.step", "step": event.step, "total": event.total,
-                                            "seconds": event.seconds})
+                yield sse(
+                    "fluxmesh.step",
+                    {"type": "fluxmesh.step", "step": event.step, "total": event.total, "seconds": event.seconds},
+                )
             if partials.take(event):
                 for image_index, data in enumerate(event.preview_data):
-                    yield sse(f"{prefix}.partial_image", {
-                        "type": f"{prefix}.partial_image", "b64_json": encoded(data), "created_at": int(time.time()),
-                        "output_format": options.output_format, "size": options.size, "background": "opaque",
-                        "quality": "auto", "partial_image_index": partials.sent, "image_index": image_index,
-                        "step": event.preview_step or event.step})
+                    yield sse(
+                        f"{prefix}.partial_image",
+                        {
+                            "type": f"{prefix}.partial_image",
+                            "b64_json": encoded(data),
+                            "created_at": int(time.time()),
+                            "output_format": options.output_format,
+                            "size": options.size,
+                            "background": "opaque",
+                            "quality": "auto",
+                            "partial_image_index": partials.sent,
+                            "image_index": image_index,
+                            "step": event.preview_step or event.step,
+                        },
+                    )
                 partials.sent += 1
         elif isinstance(event, Result):
             generation = _generation(event).model_dump()
             for data in event.image_data:
-                yield sse(f"{prefix}.completed", {
-                    "type": f"{prefix}.completed", **_image_data(data, job, store, base_url),
-                    "created_at": int(time.time()), "output_format": options.output_format,
-                    "size": f"{event.width}x{event.height}", "background": "opaque", "quality": "auto",
-                    "fluxmesh": generation})
+                yield sse(
+                    f"{prefix}.completed",
+                    {
+                        "type": f"{prefix}.completed",
+                        **_image_data(data, job, store, base_url),
+                        "created_at": int(time.time()),
+                        "output_format": options.output_format,
+                        "size": f"{event.width}x{event.height}",
+                        "background": "opaque",
+                        "quality": "auto",
+                        "fluxmesh": generation,
+                    },
+                )
 
     try:
         async for text in relay(first):

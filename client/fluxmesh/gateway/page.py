@@ -6,12 +6,15 @@ from functools import cache
 from importlib import resources
 
 from fastapi.responses import Response
+
 from fluxmesh.gateway.errors import GatewayError
 
 ASSETS = {"page.js": "text/javascript", "page.css": "text/css"}
 # The page is all our own: scripts, styles and images from this origin only (previews are data: URLs).
-CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
-       "connect-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'")
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+    "connect-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'"
+)
 
 
 @cache

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+
 from fluxmesh.client import AsyncClient
 from fluxmesh.gateway import page
 from fluxmesh.gateway.errors import GatewayError
@@ -36,16 +37,26 @@ router = APIRouter()
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": description}
-    for status, description in ((400, "Invalid request (param names the field)"), (401, "Missing or wrong token"),
-                                (403, "Not allowed for this token"), (404, "Unknown model, LoRA or result"),
-                                (413, "Body too large"), (415, "Wrong content type"),
-                                (429, "Queue full (see Retry-After)"), (503, "Orchestrator or a stage unavailable"),
-                                (504, "Deadline exceeded"))
+    for status, description in (
+        (400, "Invalid request (param names the field)"),
+        (401, "Missing or wrong token"),
+        (403, "Not allowed for this token"),
+        (404, "Unknown model, LoRA or result"),
+        (413, "Body too large"),
+        (415, "Wrong content type"),
+        (429, "Queue full (see Retry-After)"),
+        (503, "Orchestrator or a stage unavailable"),
+        (504, "Deadline exceeded"),
+    )
 }
-STREAM_OR_JSON: dict[int | str, dict[str, Any]] = {200: {"description": "The images (JSON), or with `stream: true` server-sent events: "
-                                       "`image_generation.partial_image` ..., then `image_generation.completed` "
-                                       "per image (`image_edit.*` for edits); `error` if it fails midway.",
-                        "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+STREAM_OR_JSON: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The images (JSON), or with `stream: true` server-sent events: "
+        "`image_generation.partial_image` ..., then `image_generation.completed` "
+        "per image (`image_edit.*` for edits); `error` if it fails midway.",
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    }
+}
 
 
 def token(request: Request) -> str | None:
@@ -59,8 +70,9 @@ def token(request: Request) -> str | None:
             raise GatewayError(401, "Authorization must be 'Bearer <token>'", code="unauthenticated")
     accepted = request.app.state.options.tokens
     if accepted and not token_matches(presented, accepted):
-        raise GatewayError(401, "missing bearer token" if presented is None else "invalid bearer token",
-                           code="unauthenticated")
+        raise GatewayError(
+            401, "missing bearer token" if presented is None else "invalid bearer token", code="unauthenticated"
+        )
     return presented
 
 
@@ -71,8 +83,12 @@ def content_type(*allowed: str):
     def check(request: Request) -> None:
         given = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if given not in allowed:
-            raise GatewayError(415, f"Content-Type {given or '(none)'!r}: this endpoint takes {' or '.join(allowed)}",
-                               code="unsupported_media_type")
+            raise GatewayError(
+                415,
+                f"Content-Type {given or '(none)'!r}: this endpoint takes {' or '.join(allowed)}",
+                code="unsupported_media_type",
+            )
+
     return Depends(check)
 
 
@@ -82,8 +98,13 @@ async def model_card(client: AsyncClient, request: Request) -> ModelCard:
     source = denoiser.model if denoiser is not None else ""
     fill = denoiser is not None and denoiser.fill
     name = request.app.state.options.model_name or _model_id(source)
-    card = ModelCard(id=name, kind="fill" if fill else "dev" if info.guidance_embeds else "schnell",
-                     size_multiple=info.size_multiple, guidance_embeds=info.guidance_embeds, source=source)
+    card = ModelCard(
+        id=name,
+        kind="fill" if fill else "dev" if info.guidance_embeds else "schnell",
+        size_multiple=info.size_multiple,
+        guidance_embeds=info.guidance_embeds,
+        source=source,
+    )
     request.app.state.model_ids = {card.id, source}
     return card
 
@@ -98,8 +119,12 @@ async def _check_model(options: ImageOptions, client: AsyncClient, request: Requ
         return
     await model_card(client, request)  # the orchestrator may serve another model since we last asked
     if options.model not in request.app.state.model_ids:
-        raise GatewayError(404, f"model: {options.model!r} is not served here (GET /v1/models lists it)",
-                           param="model", code="model_not_found")
+        raise GatewayError(
+            404,
+            f"model: {options.model!r} is not served here (GET /v1/models lists it)",
+            param="model",
+            code="model_not_found",
+        )
 
 
 async def _answer(request: Request, job: Job, bearer: str | None) -> Response:
@@ -122,19 +147,30 @@ async def _answer(request: Request, job: Job, bearer: str | None) -> Response:
             async for text in stream_events(first, stream, job, state.store, base_url):
                 yield text
 
-    return StreamingResponse(body(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
 
 
-@router.post("/v1/images/generations", response_model=ImagesResponse, responses={**STREAM_OR_JSON, **ERRORS},
-             dependencies=[content_type("application/json")], tags=["images"])
+@router.post(
+    "/v1/images/generations",
+    response_model=ImagesResponse,
+    responses={**STREAM_OR_JSON, **ERRORS},
+    dependencies=[content_type("application/json")],
+    tags=["images"],
+)
 async def create_image(body: ImageGenerationRequest, request: Request, bearer: Token) -> Response:
     """Text to image (OpenAI's `images.generate`), with fluxmesh's knobs as extra fields."""
     return await _answer(request, make_job(body, event_prefix="image_generation"), bearer)
 
 
-@router.post("/v1/images/edits", response_model=ImagesResponse, responses={**STREAM_OR_JSON, **ERRORS},
-             dependencies=[content_type("multipart/form-data")], tags=["images"])
+@router.post(
+    "/v1/images/edits",
+    response_model=ImagesResponse,
+    responses={**STREAM_OR_JSON, **ERRORS},
+    dependencies=[content_type("multipart/form-data")],
+    tags=["images"],
+)
 async def edit_image(form: Annotated[ImageEditRequest, Form()], request: Request, bearer: Token) -> Response:
     """Image to image, or inpainting with a mask (OpenAI's `images.edit`); Fill models too."""
     image = await form.image.read()
@@ -143,9 +179,12 @@ async def edit_image(form: Annotated[ImageEditRequest, Form()], request: Request
     return await _answer(request, job, bearer)
 
 
-@router.get("/v1/images/results/{name}", responses={200: {"content": {"image/png": {}, "image/jpeg": {},
-                                                                       "image/webp": {}}}, 404: ERRORS[404]},
-            response_class=Response, tags=["images"])
+@router.get(
+    "/v1/images/results/{name}",
+    responses={200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}}, 404: ERRORS[404]},
+    response_class=Response,
+    tags=["images"],
+)
 async def result(name: str, request: Request) -> Response:
     """An image made with `response_format: url` (kept for a while; the URL is the only key)."""
     stored = request.app.state.store.get(name.partition(".")[0])

@@ -14,8 +14,9 @@ import re
 from typing import Literal
 
 from fastapi import UploadFile
-from fluxmesh.contract import LIMITS, PreviewKind
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from fluxmesh.contract import LIMITS, PreviewKind
 
 OutputFormat = Literal["png", "jpeg", "webp"]
 SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
@@ -35,20 +36,29 @@ class ImageOptions(BaseModel):
     prompt: str = Field(description="What to draw.")
     model: str | None = Field(None, description="The served model's id (GET /v1/models); omitted: that one.")
     n: int = Field(1, ge=1, description="Images from this prompt (the server allows up to 8).")
-    size: str = Field("auto", description="'WIDTHxHEIGHT' (multiples of the model's granularity) or 'auto' "
-                                          "(1024x1024, or the input image's size for edits).")
+    size: str = Field(
+        "auto",
+        description="'WIDTHxHEIGHT' (multiples of the model's granularity) or 'auto' "
+        "(1024x1024, or the input image's size for edits).",
+    )
     response_format: Literal["b64_json", "url"] = Field(
-        "b64_json", description="url: the gateway keeps the image for a while and returns where to fetch it.")
+        "b64_json", description="url: the gateway keeps the image for a while and returns where to fetch it."
+    )
     output_format: OutputFormat = "png"
-    output_compression: int | None = Field(None, ge=0, le=100, description="jpeg/webp quality (default 95; "
-                                                                           "webp 100 is lossless).")
+    output_compression: int | None = Field(
+        None, ge=0, le=100, description="jpeg/webp quality (default 95; webp 100 is lossless)."
+    )
     stream: bool = Field(False, description="Server-sent events: partial images, then the completed image.")
-    partial_images: int = Field(0, ge=0, le=LIMITS.max_steps, description="Partial images to stream before the final "
-                                                                   "one (OpenAI allows 0-3; fluxmesh up to one "
-                                                                   "per step).")
+    partial_images: int = Field(
+        0,
+        ge=0,
+        le=LIMITS.max_steps,
+        description="Partial images to stream before the final one (OpenAI allows 0-3; fluxmesh up to one per step).",
+    )
     user: str | None = None
     quality: Literal["auto", "low", "medium", "high", "standard", "hd"] | None = Field(
-        None, description="Accepted for compatibility; FLUX's quality knob is `steps`.")
+        None, description="Accepted for compatibility; FLUX's quality knob is `steps`."
+    )
     background: Literal["auto", "opaque"] | None = Field(None, description="FLUX images are always opaque.")
     moderation: Literal["auto", "low"] | None = Field(None, description="Accepted for compatibility; no effect.")
     safety_identifier: str | None = None
@@ -61,11 +71,15 @@ class ImageOptions(BaseModel):
     true_cfg_scale: float | None = None
     prompt_2: str = Field("", description="Separate T5 prompt.")
     max_sequence_length: int = Field(0, ge=0, description="T5 length (0: the encoder's default).")
-    loras: list[LoraSpec | str] = Field(default_factory=list, description="Stacked LoRAs: {name, weight} or "
-                                                                          "'NAME[:WEIGHT]' (GET /v1/loras).")
+    loras: list[LoraSpec | str] = Field(
+        default_factory=list, description="Stacked LoRAs: {name, weight} or 'NAME[:WEIGHT]' (GET /v1/loras)."
+    )
     priority: int = Field(0, description="Higher runs first when requests wait (up to what the server allows).")
-    cache: str | None = Field(None, description="Step caching: off, first-block, mag or taylorseer, optionally "
-                                                ":THRESHOLD (faster, approximate pixels; default: the server's).")
+    cache: str | None = Field(
+        None,
+        description="Step caching: off, first-block, mag or taylorseer, optionally "
+        ":THRESHOLD (faster, approximate pixels; default: the server's).",
+    )
     preview: PreviewKind = Field(PreviewKind.fast, description="How partial images are made.")
     progress: bool = Field(False, description="With stream: also `fluxmesh.step` / `fluxmesh.queued` events.")
     timeout: float | None = Field(None, gt=0, description="Deadline in seconds (504 when it passes).")

@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import grpc
+
 from fluxmesh.client import AsyncClient
 
 
@@ -36,8 +37,7 @@ class Upstream:
     async def client(self, token: str | None) -> AsyncIterator[AsyncClient]:
         entry = self._entries.get(token)
         if entry is None:
-            entry = self._entries[token] = _Entry(AsyncClient(self.address, token=token,
-                                                              credentials=self._credentials))
+            entry = self._entries[token] = _Entry(AsyncClient(self.address, token=token, credentials=self._credentials))
             self._evict()
         self._entries.move_to_end(token)
         entry.users += 1

@@ -24,7 +24,6 @@ import grpc
 
 from fluxmesh.rpc.errors import FluxmeshError, ResourceExhausted
 
-
 MAX_OVERTAKES = 8
 
 
@@ -99,9 +98,11 @@ class AdmissionQueue:
                     try:
                         await asyncio.wait_for(self._changed.wait(), left)
                     except TimeoutError:
-                        raise FluxmeshError(f"no turn within {timeout:g} s (the request's deadline or the "
-                                            "server's --request-timeout); retry later",
-                                            code=grpc.StatusCode.DEADLINE_EXCEEDED) from None
+                        raise FluxmeshError(
+                            f"no turn within {timeout:g} s (the request's deadline or the "
+                            "server's --request-timeout); retry later",
+                            code=grpc.StatusCode.DEADLINE_EXCEEDED,
+                        ) from None
                     continue
             # Yield outside the lock: the caller sends an event to its client meanwhile.
             last = position

@@ -8,18 +8,17 @@ from dataclasses import dataclass
 from fluxmesh.contract import LIMITS, Limits
 from fluxmesh.orchestrator.admission import AdmissionQueue
 from fluxmesh.orchestrator.generator import GeneratorServicer
+from fluxmesh.orchestrator.metrics import watch_queue
 from fluxmesh.orchestrator.monitor import StageMonitor
 from fluxmesh.orchestrator.priorities import PriorityPolicy
 from fluxmesh.orchestrator.prompt_cache import DEFAULT_PROMPT_CACHE_MIB
 from fluxmesh.orchestrator.residency.sequential import SEQUENTIAL_MAX_ACTIVE, SequentialStrategy
 from fluxmesh.orchestrator.stages import DenoiserClient, EncoderClient, Stages, VaeClient
-from fluxmesh.orchestrator.metrics import watch_queue
 from fluxmesh.rpc.errors import check_range
 from fluxmesh.rpc.images import MAX_IMAGE_BYTES
 from fluxmesh.rpc.security import ClientSecurity, ServerSecurity
 from fluxmesh.rpc.server import Server, Service
 from fluxmesh.v1 import generator_pb2_grpc
-
 
 # Room for the largest init image and mask the API accepts, plus prompts and the rest.
 MAX_REQUEST_BYTES = 2 * MAX_IMAGE_BYTES + (1 << 20)
@@ -53,29 +52,54 @@ class OrchestratorOptions:
 
     def __post_init__(self) -> None:
         """Every limit range-checked at start: a 0 or negative one would refuse or hang everything."""
-        check_range("--max-active", self.max_active, minimum=1, allow_none=True,
-                    why="requests running through the stages at once")
+        check_range(
+            "--max-active",
+            self.max_active,
+            minimum=1,
+            allow_none=True,
+            why="requests running through the stages at once",
+        )
         check_range("--max-queue", self.max_queue, minimum=0, why="0: refuse whenever every slot is busy")
-        check_range("--request-timeout", self.request_timeout, minimum=0, inclusive=False, allow_none=True,
-                    why="seconds; 0 means none")
+        check_range(
+            "--request-timeout",
+            self.request_timeout,
+            minimum=0,
+            inclusive=False,
+            allow_none=True,
+            why="seconds; 0 means none",
+        )
         check_range("--max-request-mib", self.max_request_bytes / 2**20, minimum=1)
         check_range("--prompt-cache-mib", self.prompt_cache_bytes / 2**20, minimum=0, why="0: off")
 
 
 def build_server(options: OrchestratorOptions) -> tuple[Server, StageMonitor]:
     secure = {"security": options.stage_security}
-    stages = Stages(EncoderClient(options.encoder, **secure), DenoiserClient(options.denoiser, **secure),
-                    VaeClient(options.vae, **secure))
+    stages = Stages(
+        EncoderClient(options.encoder, **secure),
+        DenoiserClient(options.denoiser, **secure),
+        VaeClient(options.vae, **secure),
+    )
     residency = SequentialStrategy(stages.all(), options.release_to) if options.sequential else None
     max_active = options.max_active or (SEQUENTIAL_MAX_ACTIVE if options.sequential else RESIDENT_MAX_ACTIVE)
     queue = AdmissionQueue(max_active=max_active, max_waiting=options.max_queue)
     watch_queue(queue)
-    servicer = GeneratorServicer(stages, queue, residency, request_timeout=options.request_timeout,
-                                 priorities=options.priorities, prompt_cache_bytes=options.prompt_cache_bytes,
-                                 limits=options.limits)
+    servicer = GeneratorServicer(
+        stages,
+        queue,
+        residency,
+        request_timeout=options.request_timeout,
+        priorities=options.priorities,
+        prompt_cache_bytes=options.prompt_cache_bytes,
+        limits=options.limits,
+    )
     service = Service("fluxmesh.v1.Generator", servicer, generator_pb2_grpc.add_GeneratorServicer_to_server)
-    server = Server([service], address=options.address, security=options.security,
-                    max_receive_bytes=options.max_request_bytes, metrics_port=options.metrics_port)
+    server = Server(
+        [service],
+        address=options.address,
+        security=options.security,
+        max_receive_bytes=options.max_request_bytes,
+        metrics_port=options.metrics_port,
+    )
 
     async def mirror(all_up: bool) -> None:
         # Overall and Generator health follow the stages; the process itself is alive either way.

@@ -65,9 +65,17 @@ class _Run:
 
 
 class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
-    def __init__(self, stages: Stages, queue: AdmissionQueue, residency: ResidencyStrategy | None = None, *,
-                 request_timeout: float | None = None, priorities: PriorityPolicy | None = None,
-                 prompt_cache_bytes: int = 0, limits: Limits = LIMITS):
+    def __init__(
+        self,
+        stages: Stages,
+        queue: AdmissionQueue,
+        residency: ResidencyStrategy | None = None,
+        *,
+        request_timeout: float | None = None,
+        priorities: PriorityPolicy | None = None,
+        prompt_cache_bytes: int = 0,
+        limits: Limits = LIMITS,
+    ):
         self.stages = stages
         self.limits = limits  # the contract's ceilings, as the operator lowered them
         # Exact: the encoder's reply bytes, keyed by the request and the encoder's identity.
@@ -83,8 +91,10 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
         """Size granularity, guidance embedding, Fill and the family's capabilities, asked of the
         denoiser and the encoder (at once) once they answer."""
         if self._facts is None:
-            denoiser, encoder = await _together(self.stages.denoiser.info(timeout=deadline.left(INFO_TIMEOUT)),
-                                                self.stages.encoder.info(timeout=deadline.left(INFO_TIMEOUT)))
+            denoiser, encoder = await _together(
+                self.stages.denoiser.info(timeout=deadline.left(INFO_TIMEOUT)),
+                self.stages.encoder.info(timeout=deadline.left(INFO_TIMEOUT)),
+            )
             self._facts = ModelFacts(
                 size_multiple=denoiser.size_multiple or ModelFacts.size_multiple,  # 0: a stage that does not say
                 guidance_embeds=denoiser.guidance_embeds,
@@ -108,11 +118,19 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
         try:
             async for position in self.queue.wait_turn(ticket, deadline.left()):
                 yield generator_pb2.GenerateEvent(request_id=request_id, queued=generator_pb2.Queued(position=position))
-            run = _Run(request_id, params, deadline, generator_pb2.Timings(queued_seconds=time.perf_counter() - started),
-                       cache=request.cache if request.HasField("cache") else None)
+            run = _Run(
+                request_id,
+                params,
+                deadline,
+                generator_pb2.Timings(queued_seconds=time.perf_counter() - started),
+                cache=request.cache if request.HasField("cache") else None,
+            )
             log.info("%s: %dx%d, %d steps, seed %d", request_id, params.width, params.height, params.steps, params.seed)
-            for phase, work in ((Phase.encode, self._encode), (Phase.denoise, self._denoise),
-                                (Phase.decode, self._decode)):
+            for phase, work in (
+                (Phase.encode, self._encode),
+                (Phase.denoise, self._denoise),
+                (Phase.decode, self._decode),
+            ):
                 # Closed on the spot when the caller goes away: that cancels the stage call in
                 # progress (a Denoise stops within a step; left to the garbage collector, it may not).
                 async with aclosing(_timed(run, phase, work(run))) as events:
@@ -121,12 +139,21 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
             timings = run.timings
             timings.swaps, timings.swap_seconds = run.swaps.swaps, run.swaps.seconds
             timings.total_seconds = time.perf_counter() - started
-            yield run.event(result=generator_pb2.Result(
-                images=run.images, seed=params.seed, timings=timings, width=params.width, height=params.height,
-                steps=params.steps, guidance=params.guidance, step_cache=run.step_cache,
-                warnings=_truncation_warnings(run.embeddings, "prompt", bool(params.references.redux))
-                + _truncation_warnings(run.negative, "negative prompt") + run.warnings,
-            ))
+            yield run.event(
+                result=generator_pb2.Result(
+                    images=run.images,
+                    seed=params.seed,
+                    timings=timings,
+                    width=params.width,
+                    height=params.height,
+                    steps=params.steps,
+                    guidance=params.guidance,
+                    step_cache=run.step_cache,
+                    warnings=_truncation_warnings(run.embeddings, "prompt", bool(params.references.redux))
+                    + _truncation_warnings(run.negative, "negative prompt")
+                    + run.warnings,
+                )
+            )
             record_result(timings, params.steps)
             log.info("%s: done in %.2fs", request_id, timings.total_seconds)
         finally:
@@ -136,7 +163,8 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
 
     async def _encode(self, run: _Run) -> None:
         (run.embeddings, run.negative), (run.init, run.conditioning) = await _together(
-            self._encode_prompts(run), self._encode_images(run))
+            self._encode_prompts(run), self._encode_images(run)
+        )
 
     async def _encode_prompts(self, run: _Run):
         """The prompt's embeddings, and the negative prompt's (or None) for true CFG: two calls, as
@@ -160,8 +188,13 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
             return None, None
         async with self.residency.use(Stage.vae, run.swaps):
             init = await self._encode_init(run)
-            conditioning = await encode_references(self.stages.vae, params.references, width=params.width,
-                                                   height=params.height, timeout=run.deadline.left())
+            conditioning = await encode_references(
+                self.stages.vae,
+                params.references,
+                width=params.width,
+                height=params.height,
+                timeout=run.deadline.left(),
+            )
         return init, conditioning
 
     async def _encode_init(self, run: _Run) -> denoiser_pb2.InitImage | None:
@@ -171,8 +204,9 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
         if edit is None:
             return None
         encoded = await self.stages.vae.encode_image(
-            vae_pb2.EncodeImageRequest(image=edit.init_image, mask=edit.mask_image, width=params.width,
-                                       height=params.height, fill=edit.fill),
+            vae_pb2.EncodeImageRequest(
+                image=edit.init_image, mask=edit.mask_image, width=params.width, height=params.height, fill=edit.fill
+            ),
             run.deadline.left(),
         )
         init = denoiser_pb2.InitImage(posterior=encoded.posterior, strength=edit.strength)
@@ -200,8 +234,10 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
         preview relay when vae previews run; a warning when the kind asked for cannot be had."""
         params = run.params
         preview, warning = preview_options(
-            params.preview, vae_alongside_denoiser=self.residency.stages_stay_loaded,
-            latent_rgb=await self._latent_rgb_map(run))
+            params.preview,
+            vae_alongside_denoiser=self.residency.stages_stay_loaded,
+            latent_rgb=await self._latent_rgb_map(run),
+        )
         if warning:
             run.warnings.append(warning)
         request = _denoise_request(params, run.embeddings, run.negative)
@@ -222,8 +258,13 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
         # Its own SwapCost: previews only run where nothing is swapped (vae loaded while denoising).
         async with self.residency.use(Stage.vae, SwapCost()):
             reply = await self.stages.vae.decode(
-                vae_pb2.DecodeRequest(latents=x0, width=run.params.width, height=run.params.height,
-                                      format=common_pb2.IMAGE_FORMAT_JPEG, preview=True),
+                vae_pb2.DecodeRequest(
+                    latents=x0,
+                    width=run.params.width,
+                    height=run.params.height,
+                    format=common_pb2.IMAGE_FORMAT_JPEG,
+                    preview=True,
+                ),
                 run.deadline.left(),
             )
         return list(reply.images)
@@ -240,8 +281,12 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
     async def _decode(self, run: _Run) -> None:
         async with self.residency.use(Stage.vae, run.swaps):
             decoded = await self.stages.vae.decode(
-                vae_pb2.DecodeRequest(latents=run.latents, width=run.params.width, height=run.params.height,
-                                      format=common_pb2.IMAGE_FORMAT_PNG),
+                vae_pb2.DecodeRequest(
+                    latents=run.latents,
+                    width=run.params.width,
+                    height=run.params.height,
+                    format=common_pb2.IMAGE_FORMAT_PNG,
+                ),
                 run.deadline.left(),
             )
         run.images = list(decoded.images)
@@ -255,15 +300,18 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
     async def Info(self, request, context) -> generator_pb2.GeneratorInfo:
         """The three stages' Info, asked at once."""
         deadline = Deadline.of_call(context)
-        *stages, facts = await _together(*(client.info(timeout=deadline.left(INFO_TIMEOUT))
-                                           for client in self.stages.all()),
-                                         self.model_facts(deadline))
+        *stages, facts = await _together(
+            *(client.info(timeout=deadline.left(INFO_TIMEOUT)) for client in self.stages.all()),
+            self.model_facts(deadline),
+        )
         return generator_pb2.GeneratorInfo(
             stages=stages, size_multiple=facts.size_multiple, guidance_embeds=facts.guidance_embeds
         )
 
 
-async def _timed(run: _Run, phase: Phase, work: AsyncIterator | Awaitable) -> AsyncIterator[generator_pb2.GenerateEvent]:
+async def _timed(
+    run: _Run, phase: Phase, work: AsyncIterator | Awaitable
+) -> AsyncIterator[generator_pb2.GenerateEvent]:
     """A phase between its started and finished events, its seconds in the request's Timings.
     `work` is the phase's own events (an async iterator) or a call with none to send."""
     yield run.event(stage_started=generator_pb2.StageStarted(stage=phase.pb))
@@ -290,8 +338,9 @@ async def _together(*calls: Awaitable) -> list:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _truncation_warnings(embeddings: encoder_pb2.EncodeResponse | None, what: str,
-                         image_prompts: bool = False) -> list[str]:
+def _truncation_warnings(
+    embeddings: encoder_pb2.EncodeResponse | None, what: str, image_prompts: bool = False
+) -> list[str]:
     dropped = max(embeddings.truncated_tokens, default=0) if embeddings is not None else 0
     if not dropped:
         return []
@@ -301,8 +350,11 @@ def _truncation_warnings(embeddings: encoder_pb2.EncodeResponse | None, what: st
 
 
 def _encode_request(params: GenerateParams, *, negative: bool = False) -> encoder_pb2.EncodeRequest:
-    prompt, prompt_2 = ((params.true_cfg.negative_prompt, params.true_cfg.negative_prompt_2) if negative
-                        else (params.prompt, params.prompt_2))
+    prompt, prompt_2 = (
+        (params.true_cfg.negative_prompt, params.true_cfg.negative_prompt_2)
+        if negative
+        else (params.prompt, params.prompt_2)
+    )
     request = encoder_pb2.EncodeRequest(
         prompts=[prompt],
         prompts_2=[prompt_2] if prompt_2 else [],
@@ -315,8 +367,9 @@ def _encode_request(params: GenerateParams, *, negative: bool = False) -> encode
     return request
 
 
-def _denoise_request(params: GenerateParams, embeddings: encoder_pb2.EncodeResponse,
-                     negative: encoder_pb2.EncodeResponse | None) -> denoiser_pb2.DenoiseRequest:
+def _denoise_request(
+    params: GenerateParams, embeddings: encoder_pb2.EncodeResponse, negative: encoder_pb2.EncodeResponse | None
+) -> denoiser_pb2.DenoiseRequest:
     request = denoiser_pb2.DenoiseRequest(
         prompt_embeds=embeddings.prompt_embeds,
         pooled_prompt_embeds=embeddings.pooled_prompt_embeds,

@@ -15,11 +15,16 @@ from fluxmesh.v1 import generator_pb2
 QUEUE_DEPTH = Gauge("fluxmesh_queue_depth", "Requests waiting in the admission queue")
 ACTIVE = Gauge("fluxmesh_active_requests", "Requests running through the stages")
 QUEUE_LIMIT = Gauge("fluxmesh_queue_limit", "Requests that may wait before RESOURCE_EXHAUSTED")
-STAGE_SECONDS = Histogram("fluxmesh_stage_seconds", "Time per stage of a completed request, as the orchestrator "
-                          "saw it", ["stage"], buckets=LATENCY_BUCKETS)
+STAGE_SECONDS = Histogram(
+    "fluxmesh_stage_seconds",
+    "Time per stage of a completed request, as the orchestrator saw it",
+    ["stage"],
+    buckets=LATENCY_BUCKETS,
+)
 QUEUED_SECONDS = Histogram("fluxmesh_queued_seconds", "Time a request waited for its turn", buckets=LATENCY_BUCKETS)
-DENOISE_STEPS_PER_SECOND = Gauge("fluxmesh_denoise_steps_per_second",
-                                 "Denoising steps per second of the most recent request")
+DENOISE_STEPS_PER_SECOND = Gauge(
+    "fluxmesh_denoise_steps_per_second", "Denoising steps per second of the most recent request"
+)
 
 
 def watch_queue(queue: AdmissionQueue) -> None:

@@ -69,12 +69,15 @@ class StageMonitor:
         health, residency = await asyncio.gather(
             health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout),
             residency_pb2_grpc.ResidencyStub(channel).Status(residency_pb2.ResidencyStatusRequest(), timeout=timeout),
-            return_exceptions=True)
+            return_exceptions=True,
+        )
         if isinstance(health, Exception) or health.status != SERVING:
             return "not SERVING"
         if isinstance(residency, grpc.aio.AioRpcError) and residency.code() in CREDENTIAL_REFUSALS:
-            return (f"it refuses the orchestrator's stage credential ({residency.code().name}: "
-                    f"{residency.details()}); check --stage-token-*/--stage-tls-*")
+            return (
+                f"it refuses the orchestrator's stage credential ({residency.code().name}: "
+                f"{residency.details()}); check --stage-token-*/--stage-tls-*"
+            )
         if isinstance(residency, Exception):
             return ""
         if self.expect_resident and residency.state != "resident":

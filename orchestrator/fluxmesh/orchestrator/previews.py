@@ -120,14 +120,18 @@ async def step_events(denoising: AsyncIterator, previews: VaePreviews | None) ->
     async with aclosing(interleave(denoising, previews)) as items:
         async for item in items:
             if isinstance(item, DecodedPreview):
-                yield generator_pb2.Step(step=last.step, total=last.total, previews=item.images,
-                                         preview_step=item.step)
+                yield generator_pb2.Step(step=last.step, total=last.total, previews=item.images, preview_step=item.step)
             elif item.HasField("step"):
                 s = item.step
                 if previews is not None and s.HasField("x0"):
                     previews.offer(s.step, s.x0)
-                last = generator_pb2.Step(step=s.step, total=s.total, seconds=s.seconds, previews=s.previews,
-                                          preview_step=s.step if len(s.previews) else 0)
+                last = generator_pb2.Step(
+                    step=s.step,
+                    total=s.total,
+                    seconds=s.seconds,
+                    previews=s.previews,
+                    preview_step=s.step if len(s.previews) else 0,
+                )
                 yield last
             else:
                 yield item

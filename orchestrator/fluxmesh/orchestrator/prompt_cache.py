@@ -26,8 +26,9 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 
-from fluxmesh.v1 import common_pb2, encoder_pb2
 from prometheus_client import Counter, Gauge
+
+from fluxmesh.v1 import common_pb2, encoder_pb2
 
 __all__ = ["PromptCache"]
 
@@ -59,8 +60,9 @@ class PromptCache:
     def enabled(self) -> bool:
         return self.max_bytes > 0
 
-    async def encode(self, requests: list[encoder_pb2.EncodeRequest],
-                     encode_many: EncodeMany) -> tuple[list[encoder_pb2.EncodeResponse], int]:
+    async def encode(
+        self, requests: list[encoder_pb2.EncodeRequest], encode_many: EncodeMany
+    ) -> tuple[list[encoder_pb2.EncodeResponse], int]:
         """Replies to `requests`, from the cache where it can, else from `encode_many` (called at
         most once, with the misses only, never when everything hit). Returns (replies, hits)."""
         if not self.enabled:

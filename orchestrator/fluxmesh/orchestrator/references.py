@@ -15,17 +15,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fluxmesh.rpc.errors import FailedPrecondition, InvalidArgument
-from fluxmesh.rpc.images import open_image
 from fluxmesh import contract
 from fluxmesh.contract import LIMITS, PREFERRED_KONTEXT_RESOLUTIONS, REDUX_SEQUENCE_LENGTH, Limits
+from fluxmesh.rpc.errors import FailedPrecondition, InvalidArgument
+from fluxmesh.rpc.images import open_image
 from fluxmesh.v1 import common_pb2, denoiser_pb2, encoder_pb2, generator_pb2, vae_pb2
 
-__all__ = ["Capabilities", "ControlReference", "KontextReference", "ReduxImage", "References", "check_references",
-           "encode_references", "kontext_size"]
+__all__ = [
+    "Capabilities",
+    "ControlReference",
+    "KontextReference",
+    "ReduxImage",
+    "References",
+    "check_references",
+    "encode_references",
+    "kontext_size",
+]
 
-KONTEXT, CONTROL, REDUX = (generator_pb2.REFERENCE_ROLE_KONTEXT, generator_pb2.REFERENCE_ROLE_CONTROL,
-                           generator_pb2.REFERENCE_ROLE_REDUX)
+KONTEXT, CONTROL, REDUX = (
+    generator_pb2.REFERENCE_ROLE_KONTEXT,
+    generator_pb2.REFERENCE_ROLE_CONTROL,
+    generator_pb2.REFERENCE_ROLE_REDUX,
+)
 IP_ADAPTER, CONTROLNET = generator_pb2.REFERENCE_ROLE_IP_ADAPTER, generator_pb2.REFERENCE_ROLE_CONTROLNET
 CANNY, DEPTH = common_pb2.CONTROL_PREPROCESS_CANNY, common_pb2.CONTROL_PREPROCESS_DEPTH
 
@@ -74,8 +85,15 @@ _ROLE_NAMES = {value: name for name, value in generator_pb2.ReferenceRole.items(
 _PROCEEDS = {KONTEXT: "FluxKontextPipeline", CONTROL: "FluxControlPipeline", REDUX: "FluxPriorReduxPipeline"}
 
 
-def check_references(request: generator_pb2.GenerateRequest, capabilities: Capabilities, *, size_multiple: int,
-                     has_init: bool, has_negative: bool, limits: Limits = LIMITS) -> References:
+def check_references(
+    request: generator_pb2.GenerateRequest,
+    capabilities: Capabilities,
+    *,
+    size_multiple: int,
+    has_init: bool,
+    has_negative: bool,
+    limits: Limits = LIMITS,
+) -> References:
     """Every reference checked against its role, the others and the models; errors name the field."""
     kontext = control = None
     redux: list[ReduxImage] = []
@@ -86,41 +104,53 @@ def check_references(request: generator_pb2.GenerateRequest, capabilities: Capab
             raise InvalidArgument(f"{field}.role", f"{role} is not a served ReferenceRole")
         name = _ROLE_NAMES[role]
         if role == IP_ADAPTER:
-            raise FailedPrecondition(f"{field}.role: {name} needs an IP-Adapter; none is loaded "
-                                     "(this server does not serve IP-Adapters yet)")
+            raise FailedPrecondition(
+                f"{field}.role: {name} needs an IP-Adapter; none is loaded (this server does not serve IP-Adapters yet)"
+            )
         if role == CONTROLNET:
-            raise FailedPrecondition(f"{field}.role: {name} needs a ControlNet; none is loaded "
-                                     "(this server does not serve ControlNets yet)")
+            raise FailedPrecondition(
+                f"{field}.role: {name} needs a ControlNet; none is loaded (this server does not serve ControlNets yet)"
+            )
         _check_fields_of_role(reference, field, role)
         image = open_image(reference.image, f"{field}.image")
         if role == KONTEXT:
             if not capabilities.kontext:
-                raise FailedPrecondition(f"{field}.role: {name} needs a FLUX.1-Kontext model "
-                                         "(model_index.json naming FluxKontextPipeline); the loaded model is not one")
+                raise FailedPrecondition(
+                    f"{field}.role: {name} needs a FLUX.1-Kontext model "
+                    "(model_index.json naming FluxKontextPipeline); the loaded model is not one"
+                )
             if kontext is not None:
                 raise InvalidArgument(f"{field}.role", f"one {name} reference per request ({_PROCEEDS[role]})")
             width, height = kontext_size(image.width, image.height, size_multiple, snap=not reference.keep_size)
             if not size_multiple <= min(width, height) or max(width, height) > limits.max_side:
-                raise InvalidArgument(f"{field}.image", f"{image.width}x{image.height} makes a {width}x{height} "
-                                                        f"reference; each side must be within [{size_multiple}, "
-                                                        f"{limits.max_side}]")
+                raise InvalidArgument(
+                    f"{field}.image",
+                    f"{image.width}x{image.height} makes a {width}x{height} "
+                    f"reference; each side must be within [{size_multiple}, "
+                    f"{limits.max_side}]",
+                )
             kontext = KontextReference(reference.image, width, height)
         elif role == CONTROL:
             if not capabilities.control:
-                raise FailedPrecondition(f"{field}.role: {name} needs a FLUX.1 Canny/Depth model (transformer "
-                                         "in_channels twice its out_channels); the loaded model is not one")
+                raise FailedPrecondition(
+                    f"{field}.role: {name} needs a FLUX.1 Canny/Depth model (transformer "
+                    "in_channels twice its out_channels); the loaded model is not one"
+                )
             if control is not None:
                 raise InvalidArgument(f"{field}.role", f"one {name} reference per request ({_PROCEEDS[role]})")
             if reference.preprocess == DEPTH:
-                raise FailedPrecondition(f"{field}.preprocess: CONTROL_PREPROCESS_DEPTH needs a depth model; "
-                                         "none is configured")
+                raise FailedPrecondition(
+                    f"{field}.preprocess: CONTROL_PREPROCESS_DEPTH needs a depth model; none is configured"
+                )
             if reference.preprocess not in (common_pb2.CONTROL_PREPROCESS_NONE, CANNY):
                 raise InvalidArgument(f"{field}.preprocess", f"{reference.preprocess} is not a ControlPreprocess")
             control = ControlReference(reference.image, reference.preprocess)
         else:  # REDUX
             if not capabilities.redux:
-                raise FailedPrecondition(f"{field}.role: {name} needs the encoder started with --redux FOLDER "
-                                         "(a FLUX.1-Redux image encoder); it was not")
+                raise FailedPrecondition(
+                    f"{field}.role: {name} needs the encoder started with --redux FOLDER "
+                    "(a FLUX.1-Redux image encoder); it was not"
+                )
             if len(redux) == limits.max_redux_images:
                 raise InvalidArgument(f"{field}.role", f"more than {limits.max_redux_images} {name} references")
             scales = []
@@ -130,8 +160,11 @@ def check_references(request: generator_pb2.GenerateRequest, capabilities: Capab
                 scales.append(value)
             redux.append(ReduxImage(reference.image, *scales))
     if redux and request.max_sequence_length not in (0, REDUX_SEQUENCE_LENGTH):
-        raise InvalidArgument("max_sequence_length", f"{request.max_sequence_length}: with REDUX references the T5 "
-                                                     f"part is {REDUX_SEQUENCE_LENGTH} tokens, as FluxPriorReduxPipeline's")
+        raise InvalidArgument(
+            "max_sequence_length",
+            f"{request.max_sequence_length}: with REDUX references the T5 "
+            f"part is {REDUX_SEQUENCE_LENGTH} tokens, as FluxPriorReduxPipeline's",
+        )
     references = References(kontext, control, tuple(redux))
     _check_combinations(references, capabilities, has_init=has_init, has_negative=has_negative)
     return references
@@ -148,22 +181,30 @@ def _check_fields_of_role(reference: generator_pb2.Reference, field: str, role: 
             raise InvalidArgument(f"{field}.{name}", f"does not apply to a {_ROLE_NAMES[role]} reference")
 
 
-def _check_combinations(references: References, capabilities: Capabilities, *, has_init: bool,
-                        has_negative: bool) -> None:
+def _check_combinations(
+    references: References, capabilities: Capabilities, *, has_init: bool, has_negative: bool
+) -> None:
     if capabilities.control and references.control is None:
-        raise InvalidArgument("references", "this is a FLUX.1 Canny/Depth model: it needs a REFERENCE_ROLE_CONTROL "
-                                            "reference")
+        raise InvalidArgument(
+            "references", "this is a FLUX.1 Canny/Depth model: it needs a REFERENCE_ROLE_CONTROL reference"
+        )
     if has_init and references.kontext is not None:
-        raise InvalidArgument("init_image", "Kontext edits its KONTEXT reference; an init image with it "
-                                            "(FluxKontextInpaintPipeline) is not served")
+        raise InvalidArgument(
+            "init_image",
+            "Kontext edits its KONTEXT reference; an init image with it (FluxKontextInpaintPipeline) is not served",
+        )
     if has_init and references.control is not None:
-        raise InvalidArgument("init_image", "a CONTROL reference with an init image (FluxControlImg2ImgPipeline) "
-                                            "is not served")
+        raise InvalidArgument(
+            "init_image", "a CONTROL reference with an init image (FluxControlImg2ImgPipeline) is not served"
+        )
     if has_negative and references.control is not None:
         raise InvalidArgument("negative_prompt", "FluxControlPipeline has no true CFG")
     if has_negative and references.redux:
-        raise InvalidArgument("negative_prompt", "true CFG with REDUX image prompts is not served: the negative "
-                                                 "prompt has no image tokens to match the prompt's")
+        raise InvalidArgument(
+            "negative_prompt",
+            "true CFG with REDUX image prompts is not served: the negative "
+            "prompt has no image tokens to match the prompt's",
+        )
 
 
 def kontext_size(width: int, height: int, multiple: int, *, snap: bool) -> tuple[int, int]:
@@ -178,12 +219,14 @@ def kontext_size(width: int, height: int, multiple: int, *, snap: bool) -> tuple
 
 
 def encoder_image_prompts(references: References) -> list[encoder_pb2.ImagePrompt]:
-    return [encoder_pb2.ImagePrompt(image=r.image, scale=r.scale, pooled_scale=r.pooled_scale)
-            for r in references.redux]
+    return [
+        encoder_pb2.ImagePrompt(image=r.image, scale=r.scale, pooled_scale=r.pooled_scale) for r in references.redux
+    ]
 
 
-async def encode_references(vae, references: References, *, width: int, height: int,
-                            timeout: float | None) -> denoiser_pb2.Conditioning | None:
+async def encode_references(
+    vae, references: References, *, width: int, height: int, timeout: float | None
+) -> denoiser_pb2.Conditioning | None:
     """KONTEXT and CONTROL images through the vae stage's Encode (the caller holds the vae's turn)."""
     if not references.for_vae:
         return None
@@ -191,11 +234,15 @@ async def encode_references(vae, references: References, *, width: int, height: 
     if references.kontext is not None:
         kontext = references.kontext
         encoded = await vae.encode_image(
-            vae_pb2.EncodeImageRequest(image=kontext.image, width=kontext.width, height=kontext.height), timeout)
+            vae_pb2.EncodeImageRequest(image=kontext.image, width=kontext.width, height=kontext.height), timeout
+        )
         conditioning.kontext_latents.CopyFrom(encoded.latents)  # the posterior mode: Kontext's "argmax"
     if references.control is not None:
         encoded = await vae.encode_image(
-            vae_pb2.EncodeImageRequest(image=references.control.image, width=width, height=height,
-                                       preprocess=references.control.preprocess), timeout)
+            vae_pb2.EncodeImageRequest(
+                image=references.control.image, width=width, height=height, preprocess=references.control.preprocess
+            ),
+            timeout,
+        )
         conditioning.control_posterior.CopyFrom(encoded.posterior)  # sampled in the denoiser, as the pipeline does
     return conditioning

@@ -52,8 +52,13 @@ _IDEMPOTENT = {
 _ROUND_ROBIN = [{"round_robin": {}}]
 _RETRY = {
     "name": [{"service": service, "method": method} for service, methods in _IDEMPOTENT.items() for method in methods],
-    "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.1s", "maxBackoff": "1s", "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE"]},
+    "retryPolicy": {
+        "maxAttempts": 3,
+        "initialBackoff": "0.1s",
+        "maxBackoff": "1s",
+        "backoffMultiplier": 2,
+        "retryableStatusCodes": ["UNAVAILABLE"],
+    },
 }
 
 
@@ -106,8 +111,9 @@ class ReplicaSet:
     _turn: int = field(default=0, repr=False)
 
     @classmethod
-    def connect(cls, stage: str, spec: str, channel: Callable[[str], grpc.aio.Channel],
-                stub: Callable[[grpc.aio.Channel], Any]) -> ReplicaSet:
+    def connect(
+        cls, stage: str, spec: str, channel: Callable[[str], grpc.aio.Channel], stub: Callable[[grpc.aio.Channel], Any]
+    ) -> ReplicaSet:
         """One replica per target of `spec`; `channel(target)` opens a channel (with whatever
         credentials the caller uses), `stub(channel)` makes the stage's stub."""
         replicas = []
@@ -149,8 +155,12 @@ class ReplicaSet:
         if replica.down_until != math.inf:
             replica.down_until = time.monotonic() + DOWN_SECONDS
         if len(self.replicas) > 1:
-            log.warning("%s replica %s unavailable (%s); skipping it while it is down", self.stage,
-                        replica.target, error.details())
+            log.warning(
+                "%s replica %s unavailable (%s); skipping it while it is down",
+                self.stage,
+                replica.target,
+                error.details(),
+            )
         return True
 
     def set_health(self, replica: Replica, serving: bool) -> None:
@@ -160,4 +170,3 @@ class ReplicaSet:
     async def close(self) -> None:
         for replica in self.replicas:
             await replica.channel.close()
-

@@ -78,8 +78,9 @@ def _decoder() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="image-decode")
 
 
-async def check_request(request: generator_pb2.GenerateRequest, model: ModelFacts,
-                        limits: Limits = LIMITS) -> GenerateParams:
+async def check_request(
+    request: generator_pb2.GenerateRequest, model: ModelFacts, limits: Limits = LIMITS
+) -> GenerateParams:
     """Fill defaults and validate every field against `limits`; errors name the field and show the value.
 
     Cheap checks first, on the event loop (a million-entry LoRA list is refused by its length,
@@ -114,11 +115,26 @@ async def check_request(request: generator_pb2.GenerateRequest, model: ModelFact
         contract.check_size(request.width, request.height, model.size_multiple, limits)
 
     def decode() -> tuple[EditParams | None, References]:
-        edit = None if strength is None else decode_edit(init_image, mask_image, strength, fill_model=model.fill,
-                                                          size_multiple=model.size_multiple, limits=limits)
-        references = check_references(request, model.capabilities, size_multiple=model.size_multiple,
-                                      has_init=bool(init_image), has_negative=request.HasField("negative_prompt"),
-                                      limits=limits)
+        edit = (
+            None
+            if strength is None
+            else decode_edit(
+                init_image,
+                mask_image,
+                strength,
+                fill_model=model.fill,
+                size_multiple=model.size_multiple,
+                limits=limits,
+            )
+        )
+        references = check_references(
+            request,
+            model.capabilities,
+            size_multiple=model.size_multiple,
+            has_init=bool(init_image),
+            has_negative=request.HasField("negative_prompt"),
+            limits=limits,
+        )
         return edit, references
 
     if strength is None and not len(request.references):
@@ -150,8 +166,9 @@ async def check_request(request: generator_pb2.GenerateRequest, model: ModelFact
     )
 
 
-def check_true_cfg(request: generator_pb2.GenerateRequest, *, fill_model: bool,
-                   limits: Limits = LIMITS) -> TrueCfg | None:
+def check_true_cfg(
+    request: generator_pb2.GenerateRequest, *, fill_model: bool, limits: Limits = LIMITS
+) -> TrueCfg | None:
     """A negative prompt and a scale > 1 go together: diffusers silently ignores either one alone,
     here it is an error naming the field that is missing."""
     for field in ("negative_prompt", "negative_prompt_2"):
@@ -192,8 +209,9 @@ class PreviewParams:
     every: int
 
 
-def check_edit(request: generator_pb2.GenerateRequest, init_image: bytes, mask_image: bytes, *,
-               fill_model: bool) -> float | None:
+def check_edit(
+    request: generator_pb2.GenerateRequest, init_image: bytes, mask_image: bytes, *, fill_model: bool
+) -> float | None:
     """The cheap part, on the event loop: which fields go together, and the strength. None for
     text to image; errors name the field. The images (read from the request once: each read of
     a bytes field is a copy) are decoded by `decode_edit`."""
@@ -213,8 +231,15 @@ def check_edit(request: generator_pb2.GenerateRequest, init_image: bytes, mask_i
     return strength
 
 
-def decode_edit(init_image: bytes, mask_image: bytes, strength: float, *, fill_model: bool, size_multiple: int,
-                limits: Limits = LIMITS) -> EditParams:
+def decode_edit(
+    init_image: bytes,
+    mask_image: bytes,
+    strength: float,
+    *,
+    fill_model: bool,
+    size_multiple: int,
+    limits: Limits = LIMITS,
+) -> EditParams:
     """Decode and check the init image and mask: CPU work (a 4096x4096 PNG takes a good part of
     a second), so callers run it off the event loop."""
     init = open_image(init_image, "init_image")

@@ -22,11 +22,11 @@ from fluxmesh.rpc.errors import FluxmeshError, StageUnavailable, reason_of
 from fluxmesh.rpc.request_ids import outgoing_metadata
 from fluxmesh.rpc.security import ClientSecurity, is_loopback
 from fluxmesh.v1 import (
+    common_pb2,
     denoiser_pb2,
     denoiser_pb2_grpc,
     encoder_pb2,
     encoder_pb2_grpc,
-    common_pb2,
     vae_pb2,
     vae_pb2_grpc,
 )
@@ -47,8 +47,13 @@ def stage_errors(stage: str, address: str):
         if error.code() == grpc.StatusCode.UNAVAILABLE:
             raise StageUnavailable(stage, f"{address}: {error.details()}") from None
         if error.code() in CREDENTIAL_REFUSALS:
-            log.error("%s stage at %s refused the orchestrator (%s: %s): check --stage-token-*/--stage-tls-*",
-                      stage, address, error.code().name, error.details())
+            log.error(
+                "%s stage at %s refused the orchestrator (%s: %s): check --stage-token-*/--stage-tls-*",
+                stage,
+                address,
+                error.code().name,
+                error.details(),
+            )
             raise StageUnavailable(stage, "it refuses this orchestrator's stage credential") from None
         details = error.details() or ""
         # Named once: a stage's own messages may already start with its name ("denoiser
@@ -64,21 +69,33 @@ class StageClient:
     stage: Stage
     stub_class: type = object
 
-    def __init__(self, address: str, *, credentials: grpc.ChannelCredentials | None = None,
-                 security: ClientSecurity | None = None):
+    def __init__(
+        self,
+        address: str,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        security: ClientSecurity | None = None,
+    ):
         self.address = address
         security = security or ClientSecurity()
         if security.token and credentials is None and not security.uses_tls and not is_loopback(address):
             # Refused outright in the SDK; here a private network (compose, a cluster) is usual, so
             # the operator is told rather than stopped.
-            log.warning("the stage token goes to the %s stage at %s over plaintext: anyone on that network "
-                        "can read it; use --stage-tls-ca", self.stage, address)
+            log.warning(
+                "the stage token goes to the %s stage at %s over plaintext: anyone on that network "
+                "can read it; use --stage-tls-ca",
+                self.stage,
+                address,
+            )
 
         def connect(target: str) -> grpc.aio.Channel:
             # Every call carries the stage token (if any) and the current request id as metadata.
-            return aio_channel(target, credentials=credentials or security.credentials(),
-                               interceptors=outgoing_metadata(security.metadata()),
-                               options=[*security.channel_options(), *channel_options(target)])
+            return aio_channel(
+                target,
+                credentials=credentials or security.credentials(),
+                interceptors=outgoing_metadata(security.metadata()),
+                options=[*security.channel_options(), *channel_options(target)],
+            )
 
         self.replicas = ReplicaSet.connect(self.stage, address, connect, self.stub_class)
 
@@ -100,8 +117,12 @@ class StageClient:
                     return await getattr(replica.stub, method)(request, timeout=deadline.left())
             except grpc.aio.AioRpcError as error:
                 tried.append(replica)
-                if self.replicas.failed(replica, error) and retry and self.replicas.can_retry(tried) \
-                        and not deadline.expired():
+                if (
+                    self.replicas.failed(replica, error)
+                    and retry
+                    and self.replicas.can_retry(tried)
+                    and not deadline.expired()
+                ):
                     continue
                 with stage_errors(self.stage, replica.target):
                     raise
@@ -143,8 +164,12 @@ class DenoiserClient(StageClient):
                 if finished:  # the latents arrived; only the closing status was lost with the replica
                     return
                 # Re-run elsewhere only what never started here (see replicas.py).
-                if error.code() == grpc.StatusCode.UNAVAILABLE and not started and self.replicas.can_retry(tried) \
-                        and not deadline.expired():
+                if (
+                    error.code() == grpc.StatusCode.UNAVAILABLE
+                    and not started
+                    and self.replicas.can_retry(tried)
+                    and not deadline.expired()
+                ):
                     continue
                 with stage_errors(self.stage, replica.target):
                     raise
@@ -162,8 +187,9 @@ class VaeClient(StageClient):
     async def decode(self, request: vae_pb2.DecodeRequest, timeout: float | None) -> vae_pb2.DecodeResponse:
         return await self._unary("Decode", request, timeout, retry=True)
 
-    async def encode_image(self, request: vae_pb2.EncodeImageRequest,
-                           timeout: float | None) -> vae_pb2.EncodeImageResponse:
+    async def encode_image(
+        self, request: vae_pb2.EncodeImageRequest, timeout: float | None
+    ) -> vae_pb2.EncodeImageResponse:
         return await self._unary("Encode", request, timeout, retry=True)
 
 

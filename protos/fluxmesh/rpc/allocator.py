@@ -43,8 +43,9 @@ def tune_for_tensor_traffic() -> bool:
     libc = _glibc()
     if libc is None or os.environ.get("FLUXMESH_MALLOC_TUNING", "1") == "0":
         return False
-    applied = bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and \
-        bool(libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
+    applied = bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(
+        libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
+    )
     if not applied:
         log.warning("mallopt refused the tensor-traffic settings; keeping glibc's defaults")
     return applied

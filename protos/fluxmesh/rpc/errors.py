@@ -41,8 +41,9 @@ class UsageError(ValueError):
     to fix, answered by the CLI in one line with exit code 2, before anything starts."""
 
 
-def check_range(flag: str, value: float | None, *, minimum: float, allow_none: bool = False,
-                inclusive: bool = True, why: str = "") -> None:
+def check_range(
+    flag: str, value: float | None, *, minimum: float, allow_none: bool = False, inclusive: bool = True, why: str = ""
+) -> None:
     """Refuse `value` of `flag` below `minimum` (or equal to it when not `inclusive`)."""
     if value is None and allow_none:
         return

@@ -50,7 +50,8 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
         async with self._changed:
             statuses = dict(self._status)
         return health_pb2.HealthListResponse(
-            statuses={name: health_pb2.HealthCheckResponse(status=status) for name, status in statuses.items()})
+            statuses={name: health_pb2.HealthCheckResponse(status=status) for name, status in statuses.items()}
+        )
 
     async def Watch(self, request: health_pb2.HealthCheckRequest, context):
         last = None

@@ -69,23 +69,25 @@ def _check_png_complete(data: bytes, width: int, height: int, field: str) -> Non
             expected += rows * (1 + -(-columns * bits // 8))
     inflate, got, offset = zlib.decompressobj(), 0, 8
     while offset + 8 <= len(data):
-        length, kind = struct.unpack(">I4s", data[offset:offset + 8])
+        length, kind = struct.unpack(">I4s", data[offset : offset + 8])
         if kind == b"IDAT":
             # Bounded: never inflate more than one byte past what the rows need (no zip bomb).
-            got += len(inflate.decompress(data[offset + 8:offset + 8 + length], expected + 1 - got))
+            got += len(inflate.decompress(data[offset + 8 : offset + 8 + length], expected + 1 - got))
         elif kind == b"IEND":
             break
         offset += 12 + length
     if got < expected:
-        raise InvalidArgument(field, f"truncated PNG: pixel data for {got * 100 // expected}% of the image "
-                                     f"({got} of {expected} bytes)")
+        raise InvalidArgument(
+            field, f"truncated PNG: pixel data for {got * 100 // expected}% of the image ({got} of {expected} bytes)"
+        )
 
 
 def check_mask(mask: Image.Image, init: Image.Image, field: str = "mask_image") -> None:
     """Same size as the init image, and one channel in truth (white = repaint)."""
     if mask.size != init.size:
-        raise InvalidArgument(field, f"{mask.width}x{mask.height} differs from the init image's "
-                                     f"{init.width}x{init.height}")
+        raise InvalidArgument(
+            field, f"{mask.width}x{mask.height} differs from the init image's {init.width}x{init.height}"
+        )
     if mask.mode in ONE_CHANNEL_MODES:
         return
     if mask.mode not in ("P", "PA", "RGB", "RGBA"):
@@ -93,5 +95,8 @@ def check_mask(mask: Image.Image, init: Image.Image, field: str = "mask_image") 
     r, g, b = mask.convert("RGB").split()
     spread = max(ImageChops.difference(x, y).getextrema()[1] for x, y in ((r, g), (g, b), (r, b)))
     if spread > MASK_CHANNEL_TOLERANCE:
-        raise InvalidArgument(field, f"{mask.mode} image in colour (channels differ by up to {spread} levels); "
-                                     "expected a grayscale or black-and-white mask")
+        raise InvalidArgument(
+            field,
+            f"{mask.mode} image in colour (channels differ by up to {spread} levels); "
+            "expected a grayscale or black-and-white mask",
+        )

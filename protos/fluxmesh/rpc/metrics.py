@@ -27,9 +27,7 @@ RPC_HANDLED = Counter(
 RPC_SECONDS = Histogram(
     "fluxmesh_rpc_seconds", "RPC latency from receipt to final status", ["service", "method"], buckets=LATENCY_BUCKETS
 )
-RPC_IN_FLIGHT = Gauge(
-    "fluxmesh_rpc_in_flight", "RPCs received and not yet finished", ["service", "method"]
-)
+RPC_IN_FLIGHT = Gauge("fluxmesh_rpc_in_flight", "RPCs received and not yet finished", ["service", "method"])
 
 _serving: set[int] = set()
 

@@ -23,8 +23,11 @@ from fluxmesh.rpc.metrics import RPC_HANDLED, RPC_IN_FLIGHT, RPC_SECONDS
 
 log = logging.getLogger("fluxmesh.rpc.access")
 
-QUIET_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
-                  "grpc.reflection.v1.ServerReflection")
+QUIET_SERVICES = (
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1alpha.ServerReflection",
+    "grpc.reflection.v1.ServerReflection",
+)
 
 
 def _final_code(context: grpc.aio.ServicerContext, error: BaseException | None, deadline: float | None) -> str:

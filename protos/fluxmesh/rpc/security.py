@@ -210,9 +210,12 @@ def check_token_transport(address: str, token: str | None, *, tls: bool, allow_p
     """Refuse to send a bearer token in the clear beyond this machine unless the caller said so:
     anyone on the path could read it and use it."""
     if token and not tls and not allow_plaintext and not is_loopback(address):
-        raise InvalidArgument("token", f"refusing to send a bearer token over plaintext to {address}: connect "
-                                       "with TLS, or allow it explicitly (allow_plaintext_token=True, "
-                                       "--allow-plaintext-token) on a network you trust")
+        raise InvalidArgument(
+            "token",
+            f"refusing to send a bearer token over plaintext to {address}: connect "
+            "with TLS, or allow it explicitly (allow_plaintext_token=True, "
+            "--allow-plaintext-token) on a network you trust",
+        )
 
 
 def presented_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
@@ -269,18 +272,21 @@ def _refusal(handler: grpc.RpcMethodHandler | None, reason: str) -> grpc.RpcMeth
     message = f"{reason}; send 'authorization: Bearer <token>' metadata"
 
     if handler is not None and handler.unary_stream is not None:
+
         async def refuse_stream(request, context):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
             yield  # pragma: no cover - makes this an async generator
 
         return grpc.unary_stream_rpc_method_handler(refuse_stream, deserializer, serializer)
     if handler is not None and handler.stream_stream is not None:
+
         async def refuse_bidi(requests, context):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
             yield  # pragma: no cover
 
         return grpc.stream_stream_rpc_method_handler(refuse_bidi, deserializer, serializer)
     if handler is not None and handler.stream_unary is not None:
+
         async def refuse_client_stream(requests, context):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 

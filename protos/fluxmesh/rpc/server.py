@@ -68,19 +68,21 @@ class Server:
         # Clients ping every 30 s (the orchestrator its stages every 10 s) to find dead peers
         # (channels.py, replicas.py); without these the server would count idle pings as abuse
         # and drop the connection (GOAWAY too_many_pings).
-        options = [*MESSAGE_OPTIONS, ("grpc.keepalive_permit_without_calls", 1),
-                   ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
-                   # gRPC sets SO_REUSEPORT by default: a second server on a taken port would then
-                   # start "fine" and silently split the calls with the first. Fail loudly instead.
-                   ("grpc.so_reuseport", 0)]
+        options = [
+            *MESSAGE_OPTIONS,
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+            # gRPC sets SO_REUSEPORT by default: a second server on a taken port would then
+            # start "fine" and silently split the calls with the first. Fail loudly instead.
+            ("grpc.so_reuseport", 0),
+        ]
         if max_receive_bytes is not None:  # e.g. the public API takes far less than stage tensors
             options = [o for o in options if o[0] != "grpc.max_receive_message_length"]
             options.append(("grpc.max_receive_message_length", max_receive_bytes))
         # Outermost first: every call is counted and logged with its request id (refusals too),
         # then authenticated, then the handler's errors become statuses.
         self._server = grpc.aio.server(
-            interceptors=[ObservabilityInterceptor(), *self.security.interceptors(),
-                          ErrorMappingInterceptor()],
+            interceptors=[ObservabilityInterceptor(), *self.security.interceptors(), ErrorMappingInterceptor()],
             options=options,
         )
         for service in self.services:
@@ -97,8 +99,9 @@ class Server:
         except RuntimeError as error:  # grpc's "Failed to bind to address ..."
             failure = str(error)
         if failure:
-            raise ServerStartError(f"cannot listen on {address}: the port is in use or the address "
-                                   f"is not this host's ({failure})")
+            raise ServerStartError(
+                f"cannot listen on {address}: the port is in use or the address is not this host's ({failure})"
+            )
         self._stopping = asyncio.Event()
 
     async def set_serving(self, serving: bool, service: str = "") -> None:
@@ -115,14 +118,18 @@ class Server:
         await self._server.start()
         for name in ["", *[s.name for s in self.services]]:
             await self.set_serving(serving, name)
-        log.info("serving %s on %s (%s)", ", ".join(s.name for s in self.services), self.address,
-                 self.security.describe())
+        log.info(
+            "serving %s on %s (%s)", ", ".join(s.name for s in self.services), self.address, self.security.describe()
+        )
         if not is_loopback(self.address) and not self.security.authenticates:
-            log.warning("UNPROTECTED: %s listens on %s, beyond loopback, and demands no credential: anyone "
-                        "who reaches the port may call %s. Listen on 127.0.0.1, or demand a token "
-                        "(--token-file/--token-env) or client certificates (--require-client-cert).",
-                        ", ".join(s.name for s in self.services), self.address,
-                        "it" if len(self.services) == 1 else "them")
+            log.warning(
+                "UNPROTECTED: %s listens on %s, beyond loopback, and demands no credential: anyone "
+                "who reaches the port may call %s. Listen on 127.0.0.1, or demand a token "
+                "(--token-file/--token-env) or client certificates (--require-client-cert).",
+                ", ".join(s.name for s in self.services),
+                self.address,
+                "it" if len(self.services) == 1 else "them",
+            )
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: NOT_SERVING, refuse new calls, finish calls in flight within `grace`."""
@@ -161,8 +168,12 @@ def _enable_reflection(service_names: list[str], server: grpc.aio.Server) -> Non
     the same protocol renamed (identical messages, field for field), so the v1alpha servicer
     answers it too, registered here under the v1 name (some tools, e.g. grpcurl >= 1.9 and
     Postman, speak v1 first or only)."""
-    names = [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME, REFLECTION_V1]
+    names = [
+        *service_names,
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        reflection.SERVICE_NAME,
+        REFLECTION_V1,
+    ]
     servicer = reflection.aio.ReflectionServicer(names)
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
     handler = grpc.stream_stream_rpc_method_handler(
@@ -170,8 +181,9 @@ def _enable_reflection(service_names: list[str], server: grpc.aio.Server) -> Non
         request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
         response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
     )
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(REFLECTION_V1,
-                                                                          {"ServerReflectionInfo": handler}),))
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": handler}),)
+    )
 
 
 def _host(address: str) -> str:

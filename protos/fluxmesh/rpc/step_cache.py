@@ -12,8 +12,12 @@ import math
 from fluxmesh.rpc.errors import InvalidArgument
 from fluxmesh.v1 import common_pb2
 
-KINDS = {"off": common_pb2.STEP_CACHE_KIND_OFF, "first-block": common_pb2.STEP_CACHE_KIND_FIRST_BLOCK,
-         "mag": common_pb2.STEP_CACHE_KIND_MAG, "taylorseer": common_pb2.STEP_CACHE_KIND_TAYLORSEER}
+KINDS = {
+    "off": common_pb2.STEP_CACHE_KIND_OFF,
+    "first-block": common_pb2.STEP_CACHE_KIND_FIRST_BLOCK,
+    "mag": common_pb2.STEP_CACHE_KIND_MAG,
+    "taylorseer": common_pb2.STEP_CACHE_KIND_TAYLORSEER,
+}
 # diffusers' own defaults: FirstBlockCacheConfig.threshold, MagCacheConfig.threshold,
 # TaylorSeerCacheConfig.cache_interval
 DEFAULT_THRESHOLDS = {"off": 0.0, "first-block": 0.05, "mag": 0.06, "taylorseer": 5.0}
@@ -42,8 +46,11 @@ def from_pb(message: common_pb2.StepCache, field: str = "cache") -> tuple[str, f
     """A request's `cache` field -> (kind, threshold); errors name the field."""
     names = {value: name for name, value in KINDS.items()}
     if message.kind not in names:
-        raise InvalidArgument(f"{field}.kind", f"{message.kind} is not a step cache kind (off, first-block, mag, "
-                                               "taylorseer); leave the field unset for the server's default")
+        raise InvalidArgument(
+            f"{field}.kind",
+            f"{message.kind} is not a step cache kind (off, first-block, mag, "
+            "taylorseer); leave the field unset for the server's default",
+        )
     if not math.isfinite(message.threshold) or message.threshold < 0:
         raise InvalidArgument(f"{field}.threshold", f"{message.threshold} must be finite and >= 0")
     return names[message.kind], message.threshold

@@ -24,7 +24,9 @@ def check_enums(message: Message, prefix: str = "") -> None:
                 if field.enum_type.values_by_number.get(number) is None:
                     where = f"{name}[{i}]" if _repeated(field) else name
                     known = ", ".join(v.name for v in field.enum_type.values)
-                    raise InvalidArgument(where, f"unknown {field.enum_type.name} value {number}; expected one of {known}")
+                    raise InvalidArgument(
+                        where, f"unknown {field.enum_type.name} value {number}; expected one of {known}"
+                    )
         elif not _is_map(field):
             if _repeated(field):
                 for i, item in enumerate(value):
@@ -38,9 +40,12 @@ def _enum_bearing_fields(message_type: Descriptor) -> tuple[FieldDescriptor, ...
     """The fields of this type that are enums or messages that can hold one. Only those are
     read: walking a million LoraWeight entries in Python held the event loop for seconds, and
     reading a bytes field copies it (an init image: 32 MiB), both for nothing."""
-    return tuple(f for f in message_type.fields
-                 if f.type == FieldDescriptor.TYPE_ENUM
-                 or (f.type == FieldDescriptor.TYPE_MESSAGE and _has_enums(f.message_type)))
+    return tuple(
+        f
+        for f in message_type.fields
+        if f.type == FieldDescriptor.TYPE_ENUM
+        or (f.type == FieldDescriptor.TYPE_MESSAGE and _has_enums(f.message_type))
+    )
 
 
 @functools.cache
@@ -49,9 +54,11 @@ def _has_enums(message_type: Descriptor, _seen: frozenset[str] = frozenset()) ->
     if message_type.full_name in _seen:  # a recursive type: its enums are found on the first visit
         return False
     seen = _seen | {message_type.full_name}
-    return any(f.type == FieldDescriptor.TYPE_ENUM
-               or (f.type == FieldDescriptor.TYPE_MESSAGE and _has_enums(f.message_type, seen))
-               for f in message_type.fields)
+    return any(
+        f.type == FieldDescriptor.TYPE_ENUM
+        or (f.type == FieldDescriptor.TYPE_MESSAGE and _has_enums(f.message_type, seen))
+        for f in message_type.fields
+    )
 
 
 def _repeated(field: FieldDescriptor) -> bool:

@@ -12,8 +12,8 @@ from fluxmesh.contract import Stage
 from fluxmesh.rpc.errors import InvalidArgument, check_range
 from fluxmesh.rpc.security import ServerSecurity
 from fluxmesh.rpc.server import Server, Service
-from fluxmesh.services.runtime.model_folder import resolve_model
 from fluxmesh.services.runtime.device import Device, configure_threads
+from fluxmesh.services.runtime.model_folder import resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +46,8 @@ def build_service(options: StageOptions) -> list[Service]:
     """The stage's service and its fluxmesh.v1.Residency service, which loads the weights (now,
     or when told: `options.residency`) and shares the stage's model thread. Residency control
     (Load/Release) is on where the stage demands a credential or starts for sequential mode."""
-    from fluxmesh.services.residency.state import RESIDENT, Residency
     from fluxmesh.services.residency.servicer import residency_service
+    from fluxmesh.services.residency.state import RESIDENT, Residency
 
     stage = _stage_service(options)
     residency = Residency(options.stage, stage.servicer.engine, options.residency)
@@ -68,16 +68,27 @@ def _stage_service(options: StageOptions) -> Service:
 
 # Each stage's engine and servicer, imported only when that stage is the one served.
 
+
 def _encoder(options: StageOptions, folder: Path, device: Device) -> Service:
     from fluxmesh.services.encoder.engine import TextEncoderEngine
     from fluxmesh.services.encoder.servicer import TextEncoderServicer
     from fluxmesh.v1 import encoder_pb2_grpc
 
     redux = resolve_model(options.redux, "redux") if options.redux else None
-    engine = TextEncoderEngine(folder, device, max_sequence_length=options.max_sequence_length,
-                               t5_gguf=options.t5_gguf, lora_dir=options.lora_dir, redux=redux, load=False)
-    return Service("fluxmesh.v1.TextEncoder", TextEncoderServicer(engine, options.model),
-                   encoder_pb2_grpc.add_TextEncoderServicer_to_server)
+    engine = TextEncoderEngine(
+        folder,
+        device,
+        max_sequence_length=options.max_sequence_length,
+        t5_gguf=options.t5_gguf,
+        lora_dir=options.lora_dir,
+        redux=redux,
+        load=False,
+    )
+    return Service(
+        "fluxmesh.v1.TextEncoder",
+        TextEncoderServicer(engine, options.model),
+        encoder_pb2_grpc.add_TextEncoderServicer_to_server,
+    )
 
 
 def _denoiser(options: StageOptions, folder: Path, device: Device) -> Service:
@@ -88,11 +99,20 @@ def _denoiser(options: StageOptions, folder: Path, device: Device) -> Service:
 
     limits = StepCacheLimits(parse_policy(options.step_cache), options.step_cache_ceiling)
     limits.resolve(None)  # a default above the ceiling fails at start, not per request
-    engine = DenoiserEngine(folder, device, transformer_gguf=options.transformer_gguf,
-                            lora_dir=options.lora_dir, step_cache=limits, load=False)
+    engine = DenoiserEngine(
+        folder,
+        device,
+        transformer_gguf=options.transformer_gguf,
+        lora_dir=options.lora_dir,
+        step_cache=limits,
+        load=False,
+    )
     batching = {"max_batch": options.max_batch} if options.max_batch else {}
-    return Service("fluxmesh.v1.Denoiser", DenoiserServicer(engine, options.model, **batching),
-                   denoiser_pb2_grpc.add_DenoiserServicer_to_server)
+    return Service(
+        "fluxmesh.v1.Denoiser",
+        DenoiserServicer(engine, options.model, **batching),
+        denoiser_pb2_grpc.add_DenoiserServicer_to_server,
+    )
 
 
 def _vae(options: StageOptions, folder: Path, device: Device) -> Service:
@@ -122,8 +142,7 @@ def serve_stage(options: StageOptions) -> None:
         from fluxmesh.services.runtime.metrics import watch_stage
 
         watch_stage(options.stage, services[0].servicer.engine)
-        server = Server(services, address=options.address, security=options.security,
-                        metrics_port=options.metrics_port)
+        server = Server(services, address=options.address, security=options.security, metrics_port=options.metrics_port)
         await server.serve_until_signalled()
 
     asyncio.run(main())

@@ -40,23 +40,32 @@ def generate(
     mask: Annotated[Path | None, typer.Option(help="PNG/JPEG mask, white = repaint (inpainting).")] = None,
     preview: Annotated[PreviewKind | None, typer.Option(help="Live previews: fast (latents to RGB) or vae.")] = None,
     preview_every: Annotated[int, typer.Option(help=option_help("preview_every"))] = 1,
-    preview_dir: Annotated[Path | None, typer.Option(help="Where previews go (default: OUTPUT's name + "
-                                                             "'-previews').")] = None,
+    preview_dir: Annotated[
+        Path | None, typer.Option(help="Where previews go (default: OUTPUT's name + '-previews').")
+    ] = None,
     priority: Annotated[int, typer.Option(help=option_help("priority"))] = 0,
-    negative_prompt: Annotated[str | None, typer.Option(help="True CFG: what to steer away from (may be "
-                                                                "''); needs --true-cfg-scale > 1.")] = None,
+    negative_prompt: Annotated[
+        str | None, typer.Option(help="True CFG: what to steer away from (may be ''); needs --true-cfg-scale > 1.")
+    ] = None,
     true_cfg_scale: Annotated[float | None, typer.Option(help=option_help("true_cfg_scale"))] = None,
     cache: Annotated[str | None, typer.Option(help=option_help("cache"))] = None,
-    reference: Annotated[Path | None, typer.Option(help="PNG/JPEG for a FLUX.1-Kontext model to edit (snapped to "
-                                                        "Kontext's preferred resolutions unless --keep-size).")] = None,
+    reference: Annotated[
+        Path | None,
+        typer.Option(
+            help="PNG/JPEG for a FLUX.1-Kontext model to edit (snapped to "
+            "Kontext's preferred resolutions unless --keep-size)."
+        ),
+    ] = None,
     keep_size: Annotated[bool, typer.Option(help="--reference keeps its own size.")] = False,
-    image_prompt: Annotated[list[str] | None, typer.Option(
-        help="PATH[:SCALE]: a Redux image prompt (repeatable; the encoder needs --redux).")] = None,
-    control: Annotated[Path | None, typer.Option(help="PNG/JPEG control image for a FLUX.1 Canny/Depth "
-                                                      "model.")] = None,
-    control_type: Annotated[ControlPreprocess, typer.Option(
-        help="What the server makes of --control first: none (use it as it is) or canny (edges).")]
-        = ControlPreprocess.none,
+    image_prompt: Annotated[
+        list[str] | None,
+        typer.Option(help="PATH[:SCALE]: a Redux image prompt (repeatable; the encoder needs --redux)."),
+    ] = None,
+    control: Annotated[Path | None, typer.Option(help="PNG/JPEG control image for a FLUX.1 Canny/Depth model.")] = None,
+    control_type: Annotated[
+        ControlPreprocess,
+        typer.Option(help="What the server makes of --control first: none (use it as it is) or canny (edges)."),
+    ] = ControlPreprocess.none,
     connection: ClientOptions = ClientOptions(),
 ) -> None:
     """Generate image(s) through a running orchestrator, with a per-step progress bar."""
@@ -67,16 +76,30 @@ def generate(
     try:
         with Client(address, timeout=timeout, **connection.client_kwargs()) as client:
             writer = PreviewWriter(preview_dir or output.with_name(f"{output.stem}-previews")) if preview else None
-            result = follow(client.stream(prompt, prompt_2=prompt_2, width=width, height=height, steps=steps,
-                                          guidance=guidance, seed=seed, num_images=num_images,
-                                          loras=[parse_lora(text) for text in lora or []],
-                                          init_image=init_image, mask_image=mask, strength=strength,
-                                          preview=preview, preview_every=preview_every,
-                                          priority=priority, negative_prompt=negative_prompt,
-                                          true_cfg_scale=true_cfg_scale, cache=cache,
-                                          references=_references(reference, keep_size, image_prompt or [], control,
-                                                                 control_type)),
-                            previews=writer)
+            result = follow(
+                client.stream(
+                    prompt,
+                    prompt_2=prompt_2,
+                    width=width,
+                    height=height,
+                    steps=steps,
+                    guidance=guidance,
+                    seed=seed,
+                    num_images=num_images,
+                    loras=[parse_lora(text) for text in lora or []],
+                    init_image=init_image,
+                    mask_image=mask,
+                    strength=strength,
+                    preview=preview,
+                    preview_every=preview_every,
+                    priority=priority,
+                    negative_prompt=negative_prompt,
+                    true_cfg_scale=true_cfg_scale,
+                    cache=cache,
+                    references=_references(reference, keep_size, image_prompt or [], control, control_type),
+                ),
+                previews=writer,
+            )
     except FluxmeshError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
@@ -133,13 +156,20 @@ def info(
     with Client(address, **connection.client_kwargs()) as client:
         reply = client.info()
     for stage in reply.stages:
-        typer.echo(f"{stage.stage:9s} {stage.model} on {stage.device} {stage.dtype}: "
-                   f"weights {stage.weight_bytes / 2**20:.1f} MiB, peak {stage.peak_memory_bytes / 2**20:.1f} MiB"
-                   + (f", {stage.residency}" if stage.residency else ""))
+        typer.echo(
+            f"{stage.stage:9s} {stage.model} on {stage.device} {stage.dtype}: "
+            f"weights {stage.weight_bytes / 2**20:.1f} MiB, peak {stage.peak_memory_bytes / 2**20:.1f} MiB"
+            + (f", {stage.residency}" if stage.residency else "")
+        )
 
 
-def _references(reference: Path | None, keep_size: bool, image_prompts: list[str], control: Path | None,
-                control_type: ControlPreprocess) -> list[Reference]:
+def _references(
+    reference: Path | None,
+    keep_size: bool,
+    image_prompts: list[str],
+    control: Path | None,
+    control_type: ControlPreprocess,
+) -> list[Reference]:
     """The family flags as GenerateOptions' references (the server checks every combination)."""
     references = [Reference(ReferenceRole.kontext, reference, keep_size=keep_size)] if reference else []
     for text in image_prompts:

@@ -18,10 +18,10 @@ from fluxmesh.cli.shared_options import (
     LoraDir,
     MaxBatch,
     MaxPriority,
-    PromptCacheMib,
-    RequestLimits,
     Model,
+    PromptCacheMib,
     ReleaseToOption,
+    RequestLimits,
     Sequential,
     ServeOptions,
     T5Gguf,
@@ -29,8 +29,8 @@ from fluxmesh.cli.shared_options import (
     TransformerGguf,
     with_option_groups,
 )
-from fluxmesh.orchestrator.priorities import DEFAULT_MAX_PRIORITY
 from fluxmesh.contract import ReleaseTo, StartResidency
+from fluxmesh.orchestrator.priorities import DEFAULT_MAX_PRIORITY
 from fluxmesh.services.tools.tiny_model import ModelSize
 
 app = typer.Typer()
@@ -41,9 +41,13 @@ app = typer.Typer()
 def up(
     model: Model,
     port: Annotated[int, typer.Option(help="Orchestrator port; stages take free ports.")] = 50050,
-    host: Annotated[str, typer.Option(help="Interface the orchestrator (the public API) listens on; the stages "
-                                           "always listen on 127.0.0.1, reached by the orchestrator alone.")]
-    = "127.0.0.1",
+    host: Annotated[
+        str,
+        typer.Option(
+            help="Interface the orchestrator (the public API) listens on; the stages "
+            "always listen on 127.0.0.1, reached by the orchestrator alone."
+        ),
+    ] = "127.0.0.1",
     device: Device = "auto",
     dtype: Dtype = "auto",
     threads: Threads = None,
@@ -71,14 +75,22 @@ def up(
     serving.security()  # a bad TLS or token flag fails here, before four processes start
     request_limits.limits()  # and a ceiling raised instead of lowered
     raise_on_sigterm()
-    cluster = start_local(model, port=port, host=host,
-                          common_args=_stage_flags(device, dtype, threads) + _sequential_stage_flags(sequential, release_to),
-                          stage_args=_model_file_flags(transformer_gguf, t5_gguf, lora_dir, max_batch),
-                          orchestrator_args=[*_sequential_flags(sequential, release_to), *serving.as_flags(),
-                                             "--max-priority", str(max_priority), *request_limits.as_flags(),
-                                             *(["--prompt-cache-mib", str(prompt_cache_mib)]
-                                               if prompt_cache_mib is not None else [])],
-                          orchestrator_tls=serving.tls_cert is not None)
+    cluster = start_local(
+        model,
+        port=port,
+        host=host,
+        common_args=_stage_flags(device, dtype, threads) + _sequential_stage_flags(sequential, release_to),
+        stage_args=_model_file_flags(transformer_gguf, t5_gguf, lora_dir, max_batch),
+        orchestrator_args=[
+            *_sequential_flags(sequential, release_to),
+            *serving.as_flags(),
+            "--max-priority",
+            str(max_priority),
+            *request_limits.as_flags(),
+            *(["--prompt-cache-mib", str(prompt_cache_mib)] if prompt_cache_mib is not None else []),
+        ],
+        orchestrator_tls=serving.tls_cert is not None,
+    )
     with cluster:
         typer.echo(f"fluxmesh up: Generator on {cluster.address} (Ctrl-C to stop)", err=True)
         if http_port is not None:
@@ -105,11 +117,13 @@ def demo(
     height: Annotated[int, typer.Option()] = 256,
     steps: Annotated[int, typer.Option()] = 8,
     seed: Annotated[int, typer.Option()] = 42,
-    serve: Annotated[bool, typer.Option(help="Then keep serving, with the web page on --http-port, until "
-                                             "Ctrl-C.")] = False,
+    serve: Annotated[
+        bool, typer.Option(help="Then keep serving, with the web page on --http-port, until Ctrl-C.")
+    ] = False,
     http_port: Annotated[int, typer.Option(help="The page's port with --serve.")] = 8000,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="The four processes' logs on the terminal "
-                                                                  "instead of in a file.")] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="The four processes' logs on the terminal instead of in a file.")
+    ] = False,
 ) -> None:
     """Tiny model + all four processes + one generation -> PNG. Needs no download and no GPU.
 
@@ -130,8 +144,9 @@ def demo(
     with tempfile.TemporaryDirectory(prefix="fluxmesh-demo-") as tmp:
         folder = write_tiny_model(model_dir or Path(tmp) / "tiny-flux", size=size)
         typer.echo(f"tiny model: {folder}", err=True)
-        typer.echo("starting encoder, denoiser, vae and orchestrator" + (f" (logs: {logs.name})" if logs else ""),
-                   err=True)
+        typer.echo(
+            "starting encoder, denoiser, vae and orchestrator" + (f" (logs: {logs.name})" if logs else ""), err=True
+        )
         try:
             cluster = start_local(str(folder), port=free_port(), output=logs, on_serving=serving)
         except (RuntimeError, TimeoutError) as error:
@@ -182,8 +197,9 @@ def _sequential_flags(sequential: bool, release_to: ReleaseTo) -> list[str]:
     return ["--sequential", "--release-to", release_to.value] if sequential else []
 
 
-def _model_file_flags(transformer_gguf: Path | None, t5_gguf: Path | None, lora_dir: Path | None,
-                      max_batch: int | None = None) -> dict[str, list[str]]:
+def _model_file_flags(
+    transformer_gguf: Path | None, t5_gguf: Path | None, lora_dir: Path | None, max_batch: int | None = None
+) -> dict[str, list[str]]:
     """Which stage gets which community file: GGUF transformer -> denoiser, GGUF T5 -> encoder,
     the LoRA directory -> both (CLIP-side keys are applied by the encoder); --max-batch -> denoiser."""
     flags: dict[str, list[str]] = {"encoder": [], "denoiser": []}

@@ -15,8 +15,8 @@ from fluxmesh.cli.shared_options import (
     MaxBatch,
     MaxPriority,
     PromptCacheMib,
-    RequestLimits,
     ReleaseToOption,
+    RequestLimits,
     Sequential,
     ServeOptions,
     StageClientOptions,
@@ -25,8 +25,8 @@ from fluxmesh.cli.shared_options import (
     TransformerGguf,
     with_option_groups,
 )
-from fluxmesh.orchestrator.priorities import DEFAULT_MAX_PRIORITY
 from fluxmesh.contract import ReleaseTo
+from fluxmesh.orchestrator.priorities import DEFAULT_MAX_PRIORITY
 
 app = typer.Typer(help="Serve one fluxmesh process.", no_args_is_help=True)
 
@@ -50,8 +50,9 @@ def start_errors_as_messages(process: str) -> Iterator[None]:
         raise typer.Exit(1) from None
 
 
-def _serve_stage(name: str, port: int, stage: StageServeOptions, serving: ServeOptions, *,
-                 dtype: str | None = None, **extra: Any) -> None:
+def _serve_stage(
+    name: str, port: int, stage: StageServeOptions, serving: ServeOptions, *, dtype: str | None = None, **extra: Any
+) -> None:
     security = serving.security()  # a bad flag fails here, before torch is even imported
     from fluxmesh.rpc.allocator import tune_for_tensor_traffic
     from fluxmesh.services.app import StageOptions, serve_stage
@@ -59,10 +60,20 @@ def _serve_stage(name: str, port: int, stage: StageServeOptions, serving: ServeO
     tune_for_tensor_traffic()
 
     with start_errors_as_messages(name):
-        serve_stage(StageOptions(stage=name, model=stage.model, address=address(stage.host, port),
-                                 device=stage.device, dtype=dtype or stage.dtype, threads=stage.threads,
-                                 residency=stage.residency.value, security=security,
-                                 metrics_port=serving.metrics_port, **extra))
+        serve_stage(
+            StageOptions(
+                stage=name,
+                model=stage.model,
+                address=address(stage.host, port),
+                device=stage.device,
+                dtype=dtype or stage.dtype,
+                threads=stage.threads,
+                residency=stage.residency.value,
+                security=security,
+                metrics_port=serving.metrics_port,
+                **extra,
+            )
+        )
 
 
 @app.command("encoder")
@@ -73,14 +84,26 @@ def serve_encoder(
     max_sequence_length: Annotated[int | None, typer.Option(help="Default T5 length (512 dev, 256 schnell).")] = None,
     t5_gguf: T5Gguf = None,
     lora_dir: LoraDir = None,
-    redux: Annotated[str | None, typer.Option(
-        help="A FLUX.1-Redux folder (image_encoder/, feature_extractor/, image_embedder/) or Hub id: "
-             "REDUX references become image prompts.")] = None,
+    redux: Annotated[
+        str | None,
+        typer.Option(
+            help="A FLUX.1-Redux folder (image_encoder/, feature_extractor/, image_embedder/) or Hub id: "
+            "REDUX references become image prompts."
+        ),
+    ] = None,
     serving: ServeOptions = ServeOptions(),
 ) -> None:
     """CLIP-L + T5-XXL text encoder stage."""
-    _serve_stage("encoder", port, stage, serving, max_sequence_length=max_sequence_length, t5_gguf=t5_gguf,
-                 lora_dir=lora_dir, redux=redux)
+    _serve_stage(
+        "encoder",
+        port,
+        stage,
+        serving,
+        max_sequence_length=max_sequence_length,
+        t5_gguf=t5_gguf,
+        lora_dir=lora_dir,
+        redux=redux,
+    )
 
 
 @app.command("denoiser")
@@ -89,19 +112,35 @@ def serve_denoiser(
     stage: StageServeOptions,
     port: Annotated[int, typer.Option()] = 50052,
     transformer_gguf: TransformerGguf = None,
-    compute_dtype: Annotated[str | None, typer.Option(help="Dtype GGUF weights dequantize to (default: --dtype).")] = None,
+    compute_dtype: Annotated[
+        str | None, typer.Option(help="Dtype GGUF weights dequantize to (default: --dtype).")
+    ] = None,
     lora_dir: LoraDir = None,
     max_batch: MaxBatch = None,
-    step_cache: Annotated[str, typer.Option(help="Step caching for requests that ask none: off, first-block, mag "
-                                                 "or taylorseer, optionally :THRESHOLD.")] = "off",
-    step_cache_ceiling: Annotated[float, typer.Option(help="Largest first-block/mag threshold a request may "
-                                                           "ask.")] = 1.0,
+    step_cache: Annotated[
+        str,
+        typer.Option(
+            help="Step caching for requests that ask none: off, first-block, mag or taylorseer, optionally :THRESHOLD."
+        ),
+    ] = "off",
+    step_cache_ceiling: Annotated[
+        float, typer.Option(help="Largest first-block/mag threshold a request may ask.")
+    ] = 1.0,
     serving: ServeOptions = ServeOptions(),
 ) -> None:
     """FLUX transformer stage (optionally GGUF-quantized, with per-request LoRAs)."""
-    _serve_stage("denoiser", port, stage, serving, dtype=compute_dtype, transformer_gguf=transformer_gguf,
-                 lora_dir=lora_dir, max_batch=max_batch, step_cache=step_cache,
-                 step_cache_ceiling=step_cache_ceiling)
+    _serve_stage(
+        "denoiser",
+        port,
+        stage,
+        serving,
+        dtype=compute_dtype,
+        transformer_gguf=transformer_gguf,
+        lora_dir=lora_dir,
+        max_batch=max_batch,
+        step_cache=step_cache,
+        step_cache_ceiling=step_cache_ceiling,
+    )
 
 
 @app.command("vae")
@@ -123,17 +162,27 @@ def serve_orchestrator(
     vae: Annotated[str, typer.Option(help=f"VAE stage: {StageAddress}.")] = "localhost:50053",
     port: Annotated[int, typer.Option()] = 50050,
     host: Host = LOOPBACK_HOST,
-    max_active: Annotated[int | None, typer.Option(
-        help="Requests running through the stages at once (default 8: enough to fill the denoiser's batches; "
-             "8 with --sequential too, the group size that shares one round of swaps).")] = None,
+    max_active: Annotated[
+        int | None,
+        typer.Option(
+            help="Requests running through the stages at once (default 8: enough to fill the denoiser's batches; "
+            "8 with --sequential too, the group size that shares one round of swaps)."
+        ),
+    ] = None,
     sequential: Sequential = False,
     release_to: ReleaseToOption = ReleaseTo.auto,
     max_queue: Annotated[int, typer.Option(help="Requests waiting before RESOURCE_EXHAUSTED.")] = 32,
-    request_timeout: Annotated[float, typer.Option(help="Deadline (s) for requests that come without one; "
-                                                        "0: none.")] = 3600.0,
-    max_request_mib: Annotated[int | None, typer.Option(help="Largest request message accepted (MiB); larger "
-                                                                "is RESOURCE_EXHAUSTED. Default: room for a "
-                                                                "32 MiB init image and mask (65).")] = None,
+    request_timeout: Annotated[
+        float, typer.Option(help="Deadline (s) for requests that come without one; 0: none.")
+    ] = 3600.0,
+    max_request_mib: Annotated[
+        int | None,
+        typer.Option(
+            help="Largest request message accepted (MiB); larger "
+            "is RESOURCE_EXHAUSTED. Default: room for a "
+            "32 MiB init image and mask (65)."
+        ),
+    ] = None,
     max_priority: MaxPriority = DEFAULT_MAX_PRIORITY,
     prompt_cache_mib: PromptCacheMib = None,
     serving: ServeOptions = ServeOptions(),
@@ -147,15 +196,24 @@ def serve_orchestrator(
 
     tune_for_tensor_traffic()
 
-    options = OrchestratorOptions(encoder=encoder, denoiser=denoiser, vae=vae, address=address(host, port),
-                                  max_active=max_active, max_queue=max_queue, security=serving.security(),
-                                  stage_security=stage_connections.security(), metrics_port=serving.metrics_port,
-                                  request_timeout=request_timeout or None, sequential=sequential,
-                                  release_to=release_to.value, priorities=serving.priority_policy(max_priority),
-                                  limits=request_limits.limits(),
-                                  **({"max_request_bytes": max_request_mib * 2**20} if max_request_mib is not None else {}),
-                                  **({"prompt_cache_bytes": prompt_cache_mib * 2**20}
-                                     if prompt_cache_mib is not None else {}))
+    options = OrchestratorOptions(
+        encoder=encoder,
+        denoiser=denoiser,
+        vae=vae,
+        address=address(host, port),
+        max_active=max_active,
+        max_queue=max_queue,
+        security=serving.security(),
+        stage_security=stage_connections.security(),
+        metrics_port=serving.metrics_port,
+        request_timeout=request_timeout or None,
+        sequential=sequential,
+        release_to=release_to.value,
+        priorities=serving.priority_policy(max_priority),
+        limits=request_limits.limits(),
+        **({"max_request_bytes": max_request_mib * 2**20} if max_request_mib is not None else {}),
+        **({"prompt_cache_bytes": prompt_cache_mib * 2**20} if prompt_cache_mib is not None else {}),
+    )
     with start_errors_as_messages("orchestrator"):
         run(options)
 

@@ -6,14 +6,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+
 from fluxmesh.cli.shared_options import ServeOptions, with_option_groups
 
 if TYPE_CHECKING:
     from fluxmesh.cli.supervisor import Cluster
 
 _PANEL = "Connection to the orchestrator"
-HttpPort = Annotated[int | None, typer.Option(help="Also serve the OpenAI images API and the web page on this "
-                                                      "port (fluxmesh serve http).")]
+HttpPort = Annotated[
+    int | None,
+    typer.Option(help="Also serve the OpenAI images API and the web page on this port (fluxmesh serve http)."),
+]
 
 
 @with_option_groups
@@ -22,24 +25,35 @@ def serve_http(
     port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     max_body_mib: Annotated[int, typer.Option(help="Largest request body accepted (MiB); larger is 413.")] = 65,
-    cors_origin: Annotated[list[str] | None, typer.Option(
-        help="An origin whose pages may call this API from a browser (repeatable); none: only the gateway's own "
-             "page.")] = None,
+    cors_origin: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="An origin whose pages may call this API from a browser (repeatable); none: only the gateway's own "
+            "page."
+        ),
+    ] = None,
     result_ttl: Annotated[float, typer.Option(help="Seconds a response_format=url image stays fetchable.")] = 600.0,
-    result_store_mib: Annotated[int, typer.Option(help="Memory for response_format=url images (MiB); the "
-                                                       "oldest go first.")] = 256,
-    model_name: Annotated[str | None, typer.Option(help="The model id /v1/models shows (default: the model "
-                                                           "folder's name, or its Hub id).")] = None,
-    orchestrator_tls: Annotated[bool, typer.Option(help="TLS to the orchestrator with the system's roots.",
-                                                   rich_help_panel=_PANEL)] = False,
-    orchestrator_tls_ca: Annotated[Path | None, typer.Option(help="PEM CA the orchestrator's certificate "
-                                                                     "chains to; enables TLS.",
-                                                                rich_help_panel=_PANEL)] = None,
-    orchestrator_tls_cert: Annotated[Path | None, typer.Option(help="Client certificate for an orchestrator "
-                                                                       "that requires mutual TLS.",
-                                                                  rich_help_panel=_PANEL)] = None,
-    orchestrator_tls_key: Annotated[Path | None, typer.Option(help="Private key of --orchestrator-tls-cert.",
-                                                                 rich_help_panel=_PANEL)] = None,
+    result_store_mib: Annotated[
+        int, typer.Option(help="Memory for response_format=url images (MiB); the oldest go first.")
+    ] = 256,
+    model_name: Annotated[
+        str | None,
+        typer.Option(help="The model id /v1/models shows (default: the model folder's name, or its Hub id)."),
+    ] = None,
+    orchestrator_tls: Annotated[
+        bool, typer.Option(help="TLS to the orchestrator with the system's roots.", rich_help_panel=_PANEL)
+    ] = False,
+    orchestrator_tls_ca: Annotated[
+        Path | None,
+        typer.Option(help="PEM CA the orchestrator's certificate chains to; enables TLS.", rich_help_panel=_PANEL),
+    ] = None,
+    orchestrator_tls_cert: Annotated[
+        Path | None,
+        typer.Option(help="Client certificate for an orchestrator that requires mutual TLS.", rich_help_panel=_PANEL),
+    ] = None,
+    orchestrator_tls_key: Annotated[
+        Path | None, typer.Option(help="Private key of --orchestrator-tls-cert.", rich_help_panel=_PANEL)
+    ] = None,
     serving: ServeOptions = ServeOptions(),
 ) -> None:
     """OpenAI-compatible images API (/v1/images/generations, /v1/images/edits, /v1/models) and a web page at /.
@@ -51,17 +65,24 @@ def serve_http(
     from fluxmesh.rpc.security import ClientSecurity
 
     security = serving.security()  # a bad TLS or token flag fails here, before anything starts
-    upstream = ClientSecurity(ca=orchestrator_tls_ca, cert=orchestrator_tls_cert, key=orchestrator_tls_key,
-                              tls=orchestrator_tls)
+    upstream = ClientSecurity(
+        ca=orchestrator_tls_ca, cert=orchestrator_tls_cert, key=orchestrator_tls_key, tls=orchestrator_tls
+    )
     if max_body_mib < 1 or result_store_mib < 1 or result_ttl <= 0:
         raise typer.BadParameter("--max-body-mib and --result-store-mib must be >= 1, --result-ttl > 0")
 
     from fluxmesh.gateway import GatewayOptions, serve
 
-    options = GatewayOptions(orchestrator=orchestrator, credentials=upstream.credentials(), tokens=security.tokens,
-                             max_body_bytes=max_body_mib * 2**20, cors_origins=tuple(cors_origin or ()),
-                             result_store_bytes=result_store_mib * 2**20, result_ttl=result_ttl,
-                             model_name=model_name)
+    options = GatewayOptions(
+        orchestrator=orchestrator,
+        credentials=upstream.credentials(),
+        tokens=security.tokens,
+        max_body_bytes=max_body_mib * 2**20,
+        cors_origins=tuple(cors_origin or ()),
+        result_store_bytes=result_store_mib * 2**20,
+        result_ttl=result_ttl,
+        model_name=model_name,
+    )
     serve_metrics(serving.metrics_port)
     serve(options, host=host, port=port, security=security)
 
@@ -77,11 +98,19 @@ def start_gateway(cluster: Cluster, *, port: int, host: str, serving: ServeOptio
     serving = serving or ServeOptions()
     args = ["serve", "http", "--orchestrator", cluster.address, "--host", host, "--port", str(port)]
     if serving.require_client_cert:
-        raise typer.BadParameter("--http-port with --require-client-cert: the gateway has no client certificate "
-                                 "to show the orchestrator; run `fluxmesh serve http` with --orchestrator-tls-cert")
+        raise typer.BadParameter(
+            "--http-port with --require-client-cert: the gateway has no client certificate "
+            "to show the orchestrator; run `fluxmesh serve http` with --orchestrator-tls-cert"
+        )
     if serving.tls_cert is not None:
-        args += ["--tls-cert", str(serving.tls_cert), "--tls-key", str(serving.tls_key),
-                 "--orchestrator-tls-ca", str(serving.tls_ca or serving.tls_cert)]
+        args += [
+            "--tls-cert",
+            str(serving.tls_cert),
+            "--tls-key",
+            str(serving.tls_key),
+            "--orchestrator-tls-ca",
+            str(serving.tls_ca or serving.tls_cert),
+        ]
     where = f"{reachable(host)}:{port}"
     cluster.start("http", args, where, probe_tcp_only=True)
     cluster.wait_serving()

@@ -19,12 +19,17 @@ app = typer.Typer()
 def tiny_model(
     directory: Annotated[Path, typer.Argument(help="Folder to write.")],
     schnell: Annotated[bool, typer.Option(help="FLUX.1-schnell style: no guidance embedding.")] = False,
-    size: Annotated[ModelSize, typer.Option(help="tiny (tests) or small (about 1 s per generation, "
-                                                 "benchmarks).")] = ModelSize.tiny,
+    size: Annotated[
+        ModelSize, typer.Option(help="tiny (tests) or small (about 1 s per generation, benchmarks).")
+    ] = ModelSize.tiny,
     seed: Annotated[int, typer.Option()] = 0,
-    variant: Annotated[Variant, typer.Option(
-        help="base (FLUX.1-dev/schnell), fill, kontext, control (Canny/Depth) or redux (a FLUX.1-Redux folder "
-             "for `serve encoder --redux`, matching this --size).")] = Variant.base,
+    variant: Annotated[
+        Variant,
+        typer.Option(
+            help="base (FLUX.1-dev/schnell), fill, kontext, control (Canny/Depth) or redux (a FLUX.1-Redux folder "
+            "for `serve encoder --redux`, matching this --size)."
+        ),
+    ] = Variant.base,
 ) -> None:
     """Write a tiny random-weight FLUX model in the exact diffusers folder layout (offline)."""
     from fluxmesh.services.tools.tiny_model import write_tiny_model
@@ -38,10 +43,12 @@ def quantize(
     output: Annotated[Path, typer.Argument(help="The .gguf file to write.")],
     type: Annotated[QuantType, typer.Option("--type", "-t", help="Quantization type.")] = QuantType.Q8_0,
     naming: Annotated[Naming, typer.Option(help="Tensor names: bfl (as community files) or diffusers.")] = Naming.bfl,
-    component: Annotated[Component, typer.Option(help="transformer, or t5 (the text_encoder_2 of a model "
-                                                      "folder).")] = Component.transformer,
-    force: Annotated[bool, typer.Option("--force", help="Replace OUTPUT if it exists (never one of the source's "
-                                                         "files).")] = False,
+    component: Annotated[
+        Component, typer.Option(help="transformer, or t5 (the text_encoder_2 of a model folder).")
+    ] = Component.transformer,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace OUTPUT if it exists (never one of the source's files).")
+    ] = False,
 ) -> None:
     """Write a GGUF file in the community (city96) layout, loadable by fluxmesh, ComfyUI-GGUF and diffusers."""
     from fluxmesh.rpc.errors import FluxmeshError
@@ -70,19 +77,23 @@ def plan(
     width: Annotated[int, typer.Option()] = 1024,
     height: Annotated[int, typer.Option()] = 1024,
     num_images: Annotated[int, typer.Option(help="Images per request (the denoiser and VAE batch).")] = 1,
-    dtype: Annotated[PlanDtype, typer.Option(help="Dtype the stages load weights in (compute dtype for GGUF).")]
-        = PlanDtype.bfloat16,
+    dtype: Annotated[
+        PlanDtype, typer.Option(help="Dtype the stages load weights in (compute dtype for GGUF).")
+    ] = PlanDtype.bfloat16,
     transformer_gguf: TransformerGguf = None,
     t5_gguf: T5Gguf = None,
-    max_sequence_length: Annotated[int | None, typer.Option(help="T5 length (default: 512 dev, 256 schnell).")]
-        = None,
-    context_overhead: Annotated[str, typer.Option(help="CUDA context per stage process, outside torch's "
-                                                       "allocator.")] = "0.5GiB",
-    redux: Annotated[Path | None, typer.Option(help="A FLUX.1-Redux folder the encoder loads too (--redux).")]
-        = None,
+    max_sequence_length: Annotated[int | None, typer.Option(help="T5 length (default: 512 dev, 256 schnell).")] = None,
+    context_overhead: Annotated[
+        str, typer.Option(help="CUDA context per stage process, outside torch's allocator.")
+    ] = "0.5GiB",
+    redux: Annotated[Path | None, typer.Option(help="A FLUX.1-Redux folder the encoder loads too (--redux).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
-    steps: Annotated[int | None, typer.Option(help="Denoising steps (default: the orchestrator's, 28 dev, "
-                                                      "4 schnell); with the size, the request's work.")] = None,
+    steps: Annotated[
+        int | None,
+        typer.Option(
+            help="Denoising steps (default: the orchestrator's, 28 dev, 4 schnell); with the size, the request's work."
+        ),
+    ] = None,
     true_cfg: Annotated[bool, typer.Option(help="The request uses true CFG (twice the work).")] = False,
     request_limits: CostLimits = CostLimits(),
 ) -> None:
@@ -96,11 +107,22 @@ def plan(
     from fluxmesh.services.tools.planning import make_plan, parse_size
 
     try:
-        result = make_plan(model, vram=parse_size(vram), width=width, height=height, num_images=num_images,
-                           dtype=dtype.value, transformer_gguf=transformer_gguf, t5_gguf=t5_gguf,
-                           max_sequence_length=max_sequence_length,
-                           context_bytes=parse_size(context_overhead, "context_overhead"), redux=redux,
-                           steps=steps, true_cfg=true_cfg, limits=request_limits.limits())
+        result = make_plan(
+            model,
+            vram=parse_size(vram),
+            width=width,
+            height=height,
+            num_images=num_images,
+            dtype=dtype.value,
+            transformer_gguf=transformer_gguf,
+            t5_gguf=t5_gguf,
+            max_sequence_length=max_sequence_length,
+            context_bytes=parse_size(context_overhead, "context_overhead"),
+            redux=redux,
+            steps=steps,
+            true_cfg=true_cfg,
+            limits=request_limits.limits(),
+        )
     except FluxmeshError as error:
         typer.echo(f"error: {error.message}", err=True)
         raise typer.Exit(2) from None

@@ -29,10 +29,9 @@ from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-
 from fluxmesh.contract import ReleaseTo
-from fluxmesh.orchestrator.residency.resident import SwapCost, next_order
 from fluxmesh.orchestrator.replicas import Replica, is_dns_target
+from fluxmesh.orchestrator.residency.resident import SwapCost, next_order
 from fluxmesh.orchestrator.stages import StageClient, stage_errors
 from fluxmesh.rpc.errors import NOT_RESIDENT, FluxmeshError, InvalidArgument
 from fluxmesh.v1 import residency_pb2, residency_pb2_grpc
@@ -64,16 +63,25 @@ class _Waiter:
 
 class SequentialStrategy:
     stages_stay_loaded = False  # one stage's weights on the accelerator at a time
-    def __init__(self, stages: Iterable[StageClient], release_to: ReleaseTo | str = ReleaseTo.auto, *,
-                 swap_timeout: float = SWAP_TIMEOUT):
+
+    def __init__(
+        self,
+        stages: Iterable[StageClient],
+        release_to: ReleaseTo | str = ReleaseTo.auto,
+        *,
+        swap_timeout: float = SWAP_TIMEOUT,
+    ):
         self.clients = {client.stage: client for client in stages}
         self.release_to = ReleaseTo(release_to)
         self.swap_timeout = swap_timeout
         for client in self.clients.values():
             dns = [r.target for r in client.replicas.replicas if is_dns_target(r.target)]
             if dns:
-                raise InvalidArgument(client.stage, f"{dns[0]}: sequential mode loads and releases each replica's "
-                                                    "weights, so it needs their addresses, not a dns:/// name")
+                raise InvalidArgument(
+                    client.stage,
+                    f"{dns[0]}: sequential mode loads and releases each replica's "
+                    "weights, so it needs their addresses, not a dns:/// name",
+                )
         self.loaded: str | None = None  # the stage whose weights are on the device (None: none or unknown)
         self._round = 0  # requests ordered before this were there when the loaded stage was loaded
         self._users = 0  # calls in progress on the loaded stage
@@ -190,8 +198,13 @@ class SequentialStrategy:
                 if waiter.stage == target:
                     waiter.cost.swaps += 1
                     waiter.cost.seconds += seconds
-            log.info("swap %d: %s loaded in %.2fs (%d requests waiting for it)", self.swaps, target, seconds,
-                     sum(w.stage == target for w in self._waiters))
+            log.info(
+                "swap %d: %s loaded in %.2fs (%d requests waiting for it)",
+                self.swaps,
+                target,
+                seconds,
+                sum(w.stage == target for w in self._waiters),
+            )
         finally:
             self._swapping = False
             self._schedule()

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+
 from fluxmesh.services.denoiser.loop import Lane, forward
 from fluxmesh.services.runtime.worker import ModelWorker
 
@@ -84,6 +85,7 @@ class _Ticket:
 
     def answer(self, result: Denoised | None = None, error: BaseException | None = None) -> None:
         """From the model thread: resolve the future on its loop (unless its caller left)."""
+
         def resolve() -> None:
             if self.future.done():
                 return
@@ -127,8 +129,9 @@ class Batcher:
         self._driving = False
         self._driver: asyncio.Future | None = None
 
-    async def denoise(self, job: DenoiseJob, on_step: StepCallback | None = None,
-                      cancelled: threading.Event | None = None) -> Denoised:
+    async def denoise(
+        self, job: DenoiseJob, on_step: StepCallback | None = None, cancelled: threading.Event | None = None
+    ) -> Denoised:
         """The request's packed latents, computed in whatever batch it can join. Raises
         `Cancelled` at the step boundary after `cancelled` is set."""
         loop = asyncio.get_running_loop()
@@ -252,6 +255,10 @@ class Batcher:
 def stats_details(batcher: Batcher) -> dict[str, int]:
     """The batcher's figures for the stage's Info details."""
     stats = batcher.stats
-    return {"max_batch": batcher.max_batch, "forwards": stats.forwards, "lane_steps": stats.lane_steps,
-            "largest_batch": stats.largest, "joined_running": stats.joined_running}
-
+    return {
+        "max_batch": batcher.max_batch,
+        "forwards": stats.forwards,
+        "lane_steps": stats.lane_steps,
+        "largest_batch": stats.largest,
+        "joined_running": stats.joined_running,
+    }

@@ -38,8 +38,11 @@ def conditioning_from_pb(request: denoiser_pb2.DenoiseRequest) -> Conditioning |
     if not request.HasField("conditioning"):
         return None
     conditioning = request.conditioning
-    tensors = {field: from_pb(getattr(conditioning, field), f"conditioning.{field}", ndim=4)
-               for field in ("kontext_latents", "control_posterior") if conditioning.HasField(field)}
+    tensors = {
+        field: from_pb(getattr(conditioning, field), f"conditioning.{field}", ndim=4)
+        for field in ("kontext_latents", "control_posterior")
+        if conditioning.HasField(field)
+    }
     if len(tensors) > 1:
         raise InvalidArgument("conditioning", "kontext_latents and control_posterior are for different models")
     return Conditioning(**tensors)

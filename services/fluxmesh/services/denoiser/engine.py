@@ -21,20 +21,29 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransfo
 
 from fluxmesh import contract
 from fluxmesh.rpc.errors import Cancelled, InvalidArgument
-from fluxmesh.services.denoiser.family import (Conditioning, check_conditioning, choose_family_mode,
-                                               is_control_transformer)
+from fluxmesh.services.denoiser.family import (
+    Conditioning,
+    check_conditioning,
+    choose_family_mode,
+    is_control_transformer,
+)
 from fluxmesh.services.denoiser.loop import Lane, run_alone
-from fluxmesh.services.denoiser.step_cache import AttentionCounter, StepCacheLimits, StepCachePolicy
-from fluxmesh.services.denoiser.modes import (Geometry, InitImage, VaeConfig, check_init, choose_mode,
-                                              is_fill_transformer)
+from fluxmesh.services.denoiser.modes import (
+    Geometry,
+    InitImage,
+    VaeConfig,
+    check_init,
+    choose_mode,
+    is_fill_transformer,
+)
 from fluxmesh.services.denoiser.previews import Previewer, PreviewSpec, StepPreview, X0Scheduler
+from fluxmesh.services.denoiser.step_cache import AttentionCounter, StepCacheLimits, StepCachePolicy
 from fluxmesh.services.loras.stage import StageLoras
+from fluxmesh.services.runtime import model_folder
 from fluxmesh.services.runtime.device import Device
 from fluxmesh.services.runtime.memory import module_bytes
-from fluxmesh.services.runtime import model_folder
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass(frozen=True)
@@ -101,9 +110,14 @@ class DenoiserEngine:
         self.control = is_control_transformer(in_channels, out_channels)  # FLUX.1-Canny/Depth
         # FLUX.1-Kontext has FLUX.1-dev's shapes: only its model_index.json says what it is.
         self.kontext = model_folder.read_index(folder).get("_class_name", "").startswith("FluxKontext")
-        log.info("denoiser: transformer%s from %s for %s, guidance embedding: %s, LoRAs: %s",
-                 f" (GGUF {transformer_gguf})" if transformer_gguf else "", folder, device.describe(),
-                 self.guidance_embeds, lora_dir or "none")
+        log.info(
+            "denoiser: transformer%s from %s for %s, guidance embedding: %s, LoRAs: %s",
+            f" (GGUF {transformer_gguf})" if transformer_gguf else "",
+            folder,
+            device.describe(),
+            self.guidance_embeds,
+            lora_dir or "none",
+        )
         if load:
             self.load_weights(device.torch_device)
 
@@ -113,11 +127,15 @@ class DenoiserEngine:
             from fluxmesh.services.gguf import load_gguf_transformer
 
             # Weights stay quantized; device.dtype is the compute dtype they dequantize to.
-            transformer = load_gguf_transformer(self.transformer_gguf, self.folder,
-                                                compute_dtype=self.device.dtype, device=device)
+            transformer = load_gguf_transformer(
+                self.transformer_gguf, self.folder, compute_dtype=self.device.dtype, device=device
+            )
         else:
             transformer = FluxTransformer2DModel.from_pretrained(
-                self.folder, subfolder="transformer", torch_dtype=self.device.dtype, local_files_only=True,
+                self.folder,
+                subfolder="transformer",
+                torch_dtype=self.device.dtype,
+                local_files_only=True,
                 use_safetensors=True,  # never unpickle a .bin
             )
         self.transformer = transformer.to(device).eval()
@@ -141,13 +159,17 @@ class DenoiserEngine:
         # image prompts (Redux) append their tokens to T5's
         contract.check_conditioning_length("prompt_embeds.shape", embeds.shape[1])
         if embeds.shape[-1] != self.joint_attention_dim:
-            raise InvalidArgument("prompt_embeds.shape", f"last dimension {embeds.shape[-1]} != {self.joint_attention_dim}")
+            raise InvalidArgument(
+                "prompt_embeds.shape", f"last dimension {embeds.shape[-1]} != {self.joint_attention_dim}"
+            )
         if pooled.shape[-1] != self.pooled_projection_dim:
             raise InvalidArgument(
                 "pooled_prompt_embeds.shape", f"last dimension {pooled.shape[-1]} != {self.pooled_projection_dim}"
             )
         if embeds.shape[0] != pooled.shape[0]:
-            raise InvalidArgument("pooled_prompt_embeds.shape", f"batch {pooled.shape[0]} != prompt_embeds batch {embeds.shape[0]}")
+            raise InvalidArgument(
+                "pooled_prompt_embeds.shape", f"batch {pooled.shape[0]} != prompt_embeds batch {embeds.shape[0]}"
+            )
         contract.check_size(job.width, job.height, self.size_multiple)
         contract.check_steps(job.steps)
         contract.check_num_images(job.num_images, prompts=embeds.shape[0])
@@ -156,11 +178,24 @@ class DenoiserEngine:
         self.step_cache.resolve(job.cache)
         self._check_true_cfg(job)
         if job.init is not None:
-            check_init(job.init, width=job.width, height=job.height, steps=job.steps,
-                       latent_channels=self.latent_channels, vae_scale_factor=self.vae_scale_factor)
-        check_conditioning(job.conditioning, job.init, kontext_model=self.kontext, control_model=self.control,
-                           width=job.width, height=job.height, latent_channels=self.latent_channels,
-                           vae_scale_factor=self.vae_scale_factor)
+            check_init(
+                job.init,
+                width=job.width,
+                height=job.height,
+                steps=job.steps,
+                latent_channels=self.latent_channels,
+                vae_scale_factor=self.vae_scale_factor,
+            )
+        check_conditioning(
+            job.conditioning,
+            job.init,
+            kontext_model=self.kontext,
+            control_model=self.control,
+            width=job.width,
+            height=job.height,
+            latent_channels=self.latent_channels,
+            vae_scale_factor=self.vae_scale_factor,
+        )
         if job.conditioning is not None and job.conditioning.control_posterior is not None and job.true_cfg:
             raise InvalidArgument("true_cfg_scale", "FluxControlPipeline has no true CFG")
         steps_run = contract.steps_after_strength(job.steps, job.init.strength) if job.init is not None else job.steps
@@ -179,8 +214,10 @@ class DenoiserEngine:
             raise InvalidArgument("true_cfg_scale", "negative embeddings and true_cfg_scale > 1 go together")
         if not job.true_cfg:
             return
-        for field, tensor, like in (("negative_prompt_embeds", negative, job.prompt_embeds),
-                                    ("negative_pooled_prompt_embeds", pooled, job.pooled_prompt_embeds)):
+        for field, tensor, like in (
+            ("negative_prompt_embeds", negative, job.prompt_embeds),
+            ("negative_pooled_prompt_embeds", pooled, job.pooled_prompt_embeds),
+        ):
             if tensor.shape != like.shape:
                 raise InvalidArgument(f"{field}.shape", f"{list(tensor.shape)} != {list(like.shape)} of the prompt's")
             contract.check_float_dtype(f"{field}.dtype", str(tensor.dtype))
@@ -212,8 +249,9 @@ class DenoiserEngine:
         run their pipeline's own loop, alone."""
         return job.conditioning is None and self.step_cache.resolve(job.cache).off
 
-    def denoise_cached(self, job: DenoiseJob, on_step: StepCallback | None = None,
-                       cancelled: threading.Event | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+    def denoise_cached(
+        self, job: DenoiseJob, on_step: StepCallback | None = None, cancelled: threading.Event | None = None
+    ) -> tuple[torch.Tensor, tuple[int, int]]:
         """The request alone with its step-cache policy's hooks installed on the transformer for
         all its steps (removed after, whatever happens): latents, (blocks run, blocks skipped)."""
         policy = self.step_cache.resolve(job.cache)
@@ -227,8 +265,9 @@ class DenoiserEngine:
             self.transformer.disable_cache()
         return latents, (counter.run, counter.skipped)
 
-    def lane(self, job: DenoiseJob, on_step: StepCallback | None = None,
-             cancelled: threading.Event | None = None) -> Lane:
+    def lane(
+        self, job: DenoiseJob, on_step: StepCallback | None = None, cancelled: threading.Event | None = None
+    ) -> Lane:
         """The request prepared for the loop (on the model thread: it draws the noise)."""
         return Lane(self, job, on_step, cancelled)
 
@@ -267,15 +306,20 @@ class DenoiserEngine:
         if job.true_cfg:
             true_cfg = {
                 "negative_prompt_embeds": job.negative_prompt_embeds.to(device, dtype).repeat_interleave(
-                    job.num_images, dim=0),
+                    job.num_images, dim=0
+                ),
                 "negative_pooled_prompt_embeds": job.negative_pooled_prompt_embeds.to(device, dtype).repeat_interleave(
-                    job.num_images, dim=0),
+                    job.num_images, dim=0
+                ),
                 "true_cfg_scale": job.true_cfg_scale,
             }
         started = [time.perf_counter()]
         mode = self._mode(job)
-        previewer = (Previewer(job.preview, job.width, job.height, self.vae_scale_factor, self.latent_channels)
-                     if job.preview is not None else None)
+        previewer = (
+            Previewer(job.preview, job.width, job.height, self.vae_scale_factor, self.latent_channels)
+            if job.preview is not None
+            else None
+        )
 
         def step_end(pipe, i, t, kwargs):
             now = time.perf_counter()
@@ -322,5 +366,8 @@ def _check_converged(latents: torch.Tensor, job: DenoiseJob) -> None:
         return
     loras = ", ".join(f"{name}@{weight:g}" for name, weight in job.loras) or "none"
     cfg = f", true_cfg_scale {job.true_cfg_scale:g}" if job.true_cfg else ""
-    raise InvalidArgument("latents", f"denoising diverged: the latents hold NaN or Inf after {job.steps} steps "
-                                     f"(guidance {job.guidance:g}{cfg}, LoRAs {loras}); lower guidance or LoRA weights")
+    raise InvalidArgument(
+        "latents",
+        f"denoising diverged: the latents hold NaN or Inf after {job.steps} steps "
+        f"(guidance {job.guidance:g}{cfg}, LoRAs {loras}); lower guidance or LoRA weights",
+    )

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from diffusers import FluxControlPipeline, FluxKontextPipeline
 
-from fluxmesh.rpc.errors import InvalidArgument
 from fluxmesh.contract import LIMITS
+from fluxmesh.rpc.errors import InvalidArgument
 from fluxmesh.services.denoiser.modes import Geometry, InitImage, Mode, _sample, _scaled
 
 __all__ = ["Conditioning", "check_conditioning", "choose_family_mode", "is_control_transformer"]
@@ -39,17 +39,28 @@ def is_control_transformer(in_channels: int, out_channels: int) -> bool:
     return in_channels == 2 * out_channels
 
 
-def check_conditioning(conditioning: Conditioning | None, init: InitImage | None, *, kontext_model: bool,
-                       control_model: bool, width: int, height: int, latent_channels: int,
-                       vae_scale_factor: int) -> None:
+def check_conditioning(
+    conditioning: Conditioning | None,
+    init: InitImage | None,
+    *,
+    kontext_model: bool,
+    control_model: bool,
+    width: int,
+    height: int,
+    latent_channels: int,
+    vae_scale_factor: int,
+) -> None:
     """Shapes and the model's capabilities; errors name the field."""
     kontext = conditioning.kontext_latents if conditioning is not None else None
     control = conditioning.control_posterior if conditioning is not None else None
     if control_model and control is None:
-        raise InvalidArgument("conditioning.control_posterior", "this is a FLUX.1 Canny/Depth model: it needs a "
-                                                                "control image")
-    for field, tensor, capable, what in (("kontext_latents", kontext, kontext_model, "a FLUX.1-Kontext model"),
-                                         ("control_posterior", control, control_model, "a FLUX.1 Canny/Depth model")):
+        raise InvalidArgument(
+            "conditioning.control_posterior", "this is a FLUX.1 Canny/Depth model: it needs a control image"
+        )
+    for field, tensor, capable, what in (
+        ("kontext_latents", kontext, kontext_model, "a FLUX.1-Kontext model"),
+        ("control_posterior", control, control_model, "a FLUX.1 Canny/Depth model"),
+    ):
         if tensor is None:
             continue
         field = f"conditioning.{field}"
@@ -62,14 +73,18 @@ def check_conditioning(conditioning: Conditioning | None, init: InitImage | None
     if kontext is not None:
         shape = tuple(kontext.shape)
         limit = LIMITS.max_side // vae_scale_factor
-        if (len(shape) != 4 or shape[:2] != (1, latent_channels) or any(s % 2 or not 2 <= s <= limit for s in shape[2:])):
-            raise InvalidArgument("conditioning.kontext_latents.shape",
-                                  f"{list(shape)}: expected [1, {latent_channels}, h, w], h and w even in [2, {limit}]")
+        if len(shape) != 4 or shape[:2] != (1, latent_channels) or any(s % 2 or not 2 <= s <= limit for s in shape[2:]):
+            raise InvalidArgument(
+                "conditioning.kontext_latents.shape",
+                f"{list(shape)}: expected [1, {latent_channels}, h, w], h and w even in [2, {limit}]",
+            )
     if control is not None:
         expected = (1, 2 * latent_channels, height // vae_scale_factor, width // vae_scale_factor)
         if tuple(control.shape) != expected:
-            raise InvalidArgument("conditioning.control_posterior.shape",
-                                  f"{list(control.shape)} does not match {width}x{height}: expected {list(expected)}")
+            raise InvalidArgument(
+                "conditioning.control_posterior.shape",
+                f"{list(control.shape)} does not match {width}x{height}: expected {list(expected)}",
+            )
 
 
 class Kontext(Mode):

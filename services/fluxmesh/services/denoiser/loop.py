@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+
 from fluxmesh.rpc.errors import Cancelled
 from fluxmesh.services.denoiser.modes import (
     Fill,
@@ -56,8 +57,13 @@ __all__ = ["Lane", "forward", "run_alone"]
 class Lane:
     """One request's state in the loop: prepared on the model thread, stepped by `forward`."""
 
-    def __init__(self, engine: DenoiserEngine, job: DenoiseJob, on_step: StepCallback | None = None,
-                 cancelled: threading.Event | None = None):
+    def __init__(
+        self,
+        engine: DenoiserEngine,
+        job: DenoiseJob,
+        on_step: StepCallback | None = None,
+        cancelled: threading.Event | None = None,
+    ):
         device, dtype = engine.device.torch_device, engine.device.dtype
         self.job, self.on_step, self.cancelled = job, on_step, cancelled
         if job.conditioning is not None:
@@ -69,11 +75,15 @@ class Lane:
         self.pooled = job.pooled_prompt_embeds.to(device, dtype).repeat_interleave(job.num_images, dim=0)
         self.negative: tuple[torch.Tensor, torch.Tensor] | None = None
         if job.true_cfg:
-            self.negative = (job.negative_prompt_embeds.to(device, dtype).repeat_interleave(job.num_images, dim=0),
-                             job.negative_pooled_prompt_embeds.to(device, dtype).repeat_interleave(job.num_images,
-                                                                                                   dim=0))
-        self.previewer = (Previewer(job.preview, job.width, job.height, engine.vae_scale_factor,
-                                    engine.latent_channels) if job.preview is not None else None)
+            self.negative = (
+                job.negative_prompt_embeds.to(device, dtype).repeat_interleave(job.num_images, dim=0),
+                job.negative_pooled_prompt_embeds.to(device, dtype).repeat_interleave(job.num_images, dim=0),
+            )
+        self.previewer = (
+            Previewer(job.preview, job.width, job.height, engine.vae_scale_factor, engine.latent_channels)
+            if job.preview is not None
+            else None
+        )
         self.pipe = engine.pipeline(self.mode.pipeline_class, x0=self.previewer is not None)
         self.batch = self.embeds.shape[0]
         self.mask = self.noise = self.image_latents = self.fill_latents = None
@@ -81,27 +91,34 @@ class Lane:
         self._prepare(self.mode.inputs(self.pipe, job.seed, geometry), engine, device, dtype)
         # What FluxPipeline.encode_prompt returns alongside precomputed embeddings.
         self.text_ids = torch.zeros(self.embeds.shape[1], 3).to(device=device, dtype=engine.transformer.dtype)
-        self.guidance = (torch.full([1], job.guidance, device=device, dtype=torch.float32).expand(self.batch)
-                         if engine.guidance_embeds else None)
+        self.guidance = (
+            torch.full([1], job.guidance, device=device, dtype=torch.float32).expand(self.batch)
+            if engine.guidance_embeds
+            else None
+        )
         self.index = 0
         self.error: BaseException | None = None  # set when this lane failed on its own (previews, ...)
         self._last = time.perf_counter()
 
-    def _prepare(self, inputs: dict[str, Any], engine: DenoiserEngine, device: torch.device,
-                 dtype: torch.dtype) -> None:
+    def _prepare(
+        self, inputs: dict[str, Any], engine: DenoiserEngine, device: torch.device, dtype: torch.dtype
+    ) -> None:
         """`__call__` of the mode's pipeline up to its loop, in its order."""
         pipe, job, scheduler = self.pipe, self.job, self.pipe.scheduler
         generator = inputs["generator"]
         steps = job.steps
         sigmas = np.linspace(1.0, 1 / steps, steps)
-        shift = {"base_seq_len": scheduler.config.get("base_image_seq_len", 256),
-                     "max_seq_len": scheduler.config.get("max_image_seq_len", 4096),
-                     "base_shift": scheduler.config.get("base_shift", 0.5),
-                     "max_shift": scheduler.config.get("max_shift", 1.15)}
+        shift = {
+            "base_seq_len": scheduler.config.get("base_image_seq_len", 256),
+            "max_seq_len": scheduler.config.get("max_image_seq_len", 4096),
+            "base_shift": scheduler.config.get("base_shift", 0.5),
+            "max_shift": scheduler.config.get("max_shift", 1.15),
+        }
         in_channels = engine.transformer.config.in_channels
         if not isinstance(self.mode, ImageToImage | Inpaint | Fill):  # FluxPipeline
-            self.latents, self.image_ids = pipe.prepare_latents(self.batch, in_channels // 4, job.height, job.width,
-                                                                dtype, device, generator, None)
+            self.latents, self.image_ids = pipe.prepare_latents(
+                self.batch, in_channels // 4, job.height, job.width, dtype, device, generator, None
+            )
             if getattr(scheduler.config, "use_flow_sigmas", False):
                 sigmas = None
             mu = calculate_shift(self.latents.shape[1], **shift)
@@ -117,14 +134,26 @@ class Lane:
         self.timesteps, count = pipe.get_timesteps(count, inputs["strength"], device)
         latent_timestep = self.timesteps[:1].repeat(self.batch)
         channels = pipe.vae.config.latent_channels if isinstance(self.mode, Fill) else in_channels // 4
-        prepared = pipe.prepare_latents(init_image, latent_timestep, self.batch, channels, job.height, job.width,
-                                        dtype, device, generator, None)
+        prepared = pipe.prepare_latents(
+            init_image, latent_timestep, self.batch, channels, job.height, job.width, dtype, device, generator, None
+        )
         if isinstance(self.mode, Inpaint):
             self.latents, self.noise, self.image_latents, self.image_ids = prepared
-            mask_condition = pipe.mask_processor.preprocess(inputs["mask_image"], height=job.height, width=job.width,
-                                                            resize_mode="default", crops_coords=None)
-            self.mask, _ = pipe.prepare_mask_latents(mask_condition, inputs["masked_image_latents"], self.batch,
-                                                     channels, 1, job.height, job.width, dtype, device, generator)
+            mask_condition = pipe.mask_processor.preprocess(
+                inputs["mask_image"], height=job.height, width=job.width, resize_mode="default", crops_coords=None
+            )
+            self.mask, _ = pipe.prepare_mask_latents(
+                mask_condition,
+                inputs["masked_image_latents"],
+                self.batch,
+                channels,
+                1,
+                job.height,
+                job.width,
+                dtype,
+                device,
+                generator,
+            )
         else:
             self.latents, self.image_ids = prepared
             if isinstance(self.mode, Fill):
@@ -145,20 +174,31 @@ class Lane:
         """The error to leave with once the caller has gone (checked at every step boundary)."""
         if self.cancelled is None or not self.cancelled.is_set():
             return None
-        return Cancelled("cancelled before the first step" if self.index == 0
-                         else f"cancelled after step {self.index} of {self.job.steps}")
+        return Cancelled(
+            "cancelled before the first step"
+            if self.index == 0
+            else f"cancelled after step {self.index} of {self.job.steps}"
+        )
 
     def inputs(self) -> dict[str, torch.Tensor | None]:
         """This step's transformer inputs, one row per image (true CFG: the negative rows after)."""
         t = self.timesteps[self.index]
         hidden = self.latents if self.fill_latents is None else torch.cat((self.latents, self.fill_latents), dim=2)
         timestep = t.expand(self.latents.shape[0]).to(self.latents.dtype) / 1000
-        rows = {"hidden_states": hidden, "timestep": timestep, "guidance": self.guidance,
-                "pooled_projections": self.pooled, "encoder_hidden_states": self.embeds}
+        rows = {
+            "hidden_states": hidden,
+            "timestep": timestep,
+            "guidance": self.guidance,
+            "pooled_projections": self.pooled,
+            "encoder_hidden_states": self.embeds,
+        }
         if self.negative is not None:
             negative_embeds, negative_pooled = self.negative
-            rows = {**{k: _twice(v) for k, v in rows.items()}, "pooled_projections": torch.cat(
-                (self.pooled, negative_pooled)), "encoder_hidden_states": torch.cat((self.embeds, negative_embeds))}
+            rows = {
+                **{k: _twice(v) for k, v in rows.items()},
+                "pooled_projections": torch.cat((self.pooled, negative_pooled)),
+                "encoder_hidden_states": torch.cat((self.embeds, negative_embeds)),
+            }
         return rows
 
     def advance(self, noise_pred: torch.Tensor) -> None:
@@ -192,8 +232,9 @@ def forward(transformer: torch.nn.Module, lanes: Sequence[Lane]) -> None:
     else:
         batch = {key: None if parts[0][key] is None else torch.cat([p[key] for p in parts]) for key in parts[0]}
     with transformer.cache_context("cond"):  # FluxPipeline's name for the (first) pass
-        noise_pred = transformer(**batch, txt_ids=lanes[0].text_ids, img_ids=lanes[0].image_ids,
-                                 joint_attention_kwargs={}, return_dict=False)[0]
+        noise_pred = transformer(
+            **batch, txt_ids=lanes[0].text_ids, img_ids=lanes[0].image_ids, joint_attention_kwargs={}, return_dict=False
+        )[0]
     for lane, out in zip(lanes, noise_pred.split([lane.rows for lane in lanes])):
         try:
             lane.advance(out)

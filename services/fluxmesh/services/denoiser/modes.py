@@ -66,8 +66,9 @@ class VaeConfig:
     decode = encode
 
 
-def check_init(init: InitImage, *, width: int, height: int, steps: int, latent_channels: int,
-               vae_scale_factor: int) -> None:
+def check_init(
+    init: InitImage, *, width: int, height: int, steps: int, latent_channels: int, vae_scale_factor: int
+) -> None:
     """Shapes against the request's size, strength against its steps; errors name the field."""
     contract.check_strength(init.strength, "init.strength")
     contract.check_strength_leaves_a_step(init.strength, steps, "init.strength")
@@ -77,12 +78,15 @@ def check_init(init: InitImage, *, width: int, height: int, steps: int, latent_c
         missing = "init.mask" if init.mask is None else "init.masked_posterior"
         raise InvalidArgument(missing, "inpainting needs both the mask and the masked image's posterior")
     if init.mask is not None:
-        tensors += [("init.masked_posterior", init.masked_posterior, latent),
-                    ("init.mask", init.mask, (1, 1, height, width))]
+        tensors += [
+            ("init.masked_posterior", init.masked_posterior, latent),
+            ("init.mask", init.mask, (1, 1, height, width)),
+        ]
     for field, tensor, shape in tensors:
         if tuple(tensor.shape) != shape:
-            raise InvalidArgument(f"{field}.shape", f"{list(tensor.shape)} does not match {width}x{height}: "
-                                                    f"expected {list(shape)}")
+            raise InvalidArgument(
+                f"{field}.shape", f"{list(tensor.shape)} does not match {width}x{height}: expected {list(shape)}"
+            )
     for field, tensor in (("init.posterior", init.posterior), ("init.masked_posterior", init.masked_posterior)):
         if tensor is not None:
             contract.check_float_dtype(f"{field}.dtype", str(tensor.dtype))
@@ -184,8 +188,16 @@ class Fill(Mode):
         # The pipeline's own packing of mask and masked-image latents; it applies scaling and
         # shift to the (unscaled) sample itself, as it does after its own vae.encode.
         mask, masked_latents = pipe.prepare_mask_latents(
-            self.init.mask.to(torch.float32), masked, geometry.batch, pipe.vae.config.latent_channels, 1,
-            geometry.height, geometry.width, geometry.dtype, geometry.device, None,
+            self.init.mask.to(torch.float32),
+            masked,
+            geometry.batch,
+            pipe.vae.config.latent_channels,
+            1,
+            geometry.height,
+            geometry.width,
+            geometry.dtype,
+            geometry.device,
+            None,
         )
         return {
             "generator": generator,
@@ -217,8 +229,12 @@ def draw_in_pipeline_order(init: InitImage, pipe, seed: int, geometry: Geometry)
     image = _sample(init.posterior, generator)
     before_noise = generator.get_state()
     scale = pipe.vae_scale_factor * 2
-    shape = (geometry.batch, pipe.vae.config.latent_channels,
-             2 * (geometry.height // scale), 2 * (geometry.width // scale))
+    shape = (
+        geometry.batch,
+        pipe.vae.config.latent_channels,
+        2 * (geometry.height // scale),
+        2 * (geometry.width // scale),
+    )
     randn_tensor(shape, generator=generator, device=geometry.device, dtype=geometry.dtype)
     masked = _sample(init.masked_posterior, generator)
     generator.set_state(before_noise)

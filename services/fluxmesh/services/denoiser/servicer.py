@@ -36,10 +36,16 @@ def job_from_pb(request: denoiser_pb2.DenoiseRequest) -> DenoiseJob:
         loras=contract.check_loras(request.loras),  # counted before it is walked
         init=init_from_pb(request),
         preview=preview_from_pb(request),
-        negative_prompt_embeds=(from_pb(request.negative_prompt_embeds, "negative_prompt_embeds", ndim=3)
-                                if request.HasField("negative_prompt_embeds") else None),
-        negative_pooled_prompt_embeds=(from_pb(request.negative_pooled_prompt_embeds, "negative_pooled_prompt_embeds",
-                                               ndim=2) if request.HasField("negative_pooled_prompt_embeds") else None),
+        negative_prompt_embeds=(
+            from_pb(request.negative_prompt_embeds, "negative_prompt_embeds", ndim=3)
+            if request.HasField("negative_prompt_embeds")
+            else None
+        ),
+        negative_pooled_prompt_embeds=(
+            from_pb(request.negative_pooled_prompt_embeds, "negative_pooled_prompt_embeds", ndim=2)
+            if request.HasField("negative_pooled_prompt_embeds")
+            else None
+        ),
         true_cfg_scale=request.true_cfg_scale or 1.0,
         conditioning=conditioning_from_pb(request),
         cache=policy_from_pb(request.cache) if request.HasField("cache") else None,
@@ -68,8 +74,9 @@ class DenoiserServicer(StageServicer, denoiser_pb2_grpc.DenoiserServicer):
                 final.step_cache.blocks_run, final.step_cache.blocks_skipped = denoised.blocks
             yield final
 
-    def _step_event(self, step: int, total: int, seconds: float,
-                    preview: StepPreview | None = None) -> denoiser_pb2.StepEvent:
+    def _step_event(
+        self, step: int, total: int, seconds: float, preview: StepPreview | None = None
+    ) -> denoiser_pb2.StepEvent:
         """On the model thread: the step's event, previews serialised there, off the event loop."""
         self.steps_run += 1
         record_step(seconds)

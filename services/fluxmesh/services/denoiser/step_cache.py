@@ -74,11 +74,14 @@ class StepCacheLimits:
             raise InvalidArgument("cache.kind", f"{policy.kind!r}; expected one of {', '.join(KINDS)}")
         if policy.kind == "taylorseer":  # a whole number of steps, not a tolerance: no ceiling
             if policy.threshold != int(policy.threshold) or policy.threshold < 0:
-                raise InvalidArgument("cache.threshold", f"{policy.threshold}: taylorseer's is a whole number of "
-                                                         "steps between full computations")
+                raise InvalidArgument(
+                    "cache.threshold",
+                    f"{policy.threshold}: taylorseer's is a whole number of steps between full computations",
+                )
         elif not 0 <= policy.threshold <= self.ceiling:  # also false for NaN
-            raise InvalidArgument("cache.threshold", f"{policy.threshold} is outside [0, {self.ceiling:g}] "
-                                                     "(this server's ceiling)")
+            raise InvalidArgument(
+                "cache.threshold", f"{policy.threshold} is outside [0, {self.ceiling:g}] (this server's ceiling)"
+            )
         return policy
 
 
@@ -97,8 +100,11 @@ class AttentionCounter:
 
     def __init__(self, transformer: torch.nn.Module):
         self.transformer = transformer
-        self.blocks = [block.attn.to_q for name in ("transformer_blocks", "single_transformer_blocks")
-                       for block in getattr(transformer, name, [])]
+        self.blocks = [
+            block.attn.to_q
+            for name in ("transformer_blocks", "single_transformer_blocks")
+            for block in getattr(transformer, name, [])
+        ]
         self.run = 0
         self.forwards = 0
         self._handles: list = []

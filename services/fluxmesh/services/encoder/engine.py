@@ -19,13 +19,12 @@ from fluxmesh import contract
 from fluxmesh.rpc.errors import InvalidArgument
 from fluxmesh.services.encoder.redux import ImagePrompt, ReduxImages
 from fluxmesh.services.loras.stage import LoraList, StageLoras
+from fluxmesh.services.runtime import model_folder
 from fluxmesh.services.runtime.device import Device
 from fluxmesh.services.runtime.fingerprint import files_fingerprint
 from fluxmesh.services.runtime.memory import module_bytes
-from fluxmesh.services.runtime import model_folder
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass
@@ -59,18 +58,32 @@ class TextEncoderEngine:
         self.loras = StageLoras(lora_dir, None, "text_encoder")  # bound to each CLIP loaded
         self.lora_dir = lora_dir
         # Widths of the zero text embeddings a Redux request without a prompt gets (from the configs)
-        self.text_widths = (int(model_folder.read_config(folder, "text_encoder_2")["d_model"]),
-                            int(model_folder.read_config(folder, "text_encoder")["projection_dim"]))
+        self.text_widths = (
+            int(model_folder.read_config(folder, "text_encoder_2")["d_model"]),
+            int(model_folder.read_config(folder, "text_encoder")["projection_dim"]),
+        )
         self.redux = ReduxImages(redux, joint_attention_dim=self.text_widths[0]) if redux is not None else None
-        log.info("encoder: CLIP + T5%s from %s for %s, T5 length %d, LoRAs: %s",
-                 f" (GGUF {t5_gguf})" if t5_gguf else "", folder, device.describe(),
-                 self.default_max_sequence_length, lora_dir or "none")
+        log.info(
+            "encoder: CLIP + T5%s from %s for %s, T5 length %d, LoRAs: %s",
+            f" (GGUF {t5_gguf})" if t5_gguf else "",
+            folder,
+            device.describe(),
+            self.default_max_sequence_length,
+            lora_dir or "none",
+        )
         if load:
             self.load_weights(device.torch_device)
 
     def _pipeline(self, clip: CLIPTextModel | None, t5: T5EncoderModel | None) -> FluxPipeline:
-        pipe = FluxPipeline(scheduler=None, vae=None, text_encoder=clip, tokenizer=self.tokenizer,
-                            text_encoder_2=t5, tokenizer_2=self.tokenizer_2, transformer=None)
+        pipe = FluxPipeline(
+            scheduler=None,
+            vae=None,
+            text_encoder=clip,
+            tokenizer=self.tokenizer,
+            text_encoder_2=t5,
+            tokenizer_2=self.tokenizer_2,
+            transformer=None,
+        )
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -78,15 +91,17 @@ class TextEncoderEngine:
         """Read CLIP and T5 from the model files onto `device` (CPU for an offloaded start)."""
         folder, dtype = self.folder, self.device.dtype
         # use_safetensors: a folder with only pickled .bin weights is refused, never unpickled.
-        clip = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=dtype, local_files_only=True,
-                                             use_safetensors=True)
+        clip = CLIPTextModel.from_pretrained(
+            folder, subfolder="text_encoder", torch_dtype=dtype, local_files_only=True, use_safetensors=True
+        )
         if self.t5_gguf is not None:
             from fluxmesh.services.gguf import load_gguf_t5
 
             t5 = load_gguf_t5(self.t5_gguf, folder, dtype=dtype)
         else:
-            t5 = T5EncoderModel.from_pretrained(folder, subfolder="text_encoder_2", torch_dtype=dtype,
-                                                local_files_only=True, use_safetensors=True)
+            t5 = T5EncoderModel.from_pretrained(
+                folder, subfolder="text_encoder_2", torch_dtype=dtype, local_files_only=True, use_safetensors=True
+            )
         if self.redux is not None:
             self.redux.load(device, dtype)
         self.pipe = self._pipeline(clip.to(device).eval(), t5.to(device).eval())
@@ -113,13 +128,19 @@ class TextEncoderEngine:
         return files_fingerprint(
             [folder / sub for sub in ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2")]
             + [self.t5_gguf, self.lora_dir]
-            + ([self.redux.folder / sub for sub in ("image_embedder", "image_encoder", "feature_extractor")]
-               if self.redux is not None else []),
-            str(self.device.dtype), self.device.torch_device.type, self.default_max_sequence_length,
+            + (
+                [self.redux.folder / sub for sub in ("image_embedder", "image_encoder", "feature_extractor")]
+                if self.redux is not None
+                else []
+            ),
+            str(self.device.dtype),
+            self.device.torch_device.type,
+            self.default_max_sequence_length,
         )
 
-    def check(self, prompts: list[str], prompts_2: list[str], max_sequence_length: int,
-              image_prompts: list[ImagePrompt] = ()) -> int:
+    def check(
+        self, prompts: list[str], prompts_2: list[str], max_sequence_length: int, image_prompts: list[ImagePrompt] = ()
+    ) -> int:
         """Validate an encode request's prompts; returns the sequence length to use."""
         contract.check_prompt_count(len(prompts))
         if prompts_2 and len(prompts_2) != len(prompts):
@@ -134,32 +155,44 @@ class TextEncoderEngine:
         contract.check_sequence_length("max_sequence_length", length)
         return length
 
-    def _check_image_prompts(self, prompts: list[str], image_prompts: list[ImagePrompt],
-                             max_sequence_length: int) -> None:
+    def _check_image_prompts(
+        self, prompts: list[str], image_prompts: list[ImagePrompt], max_sequence_length: int
+    ) -> None:
         if self.redux is None:
             raise InvalidArgument("image_prompts", "this encoder has no Redux image encoder (start it with --redux)")
         if len(prompts) != 1:
-            raise InvalidArgument("prompts", f"{len(prompts)} prompts with image prompts; FluxPriorReduxPipeline takes one")
+            raise InvalidArgument(
+                "prompts", f"{len(prompts)} prompts with image prompts; FluxPriorReduxPipeline takes one"
+            )
         limit = contract.LIMITS.max_redux_images
         if len(image_prompts) > limit:
             raise InvalidArgument("image_prompts", f"{len(image_prompts)} images; the limit is {limit}")
         if max_sequence_length not in (0, contract.REDUX_SEQUENCE_LENGTH):
-            raise InvalidArgument("max_sequence_length", f"{max_sequence_length}: with image prompts the T5 part is "
-                                                         f"{contract.REDUX_SEQUENCE_LENGTH} tokens, as "
-                                                         "FluxPriorReduxPipeline's")
+            raise InvalidArgument(
+                "max_sequence_length",
+                f"{max_sequence_length}: with image prompts the T5 part is "
+                f"{contract.REDUX_SEQUENCE_LENGTH} tokens, as "
+                "FluxPriorReduxPipeline's",
+            )
         for i, prompt in enumerate(image_prompts):
             for field in ("scale", "pooled_scale"):
                 contract.check_redux_scale(f"image_prompts[{i}].{field}", getattr(prompt, field))
 
     def encode(
-        self, prompts: list[str], prompts_2: list[str], max_sequence_length: int, loras: LoraList = (),
-        image_prompts: list[ImagePrompt] = (), zero_text: bool = False,
+        self,
+        prompts: list[str],
+        prompts_2: list[str],
+        max_sequence_length: int,
+        loras: LoraList = (),
+        image_prompts: list[ImagePrompt] = (),
+        zero_text: bool = False,
     ) -> Embeddings:
         self.loras.activate(list(loras))
         if image_prompts:
             zero_shapes = ((max_sequence_length, self.text_widths[0]), (self.text_widths[1],)) if zero_text else None
-            embeds, pooled = self.redux.embed(self.pipe, prompts[0], prompts_2[0] if prompts_2 else None,
-                                              list(image_prompts), zero_shapes)
+            embeds, pooled = self.redux.embed(
+                self.pipe, prompts[0], prompts_2[0] if prompts_2 else None, list(image_prompts), zero_shapes
+            )
             truncated = [0] if zero_text else self._truncated(prompts_2 or prompts, max_sequence_length)
             return Embeddings(embeds, pooled, truncated)
         prompt_embeds, pooled, _text_ids = self.pipe.encode_prompt(

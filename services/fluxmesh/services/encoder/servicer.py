@@ -26,8 +26,7 @@ class TextEncoderServicer(StageServicer, encoder_pb2_grpc.TextEncoderServicer):
         length = self.engine.check(prompts, prompts_2, request.max_sequence_length, images)
         loras = self.engine.loras.check(contract.check_loras(request.loras))
         self.requests += 1
-        result = await self.worker.run(self.engine.encode, prompts, prompts_2, length, loras, images,
-                                       request.zero_text)
+        result = await self.worker.run(self.engine.encode, prompts, prompts_2, length, loras, images, request.zero_text)
         return encoder_pb2.EncodeResponse(
             prompt_embeds=to_pb(result.prompt_embeds),
             pooled_prompt_embeds=to_pb(result.pooled_prompt_embeds),
@@ -48,5 +47,7 @@ def _image_prompts(request: encoder_pb2.EncodeRequest) -> list[ImagePrompt]:
     if request.zero_text and (any(request.prompts) or any(request.prompts_2)):
         raise InvalidArgument("zero_text", "zero text embeddings with a non-empty prompt")
     # RGB, as the prior pipeline's SigLIP processor converts (do_convert_rgb)
-    return [ImagePrompt(open_image(p.image, f"image_prompts[{i}].image").convert("RGB"), p.scale, p.pooled_scale)
-            for i, p in enumerate(request.image_prompts)]
+    return [
+        ImagePrompt(open_image(p.image, f"image_prompts[{i}].image").convert("RGB"), p.scale, p.pooled_scale)
+        for i, p in enumerate(request.image_prompts)
+    ]

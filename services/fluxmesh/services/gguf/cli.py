@@ -16,8 +16,9 @@ __all__ = ["COMPONENTS", "quantize_cli"]
 COMPONENTS = tuple(c.value for c in Component)
 
 
-def quantize_cli(source: Path, output: Path, qtype: str, naming: str, component: str = "transformer", *,
-                 force: bool = False) -> Path:
+def quantize_cli(
+    source: Path, output: Path, qtype: str, naming: str, component: str = "transformer", *, force: bool = False
+) -> Path:
     """Quantize a FLUX transformer (`component="transformer"`) or its T5 encoder (`"t5"`) to GGUF.
 
     `qtype`: F32, F16, BF16, Q8_0, Q6_K, Q5_K, Q5_1, Q5_0, Q4_K, Q4_1 or Q4_0. `naming` ("bfl" or

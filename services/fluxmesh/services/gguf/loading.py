@@ -65,6 +65,7 @@ def _check_header_bounds(path: Path) -> None:
     import struct
 
     with path.open("rb") as f:
+
         def take(fmt: str):
             size = struct.calcsize("<" + fmt)
             data = f.read(size)

@@ -349,8 +349,9 @@ def _t5_vocab(tokenizer_json: Path, vocab_size: int) -> dict[str, object]:
     return {"tokens": tokens, "scores": scores, "types": types, "ids": ids, "charsmap": charsmap}
 
 
-def quantize_t5(source: str | Path, output: str | Path, qtype: str | QuantType = QuantType.Q8_0, *,
-                force: bool = False) -> Path:
+def quantize_t5(
+    source: str | Path, output: str | Path, qtype: str | QuantType = QuantType.Q8_0, *, force: bool = False
+) -> Path:
     """Write a T5 encoder (FLUX's `text_encoder_2`) as a t5encoder GGUF and return the output path.
     `output` is treated as `quantize_transformer` treats it.
 

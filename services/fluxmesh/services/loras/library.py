@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from fluxmesh.rpc.errors import InvalidArgument, NotFound
 from fluxmesh import contract
+from fluxmesh.rpc.errors import InvalidArgument, NotFound
 
 __all__ = ["COMPONENTS", "LoraLibrary", "LoraWeights"]
 
@@ -265,8 +265,10 @@ def _read_safetensors(name: str, path: Path, field: str) -> tuple[dict[str, Any]
         integer_scalar = tensor.ndim == 0 and not (tensor.is_floating_point() or tensor.is_complex())
         if tensor.dtype not in _lora_dtypes() and not integer_scalar:
             raise InvalidArgument(
-                field, f"LoRA {name!r} ({path.name}): tensor {key!r} is {str(tensor.dtype).removeprefix('torch.')}; "
-                f"LoRA weights must be {', '.join(str(d).removeprefix('torch.') for d in _lora_dtypes())}")
+                field,
+                f"LoRA {name!r} ({path.name}): tensor {key!r} is {str(tensor.dtype).removeprefix('torch.')}; "
+                f"LoRA weights must be {', '.join(str(d).removeprefix('torch.') for d in _lora_dtypes())}",
+            )
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise InvalidArgument(field, f"LoRA {name!r}: tensor {key!r} holds NaN or infinity")
     return tensors, header

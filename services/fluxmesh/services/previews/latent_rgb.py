@@ -37,8 +37,13 @@ FLUX_LATENT_RGB_FACTORS = (
 FLUX_LATENT_RGB_BIAS = (-0.0329, -0.0718, -0.0851)
 
 # FLUX.1's VAE, as its config.json describes it: the published map applies to exactly this one.
-FLUX_VAE = {"latent_channels": 16, "block_out_channels": [128, 256, 512, 512], "scaling_factor": 0.3611,
-            "shift_factor": 0.1159}
+FLUX_VAE = {
+    "latent_channels": 16,
+    "block_out_channels": [128, 256, 512, 512],
+    "scaling_factor": 0.3611,
+    "shift_factor": 0.1159,
+}
+
 
 @dataclass(frozen=True)
 class LatentRgb:

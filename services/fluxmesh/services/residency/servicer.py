@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import grpc
-from fluxmesh.rpc.errors import FluxmeshError
+
 from fluxmesh.contract import ReleaseTo
+from fluxmesh.rpc.errors import FluxmeshError
 from fluxmesh.rpc.server import Service
 from fluxmesh.services.residency.state import Residency
 from fluxmesh.services.runtime.worker import ModelWorker
@@ -38,13 +39,15 @@ class ResidencyServicer(residency_pb2_grpc.ResidencyServicer):
                 f"Residency/{method}: residency control is off on this {self.residency.stage} stage: it was started "
                 "resident and demands no stage credential (give it --token-file/--token-env or "
                 "--require-client-cert, or start it for sequential mode with --residency)",
-                code=grpc.StatusCode.PERMISSION_DENIED)
+                code=grpc.StatusCode.PERMISSION_DENIED,
+            )
 
     async def Status(self, request, context) -> residency_pb2.ResidencyStatus:
         status = self.status(0.0)
         status.transitions.extend(
-            residency_pb2.ResidencyTransition(from_state=t.from_state, to_state=t.to_state,
-                                              started_unix=t.started_unix, finished_unix=t.finished_unix)
+            residency_pb2.ResidencyTransition(
+                from_state=t.from_state, to_state=t.to_state, started_unix=t.started_unix, finished_unix=t.finished_unix
+            )
             for t in self.residency.transitions
         )
         return status
@@ -57,5 +60,8 @@ def residency_service(residency: Residency, worker: ModelWorker, *, control: boo
     """Guard the stage's model calls with `residency` and serve its RPCs on the same thread;
     `control`: whether Load and Release answer (see ResidencyServicer)."""
     worker.precondition = residency.require_resident
-    return Service("fluxmesh.v1.Residency", ResidencyServicer(residency, worker, control=control),
-                   residency_pb2_grpc.add_ResidencyServicer_to_server)
+    return Service(
+        "fluxmesh.v1.Residency",
+        ResidencyServicer(residency, worker, control=control),
+        residency_pb2_grpc.add_ResidencyServicer_to_server,
+    )

@@ -40,8 +40,7 @@ from fluxmesh.rpc.errors import InvalidArgument, NotResident, ResourceExhausted
 from fluxmesh.services.runtime.device import Device
 from fluxmesh.services.runtime.memory import current_rss_bytes, module_bytes
 
-__all__ = ["RESIDENT", "OFFLOADED", "RELEASED", "Residency", "StageWeights",
-           "Transition", "residency_state"]
+__all__ = ["RESIDENT", "OFFLOADED", "RELEASED", "Residency", "StageWeights", "Transition", "residency_state"]
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +121,9 @@ class Residency:
                 else:
                     self.weights.drop_weights()
                 _free_device_memory(self.device)
-                raise ResourceExhausted(f"{self.stage} stage: not enough {self.device} memory to load: {error}") from None
+                raise ResourceExhausted(
+                    f"{self.stage} stage: not enough {self.device} memory to load: {error}"
+                ) from None
             except BaseException:
                 if self.state == RELEASED:
                     self.weights.drop_weights()
@@ -202,8 +203,14 @@ class Residency:
         clock.finished = time.time()
         with self._lock:
             self._transitions.append(Transition(source, target, clock.started, clock.finished))
-        log.info("%s: %s -> %s in %.3fs (%.1f MiB of weights)", self.stage, source, target, clock.seconds,
-                 self.weight_bytes() / 2**20)
+        log.info(
+            "%s: %s -> %s in %.3fs (%.1f MiB of weights)",
+            self.stage,
+            source,
+            target,
+            clock.seconds,
+            self.weight_bytes() / 2**20,
+        )
 
 
 def residency_state(engine: StageWeights) -> str:

@@ -6,11 +6,18 @@ import os
 from dataclasses import dataclass
 
 import torch
+
 from fluxmesh.rpc.cores import CPU_SHARE_ENV, parse_share
 from fluxmesh.rpc.errors import InvalidArgument
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 @dataclass(frozen=True)

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import torch
+
 from fluxmesh.services.runtime.device import Device
 from fluxmesh.services.runtime.memory import peak_memory_bytes
 from fluxmesh.v1 import common_pb2
 
 
-def stage_info(stage: str, model: str, device: Device, weight_bytes: int, *, residency: str = "",
-               counters: dict[str, int] | None = None, **facts) -> common_pb2.StageInfo:
+def stage_info(
+    stage: str,
+    model: str,
+    device: Device,
+    weight_bytes: int,
+    *,
+    residency: str = "",
+    counters: dict[str, int] | None = None,
+    **facts,
+) -> common_pb2.StageInfo:
     """`residency`: a fluxmesh.contract.WeightState; `facts`: StageInfo's typed fields (size_multiple,
     guidance_embeds, ...); `counters` go to `details`, for people and tests."""
     return common_pb2.StageInfo(

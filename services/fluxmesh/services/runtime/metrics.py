@@ -7,16 +7,18 @@ loaded, offloaded or released without anyone having to remember to update them.
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
-
 import torch
+from prometheus_client import Counter, Gauge, Histogram
 
 WEIGHT_BYTES = Gauge("fluxmesh_stage_weight_bytes", "Bytes of model weights this stage holds", ["stage"])
 DEVICE_ALLOCATED = Gauge("fluxmesh_device_memory_allocated_bytes", "Accelerator memory allocated by torch", ["device"])
 DEVICE_PEAK = Gauge("fluxmesh_device_memory_peak_bytes", "Peak accelerator memory allocated by torch", ["device"])
 STEPS = Counter("fluxmesh_denoiser_steps", "Denoising steps computed")
-STEP_SECONDS = Histogram("fluxmesh_denoiser_step_seconds", "Time per denoising step",
-                         buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30))
+STEP_SECONDS = Histogram(
+    "fluxmesh_denoiser_step_seconds",
+    "Time per denoising step",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
+)
 STEPS_PER_SECOND = Gauge("fluxmesh_denoiser_steps_per_second", "Speed of the most recent denoising step")
 
 

@@ -31,12 +31,20 @@ class StageServicer:
         return {"requests": self.requests}
 
     async def Info(self, request: common_pb2.InfoRequest, context) -> common_pb2.StageInfo:
-        return stage_info(self.stage, self.model_name, self.engine.device, self.engine.weight_bytes(),
-                          residency=residency_state(self.engine), counters=self.info_counters(),
-                          **await self.info_facts())
+        return stage_info(
+            self.stage,
+            self.model_name,
+            self.engine.device,
+            self.engine.weight_bytes(),
+            residency=residency_state(self.engine),
+            counters=self.info_counters(),
+            **await self.info_facts(),
+        )
 
 
 def jpeg_pb(images: list[Jpeg]) -> list[common_pb2.Image]:
     """Preview JPEGs as the wire's Image messages."""
-    return [common_pb2.Image(width=i.width, height=i.height, format=common_pb2.IMAGE_FORMAT_JPEG, data=i.data)
-            for i in images]
+    return [
+        common_pb2.Image(width=i.width, height=i.height, format=common_pb2.IMAGE_FORMAT_JPEG, data=i.data)
+        for i in images
+    ]

@@ -44,8 +44,9 @@ class ModelWorker:
     def __init__(self, name: str, *, own_thread: bool = False):
         """`own_thread=True` for a lane that must not queue behind the main one (VAE previews)."""
         self._own = own_thread
-        self._executor = (ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-model")
-                          if own_thread else compute_executor())
+        self._executor = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-model") if own_thread else compute_executor()
+        )
         # Checked on the model thread right before each model call (the stage's Residency sets
         # "weights are on the device"): checked there, a release queued ahead cannot slip between.
         self.precondition: Callable[[], None] | None = None
@@ -90,8 +91,9 @@ class StreamingCall(Generic[T, R]):
     Leaving the block early (an error, the caller cancelled or went away) sets `cancelled` and
     waits for the model call to stop, so the stage is free again when the block is left."""
 
-    def __init__(self, worker: ModelWorker, fn: Callable[..., R | Awaitable[R]], args: tuple[Any, ...],
-                 convert: Callable[..., T]):
+    def __init__(
+        self, worker: ModelWorker, fn: Callable[..., R | Awaitable[R]], args: tuple[Any, ...], convert: Callable[..., T]
+    ):
         self._worker, self._fn, self._args, self._convert = worker, fn, args, convert
         self.cancelled = threading.Event()
         self._queue: asyncio.Queue = asyncio.Queue()

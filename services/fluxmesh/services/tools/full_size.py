@@ -30,35 +30,77 @@ __all__ = ["DEV_CONFIGS", "write_full_size_model"]
 # FLUX.1-dev's configs (the fields its config.json files set; the rest are the classes' defaults).
 DEV_CONFIGS = {
     "transformer": {
-        "attention_head_dim": 128, "axes_dims_rope": [16, 56, 56], "guidance_embeds": True, "in_channels": 64,
-        "joint_attention_dim": 4096, "num_attention_heads": 24, "num_layers": 19, "num_single_layers": 38,
-        "patch_size": 1, "pooled_projection_dim": 768,
+        "attention_head_dim": 128,
+        "axes_dims_rope": [16, 56, 56],
+        "guidance_embeds": True,
+        "in_channels": 64,
+        "joint_attention_dim": 4096,
+        "num_attention_heads": 24,
+        "num_layers": 19,
+        "num_single_layers": 38,
+        "patch_size": 1,
+        "pooled_projection_dim": 768,
     },
     "vae": {
-        "act_fn": "silu", "block_out_channels": [128, 256, 512, 512],
-        "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
-        "in_channels": 3, "out_channels": 3, "latent_channels": 16, "layers_per_block": 2, "norm_num_groups": 32,
-        "sample_size": 1024, "scaling_factor": 0.3611, "shift_factor": 0.1159, "use_quant_conv": False,
-        "use_post_quant_conv": False, "mid_block_add_attention": True, "force_upcast": True,
+        "act_fn": "silu",
+        "block_out_channels": [128, 256, 512, 512],
+        "down_block_types": ["DownEncoderBlock2D"] * 4,
+        "up_block_types": ["UpDecoderBlock2D"] * 4,
+        "in_channels": 3,
+        "out_channels": 3,
+        "latent_channels": 16,
+        "layers_per_block": 2,
+        "norm_num_groups": 32,
+        "sample_size": 1024,
+        "scaling_factor": 0.3611,
+        "shift_factor": 0.1159,
+        "use_quant_conv": False,
+        "use_post_quant_conv": False,
+        "mid_block_add_attention": True,
+        "force_upcast": True,
     },
     "text_encoder": {  # CLIP ViT-L/14 text tower
-        "vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-        "num_attention_heads": 12, "max_position_embeddings": 77, "projection_dim": 768, "hidden_act": "quick_gelu",
-        "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1,
+        "vocab_size": 49408,
+        "hidden_size": 768,
+        "intermediate_size": 3072,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "max_position_embeddings": 77,
+        "projection_dim": 768,
+        "hidden_act": "quick_gelu",
+        "bos_token_id": 0,
+        "eos_token_id": 2,
+        "pad_token_id": 1,
     },
     "text_encoder_2": {  # T5 v1.1 XXL encoder
-        "vocab_size": 32128, "d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24, "num_heads": 64,
-        "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128,
-        "feed_forward_proj": "gated-gelu", "dense_act_fn": "gelu_new", "is_gated_act": True,
-        "tie_word_embeddings": False, "layer_norm_epsilon": 1e-6,
+        "vocab_size": 32128,
+        "d_model": 4096,
+        "d_kv": 64,
+        "d_ff": 10240,
+        "num_layers": 24,
+        "num_heads": 64,
+        "relative_attention_num_buckets": 32,
+        "relative_attention_max_distance": 128,
+        "feed_forward_proj": "gated-gelu",
+        "dense_act_fn": "gelu_new",
+        "is_gated_act": True,
+        "tie_word_embeddings": False,
+        "layer_norm_epsilon": 1e-6,
     },
 }
 _SHARD_BYTES = 5 * 10**9
 _DTYPE_NAMES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
 
-def write_full_size_model(path: str | Path, *, weights: str = "random", dtype: str = "bfloat16",
-                          device: str = "cpu", seed: int = 0, configs: dict | None = None) -> Path:
+def write_full_size_model(
+    path: str | Path,
+    *,
+    weights: str = "random",
+    dtype: str = "bfloat16",
+    device: str = "cpu",
+    seed: int = 0,
+    configs: dict | None = None,
+) -> Path:
     """Write a FLUX.1-dev-sized model folder at `path` and return it. `configs` overrides parts
     of DEV_CONFIGS (e.g. fewer layers for a quick check of the same code path)."""
     import torch
@@ -130,7 +172,8 @@ def _write_index(folder: Path, stem: str, shards: list[list[str]], names: list[s
     if len(shards) > 1:
         weight_map = {key: name for keys, name in zip(shards, names) for key in keys}
         (folder / f"{stem}.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+        )
 
 
 def _random_tensor(key: str, shape: tuple[int, ...], dtype, generator, device):

@@ -31,25 +31,46 @@ from fluxmesh.contract import LIMITS, Limits
 from fluxmesh.rpc.errors import InvalidArgument, NotFound
 from fluxmesh.services.runtime import model_folder
 
-
 __all__ = ["Layout", "Plan", "StageNeed", "make_plan", "parse_size"]
 
 GIB = 2**30
 CONTEXT_BYTES = GIB // 2
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-_SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                      "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_SAFETENSORS_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 # Tried from the most precise down when the transformer does not fit as it is.
 _SUGGESTED_QUANTS = ("Q8_0", "Q6_K", "Q5_K", "Q4_K")
 
 
 def parse_size(text: str, field_name: str = "vram") -> int:
-    """"16GiB", "16 GB" (read as GiB: cards are sold in binary sizes), "12.5G", "800MiB" -> bytes."""
-    units = {"": GIB, "g": GIB, "gb": GIB, "gib": GIB, "m": 2**20, "mb": 2**20, "mib": 2**20, "t": 2**40,
-             "tb": 2**40, "tib": 2**40}
+    """ "16GiB", "16 GB" (read as GiB: cards are sold in binary sizes), "12.5G", "800MiB" -> bytes."""
+    units = {
+        "": GIB,
+        "g": GIB,
+        "gb": GIB,
+        "gib": GIB,
+        "m": 2**20,
+        "mb": 2**20,
+        "mib": 2**20,
+        "t": 2**40,
+        "tb": 2**40,
+        "tib": 2**40,
+    }
     value = text.strip().lower()
     number = value.rstrip("abcdefghijklmnopqrstuvwxyz ")
-    unit = value[len(number):].strip()
+    unit = value[len(number) :].strip()
     try:
         amount = float(number)
     except ValueError:
@@ -107,21 +128,32 @@ class Plan:
 
     def describe(self) -> str:
         gib = _size
-        lines = [f"{self.model}: {self.width}x{self.height}, {self.num_images} image(s), {self.dtype}, "
-                 f"for an accelerator of {gib(self.vram_bytes)}",
-                 f"{'stage':9s} {'weights':>10s} {'activations':>12s} {'total':>10s}  weights from"]
+        lines = [
+            f"{self.model}: {self.width}x{self.height}, {self.num_images} image(s), {self.dtype}, "
+            f"for an accelerator of {gib(self.vram_bytes)}",
+            f"{'stage':9s} {'weights':>10s} {'activations':>12s} {'total':>10s}  weights from",
+        ]
         for s in self.stages:
-            lines.append(f"{s.stage:9s} {gib(s.weight_bytes):>10s} {gib(s.activation_bytes):>12s} "
-                         f"{gib(s.total_bytes):>10s}  {'; '.join(s.sources)}")
+            lines.append(
+                f"{s.stage:9s} {gib(s.weight_bytes):>10s} {gib(s.activation_bytes):>12s} "
+                f"{gib(s.total_bytes):>10s}  {'; '.join(s.sources)}"
+            )
         lines.append(f"plus {gib(self.context_bytes)} CUDA context per stage process on the accelerator")
-        lines.append(f"{self.steps} steps{' with true CFG' if self.true_cfg else ''}: {self.work:g} megapixel-steps; "
-                     + (f"REFUSED by the orchestrator's limits: {self.refusal}" if self.refusal
-                        else "admissible under the orchestrator's limits"))
+        lines.append(
+            f"{self.steps} steps{' with true CFG' if self.true_cfg else ''}: {self.work:g} megapixel-steps; "
+            + (
+                f"REFUSED by the orchestrator's limits: {self.refusal}"
+                if self.refusal
+                else "admissible under the orchestrator's limits"
+            )
+        )
         lines.append("")
         lines.append(f"{'placement':52s} {'accelerator':>12s}  fits")
         for layout in self.layouts + self.quantization:
-            lines.append(f"{layout.name:52s} {gib(layout.accelerator_bytes):>12s}  {'yes' if layout.fits else 'no'}"
-                         + (f"  ({layout.note})" if layout.note else ""))
+            lines.append(
+                f"{layout.name:52s} {gib(layout.accelerator_bytes):>12s}  {'yes' if layout.fits else 'no'}"
+                + (f"  ({layout.note})" if layout.note else "")
+            )
         return "\n".join(lines)
 
 
@@ -186,8 +218,9 @@ def _gguf_transformer_bytes(path: Path, folder: Path, dtype: str) -> int:
 
     reader = check_transformer_fits(path, folder)
     floats = (G.F32, G.F16, G.BF16)
-    return sum(int(t.n_elements) * _DTYPE_BYTES[dtype] if t.tensor_type in floats else int(t.n_bytes)
-               for t in reader.tensors)
+    return sum(
+        int(t.n_elements) * _DTYPE_BYTES[dtype] if t.tensor_type in floats else int(t.n_bytes) for t in reader.tensors
+    )
 
 
 def _gguf_t5_bytes(path: Path, folder: Path, dtype: str) -> int:
@@ -218,8 +251,9 @@ def _encoder_activations(folder: Path, length: int, b: int) -> int:
     return max(attention + feed_forward + norms, clip_peak)
 
 
-def _denoiser_activations(folder: Path, width: int, height: int, length: int, images: int, b: int,
-                          gguf_transformer: bool) -> int:
+def _denoiser_activations(
+    folder: Path, width: int, height: int, length: int, images: int, b: int, gguf_transformer: bool
+) -> int:
     """A single-stream block at its peak (cat + proj_out) holds, in units of batch x tokens x
     inner_dim: the block input (kept for the residual) 1, the modulated norm 1, the MLP branch
     after GELU 4, attention output 1, their concatenation 5, proj_out's output 1 = 13. Tokens are
@@ -305,7 +339,10 @@ def make_plan(
     # + CLIP's position_ids: an int64 buffer the model makes itself, not stored in the file.
     clip = _loaded_bytes(folder / "text_encoder", dtype, CLIPTextModel) + 8 * clip_config["max_position_embeddings"]
     if t5_gguf:
-        t5, t5_from = _gguf_t5_bytes(Path(t5_gguf), folder, dtype), f"T5 {Path(t5_gguf).name} (GGUF, dequantized to {dtype})"
+        t5, t5_from = (
+            _gguf_t5_bytes(Path(t5_gguf), folder, dtype),
+            f"T5 {Path(t5_gguf).name} (GGUF, dequantized to {dtype})",
+        )
     else:
         t5, t5_from = _loaded_bytes(folder / "text_encoder_2", dtype, T5EncoderModel), f"T5 safetensors as {dtype}"
     encoder_from = [f"CLIP safetensors as {dtype}", t5_from]
@@ -324,12 +361,18 @@ def make_plan(
         transformer_from = f"transformer safetensors as {dtype}"
     stages = [
         StageNeed("encoder", clip + t5 + redux_weights, _encoder_activations(folder, length, b), tuple(encoder_from)),
-        StageNeed("denoiser", transformer,
-                  _denoiser_activations(folder, width, height, length + extra_tokens, num_images, b,
-                                        bool(transformer_gguf)),
-                  (transformer_from,)),
-        StageNeed("vae", _loaded_bytes(folder / "vae", dtype), _vae_activations(folder, width, height, num_images, b),
-                  (f"VAE safetensors as {dtype}",)),
+        StageNeed(
+            "denoiser",
+            transformer,
+            _denoiser_activations(folder, width, height, length + extra_tokens, num_images, b, bool(transformer_gguf)),
+            (transformer_from,),
+        ),
+        StageNeed(
+            "vae",
+            _loaded_bytes(folder / "vae", dtype),
+            _vae_activations(folder, width, height, num_images, b),
+            (f"VAE safetensors as {dtype}",),
+        ),
     ]
     plan = Plan(str(folder), width, height, num_images, dtype, vram, context_bytes, stages)
     plan.steps = steps or _default_steps(folder)
@@ -355,7 +398,8 @@ def _redux_needs(folder: Path, dtype: str) -> tuple[int, int]:
         raise NotFound(f"{folder}: not a FLUX.1-Redux folder (no image_embedder/)")
     vision = model_folder.read_config(folder, "image_encoder")
     weights = _loaded_bytes(folder / "image_encoder", dtype, SiglipVisionModel) + _loaded_bytes(
-        folder / "image_embedder", dtype)
+        folder / "image_embedder", dtype
+    )
     # + SigLIP's position_ids: an int64 buffer the model makes itself, not stored in the file.
     tokens = (vision["image_size"] // vision["patch_size"]) ** 2
     return weights + 8 * tokens, tokens
@@ -370,8 +414,11 @@ def _kontext_reference_tokens(folder: Path) -> int:
 def _default_steps(folder: Path) -> int:
     from fluxmesh.orchestrator.request import DEFAULT_STEPS_DEV, DEFAULT_STEPS_SCHNELL
 
-    return DEFAULT_STEPS_DEV if model_folder.read_config(folder, "transformer").get("guidance_embeds") \
+    return (
+        DEFAULT_STEPS_DEV
+        if model_folder.read_config(folder, "transformer").get("guidance_embeds")
         else DEFAULT_STEPS_SCHNELL
+    )
 
 
 def _layouts(stages: list[StageNeed], vram: int, context: int) -> list[Layout]:
@@ -382,18 +429,40 @@ def _layouts(stages: list[StageNeed], vram: int, context: int) -> list[Layout]:
     cpu_encoder = by["denoiser"].total_bytes + by["vae"].total_bytes + 2 * context
     per_stage = max(s.total_bytes for s in stages) + context
     return [
-        Layout("all stages resident on one accelerator", resident, resident <= vram,
-               "stages may compute at once: every stage's activations counted"),
-        Layout("sequential on one accelerator (--sequential)", sequential, sequential <= vram,
-               f"largest stage: {max(stages, key=lambda s: s.total_bytes).stage}"),
-        Layout("encoder on CPU, denoiser + vae resident on one", cpu_encoder, cpu_encoder <= vram,
-               "", cpu_bytes=by["encoder"].total_bytes),
+        Layout(
+            "all stages resident on one accelerator",
+            resident,
+            resident <= vram,
+            "stages may compute at once: every stage's activations counted",
+        ),
+        Layout(
+            "sequential on one accelerator (--sequential)",
+            sequential,
+            sequential <= vram,
+            f"largest stage: {max(stages, key=lambda s: s.total_bytes).stage}",
+        ),
+        Layout(
+            "encoder on CPU, denoiser + vae resident on one",
+            cpu_encoder,
+            cpu_encoder <= vram,
+            "",
+            cpu_bytes=by["encoder"].total_bytes,
+        ),
         Layout("one accelerator per stage", per_stage, per_stage <= vram, "the largest stage's card"),
     ]
 
 
-def _quantized(folder: Path, stages: list[StageNeed], vram: int, context: int, dtype: str, width: int,
-               height: int, length: int, images: int) -> list[Layout]:
+def _quantized(
+    folder: Path,
+    stages: list[StageNeed],
+    vram: int,
+    context: int,
+    dtype: str,
+    width: int,
+    height: int,
+    length: int,
+    images: int,
+) -> list[Layout]:
     """Sequential mode with the transformer as a GGUF of each type, most precise first, down to
     the first that fits (sizes from fluxmesh's own quantizer's rules, from the headers)."""
     from fluxmesh.services.gguf import transformer_gguf_size
@@ -409,9 +478,15 @@ def _quantized(folder: Path, stages: list[StageNeed], vram: int, context: int, d
         weights = quantized + floats * _DTYPE_BYTES[dtype]
         denoiser = weights + _denoiser_activations(folder, width, height, length, images, _DTYPE_BYTES[dtype], True)
         need = max(denoiser, by["encoder"].total_bytes, by["vae"].total_bytes) + 3 * context
-        options.append(Layout(f"sequential, transformer as {qtype} GGUF", need, need <= vram,
-                              f"transformer {_size(weights)}: fluxmesh quantize {folder} flux-{qtype}.gguf "
-                              f"--type {qtype}, then --transformer-gguf flux-{qtype}.gguf"))
+        options.append(
+            Layout(
+                f"sequential, transformer as {qtype} GGUF",
+                need,
+                need <= vram,
+                f"transformer {_size(weights)}: fluxmesh quantize {folder} flux-{qtype}.gguf "
+                f"--type {qtype}, then --transformer-gguf flux-{qtype}.gguf",
+            )
+        )
         if need <= vram:
             break
     return options

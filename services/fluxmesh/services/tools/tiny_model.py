@@ -38,8 +38,12 @@ class Variant(str, Enum):
     redux = "redux"  # FLUX.1-Redux-dev: SigLIP + Redux image embedder (no transformer), FluxPriorReduxPipeline
 
 
-_PIPELINES = {Variant.base: "FluxPipeline", Variant.fill: "FluxFillPipeline", Variant.kontext: "FluxKontextPipeline",
-              Variant.control: "FluxControlPipeline"}
+_PIPELINES = {
+    Variant.base: "FluxPipeline",
+    Variant.fill: "FluxFillPipeline",
+    Variant.kontext: "FluxKontextPipeline",
+    Variant.control: "FluxControlPipeline",
+}
 
 
 @dataclass(frozen=True)
@@ -236,7 +240,9 @@ def write_tiny_model(
     vae_scale = 8
     packed = 4 * 16
     # FluxControlPipeline: cat(latents, control-image latents) along the packed channels (128).
-    in_channels = {Variant.fill: packed * 2 + 4 * vae_scale * vae_scale, Variant.control: packed * 2}.get(variant, packed)
+    in_channels = {Variant.fill: packed * 2 + 4 * vae_scale * vae_scale, Variant.control: packed * 2}.get(
+        variant, packed
+    )
     transformer = FluxTransformer2DModel(
         patch_size=1,
         in_channels=in_channels,
@@ -301,8 +307,9 @@ def write_tiny_model(
     return root
 
 
-def write_tiny_redux(path: str | Path, *, size: ModelSize | str = ModelSize.tiny, seed: int = 0,
-                     t5_width: int | None = None) -> Path:
+def write_tiny_redux(
+    path: str | Path, *, size: ModelSize | str = ModelSize.tiny, seed: int = 0, t5_width: int | None = None
+) -> Path:
     """A FLUX.1-Redux folder as black-forest-labs/FLUX.1-Redux-dev lays it out: `image_encoder/`
     (SiglipVisionModel), `feature_extractor/` (SiglipImageProcessor), `image_embedder/`
     (ReduxImageEncoder: SigLIP width -> 3 x T5 width -> T5 width) and a model_index.json naming
@@ -317,23 +324,33 @@ def write_tiny_redux(path: str | Path, *, size: ModelSize | str = ModelSize.tiny
     root.mkdir(parents=True, exist_ok=True)
     image_size = 32 if ModelSize(size) == ModelSize.tiny else 64  # patch 8: 16 or 64 image tokens (real: 729)
     torch.manual_seed(seed)
-    vision = SiglipVisionModel(SiglipVisionConfig(
-        hidden_size=dims.text_width, intermediate_size=dims.text_width * 2, num_hidden_layers=dims.text_layers,
-        num_attention_heads=dims.heads, image_size=image_size, patch_size=8,
-    ))
+    vision = SiglipVisionModel(
+        SiglipVisionConfig(
+            hidden_size=dims.text_width,
+            intermediate_size=dims.text_width * 2,
+            num_hidden_layers=dims.text_layers,
+            num_attention_heads=dims.heads,
+            image_size=image_size,
+            patch_size=8,
+        )
+    )
     _save(vision, root / "image_encoder")
     # The real processor: bicubic resize to the encoder's size, [-1, 1] (mean = std = 0.5).
-    SiglipImageProcessor(size={"height": image_size, "width": image_size}, resample=3, image_mean=[0.5] * 3,
-                         image_std=[0.5] * 3).save_pretrained(root / "feature_extractor")
+    SiglipImageProcessor(
+        size={"height": image_size, "width": image_size}, resample=3, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    ).save_pretrained(root / "feature_extractor")
     embedder = ReduxImageEncoder(redux_dim=dims.text_width, txt_in_features=t5_width or dims.t5_width)
     _save(embedder, root / "image_embedder")
-    _write_json(root / "model_index.json", {
-        "_class_name": "FluxPriorReduxPipeline",
-        "_diffusers_version": _diffusers_version(),
-        "feature_extractor": ["transformers", "SiglipImageProcessor"],
-        "image_embedder": ["flux", "ReduxImageEncoder"],
-        "image_encoder": ["transformers", "SiglipVisionModel"],
-    })
+    _write_json(
+        root / "model_index.json",
+        {
+            "_class_name": "FluxPriorReduxPipeline",
+            "_diffusers_version": _diffusers_version(),
+            "feature_extractor": ["transformers", "SiglipImageProcessor"],
+            "image_embedder": ["flux", "ReduxImageEncoder"],
+            "image_encoder": ["transformers", "SiglipVisionModel"],
+        },
+    )
     return root
 
 

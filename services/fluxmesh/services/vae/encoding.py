@@ -67,8 +67,9 @@ class ImageEncoder:
     def check(self, width: int, height: int) -> None:
         contract.check_size(width, height, self.engine.size_multiple)
 
-    def encode(self, image: Image.Image, mask: Image.Image | None, width: int, height: int,
-               fill: bool = False) -> EncodedImage:
+    def encode(
+        self, image: Image.Image, mask: Image.Image | None, width: int, height: int, fill: bool = False
+    ) -> EncodedImage:
         pixels = self.image_processor.preprocess(init_image_rgb(image), height=height, width=width)
         pixels = pixels.to(dtype=torch.float32)
         posterior = self._posterior(pixels)

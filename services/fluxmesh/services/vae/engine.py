@@ -19,9 +19,9 @@ from PIL import Image
 from fluxmesh import contract
 from fluxmesh.contract import LIMITS
 from fluxmesh.rpc.errors import Cancelled, InvalidArgument
+from fluxmesh.services.runtime import model_folder
 from fluxmesh.services.runtime.device import Device
 from fluxmesh.services.runtime.memory import module_bytes
-from fluxmesh.services.runtime import model_folder
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +44,17 @@ class VaeEngine:
 
     def load_weights(self, device: torch.device) -> None:
         """Read the VAE from the model files onto `device` (CPU for an offloaded start)."""
-        self.vae = AutoencoderKL.from_pretrained(
-            self.folder, subfolder="vae", torch_dtype=self.device.dtype, local_files_only=True,
-            use_safetensors=True,  # never unpickle a .bin
-        ).to(device).eval()
+        self.vae = (
+            AutoencoderKL.from_pretrained(
+                self.folder,
+                subfolder="vae",
+                torch_dtype=self.device.dtype,
+                local_files_only=True,
+                use_safetensors=True,  # never unpickle a .bin
+            )
+            .to(device)
+            .eval()
+        )
 
     def drop_weights(self) -> None:
         self.vae = None
@@ -68,11 +75,13 @@ class VaeEngine:
         expected = (seq, self.latent_channels * 4)
         if tuple(latents.shape[1:]) != expected:
             raise InvalidArgument(
-                "latents.shape", f"{list(latents.shape)} does not match {width}x{height}: expected [B, {expected[0]}, {expected[1]}]"
+                "latents.shape",
+                f"{list(latents.shape)} does not match {width}x{height}: expected [B, {expected[0]}, {expected[1]}]",
             )
 
-    def decode(self, latents: torch.Tensor, width: int, height: int,
-               cancelled: threading.Event | None = None) -> list[Image.Image]:
+    def decode(
+        self, latents: torch.Tensor, width: int, height: int, cancelled: threading.Event | None = None
+    ) -> list[Image.Image]:
         """FluxPipeline's decode, one image at a time: a cancelled request stops between images
         (`Cancelled`), and activation memory is one image's, not the batch's. Each sample goes
         through the VAE on its own in a batch too (no layer mixes samples), so the pixels are
@@ -85,7 +94,7 @@ class VaeEngine:
         for i in range(latents.shape[0]):
             if cancelled is not None and cancelled.is_set():
                 raise Cancelled(f"cancelled after {i} of {latents.shape[0]} images were decoded")
-            image = self.vae.decode(latents[i:i + 1], return_dict=False)[0]
+            image = self.vae.decode(latents[i : i + 1], return_dict=False)[0]
             images += self.image_processor.postprocess(image, output_type="pil")
         return images
 

@@ -37,7 +37,9 @@ class VaeServicer(StageServicer, vae_pb2_grpc.VaeServicer):
         self.engine.check(latents, request.width, request.height)
         self.requests += 1
         if request.preview:
-            return vae_pb2.DecodeResponse(images=jpeg_pb(await self.previews.decode(latents, request.width, request.height)))
+            return vae_pb2.DecodeResponse(
+                images=jpeg_pb(await self.previews.decode(latents, request.width, request.height))
+            )
         raw = request.format == common_pb2.IMAGE_FORMAT_RAW_RGB
         cancelled = threading.Event()  # set when the caller goes away: the decode stops between images
         try:
@@ -46,8 +48,9 @@ class VaeServicer(StageServicer, vae_pb2_grpc.VaeServicer):
             cancelled.set()
         return vae_pb2.DecodeResponse(images=images)
 
-    def _decode(self, latents, width: int, height: int, raw: bool,
-                cancelled: threading.Event | None = None) -> list[common_pb2.Image]:
+    def _decode(
+        self, latents, width: int, height: int, raw: bool, cancelled: threading.Event | None = None
+    ) -> list[common_pb2.Image]:
         # PNG encoding is CPU work too: keep it on the model thread, off the event loop.
         return [
             common_pb2.Image(
@@ -65,7 +68,8 @@ class VaeServicer(StageServicer, vae_pb2_grpc.VaeServicer):
         self.requests += 1
         encoded = await self.worker.run(self.encoder.encode, image, mask, request.width, request.height, request.fill)
         response = vae_pb2.EncodeImageResponse(
-            latents=to_pb(encoded.latents), posterior=to_pb(encoded.posterior),
+            latents=to_pb(encoded.latents),
+            posterior=to_pb(encoded.posterior),
             scaling_factor=self.vae_config.get("scaling_factor") or 1.0,
             shift_factor=self.vae_config.get("shift_factor") or 0.0,
         )

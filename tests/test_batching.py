@@ -201,14 +201,19 @@ def test_different_lora_sets_and_modes_do_not_share_a_forward(engine, dev_model)
     assert styled != BatchKey.of(plain)
 
 
-def test_end_to_end_concurrent_requests_batch_and_keep_the_diffusers_pixels(dev_cluster, dev_model, stage_addresses):
+def test_end_to_end_concurrent_requests_batch_and_keep_the_diffusers_pixels(
+    dev_cluster, dev_model, stage_addresses, stage_token
+):
     import grpc
 
+    from conftest import stage_metadata
     from fluxmesh.v1 import common_pb2, denoiser_pb2_grpc
 
     def largest_batch() -> int:
         with grpc.insecure_channel(stage_addresses["denoiser"]) as channel:
-            info = denoiser_pb2_grpc.DenoiserStub(channel).Info(common_pb2.InfoRequest(), timeout=10)
+            info = denoiser_pb2_grpc.DenoiserStub(channel).Info(
+                common_pb2.InfoRequest(), timeout=10, metadata=stage_metadata(stage_token)
+            )
         return int(info.details["largest_batch"])
 
     requests = [

@@ -18,6 +18,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
+from conftest import stage_access
 from factories import PROMPT
 from fluxmesh.cli.supervisor import Cluster, free_port, health_status
 from fluxmesh.client import Client
@@ -29,7 +30,7 @@ TOKEN = "page-test-token"
 
 
 @pytest.fixture(scope="module")
-def protected(stage_addresses, tmp_path_factory):
+def protected(stage_addresses, stage_token, tmp_path_factory):
     """(orchestrator address, gateway) — the orchestrator wants TOKEN."""
     folder = tmp_path_factory.mktemp("page")
     (folder / "tokens").write_text(f"{TOKEN}\n")
@@ -47,8 +48,10 @@ def protected(stage_addresses, tmp_path_factory):
                 "--token-file",
                 str(folder / "tokens"),
                 *[f"--{stage}={address}" for stage, address in stage_addresses.items() if stage != "orchestrator"],
+                *stage_access(stage_token)[0],
             ],
             f"127.0.0.1:{port}",
+            stage_access(stage_token)[1],
         )
         deadline = time.monotonic() + 60
         while health_status(cluster.address) != SERVING:

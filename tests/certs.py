@@ -48,7 +48,7 @@ class Authority:
         self.directory = directory
         self.name = name
         self.key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         self.cert = (
             x509.CertificateBuilder()
             .subject_name(_name(name))
@@ -80,7 +80,7 @@ class Authority:
     def issue(self, stem: str, *, server: bool, hosts: Sequence[str] = ("localhost", "127.0.0.1")) -> Pair:
         """A leaf certificate: for servers, valid for `hosts` (names or IP addresses)."""
         key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
         builder = (
             x509.CertificateBuilder()

@@ -7,12 +7,16 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 
+from conftest import stage_access
 from fluxmesh.cli.lifeline import child_environment
-from fluxmesh.cli.supervisor import free_port
+from fluxmesh.cli.supervisor import Cluster, free_port, health_status
+from mesh import SERVING
 
 # Any import of torch, diffusers or transformers fails in the gateway process; once stopped it
 # prints whether torch got into sys.modules anyway. (uvicorn shuts down on SIGTERM, then raises
@@ -82,3 +86,24 @@ class Gateway:
             self.process.kill()
             self.process.wait()
         return self.output()
+
+
+@contextmanager
+def token_orchestrator(
+    stage_addresses: dict[str, str], stage_token: str, folder: Path, token: str, *flags: str
+) -> Iterator[str]:
+    """An orchestrator of its own on the shared cluster's stages that demands `token` (plus
+    `flags`), serving when this yields its address."""
+    (folder / "tokens").write_text(f"{token}\n")
+    port = free_port()
+    stages = [f"--{stage}={address}" for stage, address in stage_addresses.items() if stage != "orchestrator"]
+    stage_flags, stage_env = stage_access(stage_token)
+    argv = ["serve", "orchestrator", "--host", "127.0.0.1", "--port", str(port)]
+    argv += ["--token-file", str(folder / "tokens"), *flags, *stages, *stage_flags]
+    with Cluster() as cluster:
+        cluster.start("orchestrator", argv, f"127.0.0.1:{port}", stage_env)
+        deadline = time.monotonic() + 60
+        while health_status(cluster.address) != SERVING:
+            assert time.monotonic() < deadline, "the token orchestrator never became SERVING"
+            time.sleep(0.1)
+        yield cluster.address

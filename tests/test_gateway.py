@@ -17,16 +17,14 @@ import openai
 import pytest
 from PIL import Image
 
-from conftest import stage_access
 from factories import PROMPT
 from fluxmesh.cli.lifeline import child_environment
-from fluxmesh.cli.supervisor import Cluster, free_port, health_status
+from fluxmesh.cli.supervisor import free_port
 from fluxmesh.client import Client
 from fluxmesh.gateway.errors import HTTP_STATUS, from_fluxmesh
 from fluxmesh.gateway.store import ResultStore
 from fluxmesh.rpc.errors import FluxmeshError
-from gateway_process import Gateway
-from mesh import SERVING
+from gateway_process import Gateway, token_orchestrator
 
 TOKEN = "gateway-test-token"
 
@@ -277,35 +275,9 @@ def guarded(stage_addresses, stage_token, tmp_path_factory):
     """An orchestrator on the shared stages that wants a token, allows priority 1 and has no room in
     line (every admitted request is refused), and a gateway in front of it."""
     folder = tmp_path_factory.mktemp("guarded")
-    (folder / "tokens").write_text(f"{TOKEN}\n")
-    port = free_port()
-    with Cluster() as cluster:
-        cluster.start(
-            "orchestrator",
-            [
-                "serve",
-                "orchestrator",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--token-file",
-                str(folder / "tokens"),
-                "--max-priority",
-                "1",
-                "--max-queue",
-                "0",
-                *[f"--{stage}={address}" for stage, address in stage_addresses.items() if stage != "orchestrator"],
-                *stage_access(stage_token)[0],
-            ],
-            f"127.0.0.1:{port}",
-            stage_access(stage_token)[1],
-        )
-        deadline = time.monotonic() + 60
-        while health_status(cluster.address) != SERVING:
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
-        gateway = Gateway(cluster.address, log=folder / "gateway.log")
+    flags = ("--max-priority", "1", "--max-queue", "0")
+    with token_orchestrator(stage_addresses, stage_token, folder, TOKEN, *flags) as address:
+        gateway = Gateway(address, log=folder / "gateway.log")
         yield gateway
         gateway.stop()
 

@@ -18,12 +18,9 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from conftest import stage_access
 from factories import PROMPT
-from fluxmesh.cli.supervisor import Cluster, free_port, health_status
 from fluxmesh.client import Client
-from gateway_process import Gateway
-from mesh import SERVING
+from gateway_process import Gateway, token_orchestrator
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 TOKEN = "page-test-token"
@@ -33,32 +30,9 @@ TOKEN = "page-test-token"
 def protected(stage_addresses, stage_token, tmp_path_factory):
     """(orchestrator address, gateway) — the orchestrator wants TOKEN."""
     folder = tmp_path_factory.mktemp("page")
-    (folder / "tokens").write_text(f"{TOKEN}\n")
-    port = free_port()
-    with Cluster() as cluster:
-        cluster.start(
-            "orchestrator",
-            [
-                "serve",
-                "orchestrator",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--token-file",
-                str(folder / "tokens"),
-                *[f"--{stage}={address}" for stage, address in stage_addresses.items() if stage != "orchestrator"],
-                *stage_access(stage_token)[0],
-            ],
-            f"127.0.0.1:{port}",
-            stage_access(stage_token)[1],
-        )
-        deadline = time.monotonic() + 60
-        while health_status(cluster.address) != SERVING:
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
-        gateway = Gateway(cluster.address, log=folder / "gateway.log")
-        yield cluster.address, gateway
+    with token_orchestrator(stage_addresses, stage_token, folder, TOKEN) as address:
+        gateway = Gateway(address, log=folder / "gateway.log")
+        yield address, gateway
         gateway.stop()
 
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from fluxmesh.v1 import common_pb2 as fluxmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x66luxmesh/v1/denoiser.proto\x12\x0b\x66luxmesh.v1\x1a\x18\x66luxmesh/v1/common.proto\"\xae\x04\n\x0e\x44\x65noiseRequest\x12*\n\rprompt_embeds\x18\x01 \x01(\x0b\x32\x13.fluxmesh.v1.Tensor\x12\x31\n\x14pooled_prompt_embeds\x18\x02 \x01(\x0b\x32\x13.fluxmesh.v1.Tensor\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\r\n\x05steps\x18\x05 \x01(\x05\x12\x10\n\x08guidance\x18\x06 \x01(\x02\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x12\n\nnum_images\x18\x08 \x01(\x05\x12&\n\x05loras\x18\t \x03(\x0b\x32\x17.fluxmesh.v1.LoraWeight\x12$\n\x04init\x18\x10 \x01(\x0b\x32\x16.fluxmesh.v1.InitImage\x12,\n\x07preview\x18\x11 \x01(\x0b\x32\x1b.fluxmesh.v1.PreviewOptions\x12\x33\n\x16negative_prompt_embeds\x18\x12 \x01(\x0b\x32\x13.fluxmesh.v1.Tensor\x12:\n\x1dnegative_pooled_prompt_embeds\x18\x13 \x01(\x0b\x32\x13.fluxmesh.v1.Tensor\x12\x16\n\x0etrue_cfg_scale\x18\x14 \x01(\x02\x12%\n\x05\x63\x61\x63he\x18\x16 \x01(\x0b\x32\x16.fluxmesh.v1.StepCache\x12/\n\x0c\x63onditioning\x18\x15 \x01(\x0b\x32\x19.fluxmesh.v1.Conditioning\"l\n\x0c\x43onditioning\x12,\n\x0fkontext_latents\x18\x01 \x01(\x0b\x32\x13.fluxmesh.v1.Tensor\x12.\n\x11\x63ontrol_posterior\x18\x02 \x01(\x0b\x32\x13.fluxmesh.v1.Tensor\"\x97\x01\n\tInitImage\x12&\n\tposterior\x18\x01 \x01(\x0b\x32\x13.fluxmesh.v1.Tensor\x12\x10\n\x08strength\x18\x02 \x01(\x01\x12-\n\x10masked_posterior\x18\x03 \x01(\x0b\x32\x13.fluxmesh.v1.Tensor\x12!\n\x04mask\x18\x04 \x01(\x0b\x32\x13.fluxmesh.v1.Tensor\"M\n\x0ePreviewOptions\x12\r\n\x05\x65very\x18\x01 \x01(\x05\x12\x0c\n\x04\x66\x61st\x18\x02 \x01(\x08\x12\n\n\x02x0\x18\x03 \x01(\x08\x12\x12\n\nlatent_rgb\x18\x04 \x03(\x02\"\x80\x01\n\tStepEvent\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\r\n\x05total\x18\x02 \x01(\x05\x12\x0f\n\x07seconds\x18\x03 \x01(\x01\x12$\n\x08previews\x18\x04 \x03(\x0b\x32\x12.fluxmesh.v1.Image\x12\x1f\n\x02x0\x18\x05 \x01(\x0b\x32\x13.fluxmesh.v1.Tensor\"\x99\x01\n\x0c\x44\x65noiseEvent\x12&\n\x04step\x18\x01 \x01(\x0b\x32\x16.fluxmesh.v1.StepEventH\x00\x12&\n\x07latents\x18\x02 \x01(\x0b\x32\x13.fluxmesh.v1.TensorH\x00\x12\x30\n\nstep_cache\x18\x03 \x01(\x0b\x32\x1c.fluxmesh.v1.StepCacheReportB\x07\n\x05\x65vent2\xd5\x01\n\x08\x44\x65noiser\x12\x43\n\x07\x44\x65noise\x12\x1b.fluxmesh.v1.DenoiseRequest\x1a\x19.fluxmesh.v1.DenoiseEvent0\x01\x12\x38\n\x04Info\x12\x18.fluxmesh.v1.InfoRequest\x1a\x16.fluxmesh.v1.StageInfo\x12J\n\tListLoras\x12\x1d.fluxmesh.v1.ListLorasRequest\x1a\x1e.fluxmesh.v1.ListLorasResponseB\x95\x01\n\x15io.github.fluxmesh.v1B\rDenoiserProtoP\x01Z:github.com/fluxmesh/fluxmesh/gen/go/fluxmesh/v1;fluxmeshv1\xa2\x02\x03\x46XM\xaa\x02\x0b\x46luxmesh.V1\xca\x02\x0b\x46luxmesh\\V1\xea\x02\x0c\x46luxmesh::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x66luxmesh/v1/denoiser.proto\x12\x0b\x66luxmesh.v1\x1a\x18\x66luxmesh/v1/common.proto\"\xda\x04\n\x0e\x44\x65noiseRequest\x12*\n\rprompt_embeds\x18\x01 \x01(\x0b\x32\x13.fluxmesh.v1.Tensor\x12\x31\n\x14pooled_prompt_embeds\x18\x02 \x01(\x0b\x32\x13.fluxmesh.v1.Tensor\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\r\n\x05steps\x18\x05 \x01(\x05\x12\x10\n\x08guidance\x18\x06 \x01(\x02\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x12\n\nnum_images\x18\x08 \x01(\x05\x12&\n\x05loras\x18\t \x03(\x0b\x32\x17.fluxmesh.v1.LoraWeight\x12$\n\x04init\x18\x10 \x01(\x0b\x32\x16.fluxmesh.v1.InitImage\x12,\n\x07preview\x18\x11 \x01(\x0b\x32\x1b.fluxmesh.v1.PreviewOptions\x12\x33\n\x16negative_prompt_embeds\x18\x12 \x01(\x0b\x32\x13.fluxmesh.v1.Tensor\x12:\n\x1dnegative_pooled_prompt_embeds\x18\x13 \x01(\x0b\x32\x13.fluxmesh.v1.Tensor\x12\x16\n\x0etrue_cfg_scale\x18\x14 \x01(\x02\x12%\n\x05\x63\x61\x63he\x18\x16 \x01(\x0b\x32\x16.fluxmesh.v1.StepCache\x12/\n\x0c\x63onditioning\x18\x15 \x01(\x0b\x32\x19.fluxmesh.v1.Conditioning\x12*\n\nip_adapter\x18\x17 \x01(\x0b\x32\x16.fluxmesh.v1.IpAdapter\"y\n\tIpAdapter\x12)\n\x0cimage_embeds\x18\x01 \x01(\x0b\x32\x13.fluxmesh.v1.Tensor\x12\x32\n\x15negative_image_embeds\x18\x02 \x01(\x0b\x32\x13.fluxmesh.v1.Tensor\x12\r\n\x05scale\x18\x03 \x01(\x02\"l\n\x0c\x43onditioning\x12,\n\x0fkontext_latents\x18\x01 \x01(\x0b\x32\x13.fluxmesh.v1.Tensor\x12.\n\x11\x63ontrol_posterior\x18\x02 \x01(\x0b\x32\x13.fluxmesh.v1.Tensor\"\x97\x01\n\tInitImage\x12&\n\tposterior\x18\x01 \x01(\x0b\x32\x13.fluxmesh.v1.Tensor\x12\x10\n\x08strength\x18\x02 \x01(\x01\x12-\n\x10masked_posterior\x18\x03 \x01(\x0b\x32\x13.fluxmesh.v1.Tensor\x12!\n\x04mask\x18\x04 \x01(\x0b\x32\x13.fluxmesh.v1.Tensor\"M\n\x0ePreviewOptions\x12\r\n\x05\x65very\x18\x01 \x01(\x05\x12\x0c\n\x04\x66\x61st\x18\x02 \x01(\x08\x12\n\n\x02x0\x18\x03 \x01(\x08\x12\x12\n\nlatent_rgb\x18\x04 \x03(\x02\"\x80\x01\n\tStepEvent\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\r\n\x05total\x18\x02 \x01(\x05\x12\x0f\n\x07seconds\x18\x03 \x01(\x01\x12$\n\x08previews\x18\x04 \x03(\x0b\x32\x12.fluxmesh.v1.Image\x12\x1f\n\x02x0\x18\x05 \x01(\x0b\x32\x13.fluxmesh.v1.Tensor\"\x99\x01\n\x0c\x44\x65noiseEvent\x12&\n\x04step\x18\x01 \x01(\x0b\x32\x16.fluxmesh.v1.StepEventH\x00\x12&\n\x07latents\x18\x02 \x01(\x0b\x32\x13.fluxmesh.v1.TensorH\x00\x12\x30\n\nstep_cache\x18\x03 \x01(\x0b\x32\x1c.fluxmesh.v1.StepCacheReportB\x07\n\x05\x65vent2\xd5\x01\n\x08\x44\x65noiser\x12\x43\n\x07\x44\x65noise\x12\x1b.fluxmesh.v1.DenoiseRequest\x1a\x19.fluxmesh.v1.DenoiseEvent0\x01\x12\x38\n\x04Info\x12\x18.fluxmesh.v1.InfoRequest\x1a\x16.fluxmesh.v1.StageInfo\x12J\n\tListLoras\x12\x1d.fluxmesh.v1.ListLorasRequest\x1a\x1e.fluxmesh.v1.ListLorasResponseB\x95\x01\n\x15io.github.fluxmesh.v1B\rDenoiserProtoP\x01Z:github.com/fluxmesh/fluxmesh/gen/go/fluxmesh/v1;fluxmeshv1\xa2\x02\x03\x46XM\xaa\x02\x0b\x46luxmesh.V1\xca\x02\x0b\x46luxmesh\\V1\xea\x02\x0c\x46luxmesh::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,17 +34,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\025io.github.fluxmesh.v1B\rDenoiserProtoP\001Z:github.com/fluxmesh/fluxmesh/gen/go/fluxmesh/v1;fluxmeshv1\242\002\003FXM\252\002\013Fluxmesh.V1\312\002\013Fluxmesh\\V1\352\002\014Fluxmesh::V1'
   _globals['_DENOISEREQUEST']._serialized_start=70
-  _globals['_DENOISEREQUEST']._serialized_end=628
-  _globals['_CONDITIONING']._serialized_start=630
-  _globals['_CONDITIONING']._serialized_end=738
-  _globals['_INITIMAGE']._serialized_start=741
-  _globals['_INITIMAGE']._serialized_end=892
-  _globals['_PREVIEWOPTIONS']._serialized_start=894
-  _globals['_PREVIEWOPTIONS']._serialized_end=971
-  _globals['_STEPEVENT']._serialized_start=974
-  _globals['_STEPEVENT']._serialized_end=1102
-  _globals['_DENOISEEVENT']._serialized_start=1105
-  _globals['_DENOISEEVENT']._serialized_end=1258
-  _globals['_DENOISER']._serialized_start=1261
-  _globals['_DENOISER']._serialized_end=1474
+  _globals['_DENOISEREQUEST']._serialized_end=672
+  _globals['_IPADAPTER']._serialized_start=674
+  _globals['_IPADAPTER']._serialized_end=795
+  _globals['_CONDITIONING']._serialized_start=797
+  _globals['_CONDITIONING']._serialized_end=905
+  _globals['_INITIMAGE']._serialized_start=908
+  _globals['_INITIMAGE']._serialized_end=1059
+  _globals['_PREVIEWOPTIONS']._serialized_start=1061
+  _globals['_PREVIEWOPTIONS']._serialized_end=1138
+  _globals['_STEPEVENT']._serialized_start=1141
+  _globals['_STEPEVENT']._serialized_end=1269
+  _globals['_DENOISEEVENT']._serialized_start=1272
+  _globals['_DENOISEEVENT']._serialized_end=1425
+  _globals['_DENOISER']._serialized_start=1428
+  _globals['_DENOISER']._serialized_end=1641
 # @@protoc_insertion_point(module_scope)

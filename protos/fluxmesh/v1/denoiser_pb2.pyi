@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DenoiseRequest(_message.Message):
-    __slots__ = ("prompt_embeds", "pooled_prompt_embeds", "width", "height", "steps", "guidance", "seed", "num_images", "loras", "init", "preview", "negative_prompt_embeds", "negative_pooled_prompt_embeds", "true_cfg_scale", "cache", "conditioning")
+    __slots__ = ("prompt_embeds", "pooled_prompt_embeds", "width", "height", "steps", "guidance", "seed", "num_images", "loras", "init", "preview", "negative_prompt_embeds", "negative_pooled_prompt_embeds", "true_cfg_scale", "cache", "conditioning", "ip_adapter")
     PROMPT_EMBEDS_FIELD_NUMBER: _ClassVar[int]
     POOLED_PROMPT_EMBEDS_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -25,6 +25,7 @@ class DenoiseRequest(_message.Message):
     TRUE_CFG_SCALE_FIELD_NUMBER: _ClassVar[int]
     CACHE_FIELD_NUMBER: _ClassVar[int]
     CONDITIONING_FIELD_NUMBER: _ClassVar[int]
+    IP_ADAPTER_FIELD_NUMBER: _ClassVar[int]
     prompt_embeds: _common_pb2.Tensor
     pooled_prompt_embeds: _common_pb2.Tensor
     width: int
@@ -41,7 +42,18 @@ class DenoiseRequest(_message.Message):
     true_cfg_scale: float
     cache: _common_pb2.StepCache
     conditioning: Conditioning
-    def __init__(self, prompt_embeds: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., pooled_prompt_embeds: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., loras: _Optional[_Iterable[_Union[_common_pb2.LoraWeight, _Mapping]]] = ..., init: _Optional[_Union[InitImage, _Mapping]] = ..., preview: _Optional[_Union[PreviewOptions, _Mapping]] = ..., negative_prompt_embeds: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., negative_pooled_prompt_embeds: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., true_cfg_scale: _Optional[float] = ..., cache: _Optional[_Union[_common_pb2.StepCache, _Mapping]] = ..., conditioning: _Optional[_Union[Conditioning, _Mapping]] = ...) -> None: ...
+    ip_adapter: IpAdapter
+    def __init__(self, prompt_embeds: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., pooled_prompt_embeds: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., loras: _Optional[_Iterable[_Union[_common_pb2.LoraWeight, _Mapping]]] = ..., init: _Optional[_Union[InitImage, _Mapping]] = ..., preview: _Optional[_Union[PreviewOptions, _Mapping]] = ..., negative_prompt_embeds: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., negative_pooled_prompt_embeds: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., true_cfg_scale: _Optional[float] = ..., cache: _Optional[_Union[_common_pb2.StepCache, _Mapping]] = ..., conditioning: _Optional[_Union[Conditioning, _Mapping]] = ..., ip_adapter: _Optional[_Union[IpAdapter, _Mapping]] = ...) -> None: ...
+
+class IpAdapter(_message.Message):
+    __slots__ = ("image_embeds", "negative_image_embeds", "scale")
+    IMAGE_EMBEDS_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_IMAGE_EMBEDS_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    image_embeds: _common_pb2.Tensor
+    negative_image_embeds: _common_pb2.Tensor
+    scale: float
+    def __init__(self, image_embeds: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., negative_image_embeds: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., scale: _Optional[float] = ...) -> None: ...
 
 class Conditioning(_message.Message):
     __slots__ = ("kontext_latents", "control_posterior")

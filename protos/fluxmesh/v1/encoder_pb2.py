@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from fluxmesh.v1 import common_pb2 as fluxmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66luxmesh/v1/encoder.proto\x12\x0b\x66luxmesh.v1\x1a\x18\x66luxmesh/v1/common.proto\"\xbc\x01\n\rEncodeRequest\x12\x0f\n\x07prompts\x18\x01 \x03(\t\x12\x11\n\tprompts_2\x18\x02 \x03(\t\x12\x1b\n\x13max_sequence_length\x18\x03 \x01(\x05\x12&\n\x05loras\x18\x04 \x03(\x0b\x32\x17.fluxmesh.v1.LoraWeight\x12/\n\rimage_prompts\x18\x05 \x03(\x0b\x32\x18.fluxmesh.v1.ImagePrompt\x12\x11\n\tzero_text\x18\x06 \x01(\x08\"A\n\x0bImagePrompt\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\r\n\x05scale\x18\x02 \x01(\x02\x12\x14\n\x0cpooled_scale\x18\x03 \x01(\x02\"\x89\x01\n\x0e\x45ncodeResponse\x12*\n\rprompt_embeds\x18\x01 \x01(\x0b\x32\x13.fluxmesh.v1.Tensor\x12\x31\n\x14pooled_prompt_embeds\x18\x02 \x01(\x0b\x32\x13.fluxmesh.v1.Tensor\x12\x18\n\x10truncated_tokens\x18\x03 \x03(\x05\x32\x8a\x01\n\x0bTextEncoder\x12\x41\n\x06\x45ncode\x12\x1a.fluxmesh.v1.EncodeRequest\x1a\x1b.fluxmesh.v1.EncodeResponse\x12\x38\n\x04Info\x12\x18.fluxmesh.v1.InfoRequest\x1a\x16.fluxmesh.v1.StageInfoB\x94\x01\n\x15io.github.fluxmesh.v1B\x0c\x45ncoderProtoP\x01Z:github.com/fluxmesh/fluxmesh/gen/go/fluxmesh/v1;fluxmeshv1\xa2\x02\x03\x46XM\xaa\x02\x0b\x46luxmesh.V1\xca\x02\x0b\x46luxmesh\\V1\xea\x02\x0c\x46luxmesh::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66luxmesh/v1/encoder.proto\x12\x0b\x66luxmesh.v1\x1a\x18\x66luxmesh/v1/common.proto\"\xf3\x01\n\rEncodeRequest\x12\x0f\n\x07prompts\x18\x01 \x03(\t\x12\x11\n\tprompts_2\x18\x02 \x03(\t\x12\x1b\n\x13max_sequence_length\x18\x03 \x01(\x05\x12&\n\x05loras\x18\x04 \x03(\x0b\x32\x17.fluxmesh.v1.LoraWeight\x12/\n\rimage_prompts\x18\x05 \x03(\x0b\x32\x18.fluxmesh.v1.ImagePrompt\x12\x11\n\tzero_text\x18\x06 \x01(\x08\x12\x35\n\x10ip_adapter_image\x18\x07 \x01(\x0b\x32\x1b.fluxmesh.v1.IpAdapterImage\">\n\x0eIpAdapterImage\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x0e\n\x06height\x18\x03 \x01(\x05\"A\n\x0bImagePrompt\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\r\n\x05scale\x18\x02 \x01(\x02\x12\x14\n\x0cpooled_scale\x18\x03 \x01(\x02\"\xbf\x01\n\x0e\x45ncodeResponse\x12*\n\rprompt_embeds\x18\x01 \x01(\x0b\x32\x13.fluxmesh.v1.Tensor\x12\x31\n\x14pooled_prompt_embeds\x18\x02 \x01(\x0b\x32\x13.fluxmesh.v1.Tensor\x12\x18\n\x10truncated_tokens\x18\x03 \x03(\x05\x12\x34\n\x17ip_adapter_image_embeds\x18\x04 \x01(\x0b\x32\x13.fluxmesh.v1.Tensor2\x8a\x01\n\x0bTextEncoder\x12\x41\n\x06\x45ncode\x12\x1a.fluxmesh.v1.EncodeRequest\x1a\x1b.fluxmesh.v1.EncodeResponse\x12\x38\n\x04Info\x12\x18.fluxmesh.v1.InfoRequest\x1a\x16.fluxmesh.v1.StageInfoB\x94\x01\n\x15io.github.fluxmesh.v1B\x0c\x45ncoderProtoP\x01Z:github.com/fluxmesh/fluxmesh/gen/go/fluxmesh/v1;fluxmeshv1\xa2\x02\x03\x46XM\xaa\x02\x0b\x46luxmesh.V1\xca\x02\x0b\x46luxmesh\\V1\xea\x02\x0c\x46luxmesh::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,11 +34,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\025io.github.fluxmesh.v1B\014EncoderProtoP\001Z:github.com/fluxmesh/fluxmesh/gen/go/fluxmesh/v1;fluxmeshv1\242\002\003FXM\252\002\013Fluxmesh.V1\312\002\013Fluxmesh\\V1\352\002\014Fluxmesh::V1'
   _globals['_ENCODEREQUEST']._serialized_start=69
-  _globals['_ENCODEREQUEST']._serialized_end=257
-  _globals['_IMAGEPROMPT']._serialized_start=259
-  _globals['_IMAGEPROMPT']._serialized_end=324
-  _globals['_ENCODERESPONSE']._serialized_start=327
-  _globals['_ENCODERESPONSE']._serialized_end=464
-  _globals['_TEXTENCODER']._serialized_start=467
-  _globals['_TEXTENCODER']._serialized_end=605
+  _globals['_ENCODEREQUEST']._serialized_end=312
+  _globals['_IPADAPTERIMAGE']._serialized_start=314
+  _globals['_IPADAPTERIMAGE']._serialized_end=376
+  _globals['_IMAGEPROMPT']._serialized_start=378
+  _globals['_IMAGEPROMPT']._serialized_end=443
+  _globals['_ENCODERESPONSE']._serialized_start=446
+  _globals['_ENCODERESPONSE']._serialized_end=637
+  _globals['_TEXTENCODER']._serialized_start=640
+  _globals['_TEXTENCODER']._serialized_end=778
 # @@protoc_insertion_point(module_scope)

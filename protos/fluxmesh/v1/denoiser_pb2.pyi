@@ -56,12 +56,32 @@ class IpAdapter(_message.Message):
     def __init__(self, image_embeds: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., negative_image_embeds: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., scale: _Optional[float] = ...) -> None: ...
 
 class Conditioning(_message.Message):
-    __slots__ = ("kontext_latents", "control_posterior")
+    __slots__ = ("kontext_latents", "control_posterior", "controlnets")
     KONTEXT_LATENTS_FIELD_NUMBER: _ClassVar[int]
     CONTROL_POSTERIOR_FIELD_NUMBER: _ClassVar[int]
+    CONTROLNETS_FIELD_NUMBER: _ClassVar[int]
     kontext_latents: _common_pb2.Tensor
     control_posterior: _common_pb2.Tensor
-    def __init__(self, kontext_latents: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., control_posterior: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    controlnets: _containers.RepeatedCompositeFieldContainer[ControlNetImage]
+    def __init__(self, kontext_latents: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., control_posterior: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., controlnets: _Optional[_Iterable[_Union[ControlNetImage, _Mapping]]] = ...) -> None: ...
+
+class ControlNetImage(_message.Message):
+    __slots__ = ("controlnet", "posterior", "pixels", "mode", "scale", "start", "end")
+    CONTROLNET_FIELD_NUMBER: _ClassVar[int]
+    POSTERIOR_FIELD_NUMBER: _ClassVar[int]
+    PIXELS_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    controlnet: int
+    posterior: _common_pb2.Tensor
+    pixels: _common_pb2.Tensor
+    mode: int
+    scale: float
+    start: float
+    end: float
+    def __init__(self, controlnet: _Optional[int] = ..., posterior: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., pixels: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., mode: _Optional[int] = ..., scale: _Optional[float] = ..., start: _Optional[float] = ..., end: _Optional[float] = ...) -> None: ...
 
 class InitImage(_message.Message):
     __slots__ = ("posterior", "strength", "masked_posterior", "mask")

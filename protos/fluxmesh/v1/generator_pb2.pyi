@@ -88,7 +88,7 @@ class GenerateRequest(_message.Message):
     def __init__(self, prompt: _Optional[str] = ..., prompt_2: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., loras: _Optional[_Iterable[_Union[_common_pb2.LoraWeight, _Mapping]]] = ..., priority: _Optional[int] = ..., preview: _Optional[_Union[Preview, _Mapping]] = ..., init_image: _Optional[bytes] = ..., mask_image: _Optional[bytes] = ..., strength: _Optional[float] = ..., negative_prompt: _Optional[str] = ..., negative_prompt_2: _Optional[str] = ..., true_cfg_scale: _Optional[float] = ..., cache: _Optional[_Union[_common_pb2.StepCache, _Mapping]] = ..., references: _Optional[_Iterable[_Union[Reference, _Mapping]]] = ...) -> None: ...
 
 class Reference(_message.Message):
-    __slots__ = ("role", "image", "scale", "pooled_scale", "preprocess", "keep_size", "controlnet_mode", "control_start", "control_end", "negative")
+    __slots__ = ("role", "image", "scale", "pooled_scale", "preprocess", "keep_size", "controlnet_mode", "control_start", "control_end", "negative", "controlnet")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     SCALE_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +99,7 @@ class Reference(_message.Message):
     CONTROL_START_FIELD_NUMBER: _ClassVar[int]
     CONTROL_END_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_FIELD_NUMBER: _ClassVar[int]
+    CONTROLNET_FIELD_NUMBER: _ClassVar[int]
     role: ReferenceRole
     image: bytes
     scale: float
@@ -109,7 +110,8 @@ class Reference(_message.Message):
     control_start: float
     control_end: float
     negative: bool
-    def __init__(self, role: _Optional[_Union[ReferenceRole, str]] = ..., image: _Optional[bytes] = ..., scale: _Optional[float] = ..., pooled_scale: _Optional[float] = ..., preprocess: _Optional[_Union[_common_pb2.ControlPreprocess, str]] = ..., keep_size: _Optional[bool] = ..., controlnet_mode: _Optional[int] = ..., control_start: _Optional[float] = ..., control_end: _Optional[float] = ..., negative: _Optional[bool] = ...) -> None: ...
+    controlnet: int
+    def __init__(self, role: _Optional[_Union[ReferenceRole, str]] = ..., image: _Optional[bytes] = ..., scale: _Optional[float] = ..., pooled_scale: _Optional[float] = ..., preprocess: _Optional[_Union[_common_pb2.ControlPreprocess, str]] = ..., keep_size: _Optional[bool] = ..., controlnet_mode: _Optional[int] = ..., control_start: _Optional[float] = ..., control_end: _Optional[float] = ..., negative: _Optional[bool] = ..., controlnet: _Optional[int] = ...) -> None: ...
 
 class Preview(_message.Message):
     __slots__ = ("kind", "every")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from fluxmesh.v1 import common_pb2 as fluxmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x66luxmesh/v1/vae.proto\x12\x0b\x66luxmesh.v1\x1a\x18\x66luxmesh/v1/common.proto\"\x8f\x01\n\rDecodeRequest\x12$\n\x07latents\x18\x01 \x01(\x0b\x32\x13.fluxmesh.v1.Tensor\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x0e\n\x06height\x18\x03 \x01(\x05\x12(\n\x06\x66ormat\x18\x04 \x01(\x0e\x32\x18.fluxmesh.v1.ImageFormat\x12\x0f\n\x07preview\x18\x05 \x01(\x08\"\x92\x01\n\x12\x45ncodeImageRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x0c\n\x04mask\x18\x02 \x01(\x0c\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\x0c\n\x04\x66ill\x18\x05 \x01(\x08\x12\x32\n\npreprocess\x18\x06 \x01(\x0e\x32\x1e.fluxmesh.v1.ControlPreprocess\"\xe3\x01\n\x13\x45ncodeImageResponse\x12$\n\x07latents\x18\x01 \x01(\x0b\x32\x13.fluxmesh.v1.Tensor\x12&\n\tposterior\x18\x02 \x01(\x0b\x32\x13.fluxmesh.v1.Tensor\x12-\n\x10masked_posterior\x18\x03 \x01(\x0b\x32\x13.fluxmesh.v1.Tensor\x12!\n\x04mask\x18\x04 \x01(\x0b\x32\x13.fluxmesh.v1.Tensor\x12\x16\n\x0escaling_factor\x18\x05 \x01(\x02\x12\x14\n\x0cshift_factor\x18\x06 \x01(\x02\"4\n\x0e\x44\x65\x63odeResponse\x12\"\n\x06images\x18\x01 \x03(\x0b\x32\x12.fluxmesh.v1.Image2\xcf\x01\n\x03Vae\x12\x41\n\x06\x44\x65\x63ode\x12\x1a.fluxmesh.v1.DecodeRequest\x1a\x1b.fluxmesh.v1.DecodeResponse\x12K\n\x06\x45ncode\x12\x1f.fluxmesh.v1.EncodeImageRequest\x1a .fluxmesh.v1.EncodeImageResponse\x12\x38\n\x04Info\x12\x18.fluxmesh.v1.InfoRequest\x1a\x16.fluxmesh.v1.StageInfoB\x90\x01\n\x15io.github.fluxmesh.v1B\x08VaeProtoP\x01Z:github.com/fluxmesh/fluxmesh/gen/go/fluxmesh/v1;fluxmeshv1\xa2\x02\x03\x46XM\xaa\x02\x0b\x46luxmesh.V1\xca\x02\x0b\x46luxmesh\\V1\xea\x02\x0c\x46luxmesh::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x66luxmesh/v1/vae.proto\x12\x0b\x66luxmesh.v1\x1a\x18\x66luxmesh/v1/common.proto\"\x8f\x01\n\rDecodeRequest\x12$\n\x07latents\x18\x01 \x01(\x0b\x32\x13.fluxmesh.v1.Tensor\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x0e\n\x06height\x18\x03 \x01(\x05\x12(\n\x06\x66ormat\x18\x04 \x01(\x0e\x32\x18.fluxmesh.v1.ImageFormat\x12\x0f\n\x07preview\x18\x05 \x01(\x08\"\xa2\x01\n\x12\x45ncodeImageRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x0c\n\x04mask\x18\x02 \x01(\x0c\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\x0c\n\x04\x66ill\x18\x05 \x01(\x08\x12\x32\n\npreprocess\x18\x06 \x01(\x0e\x32\x1e.fluxmesh.v1.ControlPreprocess\x12\x0e\n\x06pixels\x18\x07 \x01(\x08\"\x88\x02\n\x13\x45ncodeImageResponse\x12$\n\x07latents\x18\x01 \x01(\x0b\x32\x13.fluxmesh.v1.Tensor\x12&\n\tposterior\x18\x02 \x01(\x0b\x32\x13.fluxmesh.v1.Tensor\x12-\n\x10masked_posterior\x18\x03 \x01(\x0b\x32\x13.fluxmesh.v1.Tensor\x12!\n\x04mask\x18\x04 \x01(\x0b\x32\x13.fluxmesh.v1.Tensor\x12\x16\n\x0escaling_factor\x18\x05 \x01(\x02\x12\x14\n\x0cshift_factor\x18\x06 \x01(\x02\x12#\n\x06pixels\x18\x07 \x01(\x0b\x32\x13.fluxmesh.v1.Tensor\"4\n\x0e\x44\x65\x63odeResponse\x12\"\n\x06images\x18\x01 \x03(\x0b\x32\x12.fluxmesh.v1.Image2\xcf\x01\n\x03Vae\x12\x41\n\x06\x44\x65\x63ode\x12\x1a.fluxmesh.v1.DecodeRequest\x1a\x1b.fluxmesh.v1.DecodeResponse\x12K\n\x06\x45ncode\x12\x1f.fluxmesh.v1.EncodeImageRequest\x1a .fluxmesh.v1.EncodeImageResponse\x12\x38\n\x04Info\x12\x18.fluxmesh.v1.InfoRequest\x1a\x16.fluxmesh.v1.StageInfoB\x90\x01\n\x15io.github.fluxmesh.v1B\x08VaeProtoP\x01Z:github.com/fluxmesh/fluxmesh/gen/go/fluxmesh/v1;fluxmeshv1\xa2\x02\x03\x46XM\xaa\x02\x0b\x46luxmesh.V1\xca\x02\x0b\x46luxmesh\\V1\xea\x02\x0c\x46luxmesh::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,11 +36,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DECODEREQUEST']._serialized_start=65
   _globals['_DECODEREQUEST']._serialized_end=208
   _globals['_ENCODEIMAGEREQUEST']._serialized_start=211
-  _globals['_ENCODEIMAGEREQUEST']._serialized_end=357
-  _globals['_ENCODEIMAGERESPONSE']._serialized_start=360
-  _globals['_ENCODEIMAGERESPONSE']._serialized_end=587
-  _globals['_DECODERESPONSE']._serialized_start=589
-  _globals['_DECODERESPONSE']._serialized_end=641
-  _globals['_VAE']._serialized_start=644
-  _globals['_VAE']._serialized_end=851
+  _globals['_ENCODEIMAGEREQUEST']._serialized_end=373
+  _globals['_ENCODEIMAGERESPONSE']._serialized_start=376
+  _globals['_ENCODEIMAGERESPONSE']._serialized_end=640
+  _globals['_DECODERESPONSE']._serialized_start=642
+  _globals['_DECODERESPONSE']._serialized_end=694
+  _globals['_VAE']._serialized_start=697
+  _globals['_VAE']._serialized_end=904
 # @@protoc_insertion_point(module_scope)

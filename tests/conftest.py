@@ -1,7 +1,7 @@
 """Session-wide fixtures: tiny models written once, real service processes started once.
 
-End-to-end tests talk to four real processes on loopback ports, shared across the session so
-the suite stays within minutes on two cores.
+End-to-end tests talk to four real processes on loopback ports (started by tests/mesh.py's
+Mesh), shared across the session so the suite stays within minutes on two cores.
 """
 
 from __future__ import annotations
@@ -40,31 +40,21 @@ def schnell_model(tmp_path_factory) -> Path:
     return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-schnell", schnell=True)
 
 
-def _start(model: Path, *extra_orchestrator_args: str):
-    from fluxmesh.cli.supervisor import free_port, start_local
+@pytest.fixture(scope="session")
+def dev_cluster(dev_model, tmp_path_factory):
+    """encoder, denoiser, vae and orchestrator serving the tiny dev model (a tests/mesh.py Mesh)."""
+    from mesh import Mesh
 
-    return start_local(
-        str(model),
-        port=free_port(),
-        common_args=STAGE_FLAGS,
-        orchestrator_args=list(extra_orchestrator_args),
-        timeout=180,
-    )
+    with Mesh(dev_model, tmp_path_factory.mktemp("dev-cluster-logs")).start_all() as mesh:
+        yield mesh
 
 
 @pytest.fixture(scope="session")
-def dev_cluster(dev_model):
-    """encoder, denoiser, vae and orchestrator serving the tiny dev model."""
-    cluster = _start(dev_model)
-    yield cluster
-    cluster.stop()
+def schnell_cluster(schnell_model, tmp_path_factory):
+    from mesh import Mesh
 
-
-@pytest.fixture(scope="session")
-def schnell_cluster(schnell_model):
-    cluster = _start(schnell_model)
-    yield cluster
-    cluster.stop()
+    with Mesh(schnell_model, tmp_path_factory.mktemp("schnell-cluster-logs")).start_all() as mesh:
+        yield mesh
 
 
 @pytest.fixture(scope="session")
@@ -74,17 +64,17 @@ def stage_addresses(dev_cluster) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def stage_token(dev_cluster) -> str:
-    """The token dev_cluster's stages demand (start_local makes one per cluster)."""
+    """The token dev_cluster's stages demand (a Mesh makes one per mesh, as start_local does)."""
     return dev_cluster.stage_token
 
 
 def stage_metadata(token: str) -> tuple[tuple[str, str], ...]:
-    """Metadata for calling a start_local stage directly, as its orchestrator does."""
+    """Metadata for calling a stage that demands `token` directly, as its orchestrator does."""
     return (("authorization", f"Bearer {token}"),)
 
 
 def stage_access(token: str) -> tuple[list[str], dict[str, str]]:
-    """Flags and environment of another orchestrator in front of a start_local cluster's stages."""
+    """Flags and environment of an orchestrator in front of stages that demand `token`."""
     from fluxmesh.rpc.security import STAGE_TOKEN_ENV
 
     return ["--stage-token-env", STAGE_TOKEN_ENV], {STAGE_TOKEN_ENV: token}

@@ -14,13 +14,11 @@ import time
 import grpc
 import pytest
 
-from conftest import stage_access
 from factories import PROMPT
-from fluxmesh.cli.supervisor import Cluster, free_port, health_status
 from fluxmesh.client import Client, FluxmeshError, Queued, Result, Step
 from fluxmesh.orchestrator.admission import AdmissionQueue
 from fluxmesh.rpc.errors import ResourceExhausted
-from mesh import SERVING
+from mesh import Mesh
 
 
 async def _admit_all(queue: AdmissionQueue, tickets, order: list[str]) -> None:
@@ -90,32 +88,8 @@ async def test_a_full_queue_refuses_at_once_and_an_abandoned_place_is_given_back
 @pytest.fixture(scope="module")
 def small_orchestrator(stage_addresses, stage_token):
     """One request at a time, two places in line, in front of the shared stages."""
-    port = free_port()
-    flags, env = stage_access(stage_token)
-    with Cluster() as cluster:
-        cluster.start(
-            "orchestrator",
-            [
-                "serve",
-                "orchestrator",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--max-active",
-                "1",
-                "--max-queue",
-                "2",
-                *[f"--{stage}={address}" for stage, address in stage_addresses.items() if stage != "orchestrator"],
-                *flags,
-            ],
-            f"127.0.0.1:{port}",
-            env,
-        )
-        deadline = time.monotonic() + 60
-        while health_status(cluster.address) != SERVING:
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+    only_one = {"orchestrator": ["--max-active", "1", "--max-queue", "2"]}
+    with Mesh(stages=stage_addresses, stage_token=stage_token, extra_args=only_one).start_all(timeout=60) as cluster:
         yield cluster.address
 
 

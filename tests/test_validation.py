@@ -7,12 +7,12 @@ import math
 import grpc
 import pytest
 
-from conftest import stage_access, stage_metadata
+from conftest import stage_metadata
 from factories import PROMPT
 from fluxmesh.cli.supervisor import free_port
 from fluxmesh.client import Client, FluxmeshError
 from fluxmesh.v1 import common_pb2
-from mesh import NOT_SERVING
+from mesh import NOT_SERVING, Mesh, wait_until
 
 BAD_FIELDS = [
     ("width", {"width": 100}),
@@ -68,42 +68,19 @@ def test_service_keeps_serving_after_errors(dev_cluster):
 def test_stage_down_is_unavailable_naming_the_stage(dev_cluster, stage_addresses, stage_token):
     """An orchestrator whose VAE address has nothing behind it: health says NOT_SERVING, a request
     fails with UNAVAILABLE naming the vae and its address, and the orchestrator keeps answering."""
-    import time
-
-    from fluxmesh.cli.supervisor import Cluster, health_status
-
-    port = free_port()
     dead = f"127.0.0.1:{free_port()}"
-    with Cluster() as cluster:
-        cluster.start(
-            "orchestrator",
-            [
-                "serve",
-                "orchestrator",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                f"--encoder={stage_addresses['encoder']}",
-                f"--denoiser={stage_addresses['denoiser']}",
-                f"--vae={dead}",
-                *stage_access(stage_token)[0],
-            ],
-            f"127.0.0.1:{port}",
-            stage_access(stage_token)[1],
-        )
-        deadline = time.monotonic() + 60
-        while health_status(cluster.address) is None and time.monotonic() < deadline:
-            time.sleep(0.1)
-        time.sleep(1.0)  # one monitor round
-        assert health_status(cluster.address) == NOT_SERVING  # it depends on a dead stage
+    with Mesh(stages={**stage_addresses, "vae": dead}, stage_token=stage_token) as cluster:
+        cluster.start("orchestrator")
+        # One monitor round done: it saw the live stages (and so the dead one too).
+        wait_until(lambda: cluster.monitor_saw("encoder") and cluster.monitor_saw("denoiser"), what="a monitor round")
+        assert cluster.health() == NOT_SERVING  # it depends on a dead stage
         with Client(cluster.address, timeout=30) as client:
             for _ in range(2):
                 with pytest.raises(FluxmeshError) as caught:
                     client.generate(PROMPT, width=64, height=64, steps=1, seed=1)
                 assert caught.value.code == grpc.StatusCode.UNAVAILABLE
                 assert "vae" in caught.value.message and dead in caught.value.message
-        assert health_status(cluster.address) == NOT_SERVING  # still answering, still honest
+        assert cluster.health() == NOT_SERVING  # still answering, still honest
 
 
 def test_stage_rejects_mismatched_tensor_bytes(stage_addresses, stage_token):

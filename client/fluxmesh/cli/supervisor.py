@@ -70,6 +70,11 @@ class Child:
     # certificate, not necessarily its CA): it counts as up once it accepts connections. Its
     # health mirrors the stages', which were checked SERVING first.
     probe_tcp_only: bool = False
+    # What started it, so that fluxmesh.cli.restarts can start it again exactly so (the same
+    # port, the same stage token); `env` is the part added to this process's environment.
+    command: list[str] = field(default_factory=list)
+    env: dict[str, str] | None = field(default=None, repr=False)
+    started: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -97,15 +102,22 @@ class Cluster:
     ) -> Child:
         command = [sys.executable, "-m", "fluxmesh.cli", *args]
         log.debug("starting %s: %s", name, " ".join(command))
-        process = subprocess.Popen(
+        child = Child(name, address, self._spawn(command, env), probe_tcp_only, command, env)
+        self.children.append(child)
+        return child
+
+    def restart(self, child: Child) -> None:
+        """Start a child that exited again, with the command and environment it first had."""
+        child.process = self._spawn(child.command, child.env)
+        child.started = time.monotonic()
+
+    def _spawn(self, command: list[str], env: dict[str, str] | None) -> subprocess.Popen:
+        return subprocess.Popen(
             command,
             env=child_environment(env),  # no preexec_fn: see lifeline.py
             stdout=self.output,
             stderr=subprocess.STDOUT if self.output else None,
         )
-        child = Child(name, address, process, probe_tcp_only)
-        self.children.append(child)
-        return child
 
     def wait_serving(self, timeout: float = 300.0) -> None:
         deadline = time.monotonic() + timeout

@@ -6,7 +6,7 @@ Errors by status code and request latency come from the RPC metrics every server
 
 from __future__ import annotations
 
-from prometheus_client import Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from fluxmesh.orchestrator.admission import AdmissionQueue
 from fluxmesh.rpc.metrics import LATENCY_BUCKETS
@@ -25,6 +25,20 @@ QUEUED_SECONDS = Histogram("fluxmesh_queued_seconds", "Time a request waited for
 DENOISE_STEPS_PER_SECOND = Gauge(
     "fluxmesh_denoise_steps_per_second", "Denoising steps per second of the most recent request"
 )
+
+STAGE_SERVING = Gauge("fluxmesh_stage_serving", "1 while the stage can serve the orchestrator, else 0", ["stage"])
+# What the orchestrator sees of a restart, whoever restarted the stage (fluxmesh up's supervisor,
+# a container runtime): the stage was down and serves again. A network outage that heals counts too.
+STAGE_RESTARTS = Counter(
+    "fluxmesh_stage_restarts", "Times a stage served again after the orchestrator had seen it down", ["stage"]
+)
+
+
+def record_stage_health(stage: str, serving: bool, *, came_back: bool) -> None:
+    STAGE_SERVING.labels(stage).set(1 if serving else 0)
+    restarts = STAGE_RESTARTS.labels(stage)  # exported from the start, at 0
+    if came_back:
+        restarts.inc()
 
 
 def watch_queue(queue: AdmissionQueue) -> None:

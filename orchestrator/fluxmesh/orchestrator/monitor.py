@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from fluxmesh.orchestrator.metrics import record_stage_health
 from fluxmesh.orchestrator.stages import CREDENTIAL_REFUSALS, StageClient
 from fluxmesh.v1 import residency_pb2, residency_pb2_grpc
 
@@ -42,6 +43,9 @@ class StageMonitor:
         self.expect_resident = expect_resident
         self.up: dict[str, bool] = {stage.stage: False for stage in self.stages}
         self.why: dict[str, str] = {}  # replica target -> why it cannot serve (logged on change)
+        self.served: set[str] = set()  # stages seen serving once: serving again is a restart
+        for name in self.up:
+            record_stage_health(name, False, came_back=False)
         self._task: asyncio.Task | None = None
 
     @property
@@ -91,6 +95,9 @@ class StageMonitor:
             if self.up[stage.stage] != ok:
                 log.info("%s stage at %s is %s", stage.stage, stage.address, "SERVING" if ok else "down")
                 self.up[stage.stage] = ok
+                record_stage_health(stage.stage, ok, came_back=ok and stage.stage in self.served)
+                if ok:
+                    self.served.add(stage.stage)
                 changed = True
         if changed:
             await self.on_change(self.all_up)

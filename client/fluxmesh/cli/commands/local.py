@@ -63,13 +63,11 @@ def up(
     serving: ServeOptions = ServeOptions(),
     request_limits: RequestLimits = RequestLimits(),
 ) -> None:
-    """Start encoder, denoiser, vae and orchestrator locally; stop them all on exit.
+    """Start encoder, denoiser, vae and orchestrator locally; restart one that dies; stop them all on exit.
 
     The TLS, token and metrics flags apply to the orchestrator, the one process others reach
     (and TLS to the HTTP gateway of --http-port, which passes callers' tokens on).
     """
-    import time
-
     from fluxmesh.cli.supervisor import start_local
 
     serving.security()  # a bad TLS or token flag fails here, before four processes start
@@ -96,15 +94,7 @@ def up(
         if http_port is not None:
             page = start_gateway(cluster, port=http_port, host=host, serving=serving)
             typer.echo(f"fluxmesh up: OpenAI images API and page on {page}", err=True)
-        try:
-            while all(c.process.poll() is None for c in cluster.children):
-                time.sleep(0.5)
-        except KeyboardInterrupt:
-            pass
-        dead = [c.name for c in cluster.children if c.process.poll() is not None]
-        if dead:
-            typer.echo(f"fluxmesh up: {', '.join(dead)} exited; stopping the rest", err=True)
-            raise typer.Exit(1)
+        serve_until_interrupted(cluster, "up")
 
 
 @app.command()
@@ -160,7 +150,7 @@ def demo(
             if serve:
                 page = start_gateway(cluster, port=http_port, host="127.0.0.1")
                 typer.echo(f"fluxmesh demo: the page is on {page} (Ctrl-C to stop)", err=True)
-                serve_until_interrupted(cluster)
+                serve_until_interrupted(cluster, "demo")
 
 
 def _log_to_file(prefix: str) -> TextIO:

@@ -117,12 +117,15 @@ def start_gateway(cluster: Cluster, *, port: int, host: str, serving: ServeOptio
     return f"{'https' if serving.tls_cert else 'http'}://{where}/"
 
 
-def serve_until_interrupted(cluster: Cluster) -> None:
-    """Until Ctrl-C (or SIGTERM turned into it), or until one of the children exits."""
-    import time
+def serve_until_interrupted(cluster: Cluster, command: str) -> None:
+    """Until Ctrl-C (or SIGTERM turned into it), restarting children that die (fluxmesh.cli.restarts);
+    a child that keeps crashing ends `command` with one line and exit 1."""
+    from fluxmesh.cli.restarts import GaveUp, Restarter
 
     try:
-        while all(c.process.poll() is None for c in cluster.children):
-            time.sleep(0.5)
+        Restarter(cluster).run()
     except KeyboardInterrupt:
         pass
+    except GaveUp as error:
+        typer.echo(f"fluxmesh {command}: {error}; stopping the rest", err=True)
+        raise typer.Exit(1) from None

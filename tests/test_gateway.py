@@ -245,6 +245,41 @@ def test_the_gateways_own_tokens_are_checked_before_anything_is_called():
         assert reply.status_code == 503, reply.text
 
 
+def test_tokens_go_on_in_the_clear_beyond_loopback_only_with_allow_plaintext_token():
+    """As the SDK and CLI do: a caller's token is not sent to a plaintext orchestrator beyond
+    loopback unless the gateway was told (--allow-plaintext-token); then the call is made (to an
+    address that does not answer here: TEST-NET-1)."""
+    from fastapi.testclient import TestClient
+
+    from fluxmesh.gateway import GatewayOptions, create_app
+
+    body = {"prompt": PROMPT, "size": "64x64", "timeout": 1}
+    token = {"Authorization": "Bearer tok"}
+    replies = {}
+    for allowed in (False, True):
+        app = create_app(GatewayOptions(orchestrator="192.0.2.1:50050", allow_plaintext_token=allowed))
+        with TestClient(app) as http:
+            replies[allowed] = http.post("/v1/images/generations", json=body, headers=token)
+    refused, sent = replies[False], replies[True]
+    assert refused.status_code == 400, refused.text
+    assert "refusing to send a bearer token over plaintext" in refused.json()["error"]["message"]
+    assert sent.status_code in (503, 504), sent.text  # tried: refused or timed out, by the network
+
+
+def test_serve_http_takes_allow_plaintext_token(monkeypatch):
+    from typer.testing import CliRunner
+
+    import fluxmesh.gateway as gateway
+    from fluxmesh.cli.main import app
+
+    served = []
+    monkeypatch.setattr(gateway, "serve", lambda options, **_: served.append(options))
+    argv = ["serve", "http", "--orchestrator", "10.1.2.3:50050", "--allow-plaintext-token"]
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == 0, result.output
+    assert served[0].allow_plaintext_token and served[0].orchestrator == "10.1.2.3:50050"
+
+
 def test_the_result_store_is_bounded_and_expires():
     now = [0.0]
     store = ResultStore(max_bytes=10, ttl=5.0, clock=lambda: now[0])

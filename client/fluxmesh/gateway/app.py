@@ -28,6 +28,7 @@ DEFAULT_MAX_BODY_BYTES = 65 * 2**20
 class GatewayOptions:
     orchestrator: str = "localhost:50050"
     credentials: grpc.ChannelCredentials | None = None  # TLS to the orchestrator
+    allow_plaintext_token: bool = False  # pass callers' tokens on in the clear beyond loopback
     tokens: tuple[str, ...] = field(default=(), repr=False)  # when set, checked here too before passing on
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     cors_origins: tuple[str, ...] = ()  # none: browsers allow only the gateway's own page
@@ -39,7 +40,11 @@ class GatewayOptions:
 def create_app(options: GatewayOptions) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.upstream = Upstream(options.orchestrator, credentials=options.credentials)
+        app.state.upstream = Upstream(
+            options.orchestrator,
+            credentials=options.credentials,
+            allow_plaintext_token=options.allow_plaintext_token,
+        )
         try:
             yield
         finally:

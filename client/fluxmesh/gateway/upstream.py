@@ -26,9 +26,17 @@ class _Entry:
 
 
 class Upstream:
-    def __init__(self, address: str, *, credentials: grpc.ChannelCredentials | None = None, max_clients: int = 16):
+    def __init__(
+        self,
+        address: str,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        allow_plaintext_token: bool = False,
+        max_clients: int = 16,
+    ):
         self.address = address
         self._credentials = credentials
+        self._allow_plaintext_token = allow_plaintext_token
         self._max = max_clients
         self._entries: OrderedDict[str | None, _Entry] = OrderedDict()
         self._closing: set[asyncio.Task] = set()
@@ -37,7 +45,14 @@ class Upstream:
     async def client(self, token: str | None) -> AsyncIterator[AsyncClient]:
         entry = self._entries.get(token)
         if entry is None:
-            entry = self._entries[token] = _Entry(AsyncClient(self.address, token=token, credentials=self._credentials))
+            entry = self._entries[token] = _Entry(
+                AsyncClient(
+                    self.address,
+                    token=token,
+                    credentials=self._credentials,
+                    allow_plaintext_token=self._allow_plaintext_token,
+                )
+            )
             self._evict()
         self._entries.move_to_end(token)
         entry.users += 1

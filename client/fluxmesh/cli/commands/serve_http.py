@@ -54,6 +54,14 @@ def serve_http(
     orchestrator_tls_key: Annotated[
         Path | None, typer.Option(help="Private key of --orchestrator-tls-cert.", rich_help_panel=_PANEL)
     ] = None,
+    allow_plaintext_token: Annotated[
+        bool,
+        typer.Option(
+            help="Pass callers' tokens on over plaintext to an orchestrator beyond loopback (only on a network "
+            "you trust).",
+            rich_help_panel=_PANEL,
+        ),
+    ] = False,
     serving: ServeOptions = ServeOptions(),
 ) -> None:
     """OpenAI-compatible images API (/v1/images/generations, /v1/images/edits, /v1/models) and a web page at /.
@@ -76,6 +84,7 @@ def serve_http(
     options = GatewayOptions(
         orchestrator=orchestrator,
         credentials=upstream.credentials(),
+        allow_plaintext_token=allow_plaintext_token,
         tokens=security.tokens,
         max_body_bytes=max_body_mib * 2**20,
         cors_origins=tuple(cors_origin or ()),
@@ -111,6 +120,10 @@ def start_gateway(cluster: Cluster, *, port: int, host: str, serving: ServeOptio
             "--orchestrator-tls-ca",
             str(serving.tls_ca or serving.tls_cert),
         ]
+    else:
+        # The orchestrator listens on one of this machine's own interfaces (up's --host): the
+        # tokens the gateway passes on never leave the machine, whatever its address.
+        args.append("--allow-plaintext-token")
     where = f"{reachable(host)}:{port}"
     cluster.start("http", args, where, probe_tcp_only=True)
     cluster.wait_serving()

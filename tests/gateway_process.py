@@ -6,17 +6,15 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 
-from conftest import stage_access
 from fluxmesh.cli.lifeline import child_environment
-from fluxmesh.cli.supervisor import Cluster, free_port, health_status
-from mesh import SERVING
+from fluxmesh.cli.supervisor import free_port
+from mesh import Mesh, exited, wait_until
 
 # Any import of torch, diffusers or transformers fails in the gateway process; once stopped it
 # prints whether torch got into sys.modules anyway. (uvicorn shuts down on SIGTERM, then raises
@@ -63,18 +61,17 @@ class Gateway:
         return self.log.read_text(errors="replace")
 
     def _wait_ready(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the gateway exited with {self.process.returncode}:\n{self.output()[-3000:]}")
+        def answers() -> bool:
             try:
-                if httpx.get(f"{self.url}/health", timeout=1.0, verify=self.verify).status_code == 200:
-                    return
+                return httpx.get(f"{self.url}/health", timeout=1.0, verify=self.verify).status_code == 200
             except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise TimeoutError(f"the gateway on {self.url} did not answer within {timeout}s")
+                return False
+
+        try:
+            wait_until(answers, timeout, what=f"the gateway on {self.url}", alive=exited(self.process, self.output))
+        except BaseException:
+            self.stop()
+            raise
 
     def stop(self) -> str:
         """SIGTERM, wait, and return everything it printed."""
@@ -95,15 +92,7 @@ def token_orchestrator(
     """An orchestrator of its own on the shared cluster's stages that demands `token` (plus
     `flags`), serving when this yields its address."""
     (folder / "tokens").write_text(f"{token}\n")
-    port = free_port()
-    stages = [f"--{stage}={address}" for stage, address in stage_addresses.items() if stage != "orchestrator"]
-    stage_flags, stage_env = stage_access(stage_token)
-    argv = ["serve", "orchestrator", "--host", "127.0.0.1", "--port", str(port)]
-    argv += ["--token-file", str(folder / "tokens"), *flags, *stages, *stage_flags]
-    with Cluster() as cluster:
-        cluster.start("orchestrator", argv, f"127.0.0.1:{port}", stage_env)
-        deadline = time.monotonic() + 60
-        while health_status(cluster.address) != SERVING:
-            assert time.monotonic() < deadline, "the token orchestrator never became SERVING"
-            time.sleep(0.1)
-        yield cluster.address
+    args = {"orchestrator": ["--token-file", str(folder / "tokens"), *flags]}
+    mesh = Mesh(logs=folder, stages=stage_addresses, stage_token=stage_token, extra_args=args)
+    with mesh.start_all(timeout=60):
+        yield mesh.address

@@ -3,17 +3,11 @@ on an accelerator keeps its CPU threads few."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
-
 import grpc
 import pytest
 
-from fluxmesh.cli.lifeline import child_environment
-from fluxmesh.cli.supervisor import free_port, health_status
 from fluxmesh.rpc.cores import CPU_SHARE_ENV, STAGE_WEIGHTS, divide_cores, parse_share
-from mesh import SERVING
+from mesh import Mesh
 
 
 @pytest.mark.parametrize(
@@ -54,36 +48,13 @@ def test_a_stage_started_with_a_share_computes_with_it(dev_model):
     stage's Info reports the threads it computes with."""
     from fluxmesh.v1 import common_pb2, vae_pb2_grpc
 
-    port = free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "fluxmesh.cli",
-            "serve",
-            "vae",
-            "--model",
-            str(dev_model),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        env=child_environment({CPU_SHARE_ENV: "1"}),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while health_status(f"127.0.0.1:{port}") != SERVING:
-            assert process.poll() is None and time.monotonic() < deadline
-            time.sleep(0.2)
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            info = vae_pb2_grpc.VaeStub(channel).Info(common_pb2.InfoRequest(), timeout=10)
+    with Mesh(dev_model, threaded=True, env={CPU_SHARE_ENV: "1"}) as mesh:  # no --threads: the share decides
+        mesh.start_all("vae")
+        with grpc.insecure_channel(mesh.address_of("vae")) as channel:
+            info = vae_pb2_grpc.VaeStub(channel).Info(
+                common_pb2.InfoRequest(), timeout=10, metadata=mesh.stage_metadata()
+            )
         assert info.details["threads"] == "1"
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 def test_explicit_threads_are_reported(stage_addresses, stage_token):

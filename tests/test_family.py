@@ -482,7 +482,7 @@ def _bad_on_kontext_cluster():
         ),
         ("control-on-kontext-model", [_reference(CONTROL, image)], {}, PRECONDITION, "references[0].role"),
         ("two-kontext", [_reference(KONTEXT, image), _reference(KONTEXT, image)], {}, INVALID, "references[1].role"),
-        ("kontext-with-init", [_reference(KONTEXT, image)], {"init_image": _png(init)}, INVALID, "init_image"),
+        ("kontext-with-init-no-mask", [_reference(KONTEXT, image)], {"init_image": _png(init)}, INVALID, "mask_image"),
         ("kontext-scale", [_reference(KONTEXT, image, scale=0.5)], {}, INVALID, "references[0].scale"),
         ("kontext-preprocess", [_reference(KONTEXT, image, preprocess=CANNY)], {}, INVALID, "references[0].preprocess"),
         (

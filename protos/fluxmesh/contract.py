@@ -351,36 +351,56 @@ def check_guidance(guidance: float, field: str = "guidance", limits: Limits = LI
 
 
 def check_admissible(
-    width: int, height: int, images: int, steps_run: int, true_cfg: bool, multiple: int, limits: Limits = LIMITS
+    width: int,
+    height: int,
+    images: int,
+    steps_run: int,
+    true_cfg: bool,
+    multiple: int,
+    limits: Limits = LIMITS,
+    *,
+    reference_pixels: int = 0,
 ) -> None:
     """Size, images and work of a request, as the orchestrator admits it and `fluxmesh plan`
     judges it (one function, so the two cannot disagree). `steps_run`: after strength."""
     check_size(width, height, multiple, limits)
     check_num_images(images, limits=limits)
-    check_work(width, height, images, steps_run, true_cfg, limits)
+    check_work(width, height, images, steps_run, true_cfg, limits, reference_pixels=reference_pixels)
 
 
 MEGAPIXEL = 1024 * 1024
 
 
-def request_work(width: int, height: int, images: int, steps: int, true_cfg: bool = False) -> float:
+def request_work(
+    width: int, height: int, images: int, steps: int, true_cfg: bool = False, reference_pixels: int = 0
+) -> float:
     """What a request costs the denoiser, in megapixel-steps: megapixels (of 1024x1024) x images
     x steps run x 2 with true CFG (every step runs the negative prompt too). Denoising time is
-    about proportional to it; the VAE's share grows with megapixels x images, also bounded here."""
-    return width * height / MEGAPIXEL * images * steps * (2 if true_cfg else 1)
+    about proportional to it; the VAE's share grows with megapixels x images, also bounded here.
+    `reference_pixels`: a Kontext reference's size, whose tokens every forward runs beside the
+    image's (a same-size reference doubles the tokens, so the work)."""
+    return (width * height + reference_pixels) / MEGAPIXEL * images * steps * (2 if true_cfg else 1)
 
 
 def check_work(
-    width: int, height: int, images: int, steps: int, true_cfg: bool = False, limits: Limits = LIMITS
+    width: int,
+    height: int,
+    images: int,
+    steps: int,
+    true_cfg: bool = False,
+    limits: Limits = LIMITS,
+    *,
+    reference_pixels: int = 0,
 ) -> None:
     """Refuse a request above the work budget, naming it and the request's own figures.
     INVALID_ARGUMENT, not RESOURCE_EXHAUSTED: the same request would be refused on every retry."""
-    work = request_work(width, height, images, steps, true_cfg)
+    work = request_work(width, height, images, steps, true_cfg, reference_pixels)
     if work > limits.max_work:
         cfg = " x 2 (true CFG)" if true_cfg else ""
+        reference = f" (+ {reference_pixels / MEGAPIXEL:g} MP of Kontext reference tokens)" if reference_pixels else ""
         raise InvalidArgument(
             "work",
-            f"{width}x{height} x {images} images x {steps} steps{cfg} = {work:g} "
+            f"{width}x{height}{reference} x {images} images x {steps} steps{cfg} = {work:g} "
             f"megapixel-steps exceeds the budget of {limits.max_work:g} per request; "
             "lower the size, num_images or steps",
         )

@@ -295,8 +295,8 @@ _LIMIT_HELP = {  # what each ceiling of fluxmesh.contract.Limits bounds
     "max_loras": "Most LoRAs per request.",
     "max_true_cfg_scale": "Largest true_cfg_scale.",
     "max_guidance": "Largest guidance.",
-    "max_work": "Work budget per request, in megapixel-steps: width x height / 1024^2 x images x steps run "
-    "(x 2 with true CFG).",
+    "max_work": "Work budget per request, in megapixel-steps: (width x height + a Kontext reference's pixels) "
+    "/ 1024^2 x images x steps run (x 2 with true CFG).",
 }
 
 

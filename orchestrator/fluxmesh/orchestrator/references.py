@@ -2,7 +2,9 @@
 
 Each reference is an image with a role: KONTEXT (the image FluxKontextPipeline edits), CONTROL
 (FluxControlPipeline's control image), REDUX (FluxPriorReduxPipeline's image prompts), and the
-roles fluxmesh does not serve yet (IP_ADAPTER, CONTROLNET). Every combination is checked here,
+roles fluxmesh does not serve yet (IP_ADAPTER, CONTROLNET). With an init image and mask a KONTEXT
+reference is FluxKontextInpaintPipeline; a CONTROL one with an init image (and mask)
+FluxControlImg2ImgPipeline (FluxControlInpaintPipeline). Every combination is checked here,
 before any stage works: fields that do not belong to a role, counts, scales, combinations with
 the other inputs, and whether the loaded models have the capability at all (FAILED_PRECONDITION
 naming the reference when they do not; the capabilities come from the stages' Info).
@@ -29,6 +31,7 @@ __all__ = [
     "References",
     "check_references",
     "encode_references",
+    "kontext_inpaint_size",
     "kontext_size",
 ]
 
@@ -62,6 +65,12 @@ class KontextReference:
     image: bytes
     width: int  # the size the vae stage resizes it to (snapped or kept, rounded to the multiple)
     height: int
+    keep_size: bool = False  # diffusers' _auto_resize=False: also for an init image beside it
+
+    @property
+    def pixels(self) -> int:
+        """What its tokens cost the denoiser, counted as image pixels (the work budget)."""
+        return self.width * self.height
 
 
 @dataclass(frozen=True)
@@ -92,6 +101,7 @@ def check_references(
     size_multiple: int,
     has_init: bool,
     has_negative: bool,
+    has_mask: bool = False,
     limits: Limits = LIMITS,
 ) -> References:
     """Every reference checked against its role, the others and the models; errors name the field."""
@@ -129,7 +139,7 @@ def check_references(
                     f"reference; each side must be within [{size_multiple}, "
                     f"{limits.max_side}]",
                 )
-            kontext = KontextReference(reference.image, width, height)
+            kontext = KontextReference(reference.image, width, height, reference.keep_size)
         elif role == CONTROL:
             if not capabilities.control:
                 raise FailedPrecondition(
@@ -166,7 +176,7 @@ def check_references(
             f"part is {REDUX_SEQUENCE_LENGTH} tokens, as FluxPriorReduxPipeline's",
         )
     references = References(kontext, control, tuple(redux))
-    _check_combinations(references, capabilities, has_init=has_init, has_negative=has_negative)
+    _check_combinations(references, capabilities, has_init=has_init, has_mask=has_mask, has_negative=has_negative)
     return references
 
 
@@ -182,20 +192,17 @@ def _check_fields_of_role(reference: generator_pb2.Reference, field: str, role: 
 
 
 def _check_combinations(
-    references: References, capabilities: Capabilities, *, has_init: bool, has_negative: bool
+    references: References, capabilities: Capabilities, *, has_init: bool, has_mask: bool, has_negative: bool
 ) -> None:
     if capabilities.control and references.control is None:
         raise InvalidArgument(
             "references", "this is a FLUX.1 Canny/Depth model: it needs a REFERENCE_ROLE_CONTROL reference"
         )
-    if has_init and references.kontext is not None:
+    if has_init and not has_mask and references.kontext is not None:
         raise InvalidArgument(
-            "init_image",
-            "Kontext edits its KONTEXT reference; an init image with it (FluxKontextInpaintPipeline) is not served",
-        )
-    if has_init and references.control is not None:
-        raise InvalidArgument(
-            "init_image", "a CONTROL reference with an init image (FluxControlImg2ImgPipeline) is not served"
+            "mask_image",
+            "a KONTEXT reference with an init image is FluxKontextInpaintPipeline: it needs a mask_image "
+            "(diffusers has no Kontext image to image)",
         )
     if has_negative and references.control is not None:
         raise InvalidArgument("negative_prompt", "FluxControlPipeline has no true CFG")
@@ -216,6 +223,36 @@ def kontext_size(width: int, height: int, multiple: int, *, snap: bool) -> tuple
         aspect_ratio = width / height
         _, width, height = min((abs(aspect_ratio - w / h), w, h) for w, h in PREFERRED_KONTEXT_RESOLUTIONS)
     return width // multiple * multiple, height // multiple * multiple
+
+
+def kontext_inpaint_size(
+    image_width: int,
+    image_height: int,
+    kontext: KontextReference,
+    *,
+    width: int,
+    height: int,
+    size_multiple: int,
+    limits: Limits = LIMITS,
+) -> tuple[int, int]:
+    """FluxKontextInpaintPipeline paints at its init image's size, made as the reference's is
+    (rounded down, snapped unless keep_size: the pipeline has one _auto_resize for both); the
+    width and height it is called with are overridden by it, so a request asking another size is
+    refused rather than silently ignored."""
+    size = kontext_size(image_width, image_height, size_multiple, snap=not kontext.keep_size)
+    if not size_multiple <= min(size) or max(size) > limits.max_side:
+        raise InvalidArgument(
+            "init_image",
+            f"{image_width}x{image_height} makes a {size[0]}x{size[1]} image to inpaint; "
+            f"each side must be within [{size_multiple}, {limits.max_side}]",
+        )
+    if (width or height) and (width, height) != size:
+        raise InvalidArgument(
+            "width",
+            f"{width}x{height}: with a KONTEXT reference FluxKontextInpaintPipeline paints at the init image's "
+            f"size, here {size[0]}x{size[1]}; leave width and height unset",
+        )
+    return size
 
 
 def encoder_image_prompts(references: References) -> list[encoder_pb2.ImagePrompt]:

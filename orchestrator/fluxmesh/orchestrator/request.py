@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from fluxmesh import contract
 from fluxmesh.contract import LIMITS, Limits, PreviewKind
-from fluxmesh.orchestrator.references import Capabilities, References, check_references
+from fluxmesh.orchestrator.references import Capabilities, References, check_references, kontext_inpaint_size
 from fluxmesh.rpc.errors import InvalidArgument
 from fluxmesh.rpc.images import check_mask, open_image
 from fluxmesh.v1 import generator_pb2
@@ -31,6 +31,7 @@ DEFAULT_GUIDANCE = 3.5
 DEFAULT_STEPS_DEV, DEFAULT_STEPS_SCHNELL = 28, 4
 DEFAULT_STRENGTH = 0.6  # FluxImg2ImgPipeline's and FluxInpaintPipeline's default
 DEFAULT_FILL_STRENGTH = 1.0  # FluxFillPipeline's default: Fill models repaint from noise
+DEFAULT_KONTEXT_INPAINT_STRENGTH = 1.0  # FluxKontextInpaintPipeline's default
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,8 @@ async def check_request(
         contract.check_prompt_text(field, getattr(request, field), limits)
     loras = contract.check_loras(request.loras, limits=limits)
     init_image, mask_image = request.init_image, request.mask_image
-    strength = check_edit(request, init_image, mask_image, fill_model=model.fill)
+    has_kontext = any(r.role == generator_pb2.REFERENCE_ROLE_KONTEXT for r in request.references)
+    strength = check_edit(request, init_image, mask_image, fill_model=model.fill, kontext_reference=has_kontext)
     default_steps = DEFAULT_STEPS_DEV if model.guidance_embeds else DEFAULT_STEPS_SCHNELL
     steps = request.steps if request.HasField("steps") else default_steps
     contract.check_steps(steps, limits)
@@ -132,6 +134,7 @@ async def check_request(
             model.capabilities,
             size_multiple=model.size_multiple,
             has_init=bool(init_image),
+            has_mask=bool(mask_image),
             has_negative=request.HasField("negative_prompt"),
             limits=limits,
         )
@@ -145,8 +148,26 @@ async def check_request(
     kontext = references.kontext
     width = request.width or (edit.width if edit else kontext.width if kontext else DEFAULT_SIDE)
     height = request.height or (edit.height if edit else kontext.height if kontext else DEFAULT_SIDE)
+    if kontext is not None and edit is not None:  # FluxKontextInpaintPipeline: the init image's size
+        width, height = kontext_inpaint_size(
+            *edit.image_size,
+            kontext,
+            width=request.width,
+            height=request.height,
+            size_multiple=model.size_multiple,
+            limits=limits,
+        )
     steps_run = contract.steps_after_strength(steps, strength) if strength is not None else steps
-    contract.check_admissible(width, height, num_images, steps_run, true_cfg is not None, model.size_multiple, limits)
+    contract.check_admissible(
+        width,
+        height,
+        num_images,
+        steps_run,
+        true_cfg is not None,
+        model.size_multiple,
+        limits,
+        reference_pixels=kontext.pixels if kontext else 0,  # Kontext's reference tokens join the image's
+    )
     seed = request.seed if request.HasField("seed") else secrets.randbits(63)
     return GenerateParams(
         prompt=request.prompt,
@@ -197,6 +218,7 @@ class EditParams:
     width: int  # the init image's own size, fitted to the model (used when the request gives 0)
     height: int
     fill: bool = False  # a FLUX.1-Fill model: the vae stage makes the masked image as FluxFillPipeline does
+    image_size: tuple[int, int] = (0, 0)  # the init image's own (FluxKontextInpaintPipeline sizes by it)
 
     @property
     def inpainting(self) -> bool:
@@ -210,7 +232,12 @@ class PreviewParams:
 
 
 def check_edit(
-    request: generator_pb2.GenerateRequest, init_image: bytes, mask_image: bytes, *, fill_model: bool
+    request: generator_pb2.GenerateRequest,
+    init_image: bytes,
+    mask_image: bytes,
+    *,
+    fill_model: bool,
+    kontext_reference: bool = False,
 ) -> float | None:
     """The cheap part, on the event loop: which fields go together, and the strength. None for
     text to image; errors name the field. The images (read from the request once: each read of
@@ -226,7 +253,8 @@ def check_edit(
         return None
     if fill_model and not mask_image:
         raise InvalidArgument("mask_image", "this is a FLUX.1-Fill model: it needs a mask_image")
-    strength = as_typed(request.strength) if has_strength else DEFAULT_FILL_STRENGTH if fill_model else DEFAULT_STRENGTH
+    default = DEFAULT_FILL_STRENGTH if fill_model else DEFAULT_KONTEXT_INPAINT_STRENGTH if kontext_reference else None
+    strength = as_typed(request.strength) if has_strength else default or DEFAULT_STRENGTH
     contract.check_strength(strength)
     return strength
 
@@ -246,7 +274,7 @@ def decode_edit(
     if mask_image:
         check_mask(open_image(mask_image, "mask_image"), init, "mask_image")
     width, height = contract.fit_size(init.width, init.height, size_multiple, limits)
-    return EditParams(init_image, mask_image, strength, width, height, fill_model)
+    return EditParams(init_image, mask_image, strength, width, height, fill_model, (init.width, init.height))
 
 
 def as_typed(value: float) -> float:

@@ -27,6 +27,7 @@ from fluxmesh.services.denoiser.family import (
     choose_family_mode,
     is_control_transformer,
 )
+from fluxmesh.services.denoiser.family_edits import choose_family_edit
 from fluxmesh.services.denoiser.loop import Lane, run_alone
 from fluxmesh.services.denoiser.modes import (
     Geometry,
@@ -199,7 +200,11 @@ class DenoiserEngine:
         if job.conditioning is not None and job.conditioning.control_posterior is not None and job.true_cfg:
             raise InvalidArgument("true_cfg_scale", "FluxControlPipeline has no true CFG")
         steps_run = contract.steps_after_strength(job.steps, job.init.strength) if job.init is not None else job.steps
-        contract.check_work(job.width, job.height, embeds.shape[0] * job.num_images, steps_run, job.true_cfg)
+        kontext = job.conditioning.kontext_latents if job.conditioning is not None else None
+        # the reference's tokens join the image's in every forward
+        reference_pixels = kontext.shape[2] * kontext.shape[3] * self.vae_scale_factor**2 if kontext is not None else 0
+        images = embeds.shape[0] * job.num_images
+        contract.check_work(job.width, job.height, images, steps_run, job.true_cfg, reference_pixels=reference_pixels)
         self._mode(job)  # a Fill model runs only Fill requests
         if job.preview is not None:
             job.preview.check(self.latent_channels)
@@ -225,7 +230,11 @@ class DenoiserEngine:
             raise InvalidArgument("true_cfg_scale", "FLUX.1-Fill models have no true CFG (FluxFillPipeline)")
 
     def _mode(self, job: DenoiseJob):
-        return choose_family_mode(job.conditioning) or choose_mode(job.init, fill_transformer=self.fill)
+        return (
+            choose_family_edit(job.conditioning, job.init)
+            or choose_family_mode(job.conditioning)
+            or choose_mode(job.init, fill_transformer=self.fill)
+        )
 
     def pipeline(self, pipeline_class: type = FluxPipeline, *, x0: bool = False) -> FluxPipeline:
         """A per-request pipeline: shared transformer, fresh scheduler (one that keeps the x0

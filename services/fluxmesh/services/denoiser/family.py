@@ -66,8 +66,10 @@ def check_conditioning(
         field = f"conditioning.{field}"
         if not capable:
             raise InvalidArgument(field, f"needs {what}; this denoiser's is not one")
-        if init is not None:
-            raise InvalidArgument("init", f"an init image with {field} is not served")
+        if init is not None and tensor is kontext and not init.has_mask:
+            raise InvalidArgument(
+                "init.mask", f"an init image with {field} is FluxKontextInpaintPipeline: it needs a mask"
+            )
         if not tensor.is_floating_point():
             raise InvalidArgument(f"{field}.dtype", f"{str(tensor.dtype).removeprefix('torch.')} is not a float dtype")
     if kontext is not None:

@@ -26,6 +26,7 @@ import torch
 from diffusers import FluxFillPipeline, FluxImg2ImgPipeline, FluxInpaintPipeline, FluxPipeline
 from diffusers.configuration_utils import FrozenDict
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from diffusers.models.modeling_outputs import AutoencoderKLOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from fluxmesh import contract
@@ -53,17 +54,34 @@ class VaeConfig:
     """A config-only stand-in for the pipelines' `vae`.
 
     Handed latents, the pipelines still read the VAE's config (latent channels, scaling and
-    shift, block count for the scale factor); the weights live in the vae service.
+    shift, block count for the scale factor); the weights live in the vae service. A few
+    pipelines (FluxControlImg2ImgPipeline, FluxControlInpaintPipeline) take their images only as
+    pixels and encode and sample them in their own code, between their other draws: `hand` them
+    the posteriors the vae stage computed, and each `encode` answers the next one, so the
+    sampling stays the pipeline's, in its order.
     """
 
     def __init__(self, config: dict[str, Any], dtype: torch.dtype = torch.float32):
         self.config = FrozenDict(config)
         self.dtype = dtype  # FluxControlPipeline casts its (here: already encoded) control image to it
+        self._handed: list[torch.Tensor] = []
 
-    def encode(self, *args, **kwargs):
+    def hand(self, *posteriors: torch.Tensor) -> None:
+        self._handed.extend(posteriors)
+
+    def encode(self, pixels: torch.Tensor, *args, **kwargs) -> AutoencoderKLOutput:
+        if not self._handed:
+            raise RuntimeError("the VAE runs in the vae service; the denoiser is handed latents")
+        posterior = self._handed.pop(0)
+        scale = 2 ** (len(self.config.block_out_channels) - 1)
+        if tuple(pixels.shape[-2:]) != tuple(side * scale for side in posterior.shape[-2:]):
+            raise RuntimeError(f"asked to encode {list(pixels.shape)}, handed {list(posterior.shape)}")
+        # a batch of one image repeated: the posterior repeated, sampled in one draw as the VAE's would be
+        posterior = posterior.repeat(pixels.shape[0] // posterior.shape[0], 1, 1, 1)
+        return AutoencoderKLOutput(latent_dist=DiagonalGaussianDistribution(posterior))
+
+    def decode(self, *args, **kwargs):
         raise RuntimeError("the VAE runs in the vae service; the denoiser is handed latents")
-
-    decode = encode
 
 
 def check_init(

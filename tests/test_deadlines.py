@@ -196,6 +196,9 @@ class _Context:
     def time_remaining(self) -> float | None:
         return self.remaining
 
+    def invocation_metadata(self) -> tuple:
+        return ()
+
 
 class _SlowInfo:
     """A stage client whose Info takes `seconds` and records the timeout it was given."""

@@ -110,3 +110,44 @@ async def test_a_reason_crosses_the_wire_as_a_status_detail_not_as_words():
     finally:
         await server.stop(None)
     assert reasons == {"decode": NOT_RESIDENT, "encode": ""}
+
+
+class LeakyVae(vae_pb2_grpc.VaeServicer):
+    """A bug whose text holds a server path (as exception text often does)."""
+
+    async def Info(self, request, context):
+        raise OSError("cannot read /srv/private/models/vae/diffusion_pytorch_model.safetensors")
+
+
+async def test_a_server_fault_reaches_only_those_allowed_its_details(caplog):
+    """The orchestrator's tenants get a server fault's code and a request id; the text (paths,
+    exception, addresses) goes to the log under that id, and the admin still reads it whole."""
+    import re
+
+    from fluxmesh.rpc.request_ids import install_log_field
+
+    install_log_field()  # as every fluxmesh server does: log lines name their request id
+
+    def admin(metadata) -> bool:
+        return ("authorization", "Bearer admin") in tuple(metadata)
+
+    server = grpc.aio.server(interceptors=[ErrorMappingInterceptor(admin)])
+    vae_pb2_grpc.add_VaeServicer_to_server(LeakyVae(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = vae_pb2_grpc.VaeStub(channel)
+            with caplog.at_level(logging.ERROR, logger="fluxmesh.rpc.interceptors"):
+                with pytest.raises(grpc.aio.AioRpcError) as tenant:
+                    await stub.Info(common_pb2.InfoRequest(), timeout=10)
+            with pytest.raises(grpc.aio.AioRpcError) as full:
+                await stub.Info(common_pb2.InfoRequest(), timeout=10, metadata=(("authorization", "Bearer admin"),))
+    finally:
+        await server.stop(None)
+    assert tenant.value.code() == full.value.code() == grpc.StatusCode.INTERNAL
+    quoted = re.fullmatch(r"the server failed; quote request id (\S+) to its operator .*", tenant.value.details())
+    assert quoted and "/srv" not in tenant.value.details() and "OSError" not in tenant.value.details(), tenant.value
+    record = next(r for r in caplog.records if "Info failed" in r.getMessage())  # the tenant's call
+    assert record.request_id == quoted[1] and "/srv/private" in str(record.exc_info[1])
+    assert full.value.details() == "OSError: cannot read /srv/private/models/vae/diffusion_pytorch_model.safetensors"

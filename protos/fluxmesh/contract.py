@@ -21,6 +21,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import PurePath
 from typing import Any
 
 from fluxmesh.rpc.errors import InvalidArgument
@@ -52,6 +53,7 @@ __all__ = [
     "check_lora_weight",
     "check_loras",
     "check_preview_every",
+    "model_id",
     "check_float_dtype",
     "fit_size",
     "REDUX_SEQUENCE_LENGTH",
@@ -536,3 +538,9 @@ def check_preview_every(every: int, limits: Limits = LIMITS, field: str = "previ
     """0 (every step) to max_steps."""
     if not 0 <= every <= limits.max_steps:
         raise InvalidArgument(field, f"{every} is outside [0, {limits.max_steps}]")
+
+
+def model_id(source: str) -> str:
+    """A model as callers outside the server may see it: a Hub id as it is, a local folder by its
+    name (its path says nothing to a remote caller and tells them about the server's disks)."""
+    return PurePath(source).name if source.startswith(("/", ".", "~")) or "\\" in source else source

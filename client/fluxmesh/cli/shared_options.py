@@ -153,14 +153,7 @@ class ServeOptions:
 
     def as_flags(self) -> list[str]:
         """The same options as `fluxmesh serve` flags, for a child process (`fluxmesh up`)."""
-        flags: list[str] = []
-        for field in dataclasses.fields(self):
-            value, flag = getattr(self, field.name), "--" + field.name.replace("_", "-")
-            if value is True:
-                flags.append(flag)
-            elif value not in (None, False):
-                flags += [flag, str(value)]
-        return flags
+        return _as_flags(self)
 
     def priority_policy(self, max_priority: int) -> PriorityPolicy:
         """The orchestrator's priority ceilings: `max_priority`, and the token file's grants."""
@@ -180,6 +173,48 @@ class ServeOptions:
             require_client_cert=self.require_client_cert,
             tokens=tokens,
         )
+
+
+def _as_flags(group: object) -> list[str]:
+    """An option group's values as the command-line flags that set them."""
+    flags: list[str] = []
+    for field in dataclasses.fields(group):  # type: ignore[arg-type]
+        value, flag = getattr(group, field.name), "--" + field.name.replace("_", "-")
+        if value is True:
+            flags.append(flag)
+        elif value not in (None, False):
+            flags += [flag, str(value)]
+    return flags
+
+
+@dataclass(frozen=True)
+class AdminTokenOptions:
+    """The orchestrator's admin credential: who sees counters, paths, `cached` and server faults
+    in full (fluxmesh.orchestrator.disclosure). A file or a variable, never a flag's value: argv
+    is visible to every local user."""
+
+    admin_token_file: Annotated[
+        PathOption,
+        typer.Option(
+            help="File of admin bearer tokens, one per line: their callers see LoRA cache state, stage counters, "
+            "paths and server faults in full; other token holders do not.",
+            rich_help_panel=_PANEL_SERVE,
+        ),
+    ] = None
+    admin_token_env: Annotated[
+        str | None,
+        typer.Option(help="Environment variable holding an admin bearer token.", rich_help_panel=_PANEL_SERVE),
+    ] = None
+
+    def tokens(self) -> tuple[str, ...]:
+        from fluxmesh.rpc.security import read_tokens
+
+        if self.admin_token_file is None and self.admin_token_env is None:
+            return ()
+        return read_tokens(file=self.admin_token_file, env=self.admin_token_env)
+
+    def as_flags(self) -> list[str]:
+        return _as_flags(self)
 
 
 @dataclass(frozen=True)
@@ -349,7 +384,15 @@ RequestLimits = _limits_group("RequestLimits")  # the orchestrator's (and `up`'s
 # What decides whether a request of a given size, count and steps is admitted: `fluxmesh plan`'s.
 CostLimits = _limits_group("CostLimits", ("max_side", "max_images", "max_steps", "max_work"))
 
-GROUPS = (StageServeOptions, ServeOptions, StageClientOptions, ClientOptions, RequestLimits, CostLimits)
+GROUPS = (
+    StageServeOptions,
+    ServeOptions,
+    AdminTokenOptions,
+    StageClientOptions,
+    ClientOptions,
+    RequestLimits,
+    CostLimits,
+)
 
 
 def with_option_groups(command):

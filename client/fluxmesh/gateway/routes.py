@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from contextlib import AsyncExitStack
-from pathlib import PurePath
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
 from fluxmesh.client import AsyncClient
+from fluxmesh.contract import model_id
 from fluxmesh.gateway import page
 from fluxmesh.gateway.errors import GatewayError
 from fluxmesh.gateway.generation import (
@@ -97,7 +97,7 @@ async def model_card(client: AsyncClient, request: Request) -> ModelCard:
     denoiser = next((s for s in info.stages if s.stage == "denoiser"), None)
     source = denoiser.model if denoiser is not None else ""
     fill = denoiser is not None and denoiser.fill
-    name = request.app.state.options.model_name or _model_id(source)
+    name = request.app.state.options.model_name or model_id(source)
     card = ModelCard(
         id=name,
         kind="fill" if fill else "dev" if info.guidance_embeds else "schnell",
@@ -107,11 +107,6 @@ async def model_card(client: AsyncClient, request: Request) -> ModelCard:
     )
     request.app.state.model_ids = {card.id, source}
     return card
-
-
-def _model_id(source: str) -> str:
-    """A Hub id as it is; a local folder by its name (its path says nothing to a remote caller)."""
-    return PurePath(source).name if source.startswith(("/", ".", "~")) or "\\" in source else source
 
 
 async def _check_model(options: ImageOptions, client: AsyncClient, request: Request) -> None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 
 from fluxmesh.contract import LIMITS, Limits
 from fluxmesh.orchestrator.admission import AdmissionQueue
+from fluxmesh.orchestrator.disclosure import Disclosure
 from fluxmesh.orchestrator.generator import GeneratorServicer
 from fluxmesh.orchestrator.metrics import watch_queue
 from fluxmesh.orchestrator.monitor import StageMonitor
@@ -49,6 +51,8 @@ class OrchestratorOptions:
     priorities: PriorityPolicy = PriorityPolicy()  # how high each caller may set `priority`
     prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_MIB * 2**20  # prompt_cache.py; 0: off
     limits: Limits = LIMITS  # the request ceilings and work budget (--max-side, --max-work, ...)
+    # Callers with one of these see counters, paths, `cached` and server faults in full (disclosure.py).
+    admin_tokens: tuple[str, ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
         """Every limit range-checked at start: a 0 or negative one would refuse or hang everything."""
@@ -79,6 +83,10 @@ def build_server(options: OrchestratorOptions) -> tuple[Server, StageMonitor]:
         DenoiserClient(options.denoiser, **secure),
         VaeClient(options.vae, **secure),
     )
+    disclosure = Disclosure.of(options.security, options.admin_tokens)
+    security = options.security
+    if security.tokens:  # the admin tokens are client tokens too (an open orchestrator stays open)
+        security = dataclasses.replace(security, tokens=(*security.tokens, *options.admin_tokens))
     residency = SequentialStrategy(stages.all(), options.release_to) if options.sequential else None
     max_active = options.max_active or (SEQUENTIAL_MAX_ACTIVE if options.sequential else RESIDENT_MAX_ACTIVE)
     queue = AdmissionQueue(max_active=max_active, max_waiting=options.max_queue)
@@ -91,14 +99,16 @@ def build_server(options: OrchestratorOptions) -> tuple[Server, StageMonitor]:
         priorities=options.priorities,
         prompt_cache_bytes=options.prompt_cache_bytes,
         limits=options.limits,
+        disclosure=disclosure,
     )
     service = Service("fluxmesh.v1.Generator", servicer, generator_pb2_grpc.add_GeneratorServicer_to_server)
     server = Server(
         [service],
         address=options.address,
-        security=options.security,
+        security=security,
         max_receive_bytes=options.max_request_bytes,
         metrics_port=options.metrics_port,
+        discloses=disclosure.full_view,
     )
 
     async def mirror(all_up: bool) -> None:

@@ -23,6 +23,7 @@ from fluxmesh import contract
 from fluxmesh.contract import LIMITS, Limits, Phase, Stage
 from fluxmesh.orchestrator.admission import AdmissionQueue
 from fluxmesh.orchestrator.deadlines import Deadline
+from fluxmesh.orchestrator.disclosure import Disclosure
 from fluxmesh.orchestrator.metrics import record_result
 from fluxmesh.orchestrator.previews import VaePreviews, preview_options, step_events
 from fluxmesh.orchestrator.priorities import PriorityPolicy
@@ -75,8 +76,10 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
         priorities: PriorityPolicy | None = None,
         prompt_cache_bytes: int = 0,
         limits: Limits = LIMITS,
+        disclosure: Disclosure | None = None,
     ):
         self.stages = stages
+        self.disclosure = disclosure or Disclosure()  # who sees counters, paths and `cached`
         self.limits = limits  # the contract's ceilings, as the operator lowered them
         # Exact: the encoder's reply bytes, keyed by the request and the encoder's identity.
         self.prompt_cache = PromptCache(prompt_cache_bytes, lambda: self.stages.encoder.info(timeout=10.0))
@@ -295,7 +298,8 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
 
     async def ListLoras(self, request, context) -> common_pb2.ListLorasResponse:
         """The denoiser's LoRA directory is the catalogue (CLIP-side parts ride in the same files)."""
-        return await self.stages.denoiser.list_loras(Deadline.of_call(context).left(LIST_LORAS_TIMEOUT))
+        reply = await self.stages.denoiser.list_loras(Deadline.of_call(context).left(LIST_LORAS_TIMEOUT))
+        return self.disclosure.loras(reply, context.invocation_metadata())
 
     async def Info(self, request, context) -> generator_pb2.GeneratorInfo:
         """The three stages' Info, asked at once."""
@@ -304,9 +308,10 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
             *(client.info(timeout=deadline.left(INFO_TIMEOUT)) for client in self.stages.all()),
             self.model_facts(deadline),
         )
-        return generator_pb2.GeneratorInfo(
+        info = generator_pb2.GeneratorInfo(
             stages=stages, size_multiple=facts.size_multiple, guidance_embeds=facts.guidance_embeds
         )
+        return self.disclosure.info(info, context.invocation_metadata())
 
 
 async def _timed(

@@ -18,7 +18,7 @@ from fluxmesh.contract import Stage
 from fluxmesh.orchestrator.deadlines import Deadline
 from fluxmesh.orchestrator.replicas import ReplicaSet, channel_options
 from fluxmesh.rpc.channels import aio_channel
-from fluxmesh.rpc.errors import FluxmeshError, StageUnavailable, reason_of
+from fluxmesh.rpc.errors import StageFailed, StageUnavailable, reason_of
 from fluxmesh.rpc.request_ids import outgoing_metadata
 from fluxmesh.rpc.security import ClientSecurity, is_loopback
 from fluxmesh.v1 import (
@@ -59,7 +59,7 @@ def stage_errors(stage: str, address: str):
         # Named once: a stage's own messages may already start with its name ("denoiser
         # stage: weights are released ...").
         named = details if details.startswith(f"{stage} stage") else f"{stage} stage: {details}"
-        raise FluxmeshError(named, code=error.code(), reason=reason_of(error)) from None
+        raise StageFailed(stage, named, code=error.code(), reason=reason_of(error)) from None
 
 
 class StageClient:

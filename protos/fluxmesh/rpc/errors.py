@@ -18,6 +18,7 @@ __all__ = [
     "InvalidArgument",
     "NotFound",
     "ResourceExhausted",
+    "StageFailed",
     "StageUnavailable",
     "FailedPrecondition",
     "Unauthenticated",
@@ -30,6 +31,8 @@ __all__ = [
     "NOT_RESIDENT",
     "rich_status",
     "reason_of",
+    "is_server_fault",
+    "public_error",
 ]
 
 ERROR_DOMAIN = "fluxmesh.v1"  # google.rpc.ErrorInfo.domain of every fluxmesh reason
@@ -118,14 +121,46 @@ class Cancelled(FluxmeshError):
     code = grpc.StatusCode.CANCELLED
 
 
-class StageUnavailable(FluxmeshError):
+class StageFailed(FluxmeshError):
+    """A stage's failure as the orchestrator relays it; `stage` names the stage."""
+
+    def __init__(self, stage: str, message: str, *, code: grpc.StatusCode | None = None, reason: str | None = None):
+        super().__init__(message, code=code, reason=reason)
+        self.stage = stage
+
+
+class StageUnavailable(StageFailed):
     """A stage service cannot be reached; the message names the stage and its address."""
 
     code = grpc.StatusCode.UNAVAILABLE
 
     def __init__(self, stage: str, detail: str):
-        super().__init__(f"{stage} stage unavailable: {detail}")
-        self.stage = stage
+        super().__init__(stage, f"{stage} stage unavailable: {detail}")
+
+
+# Codes of the server's own failures (a bug, a stage down), never of the caller's input.
+SERVER_FAULTS = frozenset(
+    {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS}
+)
+
+
+def is_server_fault(error: FluxmeshError) -> bool:
+    """The server's failure, not the caller's (also a stage whose weights are not loaded): its
+    details (exception text, stage addresses, server paths) are for the operator's log."""
+    return error.code in SERVER_FAULTS or error.reason == NOT_RESIDENT
+
+
+def public_error(error: FluxmeshError, request_id: str) -> FluxmeshError:
+    """What a caller who may not see the server's insides hears of a server fault: the code, the
+    stage if one failed, and the request id that finds the full message in the server's log."""
+    stage = getattr(error, "stage", "")
+    what = f"{stage} stage" if stage else "the server"
+    what += " is unavailable" if error.code == grpc.StatusCode.UNAVAILABLE else " failed"
+    return FluxmeshError(
+        f"{what}; quote request id {request_id} to its operator (the server's log has the details)",
+        code=error.code,
+        reason=error.reason,
+    )
 
 
 def rich_status(error: FluxmeshError) -> grpc.Status:

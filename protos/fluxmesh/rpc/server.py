@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 
 from fluxmesh.rpc.channels import MESSAGE_OPTIONS
 from fluxmesh.rpc.health import HealthServicer
-from fluxmesh.rpc.interceptors import ErrorMappingInterceptor
+from fluxmesh.rpc.interceptors import Discloses, ErrorMappingInterceptor
 from fluxmesh.rpc.metrics import serve_metrics
 from fluxmesh.rpc.observability import ObservabilityInterceptor
 from fluxmesh.rpc.request_ids import install_log_field
@@ -57,7 +57,9 @@ class Server:
         security: ServerSecurity | None = None,
         max_receive_bytes: int | None = None,
         metrics_port: int | None = None,
+        discloses: Discloses | None = None,
     ):
+        """`discloses`: which callers read server faults in full (None: all; interceptors.py)."""
         self.services = list(services)
         self.address = address
         self.grace_seconds = DEFAULT_GRACE_SECONDS
@@ -82,7 +84,11 @@ class Server:
         # Outermost first: every call is counted and logged with its request id (refusals too),
         # then authenticated, then the handler's errors become statuses.
         self._server = grpc.aio.server(
-            interceptors=[ObservabilityInterceptor(), *self.security.interceptors(), ErrorMappingInterceptor()],
+            interceptors=[
+                ObservabilityInterceptor(),
+                *self.security.interceptors(),
+                ErrorMappingInterceptor(discloses),
+            ],
             options=options,
         )
         for service in self.services:

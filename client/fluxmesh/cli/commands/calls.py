@@ -156,9 +156,15 @@ def info(
     with Client(address, **connection.client_kwargs()) as client:
         reply = client.info()
     for stage in reply.stages:
+        # Memory and residency are the admin's view (a tenant's Info leaves them out).
+        memory = stage.weight_bytes or stage.peak_memory_bytes or stage.residency
         typer.echo(
-            f"{stage.stage:9s} {stage.model} on {stage.device} {stage.dtype}: "
-            f"weights {stage.weight_bytes / 2**20:.1f} MiB, peak {stage.peak_memory_bytes / 2**20:.1f} MiB"
+            f"{stage.stage:9s} {stage.model} on {stage.device} {stage.dtype}"
+            + (
+                f": weights {stage.weight_bytes / 2**20:.1f} MiB, peak {stage.peak_memory_bytes / 2**20:.1f} MiB"
+                if memory
+                else ""
+            )
             + (f", {stage.residency}" if stage.residency else "")
         )
 

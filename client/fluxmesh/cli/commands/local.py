@@ -13,6 +13,7 @@ import typer
 
 from fluxmesh.cli.commands.serve_http import HttpPort, serve_until_interrupted, start_gateway
 from fluxmesh.cli.shared_options import (
+    AdminTokenOptions,
     Device,
     Dtype,
     LoraDir,
@@ -61,6 +62,7 @@ def up(
     http_port: HttpPort = None,
     max_batch: MaxBatch = None,
     serving: ServeOptions = ServeOptions(),
+    admin: AdminTokenOptions = AdminTokenOptions(),
     request_limits: RequestLimits = RequestLimits(),
 ) -> None:
     """Start encoder, denoiser, vae and orchestrator locally; restart one that dies; stop them all on exit.
@@ -71,6 +73,7 @@ def up(
     from fluxmesh.cli.supervisor import start_local
 
     serving.security()  # a bad TLS or token flag fails here, before four processes start
+    admin.tokens()
     request_limits.limits()  # and a ceiling raised instead of lowered
     raise_on_sigterm()
     cluster = start_local(
@@ -82,6 +85,7 @@ def up(
         orchestrator_args=[
             *_sequential_flags(sequential, release_to),
             *serving.as_flags(),
+            *admin.as_flags(),
             "--max-priority",
             str(max_priority),
             *request_limits.as_flags(),

@@ -10,6 +10,7 @@ import typer
 
 from fluxmesh.cli.shared_options import (
     LOOPBACK_HOST,
+    AdminTokenOptions,
     Host,
     LoraDir,
     MaxBatch,
@@ -186,6 +187,7 @@ def serve_orchestrator(
     max_priority: MaxPriority = DEFAULT_MAX_PRIORITY,
     prompt_cache_mib: PromptCacheMib = None,
     serving: ServeOptions = ServeOptions(),
+    admin: AdminTokenOptions = AdminTokenOptions(),
     stage_connections: StageClientOptions = StageClientOptions(),
     request_limits: RequestLimits = RequestLimits(),
 ) -> None:
@@ -204,6 +206,7 @@ def serve_orchestrator(
         max_active=max_active,
         max_queue=max_queue,
         security=serving.security(),
+        admin_tokens=admin.tokens(),
         stage_security=stage_connections.security(),
         metrics_port=serving.metrics_port,
         request_timeout=request_timeout or None,

@@ -1,0 +1,143 @@
+"""What one tenant of a shared orchestrator learns of the others and of the server (issue 10,
+item 19): with an ordinary client token, ListLoras leaves out `cached` (what others used
+lately), Info leaves out paths, counters and memory, and a server fault says its code, the stage
+and a request id (the full message is in the log under that id). The admin token sees all.
+
+One cluster of real processes (tiny model, a LoRA directory, two tenant tokens and an admin
+token) serves the module (about 20 s to start on two cores).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from conftest import STAGE_FLAGS, stage_access
+from fluxmesh.cli.supervisor import STAGES, Cluster, free_port, health_status, start_local
+from fluxmesh.client import Client
+from fluxmesh.rpc.errors import FluxmeshError
+from fluxmesh.v1 import common_pb2, generator_pb2, generator_pb2_grpc
+from lora_fixtures import write_lora
+
+TENANT, OTHER, ADMIN = "tenant-token-one", "tenant-token-two", "admin-token-of-the-operator"
+SMALL = {"width": 64, "height": 64, "steps": 1, "seed": 3}
+
+
+@pytest.fixture(scope="module")
+def shared(dev_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("disclosure")
+    write_lora("peft", root / "loras" / "style.safetensors", dev_model, seed=1)
+    (root / "tokens").write_text(f"{TENANT}\n{OTHER}\n")
+    (root / "admin-tokens").write_text(f"{ADMIN}\n")
+    lora_dir = ["--lora-dir", str(root / "loras")]
+    cluster = start_local(
+        str(dev_model),
+        port=free_port(),
+        common_args=STAGE_FLAGS,
+        stage_args={"encoder": lora_dir, "denoiser": lora_dir},
+        orchestrator_args=["--token-file", str(root / "tokens"), "--admin-token-file", str(root / "admin-tokens")],
+        timeout=180,
+    )
+    yield cluster, root
+    cluster.stop()
+
+
+def _info(address: str, token: str) -> generator_pb2.GeneratorInfo:
+    with grpc.insecure_channel(address) as channel:
+        return generator_pb2_grpc.GeneratorStub(channel).Info(
+            common_pb2.InfoRequest(), timeout=30, metadata=(("authorization", f"Bearer {token}"),)
+        )
+
+
+def test_a_tenant_does_not_see_which_loras_others_used(shared):
+    cluster, _ = shared
+    with Client(cluster.address, token=OTHER, timeout=120) as other:
+        other.generate("a lighthouse", loras=[("style", 0.8)], **SMALL)  # now read and converted: cached
+    with Client(cluster.address, token=TENANT) as tenant, Client(cluster.address, token=ADMIN) as admin:
+        seen_by_tenant, seen_by_admin = tenant.list_loras(), admin.list_loras()
+    assert [(lora.name, lora.cached) for lora in seen_by_tenant] == [("style", False)]
+    assert [(lora.name, lora.cached) for lora in seen_by_admin] == [("style", True)]
+    assert seen_by_tenant[0].size_bytes == seen_by_admin[0].size_bytes > 0  # the catalogue itself stays
+
+
+def test_a_tenants_info_holds_no_paths_counters_or_memory(shared, dev_model):
+    cluster, _ = shared
+    tenant, admin = _info(cluster.address, TENANT), _info(cluster.address, ADMIN)
+    assert str(dev_model).encode() not in tenant.SerializeToString()  # no server path anywhere
+    for stage in tenant.stages:
+        assert stage.model == dev_model.name, stage
+        assert (dict(stage.details), stage.weight_bytes, stage.peak_memory_bytes, stage.residency) == ({}, 0, 0, "")
+        assert stage.identity == ""
+    # The model's facts, which clients need, are the same for both.
+    assert (tenant.size_multiple, tenant.guidance_embeds) == (admin.size_multiple, admin.guidance_embeds)
+    assert [s.stage for s in tenant.stages] == [s.stage for s in admin.stages]
+    # The admin sees everything, as before.
+    for stage in admin.stages:
+        assert stage.model == str(dev_model) and stage.weight_bytes > 0 and "requests" in stage.details, stage
+
+
+@pytest.fixture(scope="module")
+def vae_down(shared, tmp_path_factory):
+    """A second orchestrator with the same tokens whose vae address has nobody listening: every
+    generation fails at decode, a server fault naming an internal address."""
+    cluster, root = shared
+    stages = {child.name: child.address for child in cluster.children}
+    stages["vae"] = f"127.0.0.1:{free_port()}"
+    flags, env = stage_access(cluster.stage_token)
+    port, log_path = free_port(), tmp_path_factory.mktemp("vae-down") / "orchestrator.log"
+    argv = ["serve", "orchestrator", "--host", "127.0.0.1", "--port", str(port), *flags]
+    argv += [f"--{stage}={stages[stage]}" for stage in STAGES]
+    argv += ["--token-file", str(root / "tokens"), "--admin-token-file", str(root / "admin-tokens")]
+    with open(log_path, "w") as log, Cluster(output=log) as down:
+        down.start("orchestrator", argv, f"127.0.0.1:{port}", env)
+        deadline = time.monotonic() + 60
+        while health_status(down.address) is None:  # answering (NOT_SERVING: its vae is missing)
+            assert time.monotonic() < deadline, "the orchestrator did not start"
+            time.sleep(0.1)
+        yield down.address, stages["vae"], log_path
+
+
+def _fault(address: str, token: str) -> FluxmeshError:
+    with Client(address, token=token, timeout=120) as client, pytest.raises(FluxmeshError) as caught:
+        client.generate("a lighthouse", **SMALL)
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE, caught.value
+    return caught.value
+
+
+def test_a_tenant_hears_a_server_fault_as_its_stage_and_a_request_id(vae_down):
+    address, vae_address, log_path = vae_down
+    tenant = _fault(address, TENANT)
+    quoted = re.fullmatch(r"vae stage is unavailable; quote request id (\S+) to its operator .*", tenant.message)
+    assert quoted, tenant.message
+    assert vae_address not in tenant.message and "127.0.0.1" not in tenant.message
+    # The operator finds the full message by the id the tenant quotes.
+    deadline = time.monotonic() + 10
+    while not [line for line in log_path.read_text().splitlines() if quoted[1] in line and vae_address in line]:
+        assert time.monotonic() < deadline, f"no log line names {quoted[1]} and {vae_address}"
+        time.sleep(0.1)
+
+    admin = _fault(address, ADMIN)
+    assert admin.message.startswith(f"vae stage unavailable: {vae_address}"), admin.message
+
+
+def test_tenant_errors_about_their_own_input_stay_whole(shared):
+    """Only server faults are hidden: a tenant's own mistake still names the field and the value."""
+    cluster, _ = shared
+    with Client(cluster.address, token=TENANT) as tenant, pytest.raises(FluxmeshError) as caught:
+        tenant.generate("a lighthouse", loras=[("no-such-lora", 0.5)], **SMALL)
+    assert caught.value.code == grpc.StatusCode.NOT_FOUND
+    assert "no LoRA named 'no-such-lora'" in caught.value.message, caught.value
+
+
+def test_the_admin_token_is_not_a_flag_value(tmp_path: Path):
+    """Like every token, the admin token comes from a file or a variable (argv is public)."""
+    from typer.testing import CliRunner
+
+    from fluxmesh.cli.main import app
+
+    result = CliRunner().invoke(app, ["serve", "orchestrator", "--admin-token-env", "FLUXMESH_NO_SUCH_VARIABLE"])
+    assert result.exit_code == 2 and "FLUXMESH_NO_SUCH_VARIABLE is unset or empty" in result.output, result.output

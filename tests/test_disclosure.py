@@ -3,47 +3,52 @@ item 19): with an ordinary client token, ListLoras leaves out `cached` (what oth
 lately), Info leaves out paths, counters and memory, and a server fault says its code, the stage
 and a request id (the full message is in the log under that id). The admin token sees all.
 
-One cluster of real processes (tiny model, a LoRA directory, two tenant tokens and an admin
-token) serves the module (about 20 s to start on two cores).
+One orchestrator with two tenant tokens and an admin token, in front of real stage processes
+(tiny model, a LoRA directory), serves the module.
 """
 
 from __future__ import annotations
 
 import re
-import time
 from pathlib import Path
 
 import grpc
 import pytest
 
-from conftest import STAGE_FLAGS, stage_access
-from fluxmesh.cli.supervisor import STAGES, Cluster, free_port, health_status, start_local
+from fluxmesh.cli.supervisor import free_port
 from fluxmesh.client import Client
 from fluxmesh.rpc.errors import FluxmeshError
 from fluxmesh.v1 import common_pb2, generator_pb2, generator_pb2_grpc
 from lora_fixtures import write_lora
+from mesh import Mesh, wait_until
 
 TENANT, OTHER, ADMIN = "tenant-token-one", "tenant-token-two", "admin-token-of-the-operator"
 SMALL = {"width": 64, "height": 64, "steps": 1, "seed": 3}
 
 
 @pytest.fixture(scope="module")
-def shared(dev_model, tmp_path_factory):
+def folder(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("disclosure")
-    write_lora("peft", root / "loras" / "style.safetensors", dev_model, seed=1)
     (root / "tokens").write_text(f"{TENANT}\n{OTHER}\n")
     (root / "admin-tokens").write_text(f"{ADMIN}\n")
-    lora_dir = ["--lora-dir", str(root / "loras")]
-    cluster = start_local(
-        str(dev_model),
-        port=free_port(),
-        common_args=STAGE_FLAGS,
-        stage_args={"encoder": lora_dir, "denoiser": lora_dir},
-        orchestrator_args=["--token-file", str(root / "tokens"), "--admin-token-file", str(root / "admin-tokens")],
-        timeout=180,
-    )
-    yield cluster, root
-    cluster.stop()
+    (root / "logs").mkdir()
+    return root
+
+
+def _tokens(folder: Path) -> list[str]:
+    return ["--token-file", str(folder / "tokens"), "--admin-token-file", str(folder / "admin-tokens")]
+
+
+@pytest.fixture(scope="module")
+def shared(dev_model, dev_cluster, folder):
+    """Two tenants and an admin on one orchestrator, in front of an encoder and a denoiser with a
+    LoRA directory (and the session cluster's vae: one process fewer to start)."""
+    write_lora("peft", folder / "loras" / "style.safetensors", dev_model, seed=1)
+    lora_dir = ["--lora-dir", str(folder / "loras")]
+    extra = {"encoder": lora_dir, "denoiser": lora_dir, "orchestrator": _tokens(folder)}
+    vae = {"vae": dev_cluster.address_of("vae")}
+    with Mesh(dev_model, folder / "logs", stages=vae, stage_token=dev_cluster.stage_token, extra_args=extra) as mesh:
+        yield mesh.start_all()
 
 
 def _info(address: str, token: str) -> generator_pb2.GeneratorInfo:
@@ -54,10 +59,9 @@ def _info(address: str, token: str) -> generator_pb2.GeneratorInfo:
 
 
 def test_a_tenant_does_not_see_which_loras_others_used(shared):
-    cluster, _ = shared
-    with Client(cluster.address, token=OTHER, timeout=120) as other:
+    with Client(shared.address, token=OTHER, timeout=120) as other:
         other.generate("a lighthouse", loras=[("style", 0.8)], **SMALL)  # now read and converted: cached
-    with Client(cluster.address, token=TENANT) as tenant, Client(cluster.address, token=ADMIN) as admin:
+    with Client(shared.address, token=TENANT) as tenant, Client(shared.address, token=ADMIN) as admin:
         seen_by_tenant, seen_by_admin = tenant.list_loras(), admin.list_loras()
     assert [(lora.name, lora.cached) for lora in seen_by_tenant] == [("style", False)]
     assert [(lora.name, lora.cached) for lora in seen_by_admin] == [("style", True)]
@@ -65,8 +69,7 @@ def test_a_tenant_does_not_see_which_loras_others_used(shared):
 
 
 def test_a_tenants_info_holds_no_paths_counters_or_memory(shared, dev_model):
-    cluster, _ = shared
-    tenant, admin = _info(cluster.address, TENANT), _info(cluster.address, ADMIN)
+    tenant, admin = _info(shared.address, TENANT), _info(shared.address, ADMIN)
     assert str(dev_model).encode() not in tenant.SerializeToString()  # no server path anywhere
     for stage in tenant.stages:
         assert stage.model == dev_model.name, stage
@@ -81,24 +84,16 @@ def test_a_tenants_info_holds_no_paths_counters_or_memory(shared, dev_model):
 
 
 @pytest.fixture(scope="module")
-def vae_down(shared, tmp_path_factory):
+def vae_down(shared, folder):
     """A second orchestrator with the same tokens whose vae address has nobody listening: every
     generation fails at decode, a server fault naming an internal address."""
-    cluster, root = shared
-    stages = {child.name: child.address for child in cluster.children}
+    stages = {stage: shared.address_of(stage) for stage in ("encoder", "denoiser")}
     stages["vae"] = f"127.0.0.1:{free_port()}"
-    flags, env = stage_access(cluster.stage_token)
-    port, log_path = free_port(), tmp_path_factory.mktemp("vae-down") / "orchestrator.log"
-    argv = ["serve", "orchestrator", "--host", "127.0.0.1", "--port", str(port), *flags]
-    argv += [f"--{stage}={stages[stage]}" for stage in STAGES]
-    argv += ["--token-file", str(root / "tokens"), "--admin-token-file", str(root / "admin-tokens")]
-    with open(log_path, "w") as log, Cluster(output=log) as down:
-        down.start("orchestrator", argv, f"127.0.0.1:{port}", env)
-        deadline = time.monotonic() + 60
-        while health_status(down.address) is None:  # answering (NOT_SERVING: its vae is missing)
-            assert time.monotonic() < deadline, "the orchestrator did not start"
-            time.sleep(0.1)
-        yield down.address, stages["vae"], log_path
+    extra = {"orchestrator-down": _tokens(folder)}
+    with Mesh(stages=stages, stage_token=shared.stage_token, logs=folder / "logs", extra_args=extra) as mesh:
+        mesh.start("orchestrator-down")
+        mesh.wait_answering("orchestrator-down")  # NOT_SERVING: its vae is missing
+        yield mesh, stages["vae"]
 
 
 def _fault(address: str, token: str) -> FluxmeshError:
@@ -109,16 +104,18 @@ def _fault(address: str, token: str) -> FluxmeshError:
 
 
 def test_a_tenant_hears_a_server_fault_as_its_stage_and_a_request_id(vae_down):
-    address, vae_address, log_path = vae_down
+    mesh, vae_address = vae_down
+    address = mesh.address_of("orchestrator-down")
     tenant = _fault(address, TENANT)
     quoted = re.fullmatch(r"vae stage is unavailable; quote request id (\S+) to its operator .*", tenant.message)
     assert quoted, tenant.message
     assert vae_address not in tenant.message and "127.0.0.1" not in tenant.message
     # The operator finds the full message by the id the tenant quotes.
-    deadline = time.monotonic() + 10
-    while not [line for line in log_path.read_text().splitlines() if quoted[1] in line and vae_address in line]:
-        assert time.monotonic() < deadline, f"no log line names {quoted[1]} and {vae_address}"
-        time.sleep(0.1)
+    wait_until(
+        lambda: any(quoted[1] in line and vae_address in line for line in mesh.log("orchestrator-down").splitlines()),
+        10,
+        what=f"a log line naming {quoted[1]} and {vae_address}",
+    )
 
     admin = _fault(address, ADMIN)
     assert admin.message.startswith(f"vae stage unavailable: {vae_address}"), admin.message
@@ -126,14 +123,13 @@ def test_a_tenant_hears_a_server_fault_as_its_stage_and_a_request_id(vae_down):
 
 def test_tenant_errors_about_their_own_input_stay_whole(shared):
     """Only server faults are hidden: a tenant's own mistake still names the field and the value."""
-    cluster, _ = shared
-    with Client(cluster.address, token=TENANT) as tenant, pytest.raises(FluxmeshError) as caught:
+    with Client(shared.address, token=TENANT) as tenant, pytest.raises(FluxmeshError) as caught:
         tenant.generate("a lighthouse", loras=[("no-such-lora", 0.5)], **SMALL)
     assert caught.value.code == grpc.StatusCode.NOT_FOUND
     assert "no LoRA named 'no-such-lora'" in caught.value.message, caught.value
 
 
-def test_the_admin_token_is_not_a_flag_value(tmp_path: Path):
+def test_the_admin_token_is_not_a_flag_value():
     """Like every token, the admin token comes from a file or a variable (argv is public)."""
     from typer.testing import CliRunner
 

@@ -11,7 +11,8 @@ loaded in a fresh process per way, side by side, each process's own peak (VmHWM)
   map of the whole file), what fluxmesh did before.
 
 Printed per way: the load's peak over the process's RSS before it, as a multiple of the loaded
-weights, and the RSS left after it. Defaults write ~3.6 GB and hold ~1.3 GiB of weights.
+weights, the RSS left after it and the load's seconds (warm page cache: the file was just
+written or read). Defaults write ~3.6 GB and hold ~1.3 GiB of weights.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 
 GIB = 2**30
 CHILD = """
-import json, sys
+import json, sys, time
 from pathlib import Path
 from fluxmesh.services.gguf import loading
 from fluxmesh.services.runtime.memory import module_bytes, process_memory
@@ -39,9 +40,11 @@ import torch
 loading.check_transformer_fits(gguf_file, model)  # imports done before the baseline
 before = process_memory().rss
 process_memory(reset_peak=True)
+started = time.perf_counter()
 transformer = loading.load_gguf_transformer(gguf_file, model, compute_dtype=torch.bfloat16)
+seconds = time.perf_counter() - started
 after = process_memory()
-print(json.dumps({"before": before, "peak": after.peak, "after": after.rss, "weights": module_bytes(transformer)}))
+print(json.dumps({"before": before, "peak": after.peak, "after": after.rss, "weights": module_bytes(transformer), "seconds": seconds}))
 """
 
 
@@ -72,7 +75,7 @@ def main() -> None:
             print(
                 f"{way:9s} weights {m['weights'] / GIB:.2f} GiB, load peak {(m['peak'] - m['before']) / GIB:.2f} GiB"
                 f" over the {m['before'] / GIB:.2f} GiB before = {(m['peak'] - m['before']) / m['weights']:.2f}x the weights;"
-                f" RSS after {m['after'] / GIB:.2f} GiB"
+                f" RSS after {m['after'] / GIB:.2f} GiB; {m['seconds']:.1f}s"
             )
     finally:
         if not args.keep:

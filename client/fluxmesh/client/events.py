@@ -166,6 +166,35 @@ def _image(message: common_pb2.Image) -> Image.Image:
     return image
 
 
+class EventDecoder:
+    """One request's wire events as SDK events: the pieces of each image (ImageChunk, which the SDK
+    asks for so that no message exceeds a stock 4 MiB receive limit) are put back together into
+    the Result's images, so callers see the same Result either way."""
+
+    def __init__(self) -> None:
+        self._images: list[tuple[generator_pb2.ImageChunk, list[bytes]]] = []  # (first piece, data)
+        self._complete = True  # the last image's last piece has arrived
+
+    def decode(self, message: generator_pb2.GenerateEvent) -> Event | None:
+        """The event `message` is, or None for an image piece (it joins the Result)."""
+        kind = message.WhichOneof("event")
+        if kind == "image_chunk":
+            chunk = message.image_chunk
+            if self._complete:  # a new image begins
+                self._images.append((chunk, []))
+            self._images[-1][1].append(chunk.data)
+            self._complete = chunk.last
+            return None
+        if kind == "result" and self._images:
+            if not self._complete:
+                raise ValueError(f"image {len(self._images) - 1} ended before its last piece")
+            message.result.images.extend(
+                common_pb2.Image(width=first.width, height=first.height, format=first.format, data=b"".join(data))
+                for first, data in self._images
+            )
+        return event_from_pb(message)
+
+
 def event_from_pb(message: generator_pb2.GenerateEvent) -> Event:
     kind = message.WhichOneof("event")
     rid = message.request_id

@@ -169,6 +169,9 @@ class GenerateOptions:
             init_image=None if self.init_image is None else image_bytes(self.init_image),
             mask_image=None if self.mask_image is None else image_bytes(self.mask_image),
             references=[reference.to_pb() for reference in self.references],
+            # Images in pieces before the Result (fluxmesh.orchestrator.results), reassembled by
+            # EventDecoder: no message a 4 MiB limit would refuse, whatever the channel's limit.
+            stream_images=True,
         )
         if self.cache is not None:
             request.cache.CopyFrom(step_cache.to_pb(self.cache))

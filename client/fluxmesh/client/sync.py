@@ -9,7 +9,7 @@ from typing import Any
 import grpc
 
 from fluxmesh.client import _core
-from fluxmesh.client.events import Event, GeneratorInfo, LoraInfo, Result, event_from_pb, info_from_pb, loras_from_pb
+from fluxmesh.client.events import Event, EventDecoder, GeneratorInfo, LoraInfo, Result, info_from_pb, loras_from_pb
 from fluxmesh.client.options import GenerateOptions, takes_generate_options
 from fluxmesh.rpc.channels import sync_channel
 from fluxmesh.rpc.security import check_token_transport
@@ -23,9 +23,12 @@ class GenerationStream:
         self._call = call
 
     def __iter__(self) -> Iterator[Event]:
+        decoder = EventDecoder()
         try:
             for message in self._call:
-                yield event_from_pb(message)
+                event = decoder.decode(message)
+                if event is not None:
+                    yield event
         except grpc.RpcError as error:
             raise _core.translate(error) from None
 

@@ -4,7 +4,8 @@ One request, in order: `check_request` (request.py, against the contract and the
 the admission queue (admission.py), then three timed phases — encode (the prompts through the
 prompt cache and the encoder, the init image through the vae, at once), denoise (steps relayed as
 they come, previews slotted in: previews.py), decode — each holding its stage through the
-residency strategy (residency/), and the result.
+residency strategy (residency/), and the result (its images in pieces first when the client
+asked: results.py).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from fluxmesh.orchestrator.prompt_cache import PromptCache
 from fluxmesh.orchestrator.references import Capabilities, encode_references, encoder_image_prompts
 from fluxmesh.orchestrator.request import GenerateParams, ModelFacts, check_request
 from fluxmesh.orchestrator.residency.resident import ResidencyStrategy, ResidentStrategy, SwapCost
+from fluxmesh.orchestrator.results import image_chunks
 from fluxmesh.orchestrator.stages import Stages
 from fluxmesh.rpc import request_ids, step_cache
 from fluxmesh.rpc.security import presented_token
@@ -142,9 +144,12 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
             timings = run.timings
             timings.swaps, timings.swap_seconds = run.swaps.swaps, run.swaps.seconds
             timings.total_seconds = time.perf_counter() - started
+            if request.stream_images:  # results.py: every message within a stock client's limit
+                for chunk in image_chunks(run.images):
+                    yield run.event(image_chunk=chunk)
             yield run.event(
                 result=generator_pb2.Result(
-                    images=run.images,
+                    images=[] if request.stream_images else run.images,
                     seed=params.seed,
                     timings=timings,
                     width=params.width,

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from fluxmesh.v1 import common_pb2 as fluxmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66luxmesh/v1/generator.proto\x12\x0b\x66luxmesh.v1\x1a\x18\x66luxmesh/v1/common.proto\"\xde\x04\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x10\n\x08prompt_2\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\x12\n\x05steps\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12\x15\n\x08guidance\x18\x06 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x02\x88\x01\x01\x12\x12\n\nnum_images\x18\x08 \x01(\x05\x12\x1b\n\x13max_sequence_length\x18\t \x01(\x05\x12&\n\x05loras\x18\n \x03(\x0b\x32\x17.fluxmesh.v1.LoraWeight\x12\x10\n\x08priority\x18\x0b \x01(\x05\x12%\n\x07preview\x18\x0c \x01(\x0b\x32\x14.fluxmesh.v1.Preview\x12\x12\n\ninit_image\x18\r \x01(\x0c\x12\x12\n\nmask_image\x18\x0e \x01(\x0c\x12\x15\n\x08strength\x18\x0f \x01(\x02H\x03\x88\x01\x01\x12\x1c\n\x0fnegative_prompt\x18\x10 \x01(\tH\x04\x88\x01\x01\x12\x19\n\x11negative_prompt_2\x18\x11 \x01(\t\x12\x1b\n\x0etrue_cfg_scale\x18\x12 \x01(\x02H\x05\x88\x01\x01\x12%\n\x05\x63\x61\x63he\x18\x14 \x01(\x0b\x32\x16.fluxmesh.v1.StepCache\x12*\n\nreferences\x18\x13 \x03(\x0b\x32\x16.fluxmesh.v1.ReferenceB\x08\n\x06_stepsB\x0b\n\t_guidanceB\x07\n\x05_seedB\x0b\n\t_strengthB\x12\n\x10_negative_promptB\x11\n\x0f_true_cfg_scale\"\xec\x02\n\tReference\x12(\n\x04role\x18\x01 \x01(\x0e\x32\x1a.fluxmesh.v1.ReferenceRole\x12\r\n\x05image\x18\x02 \x01(\x0c\x12\x12\n\x05scale\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x19\n\x0cpooled_scale\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x32\n\npreprocess\x18\x05 \x01(\x0e\x32\x1e.fluxmesh.v1.ControlPreprocess\x12\x11\n\tkeep_size\x18\x06 \x01(\x08\x12\x17\n\x0f\x63ontrolnet_mode\x18\x07 \x01(\x05\x12\x1a\n\rcontrol_start\x18\x08 \x01(\x02H\x02\x88\x01\x01\x12\x18\n\x0b\x63ontrol_end\x18\t \x01(\x02H\x03\x88\x01\x01\x12\x10\n\x08negative\x18\n \x01(\x08\x12\x12\n\ncontrolnet\x18\x0b \x01(\x05\x42\x08\n\x06_scaleB\x0f\n\r_pooled_scaleB\x10\n\x0e_control_startB\x0e\n\x0c_control_end\"@\n\x07Preview\x12&\n\x04kind\x18\x01 \x01(\x0e\x32\x18.fluxmesh.v1.PreviewKind\x12\r\n\x05\x65very\x18\x02 \x01(\x05\"\x1a\n\x06Queued\x12\x10\n\x08position\x18\x01 \x01(\x05\"1\n\x0cStageStarted\x12!\n\x05stage\x18\x01 \x01(\x0e\x32\x12.fluxmesh.v1.Stage\"C\n\rStageFinished\x12!\n\x05stage\x18\x01 \x01(\x0e\x32\x12.fluxmesh.v1.Stage\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\"p\n\x04Step\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\r\n\x05total\x18\x02 \x01(\x05\x12\x0f\n\x07seconds\x18\x03 \x01(\x01\x12$\n\x08previews\x18\x04 \x03(\x0b\x32\x12.fluxmesh.v1.Image\x12\x14\n\x0cpreview_step\x18\x05 \x01(\x05\"\xbe\x01\n\x07Timings\x12\x16\n\x0equeued_seconds\x18\x01 \x01(\x01\x12\x16\n\x0e\x65ncode_seconds\x18\x02 \x01(\x01\x12\x17\n\x0f\x64\x65noise_seconds\x18\x03 \x01(\x01\x12\x16\n\x0e\x64\x65\x63ode_seconds\x18\x04 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x05 \x01(\x01\x12\r\n\x05swaps\x18\x06 \x01(\x05\x12\x14\n\x0cswap_seconds\x18\x07 \x01(\x01\x12\x16\n\x0e\x63\x61\x63hed_encodes\x18\x08 \x01(\x05\"\xe5\x01\n\x06Result\x12\"\n\x06images\x18\x01 \x03(\x0b\x32\x12.fluxmesh.v1.Image\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x12%\n\x07timings\x18\x03 \x01(\x0b\x32\x14.fluxmesh.v1.Timings\x12\r\n\x05width\x18\x04 \x01(\x05\x12\x0e\n\x06height\x18\x05 \x01(\x05\x12\r\n\x05steps\x18\x06 \x01(\x05\x12\x10\n\x08guidance\x18\x07 \x01(\x02\x12\x10\n\x08warnings\x18\x08 \x03(\t\x12\x30\n\nstep_cache\x18\t \x01(\x0b\x32\x1c.fluxmesh.v1.StepCacheReport\"\x87\x02\n\rGenerateEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x06queued\x18\x02 \x01(\x0b\x32\x13.fluxmesh.v1.QueuedH\x00\x12\x32\n\rstage_started\x18\x03 \x01(\x0b\x32\x19.fluxmesh.v1.StageStartedH\x00\x12\x34\n\x0estage_finished\x18\x04 \x01(\x0b\x32\x1a.fluxmesh.v1.StageFinishedH\x00\x12!\n\x04step\x18\x05 \x01(\x0b\x32\x11.fluxmesh.v1.StepH\x00\x12%\n\x06result\x18\x06 \x01(\x0b\x32\x13.fluxmesh.v1.ResultH\x00\x42\x07\n\x05\x65vent\"g\n\rGeneratorInfo\x12&\n\x06stages\x18\x01 \x03(\x0b\x32\x16.fluxmesh.v1.StageInfo\x12\x15\n\rsize_multiple\x18\x02 \x01(\x05\x12\x17\n\x0fguidance_embeds\x18\x03 \x01(\x08*\xbf\x01\n\rReferenceRole\x12\x1e\n\x1aREFERENCE_ROLE_UNSPECIFIED\x10\x00\x12\x1a\n\x16REFERENCE_ROLE_KONTEXT\x10\x01\x12\x1a\n\x16REFERENCE_ROLE_CONTROL\x10\x02\x12\x18\n\x14REFERENCE_ROLE_REDUX\x10\x03\x12\x1d\n\x19REFERENCE_ROLE_IP_ADAPTER\x10\x04\x12\x1d\n\x19REFERENCE_ROLE_CONTROLNET\x10\x05*X\n\x0bPreviewKind\x12\x1c\n\x18PREVIEW_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11PREVIEW_KIND_FAST\x10\x01\x12\x14\n\x10PREVIEW_KIND_VAE\x10\x02*U\n\x05Stage\x12\x15\n\x11STAGE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSTAGE_ENCODE\x10\x01\x12\x11\n\rSTAGE_DENOISE\x10\x02\x12\x10\n\x0cSTAGE_DECODE\x10\x03\x32\xdd\x01\n\tGenerator\x12\x46\n\x08Generate\x12\x1c.fluxmesh.v1.GenerateRequest\x1a\x1a.fluxmesh.v1.GenerateEvent0\x01\x12<\n\x04Info\x12\x18.fluxmesh.v1.InfoRequest\x1a\x1a.fluxmesh.v1.GeneratorInfo\x12J\n\tListLoras\x12\x1d.fluxmesh.v1.ListLorasRequest\x1a\x1e.fluxmesh.v1.ListLorasResponseB\x96\x01\n\x15io.github.fluxmesh.v1B\x0eGeneratorProtoP\x01Z:github.com/fluxmesh/fluxmesh/gen/go/fluxmesh/v1;fluxmeshv1\xa2\x02\x03\x46XM\xaa\x02\x0b\x46luxmesh.V1\xca\x02\x0b\x46luxmesh\\V1\xea\x02\x0c\x46luxmesh::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66luxmesh/v1/generator.proto\x12\x0b\x66luxmesh.v1\x1a\x18\x66luxmesh/v1/common.proto\"\xf5\x04\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x10\n\x08prompt_2\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\x12\n\x05steps\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12\x15\n\x08guidance\x18\x06 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x02\x88\x01\x01\x12\x12\n\nnum_images\x18\x08 \x01(\x05\x12\x1b\n\x13max_sequence_length\x18\t \x01(\x05\x12&\n\x05loras\x18\n \x03(\x0b\x32\x17.fluxmesh.v1.LoraWeight\x12\x10\n\x08priority\x18\x0b \x01(\x05\x12%\n\x07preview\x18\x0c \x01(\x0b\x32\x14.fluxmesh.v1.Preview\x12\x12\n\ninit_image\x18\r \x01(\x0c\x12\x12\n\nmask_image\x18\x0e \x01(\x0c\x12\x15\n\x08strength\x18\x0f \x01(\x02H\x03\x88\x01\x01\x12\x1c\n\x0fnegative_prompt\x18\x10 \x01(\tH\x04\x88\x01\x01\x12\x19\n\x11negative_prompt_2\x18\x11 \x01(\t\x12\x1b\n\x0etrue_cfg_scale\x18\x12 \x01(\x02H\x05\x88\x01\x01\x12%\n\x05\x63\x61\x63he\x18\x14 \x01(\x0b\x32\x16.fluxmesh.v1.StepCache\x12*\n\nreferences\x18\x13 \x03(\x0b\x32\x16.fluxmesh.v1.Reference\x12\x15\n\rstream_images\x18\x15 \x01(\x08\x42\x08\n\x06_stepsB\x0b\n\t_guidanceB\x07\n\x05_seedB\x0b\n\t_strengthB\x12\n\x10_negative_promptB\x11\n\x0f_true_cfg_scale\"\xec\x02\n\tReference\x12(\n\x04role\x18\x01 \x01(\x0e\x32\x1a.fluxmesh.v1.ReferenceRole\x12\r\n\x05image\x18\x02 \x01(\x0c\x12\x12\n\x05scale\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x19\n\x0cpooled_scale\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x32\n\npreprocess\x18\x05 \x01(\x0e\x32\x1e.fluxmesh.v1.ControlPreprocess\x12\x11\n\tkeep_size\x18\x06 \x01(\x08\x12\x17\n\x0f\x63ontrolnet_mode\x18\x07 \x01(\x05\x12\x1a\n\rcontrol_start\x18\x08 \x01(\x02H\x02\x88\x01\x01\x12\x18\n\x0b\x63ontrol_end\x18\t \x01(\x02H\x03\x88\x01\x01\x12\x10\n\x08negative\x18\n \x01(\x08\x12\x12\n\ncontrolnet\x18\x0b \x01(\x05\x42\x08\n\x06_scaleB\x0f\n\r_pooled_scaleB\x10\n\x0e_control_startB\x0e\n\x0c_control_end\"@\n\x07Preview\x12&\n\x04kind\x18\x01 \x01(\x0e\x32\x18.fluxmesh.v1.PreviewKind\x12\r\n\x05\x65very\x18\x02 \x01(\x05\"\x1a\n\x06Queued\x12\x10\n\x08position\x18\x01 \x01(\x05\"1\n\x0cStageStarted\x12!\n\x05stage\x18\x01 \x01(\x0e\x32\x12.fluxmesh.v1.Stage\"C\n\rStageFinished\x12!\n\x05stage\x18\x01 \x01(\x0e\x32\x12.fluxmesh.v1.Stage\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\"p\n\x04Step\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\r\n\x05total\x18\x02 \x01(\x05\x12\x0f\n\x07seconds\x18\x03 \x01(\x01\x12$\n\x08previews\x18\x04 \x03(\x0b\x32\x12.fluxmesh.v1.Image\x12\x14\n\x0cpreview_step\x18\x05 \x01(\x05\"\xbe\x01\n\x07Timings\x12\x16\n\x0equeued_seconds\x18\x01 \x01(\x01\x12\x16\n\x0e\x65ncode_seconds\x18\x02 \x01(\x01\x12\x17\n\x0f\x64\x65noise_seconds\x18\x03 \x01(\x01\x12\x16\n\x0e\x64\x65\x63ode_seconds\x18\x04 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x05 \x01(\x01\x12\r\n\x05swaps\x18\x06 \x01(\x05\x12\x14\n\x0cswap_seconds\x18\x07 \x01(\x01\x12\x16\n\x0e\x63\x61\x63hed_encodes\x18\x08 \x01(\x05\"\x80\x01\n\nImageChunk\x12\r\n\x05index\x18\x01 \x01(\x05\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x0e\n\x06height\x18\x03 \x01(\x05\x12(\n\x06\x66ormat\x18\x04 \x01(\x0e\x32\x18.fluxmesh.v1.ImageFormat\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x0c\n\x04last\x18\x06 \x01(\x08\"\xe5\x01\n\x06Result\x12\"\n\x06images\x18\x01 \x03(\x0b\x32\x12.fluxmesh.v1.Image\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x12%\n\x07timings\x18\x03 \x01(\x0b\x32\x14.fluxmesh.v1.Timings\x12\r\n\x05width\x18\x04 \x01(\x05\x12\x0e\n\x06height\x18\x05 \x01(\x05\x12\r\n\x05steps\x18\x06 \x01(\x05\x12\x10\n\x08guidance\x18\x07 \x01(\x02\x12\x10\n\x08warnings\x18\x08 \x03(\t\x12\x30\n\nstep_cache\x18\t \x01(\x0b\x32\x1c.fluxmesh.v1.StepCacheReport\"\xb7\x02\n\rGenerateEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x06queued\x18\x02 \x01(\x0b\x32\x13.fluxmesh.v1.QueuedH\x00\x12\x32\n\rstage_started\x18\x03 \x01(\x0b\x32\x19.fluxmesh.v1.StageStartedH\x00\x12\x34\n\x0estage_finished\x18\x04 \x01(\x0b\x32\x1a.fluxmesh.v1.StageFinishedH\x00\x12!\n\x04step\x18\x05 \x01(\x0b\x32\x11.fluxmesh.v1.StepH\x00\x12%\n\x06result\x18\x06 \x01(\x0b\x32\x13.fluxmesh.v1.ResultH\x00\x12.\n\x0bimage_chunk\x18\x07 \x01(\x0b\x32\x17.fluxmesh.v1.ImageChunkH\x00\x42\x07\n\x05\x65vent\"g\n\rGeneratorInfo\x12&\n\x06stages\x18\x01 \x03(\x0b\x32\x16.fluxmesh.v1.StageInfo\x12\x15\n\rsize_multiple\x18\x02 \x01(\x05\x12\x17\n\x0fguidance_embeds\x18\x03 \x01(\x08*\xbf\x01\n\rReferenceRole\x12\x1e\n\x1aREFERENCE_ROLE_UNSPECIFIED\x10\x00\x12\x1a\n\x16REFERENCE_ROLE_KONTEXT\x10\x01\x12\x1a\n\x16REFERENCE_ROLE_CONTROL\x10\x02\x12\x18\n\x14REFERENCE_ROLE_REDUX\x10\x03\x12\x1d\n\x19REFERENCE_ROLE_IP_ADAPTER\x10\x04\x12\x1d\n\x19REFERENCE_ROLE_CONTROLNET\x10\x05*X\n\x0bPreviewKind\x12\x1c\n\x18PREVIEW_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11PREVIEW_KIND_FAST\x10\x01\x12\x14\n\x10PREVIEW_KIND_VAE\x10\x02*U\n\x05Stage\x12\x15\n\x11STAGE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSTAGE_ENCODE\x10\x01\x12\x11\n\rSTAGE_DENOISE\x10\x02\x12\x10\n\x0cSTAGE_DECODE\x10\x03\x32\xdd\x01\n\tGenerator\x12\x46\n\x08Generate\x12\x1c.fluxmesh.v1.GenerateRequest\x1a\x1a.fluxmesh.v1.GenerateEvent0\x01\x12<\n\x04Info\x12\x18.fluxmesh.v1.InfoRequest\x1a\x1a.fluxmesh.v1.GeneratorInfo\x12J\n\tListLoras\x12\x1d.fluxmesh.v1.ListLorasRequest\x1a\x1e.fluxmesh.v1.ListLorasResponseB\x96\x01\n\x15io.github.fluxmesh.v1B\x0eGeneratorProtoP\x01Z:github.com/fluxmesh/fluxmesh/gen/go/fluxmesh/v1;fluxmeshv1\xa2\x02\x03\x46XM\xaa\x02\x0b\x46luxmesh.V1\xca\x02\x0b\x46luxmesh\\V1\xea\x02\x0c\x46luxmesh::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,34 +33,36 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fluxmesh.v1.generator_pb2',
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\025io.github.fluxmesh.v1B\016GeneratorProtoP\001Z:github.com/fluxmesh/fluxmesh/gen/go/fluxmesh/v1;fluxmeshv1\242\002\003FXM\252\002\013Fluxmesh.V1\312\002\013Fluxmesh\\V1\352\002\014Fluxmesh::V1'
-  _globals['_REFERENCEROLE']._serialized_start=2171
-  _globals['_REFERENCEROLE']._serialized_end=2362
-  _globals['_PREVIEWKIND']._serialized_start=2364
-  _globals['_PREVIEWKIND']._serialized_end=2452
-  _globals['_STAGE']._serialized_start=2454
-  _globals['_STAGE']._serialized_end=2539
+  _globals['_REFERENCEROLE']._serialized_start=2373
+  _globals['_REFERENCEROLE']._serialized_end=2564
+  _globals['_PREVIEWKIND']._serialized_start=2566
+  _globals['_PREVIEWKIND']._serialized_end=2654
+  _globals['_STAGE']._serialized_start=2656
+  _globals['_STAGE']._serialized_end=2741
   _globals['_GENERATEREQUEST']._serialized_start=71
-  _globals['_GENERATEREQUEST']._serialized_end=677
-  _globals['_REFERENCE']._serialized_start=680
-  _globals['_REFERENCE']._serialized_end=1044
-  _globals['_PREVIEW']._serialized_start=1046
-  _globals['_PREVIEW']._serialized_end=1110
-  _globals['_QUEUED']._serialized_start=1112
-  _globals['_QUEUED']._serialized_end=1138
-  _globals['_STAGESTARTED']._serialized_start=1140
-  _globals['_STAGESTARTED']._serialized_end=1189
-  _globals['_STAGEFINISHED']._serialized_start=1191
-  _globals['_STAGEFINISHED']._serialized_end=1258
-  _globals['_STEP']._serialized_start=1260
-  _globals['_STEP']._serialized_end=1372
-  _globals['_TIMINGS']._serialized_start=1375
-  _globals['_TIMINGS']._serialized_end=1565
-  _globals['_RESULT']._serialized_start=1568
-  _globals['_RESULT']._serialized_end=1797
-  _globals['_GENERATEEVENT']._serialized_start=1800
-  _globals['_GENERATEEVENT']._serialized_end=2063
-  _globals['_GENERATORINFO']._serialized_start=2065
-  _globals['_GENERATORINFO']._serialized_end=2168
-  _globals['_GENERATOR']._serialized_start=2542
-  _globals['_GENERATOR']._serialized_end=2763
+  _globals['_GENERATEREQUEST']._serialized_end=700
+  _globals['_REFERENCE']._serialized_start=703
+  _globals['_REFERENCE']._serialized_end=1067
+  _globals['_PREVIEW']._serialized_start=1069
+  _globals['_PREVIEW']._serialized_end=1133
+  _globals['_QUEUED']._serialized_start=1135
+  _globals['_QUEUED']._serialized_end=1161
+  _globals['_STAGESTARTED']._serialized_start=1163
+  _globals['_STAGESTARTED']._serialized_end=1212
+  _globals['_STAGEFINISHED']._serialized_start=1214
+  _globals['_STAGEFINISHED']._serialized_end=1281
+  _globals['_STEP']._serialized_start=1283
+  _globals['_STEP']._serialized_end=1395
+  _globals['_TIMINGS']._serialized_start=1398
+  _globals['_TIMINGS']._serialized_end=1588
+  _globals['_IMAGECHUNK']._serialized_start=1591
+  _globals['_IMAGECHUNK']._serialized_end=1719
+  _globals['_RESULT']._serialized_start=1722
+  _globals['_RESULT']._serialized_end=1951
+  _globals['_GENERATEEVENT']._serialized_start=1954
+  _globals['_GENERATEEVENT']._serialized_end=2265
+  _globals['_GENERATORINFO']._serialized_start=2267
+  _globals['_GENERATORINFO']._serialized_end=2370
+  _globals['_GENERATOR']._serialized_start=2744
+  _globals['_GENERATOR']._serialized_end=2965
 # @@protoc_insertion_point(module_scope)

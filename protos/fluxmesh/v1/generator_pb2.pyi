@@ -44,7 +44,7 @@ STAGE_DENOISE: Stage
 STAGE_DECODE: Stage
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "prompt_2", "width", "height", "steps", "guidance", "seed", "num_images", "max_sequence_length", "loras", "priority", "preview", "init_image", "mask_image", "strength", "negative_prompt", "negative_prompt_2", "true_cfg_scale", "cache", "references")
+    __slots__ = ("prompt", "prompt_2", "width", "height", "steps", "guidance", "seed", "num_images", "max_sequence_length", "loras", "priority", "preview", "init_image", "mask_image", "strength", "negative_prompt", "negative_prompt_2", "true_cfg_scale", "cache", "references", "stream_images")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_2_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -65,6 +65,7 @@ class GenerateRequest(_message.Message):
     TRUE_CFG_SCALE_FIELD_NUMBER: _ClassVar[int]
     CACHE_FIELD_NUMBER: _ClassVar[int]
     REFERENCES_FIELD_NUMBER: _ClassVar[int]
+    STREAM_IMAGES_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     prompt_2: str
     width: int
@@ -85,7 +86,8 @@ class GenerateRequest(_message.Message):
     true_cfg_scale: float
     cache: _common_pb2.StepCache
     references: _containers.RepeatedCompositeFieldContainer[Reference]
-    def __init__(self, prompt: _Optional[str] = ..., prompt_2: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., loras: _Optional[_Iterable[_Union[_common_pb2.LoraWeight, _Mapping]]] = ..., priority: _Optional[int] = ..., preview: _Optional[_Union[Preview, _Mapping]] = ..., init_image: _Optional[bytes] = ..., mask_image: _Optional[bytes] = ..., strength: _Optional[float] = ..., negative_prompt: _Optional[str] = ..., negative_prompt_2: _Optional[str] = ..., true_cfg_scale: _Optional[float] = ..., cache: _Optional[_Union[_common_pb2.StepCache, _Mapping]] = ..., references: _Optional[_Iterable[_Union[Reference, _Mapping]]] = ...) -> None: ...
+    stream_images: bool
+    def __init__(self, prompt: _Optional[str] = ..., prompt_2: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., loras: _Optional[_Iterable[_Union[_common_pb2.LoraWeight, _Mapping]]] = ..., priority: _Optional[int] = ..., preview: _Optional[_Union[Preview, _Mapping]] = ..., init_image: _Optional[bytes] = ..., mask_image: _Optional[bytes] = ..., strength: _Optional[float] = ..., negative_prompt: _Optional[str] = ..., negative_prompt_2: _Optional[str] = ..., true_cfg_scale: _Optional[float] = ..., cache: _Optional[_Union[_common_pb2.StepCache, _Mapping]] = ..., references: _Optional[_Iterable[_Union[Reference, _Mapping]]] = ..., stream_images: _Optional[bool] = ...) -> None: ...
 
 class Reference(_message.Message):
     __slots__ = ("role", "image", "scale", "pooled_scale", "preprocess", "keep_size", "controlnet_mode", "control_start", "control_end", "negative", "controlnet")
@@ -175,6 +177,22 @@ class Timings(_message.Message):
     cached_encodes: int
     def __init__(self, queued_seconds: _Optional[float] = ..., encode_seconds: _Optional[float] = ..., denoise_seconds: _Optional[float] = ..., decode_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., swaps: _Optional[int] = ..., swap_seconds: _Optional[float] = ..., cached_encodes: _Optional[int] = ...) -> None: ...
 
+class ImageChunk(_message.Message):
+    __slots__ = ("index", "width", "height", "format", "data", "last")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    width: int
+    height: int
+    format: _common_pb2.ImageFormat
+    data: bytes
+    last: bool
+    def __init__(self, index: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., format: _Optional[_Union[_common_pb2.ImageFormat, str]] = ..., data: _Optional[bytes] = ..., last: _Optional[bool] = ...) -> None: ...
+
 class Result(_message.Message):
     __slots__ = ("images", "seed", "timings", "width", "height", "steps", "guidance", "warnings", "step_cache")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
@@ -198,20 +216,22 @@ class Result(_message.Message):
     def __init__(self, images: _Optional[_Iterable[_Union[_common_pb2.Image, _Mapping]]] = ..., seed: _Optional[int] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., warnings: _Optional[_Iterable[str]] = ..., step_cache: _Optional[_Union[_common_pb2.StepCacheReport, _Mapping]] = ...) -> None: ...
 
 class GenerateEvent(_message.Message):
-    __slots__ = ("request_id", "queued", "stage_started", "stage_finished", "step", "result")
+    __slots__ = ("request_id", "queued", "stage_started", "stage_finished", "step", "result", "image_chunk")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     QUEUED_FIELD_NUMBER: _ClassVar[int]
     STAGE_STARTED_FIELD_NUMBER: _ClassVar[int]
     STAGE_FINISHED_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_CHUNK_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     queued: Queued
     stage_started: StageStarted
     stage_finished: StageFinished
     step: Step
     result: Result
-    def __init__(self, request_id: _Optional[str] = ..., queued: _Optional[_Union[Queued, _Mapping]] = ..., stage_started: _Optional[_Union[StageStarted, _Mapping]] = ..., stage_finished: _Optional[_Union[StageFinished, _Mapping]] = ..., step: _Optional[_Union[Step, _Mapping]] = ..., result: _Optional[_Union[Result, _Mapping]] = ...) -> None: ...
+    image_chunk: ImageChunk
+    def __init__(self, request_id: _Optional[str] = ..., queued: _Optional[_Union[Queued, _Mapping]] = ..., stage_started: _Optional[_Union[StageStarted, _Mapping]] = ..., stage_finished: _Optional[_Union[StageFinished, _Mapping]] = ..., step: _Optional[_Union[Step, _Mapping]] = ..., result: _Optional[_Union[Result, _Mapping]] = ..., image_chunk: _Optional[_Union[ImageChunk, _Mapping]] = ...) -> None: ...
 
 class GeneratorInfo(_message.Message):
     __slots__ = ("stages", "size_multiple", "guidance_embeds")

@@ -15,7 +15,7 @@ from PIL import Image
 
 from conftest import stage_metadata
 from factories import PROMPT, init_and_mask, max_abs_diff
-from fluxmesh.v1 import generator_pb2
+from fluxmesh.v1 import common_pb2, generator_pb2
 from test_family import (
     CANNY,
     CONTROL,
@@ -42,7 +42,24 @@ def models(tmp_path_factory) -> dict[str, Path]:
     from fluxmesh.services.tools.tiny_model import write_tiny_model
 
     root = tmp_path_factory.mktemp("family-rest")
-    return {variant: write_tiny_model(root / variant, variant=variant) for variant in ("kontext", "control")}
+    return {variant: write_tiny_model(root / variant, variant=variant) for variant in ("kontext", "control", "base")}
+
+
+@pytest.fixture(scope="module")
+def control_lora(models) -> Path:
+    """The tiny Canny Control LoRA, as `fluxmesh tiny-model --variant control-lora` writes it."""
+    from fluxmesh.services.tools.tiny_model import CONTROL_LORA_FILE, write_tiny_model
+
+    return write_tiny_model(models["base"].parent / "canny-lora", variant="control-lora") / CONTROL_LORA_FILE
+
+
+@pytest.fixture(scope="module")
+def style_lora(models, tmp_path_factory) -> Path:
+    from lora_fixtures import write_lora
+
+    return write_lora(
+        "kohya", tmp_path_factory.mktemp("family-rest-loras") / "style.safetensors", models["base"], seed=5
+    )
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +71,14 @@ def kontext_cluster(models):
 @pytest.fixture(scope="module")
 def control_cluster(models):
     with _cluster(models["control"]) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def lora_cluster(models, control_lora, style_lora):
+    """A base FLUX.1 model whose denoiser fuses the Canny Control LoRA (and serves per-request LoRAs)."""
+    loras = ["--lora-dir", str(style_lora.parent)]
+    with _cluster(models["base"], denoiser=["--control-lora", str(control_lora), *loras], encoder=loras) as cluster:
         yield cluster
 
 
@@ -182,6 +207,59 @@ def test_control_inpainting_with_server_side_canny_matches_flux_control_inpaint_
     assert max_abs_diff(_pixels(result)[0], img2img[0]) > 1  # the mask keeps the outside from the init image
 
 
+# -- a Control LoRA on a base model --------------------------------------------------------------
+
+
+def control_lora_expected(models, control_lora, control, *, seed: int, style: tuple[Path, float] | None = None, **call):
+    """FluxControlPipeline on the base folder with the Control LoRA loaded (diffusers widens x_embedder)."""
+    import diffusers
+
+    pipe = diffusers.FluxControlPipeline.from_pretrained(str(models["base"]), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(control_lora), adapter_name="canny")
+    if style is not None:
+        pipe.load_lora_weights(str(style[0]), adapter_name="style")
+        pipe.set_adapters(["canny", "style"], adapter_weights=[1.0, style[1]])
+    return pipe(prompt=PROMPT, control_image=control, generator=_generator(seed), **call).images
+
+
+def test_a_control_lora_makes_the_base_model_a_control_model(lora_cluster, models, control_lora):
+    from fluxmesh.v1 import common_pb2 as common
+    from fluxmesh.v1 import generator_pb2_grpc
+
+    with grpc.insecure_channel(lora_cluster.address) as channel:
+        info = generator_pb2_grpc.GeneratorStub(channel).Info(common.InfoRequest(), timeout=30)
+    assert [stage.control for stage in info.stages if stage.stage == "denoiser"] == [True]
+    photo = _images(13, (80, 64))[0]
+    result = _generate(
+        lora_cluster.address, [_reference(CONTROL, photo, preprocess=CANNY)], width=80, height=64, steps=3,
+        guidance=10.0, seed=6, num_images=2,
+    )  # fmt: skip
+    expected = control_lora_expected(
+        models, control_lora, canny_as_controlnet_aux(photo), seed=6, width=80, height=64, num_inference_steps=3,
+        guidance_scale=10.0, num_images_per_prompt=2,
+    )  # fmt: skip
+    assert _all_within_one(result, expected)
+    error = _refused(lora_cluster.address, [], width=64, height=64, steps=1)  # a Control model needs its image
+    assert error.code() == INVALID and error.details().startswith("references:")
+
+
+def test_a_lora_stacks_on_the_control_lora(lora_cluster, models, control_lora, style_lora):
+    control = _images(14, (64, 64))[0]
+    options = dict(width=64, height=64, steps=2, guidance=10.0, seed=8)
+    result = _generate(
+        lora_cluster.address,
+        [_reference(CONTROL, control)],
+        loras=[common_pb2.LoraWeight(name="style", weight=0.8)],
+        **options,
+    )
+    call = dict(width=64, height=64, num_inference_steps=2, guidance_scale=10.0)
+    expected = control_lora_expected(models, control_lora, control, seed=8, style=(style_lora, 0.8), **call)
+    assert _all_within_one(result, expected)
+    plain = control_lora_expected(models, control_lora, control, seed=8, **call)
+    assert max_abs_diff(_pixels(result)[0], plain[0]) > 1  # the style LoRA shows
+
+
 # -- bad input -----------------------------------------------------------------------------------
 
 
@@ -278,12 +356,16 @@ def test_a_kontext_reference_counts_against_the_work_budget():
 # -- sequential mode (last: it leaves the stages released; each test loads them back) -----------
 
 
-def test_sequential_mode_keeps_kontext_and_control_edit_pixels(kontext_cluster, control_cluster):
+def test_sequential_mode_keeps_kontext_control_edit_and_control_lora_pixels(
+    kontext_cluster, control_cluster, lora_cluster
+):
+    """The Control LoRA's widened x_embedder is made again when the released denoiser loads."""
     init, mask = init_and_mask(64, 64, seed=11)
     image = _images(12, (64, 64))[0]
     for cluster, references in (
         (kontext_cluster, [_reference(KONTEXT, image, keep_size=True)]),
         (control_cluster, [_reference(CONTROL, image, preprocess=CANNY)]),
+        (lora_cluster, [_reference(CONTROL, image, preprocess=CANNY)]),
     ):
         options = dict(_edit(init, mask, strength=0.9), steps=3, guidance=3.0, seed=5)
         resident = _generate(cluster.address, references, **options)

@@ -30,6 +30,7 @@ class StageOptions:
     t5_gguf: Path | None = None  # encoder only
     redux: str | None = None  # encoder only: a FLUX.1-Redux folder or Hub id
     transformer_gguf: Path | None = None  # denoiser only
+    control_lora: Path | None = None  # denoiser only: a FLUX.1 Canny/Depth LoRA on a base model
     max_batch: int | None = None  # denoiser only: rows per shared forward (None: batching.DEFAULT_MAX_BATCH)
     step_cache: str = "off"  # denoiser only: the default policy, KIND[:THRESHOLD] (step_cache.py)
     step_cache_ceiling: float = 1.0  # denoiser only: the largest threshold a request may ask
@@ -105,6 +106,7 @@ def _denoiser(options: StageOptions, folder: Path, device: Device) -> Service:
         transformer_gguf=options.transformer_gguf,
         lora_dir=options.lora_dir,
         step_cache=limits,
+        control_lora=options.control_lora,
         load=False,
     )
     batching = {"max_batch": options.max_batch} if options.max_batch else {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -127,6 +128,13 @@ def serve_denoiser(
     step_cache_ceiling: Annotated[
         float, typer.Option(help="Largest first-block/mag threshold a request may ask.")
     ] = 1.0,
+    control_lora: Annotated[
+        Path | None,
+        typer.Option(
+            help="A FLUX.1 Canny/Depth Control LoRA (.safetensors) fused into the base model: its x_embedder "
+            "widens and CONTROL references are served, as FluxControlPipeline.load_lora_weights."
+        ),
+    ] = None,
     serving: ServeOptions = ServeOptions(),
 ) -> None:
     """FLUX transformer stage (optionally GGUF-quantized, with per-request LoRAs)."""
@@ -141,6 +149,7 @@ def serve_denoiser(
         max_batch=max_batch,
         step_cache=step_cache,
         step_cache_ceiling=step_cache_ceiling,
+        control_lora=control_lora,
     )
 
 

@@ -26,8 +26,9 @@ def tiny_model(
     variant: Annotated[
         Variant,
         typer.Option(
-            help="base (FLUX.1-dev/schnell), fill, kontext, control (Canny/Depth) or redux (a FLUX.1-Redux folder "
-            "for `serve encoder --redux`, matching this --size)."
+            help="base (FLUX.1-dev/schnell), fill, kontext, control (Canny/Depth), redux (a FLUX.1-Redux folder "
+            "for `serve encoder --redux`, matching this --size) or control-lora (a Canny Control LoRA file for "
+            "`serve denoiser --control-lora` on this --size's base model)."
         ),
     ] = Variant.base,
 ) -> None:

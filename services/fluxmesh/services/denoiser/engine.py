@@ -21,6 +21,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransfo
 
 from fluxmesh import contract
 from fluxmesh.rpc.errors import Cancelled, InvalidArgument
+from fluxmesh.services.denoiser.control_lora import ControlLora
 from fluxmesh.services.denoiser.family import (
     Conditioning,
     check_conditioning,
@@ -85,9 +86,11 @@ class DenoiserEngine:
         transformer_gguf: Path | None = None,
         lora_dir: Path | None = None,
         step_cache: StepCacheLimits = StepCacheLimits(),
+        control_lora: Path | None = None,
         load: bool = True,
     ):
-        """`load=False` leaves the weights unread: the stage's `Residency` loads them when told."""
+        """`load=False` leaves the weights unread: the stage's `Residency` loads them when told.
+        `control_lora`: a FLUX.1 Canny/Depth LoRA, fused into a base model each time it is read."""
         self.folder = folder
         self.device = device
         self.transformer_gguf = transformer_gguf
@@ -108,7 +111,13 @@ class DenoiserEngine:
         in_channels = int(config.get("in_channels", 64))
         out_channels = int(config.get("out_channels") or in_channels)
         self.fill = is_fill_transformer(in_channels, out_channels, self.vae_scale_factor)
-        self.control = is_control_transformer(in_channels, out_channels)  # FLUX.1-Canny/Depth
+        self.control_lora = None
+        if control_lora is not None:
+            if transformer_gguf is not None:
+                raise InvalidArgument("control_lora", "widening a GGUF transformer's x_embedder is not served")
+            self.control_lora = ControlLora(control_lora, in_channels=in_channels, out_channels=out_channels)
+        # FLUX.1-Canny/Depth, or a base model with their Control LoRA
+        self.control = is_control_transformer(in_channels, out_channels) or self.control_lora is not None
         # FLUX.1-Kontext has FLUX.1-dev's shapes: only its model_index.json says what it is.
         self.kontext = model_folder.read_index(folder).get("_class_name", "").startswith("FluxKontext")
         log.info(
@@ -139,6 +148,8 @@ class DenoiserEngine:
                 local_files_only=True,
                 use_safetensors=True,  # never unpickle a .bin
             )
+        if self.control_lora is not None:
+            self.control_lora.apply(transformer)
         self.transformer = transformer.to(device).eval()
         self.loras.bind(self.transformer)
 

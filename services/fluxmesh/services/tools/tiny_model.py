@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-__all__ = ["ModelSize", "Variant", "write_tiny_model", "write_tiny_redux"]
+__all__ = ["ModelSize", "Variant", "write_tiny_control_lora", "write_tiny_model", "write_tiny_redux"]
 
 
 class ModelSize(str, Enum):
@@ -36,6 +36,7 @@ class Variant(str, Enum):
     kontext = "kontext"  # FLUX.1-Kontext-dev: dev-shaped, model_index names FluxKontextPipeline
     control = "control"  # FLUX.1-Canny-dev / Depth-dev: FluxControlPipeline, in_channels doubled (128)
     redux = "redux"  # FLUX.1-Redux-dev: SigLIP + Redux image embedder (no transformer), FluxPriorReduxPipeline
+    control_lora = "control-lora"  # FLUX.1-Canny-dev-lora: a Control LoRA for the base model of the same size
 
 
 _PIPELINES = {
@@ -182,6 +183,8 @@ def write_tiny_model(
     variant = Variant.fill if fill else Variant(variant)
     if variant == Variant.redux:
         return write_tiny_redux(path, size=size, seed=seed, t5_width=t5_width)
+    if variant == Variant.control_lora:
+        return write_tiny_control_lora(path, size=size, seed=seed).parent
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
@@ -352,6 +355,52 @@ def write_tiny_redux(
         },
     )
     return root
+
+
+CONTROL_LORA_FILE = "flux1-canny-dev-lora.safetensors"  # the file name in black-forest-labs/FLUX.1-Canny-dev-lora
+
+
+def write_tiny_control_lora(path: str | Path, *, size: ModelSize | str = ModelSize.tiny, seed: int = 0) -> Path:
+    """A FLUX.1 Control LoRA for the base model `write_tiny_model` writes at this size, written to
+    `path/flux1-canny-dev-lora.safetensors` and returned: LoRA pairs on `x_embedder` taking twice
+    the packed channels (latents + control-image latents, 128) and on every attention projection,
+    plus the q/k norm scales a Control LoRA carries. The keys are diffusers' (`transformer.` + the
+    module, as FluxControlPipeline.save_lora_weights and diffusers' Control LoRA trainer write
+    them): BFL's own files use BFL's names, which diffusers converts only at FLUX.1's full widths
+    (19 + 38 blocks of 3072), so a tiny one cannot take them."""
+    import torch
+    from safetensors.torch import save_file
+
+    dims = _DIMS[ModelSize(size)]
+    inner, rank, packed = dims.heads * dims.head_dim, 4, 4 * 16
+    generator = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+
+    def pair(module: str, in_features: int, out_features: int) -> None:
+        tensors[f"transformer.{module}.lora_A.weight"] = torch.randn(rank, in_features, generator=generator) * 0.3
+        tensors[f"transformer.{module}.lora_B.weight"] = torch.randn(out_features, rank, generator=generator) * 0.3
+
+    def norms(block: str, names: tuple[str, ...]) -> None:
+        for name in names:
+            scale = 1 + 0.1 * torch.randn(dims.head_dim, generator=generator)
+            tensors[f"transformer.{block}.attn.{name}.weight"] = scale
+
+    pair("x_embedder", 2 * packed, inner)
+    for i in range(dims.double_blocks):
+        block = f"transformer_blocks.{i}"
+        for module in ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"):
+            pair(f"{block}.attn.{module}", inner, inner)
+        norms(block, ("norm_q", "norm_k", "norm_added_q", "norm_added_k"))
+    for i in range(dims.single_blocks):
+        block = f"single_transformer_blocks.{i}"
+        for module in ("to_q", "to_k", "to_v"):
+            pair(f"{block}.attn.{module}", inner, inner)
+        norms(block, ("norm_q", "norm_k"))
+    pair("proj_out", inner, packed)
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, root / CONTROL_LORA_FILE, metadata={"format": "pt"})
+    return root / CONTROL_LORA_FILE
 
 
 def _diffusers_version() -> str:

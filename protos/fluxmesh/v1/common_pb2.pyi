@@ -111,7 +111,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StageInfo(_message.Message):
-    __slots__ = ("stage", "model", "dtype", "device", "weight_bytes", "peak_memory_bytes", "details", "residency", "size_multiple", "vae_scale_factor", "guidance_embeds", "fill", "max_sequence_length", "transformer_gguf", "identity", "latent_rgb", "kontext", "control", "redux", "ip_adapter_embed_dim", "controlnets")
+    __slots__ = ("stage", "model", "dtype", "device", "weight_bytes", "peak_memory_bytes", "details", "residency", "size_multiple", "vae_scale_factor", "guidance_embeds", "fill", "max_sequence_length", "transformer_gguf", "identity", "latent_rgb", "kontext", "control", "redux", "ip_adapter_embed_dim", "controlnets", "depth")
     class DetailsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -140,6 +140,7 @@ class StageInfo(_message.Message):
     REDUX_FIELD_NUMBER: _ClassVar[int]
     IP_ADAPTER_EMBED_DIM_FIELD_NUMBER: _ClassVar[int]
     CONTROLNETS_FIELD_NUMBER: _ClassVar[int]
+    DEPTH_FIELD_NUMBER: _ClassVar[int]
     stage: str
     model: str
     dtype: str
@@ -161,7 +162,8 @@ class StageInfo(_message.Message):
     redux: bool
     ip_adapter_embed_dim: int
     controlnets: _containers.RepeatedCompositeFieldContainer[ControlNetInfo]
-    def __init__(self, stage: _Optional[str] = ..., model: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., peak_memory_bytes: _Optional[int] = ..., details: _Optional[_Mapping[str, str]] = ..., residency: _Optional[str] = ..., size_multiple: _Optional[int] = ..., vae_scale_factor: _Optional[int] = ..., guidance_embeds: _Optional[bool] = ..., fill: _Optional[bool] = ..., max_sequence_length: _Optional[int] = ..., transformer_gguf: _Optional[str] = ..., identity: _Optional[str] = ..., latent_rgb: _Optional[_Iterable[float]] = ..., kontext: _Optional[bool] = ..., control: _Optional[bool] = ..., redux: _Optional[bool] = ..., ip_adapter_embed_dim: _Optional[int] = ..., controlnets: _Optional[_Iterable[_Union[ControlNetInfo, _Mapping]]] = ...) -> None: ...
+    depth: bool
+    def __init__(self, stage: _Optional[str] = ..., model: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., peak_memory_bytes: _Optional[int] = ..., details: _Optional[_Mapping[str, str]] = ..., residency: _Optional[str] = ..., size_multiple: _Optional[int] = ..., vae_scale_factor: _Optional[int] = ..., guidance_embeds: _Optional[bool] = ..., fill: _Optional[bool] = ..., max_sequence_length: _Optional[int] = ..., transformer_gguf: _Optional[str] = ..., identity: _Optional[str] = ..., latent_rgb: _Optional[_Iterable[float]] = ..., kontext: _Optional[bool] = ..., control: _Optional[bool] = ..., redux: _Optional[bool] = ..., ip_adapter_embed_dim: _Optional[int] = ..., controlnets: _Optional[_Iterable[_Union[ControlNetInfo, _Mapping]]] = ..., depth: _Optional[bool] = ...) -> None: ...
 
 class ControlNetInfo(_message.Message):
     __slots__ = ("name", "union_modes", "pixels")

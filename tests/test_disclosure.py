@@ -129,11 +129,13 @@ def test_tenant_errors_about_their_own_input_stay_whole(shared):
     assert "no LoRA named 'no-such-lora'" in caught.value.message, caught.value
 
 
-def test_the_admin_token_is_not_a_flag_value():
-    """Like every token, the admin token comes from a file or a variable (argv is public)."""
+@pytest.mark.parametrize("command", [["serve", "orchestrator"], ["up", "--model", "unused"]])
+def test_the_admin_token_comes_from_a_file_or_a_variable(command):
+    """`serve orchestrator` and `up` take it as every token is taken (argv is public): an unset
+    variable is one line and exit 2, before anything starts."""
     from typer.testing import CliRunner
 
     from fluxmesh.cli.main import app
 
-    result = CliRunner().invoke(app, ["serve", "orchestrator", "--admin-token-env", "FLUXMESH_NO_SUCH_VARIABLE"])
+    result = CliRunner().invoke(app, [*command, "--admin-token-env", "FLUXMESH_NO_SUCH_VARIABLE"])
     assert result.exit_code == 2 and "FLUXMESH_NO_SUCH_VARIABLE is unset or empty" in result.output, result.output

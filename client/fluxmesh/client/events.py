@@ -89,7 +89,7 @@ class Result:
 class LoraInfo:
     name: str
     size_bytes: int
-    cached: bool
+    cached: bool  # read and converted already; told only to the orchestrator's admin (else False)
 
 
 def loras_from_pb(message: common_pb2.ListLorasResponse) -> list[LoraInfo]:
@@ -98,7 +98,8 @@ def loras_from_pb(message: common_pb2.ListLorasResponse) -> list[LoraInfo]:
 
 @dataclass(frozen=True)
 class StageInfo:
-    """What one stage process holds."""
+    """What one stage process holds. An orchestrator that tells its tenants apart gives an ordinary
+    token the model's name and facts only: paths, memory, residency and details are its admin's."""
 
     stage: str  # encoder, denoiser or vae
     model: str  # folder or Hub id

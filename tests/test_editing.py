@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import STAGE_FLAGS, stage_metadata
+from conftest import stage_metadata
 from factories import PROMPT, edit_reference_images, init_and_mask, max_abs_diff
 from fluxmesh.client import Client, FluxmeshError
 
@@ -140,9 +140,9 @@ def fill_model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fill_cluster(fill_model):
-    from fluxmesh.cli.supervisor import free_port, start_local
+    from mesh import Mesh
 
-    with start_local(str(fill_model), port=free_port(), common_args=STAGE_FLAGS, timeout=180) as cluster:
+    with Mesh(fill_model).start_all() as cluster:
         yield cluster
 
 

@@ -9,7 +9,6 @@ for previews by FLUXMESH_TEST_PREVIEW_DELAY).
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 
 import numpy as np
@@ -17,7 +16,6 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import STAGE_FLAGS
 from factories import PROMPT, init_and_mask, max_abs_diff, pearson
 from fluxmesh.client import Client, Result, Step
 
@@ -163,14 +161,9 @@ def test_vae_previews_arrive_decoded_at_full_size(dev_cluster):
 @pytest.fixture(scope="module")
 def slow_preview_cluster(dev_model):
     """The tiny dev model with the vae stage taking 5 s longer for every preview decode."""
-    from fluxmesh.cli.supervisor import free_port, start_local
+    from mesh import Mesh
 
-    os.environ["FLUXMESH_TEST_PREVIEW_DELAY"] = str(SLOW_PREVIEW_SECONDS)
-    try:
-        cluster = start_local(str(dev_model), port=free_port(), common_args=STAGE_FLAGS, timeout=180)
-    finally:
-        del os.environ["FLUXMESH_TEST_PREVIEW_DELAY"]  # only these children see it
-    with cluster:
+    with Mesh(dev_model, env={"FLUXMESH_TEST_PREVIEW_DELAY": str(SLOW_PREVIEW_SECONDS)}).start_all() as cluster:
         yield cluster
 
 

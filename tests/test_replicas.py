@@ -15,13 +15,11 @@ import time
 import grpc
 import pytest
 
-from conftest import STAGE_FLAGS, stage_access
-from fluxmesh.cli.supervisor import Cluster, free_port, health_status
 from fluxmesh.client import Client, FluxmeshError
 from fluxmesh.orchestrator.replicas import Replica, ReplicaSet, channel_options, parse_targets
 from fluxmesh.rpc.errors import InvalidArgument
 from fluxmesh.v1 import common_pb2, denoiser_pb2_grpc
-from mesh import SERVING
+from mesh import SERVING, Mesh, wait_until
 
 PROMPT = "two foxes in the snow"
 
@@ -96,61 +94,36 @@ async def test_a_dns_target_reaches_the_stage_through_round_robin(stage_addresse
 # --------------------------------------------------------------------------- two real denoisers
 
 
-def _denoiser_requests(address: str) -> int:
+def _denoiser_requests(cluster: Mesh, address: str) -> int:
     with grpc.insecure_channel(address) as channel:
-        info = denoiser_pb2_grpc.DenoiserStub(channel).Info(common_pb2.InfoRequest(), timeout=10)
+        info = denoiser_pb2_grpc.DenoiserStub(channel).Info(
+            common_pb2.InfoRequest(), timeout=10, metadata=cluster.stage_metadata()
+        )
     return int(info.details["requests"])
+
+
+REPLICAS = ("denoiser-a", "denoiser-b")
+
+
+def _replica_up(cluster: Mesh, address: str) -> bool:
+    """Whether the orchestrator's monitor last saw the replica at `address` up (it logs changes)."""
+    log = cluster.log("orchestrator")
+    return log.rfind(f"denoiser replica {address} is down") <= log.rfind(f"denoiser replica {address} is SERVING")
 
 
 @pytest.fixture(scope="module")
 def two_denoisers(dev_model, stage_addresses, stage_token):
-    flags, env = stage_access(stage_token)  # the shared encoder and vae demand their token
-    cluster = Cluster()
-    try:
-        denoisers = []
-        for name in ("denoiser-a", "denoiser-b"):
-            port = free_port()
-            cluster.start(
-                name,
-                [
-                    "serve",
-                    "denoiser",
-                    "--model",
-                    str(dev_model),
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(port),
-                    *STAGE_FLAGS,
-                ],
-                f"127.0.0.1:{port}",
-            )
-            denoisers.append(f"127.0.0.1:{port}")
-        port = free_port()
-        cluster.start(
-            "orchestrator",
-            [
-                "serve",
-                "orchestrator",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--max-active",
-                "8",
-                f"--encoder={stage_addresses['encoder']}",
-                f"--denoiser={','.join(denoisers)}",
-                f"--vae={stage_addresses['vae']}",
-                *flags,
-            ],
-            f"127.0.0.1:{port}",
-            env,
-        )
-        cluster.wait_serving(180)
-        time.sleep(1.5)  # SERVING once one replica is; a health-monitor round later it has seen both
+    shared = {stage: stage_addresses[stage] for stage in ("encoder", "vae")}  # they demand stage_token
+    cluster = Mesh(
+        dev_model, stages=shared, stage_token=stage_token, extra_args={"orchestrator": ["--max-active", "8"]}
+    )
+    denoisers = [cluster.address_of(name) for name in REPLICAS]
+    cluster.stages["denoiser"] = ",".join(denoisers)
+    with cluster:
+        # SERVING once one replica is; the monitor logs each replica it saw down, then up again
+        cluster.start_all(*REPLICAS, "orchestrator")
+        wait_until(lambda: all(_replica_up(cluster, address) for address in denoisers), what="both replicas seen")
         yield cluster, denoisers
-    finally:
-        cluster.stop()
 
 
 def _burst(address: str, seeds, steps: int):
@@ -167,10 +140,10 @@ def _burst(address: str, seeds, steps: int):
 
 def test_both_replicas_receive_work_under_a_burst(two_denoisers):
     cluster, denoisers = two_denoisers
-    before = [_denoiser_requests(a) for a in denoisers]
+    before = [_denoiser_requests(cluster, a) for a in denoisers]
     results = _burst(cluster.address, range(8), steps=4)
     assert not [r for r in results if isinstance(r, Exception)]
-    gained = [_denoiser_requests(a) - b for a, b in zip(denoisers, before)]
+    gained = [_denoiser_requests(cluster, a) - b for a, b in zip(denoisers, before)]
     assert sum(gained) == 8 and min(gained) >= 2, gained  # spread by calls in flight, not all on one
 
 
@@ -181,15 +154,13 @@ def test_killing_a_replica_mid_burst_loses_only_what_it_was_computing(two_denois
     Afterwards the dead replica is skipped: everything succeeds, and the orchestrator stays
     SERVING because a replica of every stage is."""
     cluster, denoisers = two_denoisers
-    victim = next(c for c in cluster.children if c.name == "denoiser-a")
-    started = _denoiser_requests(denoisers[0])
+    victim = cluster.process("denoiser-a")
+    started = _denoiser_requests(cluster, denoisers[0])
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         burst = pool.submit(_burst, cluster.address, range(100, 110), 40)
-        deadline = time.monotonic() + 60
-        while _denoiser_requests(denoisers[0]) < started + 2 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        victim.process.send_signal(signal.SIGKILL)
-        victim.process.wait()
+        wait_until(lambda: _denoiser_requests(cluster, denoisers[0]) >= started + 2, 60, interval=0.02)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
         results = burst.result(timeout=300)
     failures = [r for r in results if isinstance(r, Exception)]
     assert len(failures) <= 1, [str(f) for f in failures]
@@ -199,5 +170,5 @@ def test_killing_a_replica_mid_burst_loses_only_what_it_was_computing(two_denois
 
     after = _burst(cluster.address, range(200, 206), steps=2)
     assert not [r for r in after if isinstance(r, Exception)]
-    time.sleep(1.5)  # a health-monitor round
-    assert health_status(cluster.address) == SERVING
+    cluster.wait_monitor_rounds("denoiser-b")  # a whole monitor round since, with the victim down
+    assert cluster.health() == SERVING

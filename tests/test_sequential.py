@@ -20,16 +20,16 @@ from pathlib import Path
 import grpc
 import pytest
 
-from conftest import stage_access, stage_metadata
+from conftest import stage_metadata
 from factories import max_abs_diff
-from fluxmesh.cli.supervisor import Cluster, free_port, health_status
+from fluxmesh.cli.supervisor import free_port, health_status
 from fluxmesh.client import Client
 from fluxmesh.orchestrator.residency.resident import SwapCost
 from fluxmesh.orchestrator.residency.sequential import SequentialStrategy
 from fluxmesh.rpc.errors import NOT_RESIDENT, FluxmeshError, reason_of
 from fluxmesh.rpc.security import STAGE_TOKEN_ENV
 from fluxmesh.v1 import encoder_pb2, encoder_pb2_grpc, residency_pb2, residency_pb2_grpc
-from mesh import SERVING
+from mesh import SERVING, Mesh, wait_for_health
 
 PROMPT = "a lighthouse on a cliff at dusk"
 STAGES = ("encoder", "denoiser", "vae")
@@ -266,38 +266,21 @@ def sequential_up(tmp_path_factory):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    resident = Cluster()
+    resident = None
     try:
-        deadline = time.monotonic() + 180
-        while health_status(f"127.0.0.1:{port}") != SERVING:
-            assert up.poll() is None and time.monotonic() < deadline, "fluxmesh up --sequential did not come up"
-            time.sleep(0.2)
+        wait_for_health(f"127.0.0.1:{port}", timeout=180, process=up)  # fluxmesh up --sequential came up
         stages = _stage_ports(up.pid)
         _TOKEN["stage"] = _up_stage_token(up.pid)
         initial = {stage: _status(address) for stage, (_, address) in stages.items()}
-        resident_port = free_port()
-        flags, env = stage_access(_TOKEN["stage"])
-        # Sequential mode leaves weights released: this resident orchestrator is NOT_SERVING until
-        # its test loads them, so it is waited for as a process, not for SERVING.
-        resident.start(
-            "resident",
-            [
-                "serve",
-                "orchestrator",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(resident_port),
-                "--max-active",
-                "4",
-                *[f"--{s}={stages[s][1]}" for s in STAGES],
-                *flags,
-            ],
-            f"127.0.0.1:{resident_port}",
-            env,
-            probe_tcp_only=True,
+        resident = Mesh(
+            stages={s: stages[s][1] for s in STAGES},
+            stage_token=_TOKEN["stage"],
+            extra_args={"orchestrator": ["--max-active", "4"]},
         )
-        resident.wait_serving(120)
+        # Sequential mode leaves weights released: this resident orchestrator is NOT_SERVING until
+        # its test loads them, so it is waited for as a process that answers, not for SERVING.
+        resident.start("orchestrator")
+        resident.wait_answering(timeout=120)
         yield {
             "sequential": f"127.0.0.1:{port}",
             "resident": resident.address,
@@ -306,7 +289,8 @@ def sequential_up(tmp_path_factory):
             "model": model,
         }
     finally:
-        resident.stop()
+        if resident is not None:
+            resident.stop()
         up.terminate()
         up.wait(60)
 
@@ -450,25 +434,12 @@ def test_the_prompt_cache_skips_the_encoder_and_its_swap_on_a_repeated_burst(seq
     from factories import max_abs_diff, reference_images
 
     stages = sequential_up["stages"]
-    cached = Cluster()
-    port = free_port()
-    flags, env = stage_access(_TOKEN["stage"])
-    cached.start(
-        "cached",
-        [
-            "serve",
-            "orchestrator",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--sequential",
-            *[f"--{s}={stages[s][1]}" for s in STAGES],
-            *flags,
-        ],
-        f"127.0.0.1:{port}",
-        env,
+    cached = Mesh(
+        stages={s: stages[s][1] for s in STAGES},
+        stage_token=_TOKEN["stage"],
+        extra_args={"orchestrator": ["--sequential"]},
     )
+    cached.start("orchestrator")
     prompt = "a paper boat on a pond, repeated"
 
     def burst(seeds):
@@ -484,7 +455,7 @@ def test_the_prompt_cache_skips_the_encoder_and_its_swap_on_a_repeated_burst(seq
             return int(next(s for s in client.info().stages if s.stage == "encoder").details["requests"])
 
     try:
-        cached.wait_serving(120)
+        cached.wait_health(SERVING, timeout=120)
         before = encoder_requests()
         first = burst([21, 22, 23, 24])
         assert encoder_requests() == before + 1  # one encoder call for the four

@@ -48,12 +48,9 @@ def wide_t5_model(tmp_path_factory):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_t5_xxl_sized_embedding_passes_every_hop(wide_t5_model, dtype):
     """512x4096 is 8 MiB in fp32 and 4 MiB in bf16, both at or over gRPC's 4 MiB default."""
-    from conftest import STAGE_FLAGS
-    from fluxmesh.cli.supervisor import free_port, start_local
+    from mesh import Mesh
 
-    with start_local(
-        str(wide_t5_model), port=free_port(), common_args=[*STAGE_FLAGS, "--dtype", dtype], timeout=180
-    ) as cluster:
+    with Mesh(wide_t5_model, stage_args=["--dtype", dtype]).start_all() as cluster:
         with Client(cluster.address, timeout=120) as client:
             info = {s.stage: s for s in client.info().stages}
             result = client.generate(PROMPT, width=64, height=64, steps=2, guidance=3.5, seed=5)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
+# ControlNets: tiny_controlnet.py
 __all__ = ["ModelSize", "Variant", "write_tiny_control_lora", "write_tiny_model", "write_tiny_redux"]
 
 
@@ -37,7 +38,17 @@ class Variant(str, Enum):
     control = "control"  # FLUX.1-Canny-dev / Depth-dev: FluxControlPipeline, in_channels doubled (128)
     redux = "redux"  # FLUX.1-Redux-dev: SigLIP + Redux image embedder (no transformer), FluxPriorReduxPipeline
     control_lora = "control-lora"  # FLUX.1-Canny-dev-lora: a Control LoRA for the base model of the same size
+    # ControlNets for a base model of the same size (FluxControlNetModel folders: config.json + weights)
+    controlnet = "controlnet"  # InstantX/FLUX.1-dev-Controlnet-Canny's layout
+    controlnet_union = "controlnet-union"  # InstantX / Shakker-Labs ControlNet-Union: num_mode 10
+    controlnet_xlabs = "controlnet-xlabs"  # XLabs-AI flux-controlnet-*-diffusers: input_hint_block on pixels
 
+
+CONTROLNET_VARIANTS = {
+    Variant.controlnet: "instantx",
+    Variant.controlnet_union: "union",
+    Variant.controlnet_xlabs: "xlabs",
+}
 
 _PIPELINES = {
     Variant.base: "FluxPipeline",
@@ -185,6 +196,11 @@ def write_tiny_model(
         return write_tiny_redux(path, size=size, seed=seed, t5_width=t5_width)
     if variant == Variant.control_lora:
         return write_tiny_control_lora(path, size=size, seed=seed).parent
+    if variant in CONTROLNET_VARIANTS:
+        from fluxmesh.services.tools.tiny_controlnet import write_tiny_controlnet
+
+        layout = CONTROLNET_VARIANTS[variant]
+        return write_tiny_controlnet(path, layout, size=size, seed=seed, schnell=schnell, t5_width=t5_width)
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel

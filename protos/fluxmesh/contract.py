@@ -58,6 +58,8 @@ __all__ = [
     "fit_size",
     "REDUX_SEQUENCE_LENGTH",
     "check_redux_scale",
+    "check_controlnet_scale",
+    "check_control_span",
     "check_conditioning_length",
     "PREFERRED_KONTEXT_RESOLUTIONS",
     "MEGAPIXEL",
@@ -88,6 +90,8 @@ class Limits:
     max_true_cfg_scale: float = 30.0  # FluxPipeline's true_cfg_scale; 1 is off
     max_redux_images: int = 4  # FluxPriorReduxPipeline image prompts per request (their entries are summed)
     max_redux_scale: float = 4.0  # its prompt_embeds_scale / pooled_prompt_embeds_scale
+    max_controlnet_images: int = 4  # CONTROLNET references per request (one ControlNet forward each, per step)
+    max_controlnet_scale: float = 2.0  # controlnet_conditioning_scale
     max_image_prompt_tokens: int = 1024  # tokens an image prompt appends to T5's (Redux's SigLIP at 384 px: 729)
     # FLUX.1 distilled guidance (dev 3.5, Fill 30). Beyond ~100 the embedding's guidance x 1000
     # overflows and the latents turn to NaN after a whole denoise.
@@ -190,7 +194,7 @@ class ReferenceRole(StrEnum):
     control = "control"  # FLUX.1-Canny/Depth: the control image
     redux = "redux"  # FLUX.1-Redux: an image prompt
     ip_adapter = "ip-adapter"  # not served yet
-    controlnet = "controlnet"  # not served yet
+    controlnet = "controlnet"  # a ControlNet's control image (the denoiser's --controlnet)
 
     @property
     def pb(self) -> int:
@@ -495,6 +499,19 @@ def check_conditioning_length(field: str, length: int, limits: Limits = LIMITS) 
 def check_redux_scale(field: str, scale: float, limits: Limits = LIMITS) -> None:
     if not math.isfinite(scale) or not 0.0 <= scale <= limits.max_redux_scale:
         raise InvalidArgument(field, f"{scale} must be finite within [0, {limits.max_redux_scale:g}]")
+
+
+def check_controlnet_scale(field: str, scale: float, limits: Limits = LIMITS) -> None:
+    if not math.isfinite(scale) or not 0.0 <= scale <= limits.max_controlnet_scale:
+        raise InvalidArgument(field, f"{scale} must be finite within [0, {limits.max_controlnet_scale:g}]")
+
+
+def check_control_span(start: float, end: float, start_field: str, end_field: str) -> None:
+    """control_guidance_start / _end: the fraction of the steps a ControlNet acts in, 0 <= start < end <= 1."""
+    if not math.isfinite(start) or not 0.0 <= start < 1.0:
+        raise InvalidArgument(start_field, f"{start} must be within [0, 1)")
+    if not math.isfinite(end) or not start < end <= 1.0:
+        raise InvalidArgument(end_field, f"{end} must be within ({start:g}, 1] (after {start_field})")
 
 
 def check_lora_weight(weight: Any, field: str, limits: Limits = LIMITS) -> float:

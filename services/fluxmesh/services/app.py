@@ -31,6 +31,7 @@ class StageOptions:
     redux: str | None = None  # encoder only: a FLUX.1-Redux folder or Hub id
     transformer_gguf: Path | None = None  # denoiser only
     control_lora: Path | None = None  # denoiser only: a FLUX.1 Canny/Depth LoRA on a base model
+    controlnets: tuple[str, ...] = ()  # denoiser only: FluxControlNetModel folders or Hub ids, in order
     max_batch: int | None = None  # denoiser only: rows per shared forward (None: batching.DEFAULT_MAX_BATCH)
     step_cache: str = "off"  # denoiser only: the default policy, KIND[:THRESHOLD] (step_cache.py)
     step_cache_ceiling: float = 1.0  # denoiser only: the largest threshold a request may ask
@@ -93,6 +94,7 @@ def _encoder(options: StageOptions, folder: Path, device: Device) -> Service:
 
 
 def _denoiser(options: StageOptions, folder: Path, device: Device) -> Service:
+    from fluxmesh.services.denoiser.controlnet import resolve_controlnet
     from fluxmesh.services.denoiser.engine import DenoiserEngine
     from fluxmesh.services.denoiser.servicer import DenoiserServicer
     from fluxmesh.services.denoiser.step_cache import StepCacheLimits, parse_policy
@@ -107,6 +109,7 @@ def _denoiser(options: StageOptions, folder: Path, device: Device) -> Service:
         lora_dir=options.lora_dir,
         step_cache=limits,
         control_lora=options.control_lora,
+        controlnets=[resolve_controlnet(source) for source in options.controlnets],
         load=False,
     )
     batching = {"max_batch": options.max_batch} if options.max_batch else {}

@@ -135,6 +135,13 @@ def serve_denoiser(
             "widens and CONTROL references are served, as FluxControlPipeline.load_lora_weights."
         ),
     ] = None,
+    controlnet: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A FluxControlNetModel folder or Hub id (InstantX, Union, XLabs diffusers layouts); repeatable: "
+            "CONTROLNET references name them by position. Held and released with the transformer."
+        ),
+    ] = None,
     serving: ServeOptions = ServeOptions(),
 ) -> None:
     """FLUX transformer stage (optionally GGUF-quantized, with per-request LoRAs)."""
@@ -150,6 +157,7 @@ def serve_denoiser(
         step_cache=step_cache,
         step_cache_ceiling=step_cache_ceiling,
         control_lora=control_lora,
+        controlnets=tuple(controlnet or ()),
     )
 
 

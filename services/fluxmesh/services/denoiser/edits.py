@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fluxmesh.rpc.errors import InvalidArgument
+from fluxmesh.services.denoiser.controlnet import controlnet_images_from_pb
 from fluxmesh.services.denoiser.family import Conditioning
 from fluxmesh.services.denoiser.modes import InitImage
 from fluxmesh.services.denoiser.previews import PreviewSpec
@@ -45,4 +46,4 @@ def conditioning_from_pb(request: denoiser_pb2.DenoiseRequest) -> Conditioning |
     }
     if len(tensors) > 1:
         raise InvalidArgument("conditioning", "kontext_latents and control_posterior are for different models")
-    return Conditioning(**tensors)
+    return Conditioning(**tensors, controlnets=controlnet_images_from_pb(conditioning))

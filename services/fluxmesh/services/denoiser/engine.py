@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +22,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransfo
 from fluxmesh import contract
 from fluxmesh.rpc.errors import Cancelled, InvalidArgument
 from fluxmesh.services.denoiser.control_lora import ControlLora
+from fluxmesh.services.denoiser.controlnet import ControlNets
 from fluxmesh.services.denoiser.family import (
     Conditioning,
     check_conditioning,
@@ -87,10 +88,12 @@ class DenoiserEngine:
         lora_dir: Path | None = None,
         step_cache: StepCacheLimits = StepCacheLimits(),
         control_lora: Path | None = None,
+        controlnets: Sequence[Path] = (),
         load: bool = True,
     ):
         """`load=False` leaves the weights unread: the stage's `Residency` loads them when told.
-        `control_lora`: a FLUX.1 Canny/Depth LoRA, fused into a base model each time it is read."""
+        `control_lora`: a FLUX.1 Canny/Depth LoRA, fused into a base model each time it is read.
+        `controlnets`: FluxControlNetModel folders, held (and released) with the transformer."""
         self.folder = folder
         self.device = device
         self.transformer_gguf = transformer_gguf
@@ -120,6 +123,7 @@ class DenoiserEngine:
         self.control = is_control_transformer(in_channels, out_channels) or self.control_lora is not None
         # FLUX.1-Kontext has FLUX.1-dev's shapes: only its model_index.json says what it is.
         self.kontext = model_folder.read_index(folder).get("_class_name", "").startswith("FluxKontext")
+        self.controlnets = ControlNets(controlnets, config)
         log.info(
             "denoiser: transformer%s from %s for %s, guidance embedding: %s, LoRAs: %s",
             f" (GGUF {transformer_gguf})" if transformer_gguf else "",
@@ -152,16 +156,18 @@ class DenoiserEngine:
             self.control_lora.apply(transformer)
         self.transformer = transformer.to(device).eval()
         self.loras.bind(self.transformer)
+        self.controlnets.load(device, self.device.dtype)
 
     def drop_weights(self) -> None:
         self.loras.bind(None)
         self.transformer = None
+        self.controlnets.drop()
 
     def weight_modules(self) -> list[torch.nn.Module]:
-        return [self.transformer] if self.transformer is not None else []
+        return ([self.transformer] if self.transformer is not None else []) + self.controlnets.modules()
 
     def weight_bytes(self) -> int:
-        return module_bytes(self.transformer)
+        return module_bytes(self.transformer) + self.controlnets.weight_bytes()
 
     def check(self, job: DenoiseJob) -> None:
         """Reject a request before any compute, naming the field."""
@@ -208,6 +214,8 @@ class DenoiserEngine:
             latent_channels=self.latent_channels,
             vae_scale_factor=self.vae_scale_factor,
         )
+        if job.conditioning is not None and job.conditioning.controlnets:
+            self._check_controlnets(job)
         if job.conditioning is not None and job.conditioning.control_posterior is not None and job.true_cfg:
             raise InvalidArgument("true_cfg_scale", "FluxControlPipeline has no true CFG")
         steps_run = contract.steps_after_strength(job.steps, job.init.strength) if job.init is not None else job.steps
@@ -240,25 +248,48 @@ class DenoiserEngine:
         if self.fill:
             raise InvalidArgument("true_cfg_scale", "FLUX.1-Fill models have no true CFG (FluxFillPipeline)")
 
+    def _check_controlnets(self, job: DenoiseJob) -> None:
+        conditioning = job.conditioning
+        if conditioning.kontext_latents is not None or conditioning.control_posterior is not None:
+            raise InvalidArgument(
+                "conditioning.controlnets", "FluxControlNetPipeline takes no Kontext or Control input"
+            )
+        if job.init is not None:
+            raise InvalidArgument(
+                "init", "an init image with ControlNets (FluxControlNetImg2ImgPipeline) is not served"
+            )
+        self.controlnets.check(
+            conditioning.controlnets,
+            width=job.width,
+            height=job.height,
+            latent_channels=self.latent_channels,
+            vae_scale_factor=self.vae_scale_factor,
+        )
+
     def _mode(self, job: DenoiseJob):
+        if job.conditioning is not None and job.conditioning.controlnets:
+            return self.controlnets.mode(job.conditioning.controlnets, self.vae_config, self.device.dtype)
         return (
             choose_family_edit(job.conditioning, job.init)
             or choose_family_mode(job.conditioning)
             or choose_mode(job.init, fill_transformer=self.fill)
         )
 
-    def pipeline(self, pipeline_class: type = FluxPipeline, *, x0: bool = False) -> FluxPipeline:
+    def pipeline(self, pipeline_class: type = FluxPipeline, *, x0: bool = False, **components) -> FluxPipeline:
         """A per-request pipeline: shared transformer, fresh scheduler (one that keeps the x0
-        estimate when previews need it)."""
+        estimate when previews need it); `components` the mode's own (a ControlNet, its vae)."""
         scheduler_class = X0Scheduler if x0 else FlowMatchEulerDiscreteScheduler
         pipe = pipeline_class(
-            scheduler=scheduler_class.from_config(self.scheduler_config),
-            vae=VaeConfig(self.vae_config, self.device.dtype),
-            text_encoder=None,
-            tokenizer=None,
-            text_encoder_2=None,
-            tokenizer_2=None,
-            transformer=self.transformer,
+            **{
+                "scheduler": scheduler_class.from_config(self.scheduler_config),
+                "vae": VaeConfig(self.vae_config, self.device.dtype),
+                "text_encoder": None,
+                "tokenizer": None,
+                "text_encoder_2": None,
+                "tokenizer_2": None,
+                "transformer": self.transformer,
+                **components,
+            }
         )
         pipe.set_progress_bar_config(disable=True)
         return pipe
@@ -357,7 +388,7 @@ class DenoiserEngine:
         # Adapters live in the shared transformer: switch them on the model thread, right before
         # this request's loop, so concurrent requests never see each other's set.
         self.loras.activate(list(job.loras))
-        pipe = self.pipeline(mode.pipeline_class, x0=previewer is not None)
+        pipe = self.pipeline(mode.pipeline_class, x0=previewer is not None, **mode.components())
         geometry = Geometry(batch=embeds.shape[0], width=job.width, height=job.height, device=device, dtype=dtype)
         latents = pipe(
             prompt_embeds=embeds,

@@ -23,6 +23,7 @@ from diffusers import FluxControlPipeline, FluxKontextPipeline
 
 from fluxmesh.contract import LIMITS
 from fluxmesh.rpc.errors import InvalidArgument
+from fluxmesh.services.denoiser.controlnet import ControlNetImage
 from fluxmesh.services.denoiser.modes import Geometry, InitImage, Mode, _sample, _scaled
 
 __all__ = ["Conditioning", "check_conditioning", "choose_family_mode", "is_control_transformer"]
@@ -32,6 +33,7 @@ __all__ = ["Conditioning", "check_conditioning", "choose_family_mode", "is_contr
 class Conditioning:
     kontext_latents: torch.Tensor | None = None  # (1, C, h, w): scaled posterior mode of the reference
     control_posterior: torch.Tensor | None = None  # (1, 2C, H/8, W/8): moments of the control image
+    controlnets: tuple[ControlNetImage, ...] = ()  # ControlNets' control images (controlnet.py)
 
 
 def is_control_transformer(in_channels: int, out_channels: int) -> bool:

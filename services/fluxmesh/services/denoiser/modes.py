@@ -140,6 +140,10 @@ class Mode:
     def inputs(self, pipe, seed: int, geometry: Geometry) -> dict[str, Any]:
         return {"generator": torch.Generator("cpu").manual_seed(seed)}
 
+    def components(self) -> dict[str, Any]:
+        """Pipeline components of the mode's own beside the shared ones (a ControlNet)."""
+        return {}
+
 
 class ImageToImage(Mode):
     name = "image-to-image"

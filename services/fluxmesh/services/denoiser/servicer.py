@@ -96,6 +96,7 @@ class DenoiserServicer(StageServicer, denoiser_pb2_grpc.DenoiserServicer):
             "fill": self.engine.fill,  # FLUX.1-Fill: needs an init image and a mask
             "kontext": self.engine.kontext,  # FLUX.1-Kontext: KONTEXT references
             "control": self.engine.control,  # FLUX.1-Canny/Depth: needs a CONTROL reference
+            "controlnets": self.engine.controlnets.info(),  # --controlnet: CONTROLNET references
             "transformer_gguf": str(self.engine.transformer_gguf or ""),
             "size_multiple": self.engine.size_multiple,
         }

@@ -22,19 +22,31 @@ STAGE_SUBFOLDERS = {
 
 
 def resolve_model(model: str, stage: str) -> Path:
-    path = Path(model).expanduser()
-    if path.exists():
-        if not (path / "model_index.json").is_file():
-            raise FailedPrecondition(f"model {model!r}: no model_index.json; expected a diffusers-layout folder")
-        return path.resolve()
-    if model.count("/") != 1 or model.startswith((".", "/", "~")):
-        raise NotFound(f"model {model!r}: no such folder (and not a Hub id like black-forest-labs/FLUX.1-dev)")
-    from huggingface_hub import snapshot_download
-
     patterns = ["model_index.json"]
     for sub in STAGE_SUBFOLDERS[stage]:
         patterns.append(sub if sub.endswith(".json") else f"{sub}/*")
-    return Path(snapshot_download(model, allow_patterns=patterns))
+    return resolve_folder(
+        model,
+        what="model",
+        marker="model_index.json",
+        expected="a diffusers-layout folder",
+        example="black-forest-labs/FLUX.1-dev",
+        patterns=patterns,
+    )
+
+
+def resolve_folder(source: str, *, what: str, marker: str, expected: str, example: str, patterns: list[str]) -> Path:
+    """A local folder holding `marker`, or a Hub id whose files matching `patterns` are fetched."""
+    path = Path(source).expanduser()
+    if path.exists():
+        if not (path / marker).is_file():
+            raise FailedPrecondition(f"{what} {source!r}: no {marker}; expected {expected}")
+        return path.resolve()
+    if source.count("/") != 1 or source.startswith((".", "/", "~")):
+        raise NotFound(f"{what} {source!r}: no such folder (and not a Hub id like {example})")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(source, allow_patterns=patterns))
 
 
 def read_index(folder: Path) -> dict[str, Any]:

@@ -67,11 +67,15 @@ class ImageEncoder:
     def check(self, width: int, height: int) -> None:
         contract.check_size(width, height, self.engine.size_multiple)
 
+    def pixels(self, image: Image.Image, width: int, height: int) -> torch.Tensor:
+        """(1, 3, H, W) in [-1, 1]: the image as the pipelines preprocess it before encoding (what
+        an XLabs ControlNet's input_hint_block takes in place of latents)."""
+        return self.image_processor.preprocess(init_image_rgb(image), height=height, width=width).to(torch.float32)
+
     def encode(
         self, image: Image.Image, mask: Image.Image | None, width: int, height: int, fill: bool = False
     ) -> EncodedImage:
-        pixels = self.image_processor.preprocess(init_image_rgb(image), height=height, width=width)
-        pixels = pixels.to(dtype=torch.float32)
+        pixels = self.pixels(image, width, height)
         posterior = self._posterior(pixels)
         config = self.engine.vae.config
         latents = (posterior.mode() - config.shift_factor) * config.scaling_factor

@@ -65,7 +65,12 @@ class VaeServicer(StageServicer, vae_pb2_grpc.VaeServicer):
     async def Encode(self, request: vae_pb2.EncodeImageRequest, context) -> vae_pb2.EncodeImageResponse:
         self.encoder.check(request.width, request.height)
         image, mask = await asyncio.to_thread(_open_images, request)  # decoding is CPU work: off the loop
+        if request.pixels and mask is not None:
+            raise InvalidArgument("mask", "a control image has no mask")
         self.requests += 1
+        if request.pixels:  # no weights needed: off the model thread, whatever the residency
+            pixels = await asyncio.to_thread(self.encoder.pixels, image, request.width, request.height)
+            return vae_pb2.EncodeImageResponse(pixels=to_pb(pixels))
         encoded = await self.worker.run(self.encoder.encode, image, mask, request.width, request.height, request.fill)
         response = vae_pb2.EncodeImageResponse(
             latents=to_pb(encoded.latents),

@@ -8,6 +8,7 @@ with Client("localhost:50050") as client:
 
 from fluxmesh.client.aio import AsyncClient, AsyncGenerationStream
 from fluxmesh.client.events import (
+    ControlNetInfo,
     Event,
     GeneratorInfo,
     LoraInfo,
@@ -28,6 +29,7 @@ __all__ = [
     "AsyncClient",
     "AsyncGenerationStream",
     "Client",
+    "ControlNetInfo",
     "Event",
     "FluxmeshError",
     "GenerateOptions",

@@ -120,6 +120,16 @@ class StageInfo:
     max_sequence_length: int = 0  # encoder: its default T5 length
     transformer_gguf: str = ""  # denoiser
     latent_rgb: tuple[float, ...] = ()  # vae: the latent -> RGB map of fast previews
+    controlnets: tuple[ControlNetInfo, ...] = ()  # denoiser: its ControlNets, as CONTROLNET references name them
+
+
+@dataclass(frozen=True)
+class ControlNetInfo:
+    """One of the denoiser's ControlNets (`Reference("controlnet", ..., controlnet=i)` names it)."""
+
+    name: str  # its folder's name
+    union_modes: int  # ControlNet-Union: its number of control modes; 0: not a union model
+    pixels: bool  # XLabs layout: takes the control image as pixels
 
 
 @dataclass(frozen=True)
@@ -152,6 +162,7 @@ def info_from_pb(message: generator_pb2.GeneratorInfo) -> GeneratorInfo:
             max_sequence_length=s.max_sequence_length,
             transformer_gguf=s.transformer_gguf,
             latent_rgb=tuple(s.latent_rgb),
+            controlnets=tuple(ControlNetInfo(c.name, c.union_modes, c.pixels) for c in s.controlnets),
         )
         for s in message.stages
     ]

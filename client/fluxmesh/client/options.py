@@ -48,15 +48,20 @@ def _doc(text: str) -> dict[str, str]:
 @dataclass(frozen=True)
 class Reference:
     """An image that conditions a generation, by role (docs/family.md): `Reference("kontext", "photo.png")`,
-    `Reference("redux", image, scale=0.8)`, `Reference("control", photo, preprocess="canny")`."""
+    `Reference("redux", image, scale=0.8)`, `Reference("control", photo, preprocess="canny")`,
+    `Reference("controlnet", edges, controlnet=1, controlnet_mode=0, scale=0.7, control_end=0.8)`."""
 
     role: ReferenceRole | str
     image: ImageInput
     _: KW_ONLY
-    scale: float | None = None  # redux: prompt_embeds_scale (default 1)
+    scale: float | None = None  # redux: prompt_embeds_scale; controlnet: conditioning scale (default 1)
     pooled_scale: float | None = None  # redux: pooled_prompt_embeds_scale (default 1)
-    preprocess: ControlPreprocess | str | None = None  # control: e.g. "canny", done by the server
+    preprocess: ControlPreprocess | str | None = None  # control, controlnet: e.g. "canny", done by the server
     keep_size: bool = False  # kontext: no snap to Kontext's preferred resolutions
+    controlnet: int = 0  # controlnet: which of the denoiser's ControlNets (StageInfo.controlnets)
+    controlnet_mode: int = 0  # controlnet: a union model's control mode
+    control_start: float | None = None  # controlnet: control_guidance_start (default 0)
+    control_end: float | None = None  # controlnet: control_guidance_end (default 1)
 
     def __post_init__(self) -> None:  # InvalidArgument naming the field, before any call
         object.__setattr__(self, "role", ReferenceRole.parse(str(self.role), "references.role"))
@@ -73,6 +78,10 @@ class Reference:
             scale=self.scale,
             pooled_scale=self.pooled_scale,
             keep_size=self.keep_size,
+            controlnet=self.controlnet,
+            controlnet_mode=self.controlnet_mode,
+            control_start=self.control_start,
+            control_end=self.control_end,
         )
         if self.preprocess is not None:
             reference.preprocess = cast(common_pb2.ControlPreprocess, cast(ControlPreprocess, self.preprocess).pb)

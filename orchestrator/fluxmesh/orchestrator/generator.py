@@ -23,6 +23,7 @@ import grpc
 from fluxmesh import contract
 from fluxmesh.contract import LIMITS, Limits, Phase, Stage
 from fluxmesh.orchestrator.admission import AdmissionQueue
+from fluxmesh.orchestrator.controlnets import ControlNetFacts
 from fluxmesh.orchestrator.deadlines import Deadline
 from fluxmesh.orchestrator.disclosure import Disclosure
 from fluxmesh.orchestrator.metrics import record_result
@@ -104,7 +105,12 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
                 size_multiple=denoiser.size_multiple or ModelFacts.size_multiple,  # 0: a stage that does not say
                 guidance_embeds=denoiser.guidance_embeds,
                 fill=denoiser.fill,
-                capabilities=Capabilities(kontext=denoiser.kontext, control=denoiser.control, redux=encoder.redux),
+                capabilities=Capabilities(
+                    kontext=denoiser.kontext,
+                    control=denoiser.control,
+                    redux=encoder.redux,
+                    controlnets=tuple(ControlNetFacts.from_pb(net) for net in denoiser.controlnets),
+                ),
             )
         return self._facts
 

@@ -2,14 +2,15 @@
 
 Each reference is an image with a role: KONTEXT (the image FluxKontextPipeline edits), CONTROL
 (FluxControlPipeline's control image), REDUX (FluxPriorReduxPipeline's image prompts), and the
-roles fluxmesh does not serve yet (IP_ADAPTER, CONTROLNET). With an init image and mask a KONTEXT
+roles fluxmesh does not serve yet (IP_ADAPTER). With an init image and mask a KONTEXT
 reference is FluxKontextInpaintPipeline; a CONTROL one with an init image (and mask)
-FluxControlImg2ImgPipeline (FluxControlInpaintPipeline). Every combination is checked here,
+FluxControlImg2ImgPipeline (FluxControlInpaintPipeline); CONTROLNET references (controlnets.py)
+are a ControlNet's control images. Every combination is checked here,
 before any stage works: fields that do not belong to a role, counts, scales, combinations with
 the other inputs, and whether the loaded models have the capability at all (FAILED_PRECONDITION
 naming the reference when they do not; the capabilities come from the stages' Info).
 
-The vae stage encodes KONTEXT and CONTROL images in the same turn as an init image; REDUX images
+The vae stage encodes KONTEXT, CONTROL and CONTROLNET images in the same turn as an init image; REDUX images
 go to the encoder with the prompt (see `encode_references` and the generator).
 """
 
@@ -19,6 +20,13 @@ from dataclasses import dataclass
 
 from fluxmesh import contract
 from fluxmesh.contract import LIMITS, PREFERRED_KONTEXT_RESOLUTIONS, REDUX_SEQUENCE_LENGTH, Limits
+from fluxmesh.orchestrator.controlnets import (
+    ControlNetFacts,
+    ControlNetReference,
+    check_controlnet,
+    check_controlnet_combination,
+    encode_controlnets,
+)
 from fluxmesh.rpc.errors import FailedPrecondition, InvalidArgument
 from fluxmesh.rpc.images import open_image
 from fluxmesh.v1 import common_pb2, denoiser_pb2, encoder_pb2, generator_pb2, vae_pb2
@@ -51,6 +59,7 @@ class Capabilities:
     kontext: bool = False  # the denoiser holds a FLUX.1-Kontext model
     control: bool = False  # the denoiser holds a FLUX.1 Canny/Depth model (control image channels)
     redux: bool = False  # the encoder has a Redux image encoder (--redux)
+    controlnets: tuple[ControlNetFacts, ...] = ()  # the denoiser's ControlNets (--controlnet), in order
 
 
 @dataclass(frozen=True)
@@ -84,10 +93,11 @@ class References:
     kontext: KontextReference | None = None
     control: ControlReference | None = None
     redux: tuple[ReduxImage, ...] = ()
+    controlnets: tuple[ControlNetReference, ...] = ()
 
     @property
     def for_vae(self) -> bool:
-        return self.kontext is not None or self.control is not None
+        return self.kontext is not None or self.control is not None or bool(self.controlnets)
 
 
 _ROLE_NAMES = {value: name for name, value in generator_pb2.ReferenceRole.items()}
@@ -107,6 +117,7 @@ def check_references(
     """Every reference checked against its role, the others and the models; errors name the field."""
     kontext = control = None
     redux: list[ReduxImage] = []
+    controlnets: list[ControlNetReference] = []
     for i, reference in enumerate(request.references):
         field = f"references[{i}]"
         role = reference.role
@@ -117,12 +128,12 @@ def check_references(
             raise FailedPrecondition(
                 f"{field}.role: {name} needs an IP-Adapter; none is loaded (this server does not serve IP-Adapters yet)"
             )
-        if role == CONTROLNET:
-            raise FailedPrecondition(
-                f"{field}.role: {name} needs a ControlNet; none is loaded (this server does not serve ControlNets yet)"
-            )
         _check_fields_of_role(reference, field, role)
         image = open_image(reference.image, f"{field}.image")
+        if role == CONTROLNET:
+            _check_preprocess(reference, field)
+            controlnets.append(check_controlnet(reference, field, capabilities.controlnets, limits))
+            continue
         if role == KONTEXT:
             if not capabilities.kontext:
                 raise FailedPrecondition(
@@ -148,12 +159,7 @@ def check_references(
                 )
             if control is not None:
                 raise InvalidArgument(f"{field}.role", f"one {name} reference per request ({_PROCEEDS[role]})")
-            if reference.preprocess == DEPTH:
-                raise FailedPrecondition(
-                    f"{field}.preprocess: CONTROL_PREPROCESS_DEPTH needs a depth model; none is configured"
-                )
-            if reference.preprocess not in (common_pb2.CONTROL_PREPROCESS_NONE, CANNY):
-                raise InvalidArgument(f"{field}.preprocess", f"{reference.preprocess} is not a ControlPreprocess")
+            _check_preprocess(reference, field)
             control = ControlReference(reference.image, reference.preprocess)
         else:  # REDUX
             if not capabilities.redux:
@@ -175,18 +181,34 @@ def check_references(
             f"{request.max_sequence_length}: with REDUX references the T5 "
             f"part is {REDUX_SEQUENCE_LENGTH} tokens, as FluxPriorReduxPipeline's",
         )
-    references = References(kontext, control, tuple(redux))
+    references = References(kontext, control, tuple(redux), tuple(controlnets))
     _check_combinations(references, capabilities, has_init=has_init, has_mask=has_mask, has_negative=has_negative)
+    check_controlnet_combination(references.controlnets, limits)
     return references
+
+
+def _check_preprocess(reference: generator_pb2.Reference, field: str) -> None:
+    """What the server makes of a CONTROL / CONTROLNET image first (vae/control.py)."""
+    if reference.preprocess == DEPTH:
+        raise FailedPrecondition(
+            f"{field}.preprocess: CONTROL_PREPROCESS_DEPTH needs a depth model; none is configured"
+        )
+    if reference.preprocess not in (common_pb2.CONTROL_PREPROCESS_NONE, CANNY):
+        raise InvalidArgument(f"{field}.preprocess", f"{reference.preprocess} is not a ControlPreprocess")
 
 
 def _check_fields_of_role(reference: generator_pb2.Reference, field: str, role: int) -> None:
     """A field a role does not read is an error, not silently ignored."""
-    allowed = {KONTEXT: {"keep_size"}, CONTROL: {"preprocess"}, REDUX: {"scale", "pooled_scale"}}[role]
+    allowed = {
+        KONTEXT: {"keep_size"},
+        CONTROL: {"preprocess"},
+        REDUX: {"scale", "pooled_scale"},
+        CONTROLNET: {"scale", "preprocess", "controlnet_mode", "control_start", "control_end", "controlnet"},
+    }[role]
     for name in ("scale", "pooled_scale", "control_start", "control_end"):
         if name not in allowed and reference.HasField(name):
             raise InvalidArgument(f"{field}.{name}", f"does not apply to a {_ROLE_NAMES[role]} reference")
-    for name in ("preprocess", "keep_size", "controlnet_mode"):
+    for name in ("preprocess", "keep_size", "controlnet_mode", "controlnet"):
         if name not in allowed and getattr(reference, name):
             raise InvalidArgument(f"{field}.{name}", f"does not apply to a {_ROLE_NAMES[role]} reference")
 
@@ -203,6 +225,12 @@ def _check_combinations(
             "mask_image",
             "a KONTEXT reference with an init image is FluxKontextInpaintPipeline: it needs a mask_image "
             "(diffusers has no Kontext image to image)",
+        )
+    if (references.kontext is not None or references.control is not None) and references.controlnets:
+        raise InvalidArgument("references", "CONTROLNET references go with no KONTEXT or CONTROL one")
+    if has_init and references.controlnets:
+        raise InvalidArgument(
+            "init_image", "CONTROLNET references with an init image (FluxControlNetImg2ImgPipeline) are not served"
         )
     if has_negative and references.control is not None:
         raise InvalidArgument("negative_prompt", "FluxControlPipeline has no true CFG")
@@ -264,7 +292,7 @@ def encoder_image_prompts(references: References) -> list[encoder_pb2.ImagePromp
 async def encode_references(
     vae, references: References, *, width: int, height: int, timeout: float | None
 ) -> denoiser_pb2.Conditioning | None:
-    """KONTEXT and CONTROL images through the vae stage's Encode (the caller holds the vae's turn)."""
+    """KONTEXT, CONTROL and CONTROLNET images through the vae stage's Encode (the caller holds the vae's turn)."""
     if not references.for_vae:
         return None
     conditioning = denoiser_pb2.Conditioning()
@@ -282,4 +310,7 @@ async def encode_references(
             timeout,
         )
         conditioning.control_posterior.CopyFrom(encoded.posterior)  # sampled in the denoiser, as the pipeline does
+    conditioning.controlnets.extend(
+        await encode_controlnets(vae, references.controlnets, width=width, height=height, timeout=timeout)
+    )
     return conditioning

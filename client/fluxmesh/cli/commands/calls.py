@@ -66,6 +66,14 @@ def generate(
         ControlPreprocess,
         typer.Option(help="What the server makes of --control first: none (use it as it is) or canny (edges)."),
     ] = ControlPreprocess.none,
+    controlnet_image: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="PATH[:KEY=VALUE,...]: a control image for one of the denoiser's ControlNets (repeatable; several "
+            "make a multi-ControlNet). Keys: net (which ControlNet, default 0), mode (union mode), scale, start, end "
+            "(control guidance span), preprocess (none or canny). E.g. edges.png:mode=0,scale=0.7,end=0.8"
+        ),
+    ] = None,
     connection: ClientOptions = ClientOptions(),
 ) -> None:
     """Generate image(s) through a running orchestrator, with a per-step progress bar."""
@@ -96,7 +104,8 @@ def generate(
                     negative_prompt=negative_prompt,
                     true_cfg_scale=true_cfg_scale,
                     cache=cache,
-                    references=_references(reference, keep_size, image_prompt or [], control, control_type),
+                    references=_references(reference, keep_size, image_prompt or [], control, control_type)
+                    + [controlnet_reference(text) for text in controlnet_image or []],
                 ),
                 previews=writer,
             )
@@ -167,6 +176,34 @@ def info(
             )
             + (f", {stage.residency}" if stage.residency else "")
         )
+
+
+_CONTROLNET_KEYS = {
+    "net": ("controlnet", int),
+    "mode": ("controlnet_mode", int),
+    "scale": ("scale", float),
+    "start": ("control_start", float),
+    "end": ("control_end", float),
+    "preprocess": ("preprocess", str),
+}
+
+
+def controlnet_reference(text: str) -> Reference:
+    """`PATH[:KEY=VALUE,...]` (--controlnet-image) as a CONTROLNET reference."""
+    path, _, spec = text.rpartition(":") if "=" in text.rpartition(":")[2] else (text, "", "")
+    fields: dict[str, object] = {}
+    for item in filter(None, spec.split(",")):
+        key, _, value = item.partition("=")
+        if key not in _CONTROLNET_KEYS:
+            raise typer.BadParameter(
+                f"{key!r} in {text!r}; keys: {', '.join(_CONTROLNET_KEYS)}", param_hint="--controlnet-image"
+            )
+        name, kind = _CONTROLNET_KEYS[key]
+        try:
+            fields[name] = kind(value)
+        except ValueError:
+            raise typer.BadParameter(f"{key}={value!r} in {text!r}", param_hint="--controlnet-image") from None
+    return Reference(ReferenceRole.controlnet, path, **fields)  # type: ignore[arg-type]
 
 
 def _references(

@@ -27,8 +27,9 @@ def tiny_model(
         Variant,
         typer.Option(
             help="base (FLUX.1-dev/schnell), fill, kontext, control (Canny/Depth), redux (a FLUX.1-Redux folder "
-            "for `serve encoder --redux`, matching this --size) or control-lora (a Canny Control LoRA file for "
-            "`serve denoiser --control-lora` on this --size's base model)."
+            "for `serve encoder --redux`, matching this --size), control-lora (a Canny Control LoRA file for "
+            "`serve denoiser --control-lora` on this --size's base model), or controlnet, controlnet-union, "
+            "controlnet-xlabs (a ControlNet folder for `serve denoiser --controlnet`, this --size and --schnell)."
         ),
     ] = Variant.base,
 ) -> None:
@@ -88,6 +89,9 @@ def plan(
         str, typer.Option(help="CUDA context per stage process, outside torch's allocator.")
     ] = "0.5GiB",
     redux: Annotated[Path | None, typer.Option(help="A FLUX.1-Redux folder the encoder loads too (--redux).")] = None,
+    controlnet: Annotated[
+        list[Path] | None, typer.Option(help="A ControlNet folder the denoiser holds too (--controlnet; repeatable).")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     steps: Annotated[
         int | None,
@@ -120,6 +124,7 @@ def plan(
             max_sequence_length=max_sequence_length,
             context_bytes=parse_size(context_overhead, "context_overhead"),
             redux=redux,
+            controlnets=controlnet or [],
             steps=steps,
             true_cfg=true_cfg,
             limits=request_limits.limits(),

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -311,13 +312,15 @@ def make_plan(
     max_sequence_length: int | None = None,
     context_bytes: int = CONTEXT_BYTES,
     redux: str | Path | None = None,
+    controlnets: Sequence[str | Path] = (),
     steps: int | None = None,
     true_cfg: bool = False,
     limits: Limits = LIMITS,
 ) -> Plan:
     """`redux`: a FLUX.1-Redux folder the encoder loads too (--redux); its image tokens lengthen
     the denoiser's text sequence. A Kontext model's denoiser also attends to its reference's
-    tokens (counted at Kontext's largest preferred resolution).
+    tokens (counted at Kontext's largest preferred resolution). `controlnets`: FluxControlNetModel
+    folders the denoiser holds beside the transformer (--controlnet), counted in its weights.
 
     `steps` (default: the orchestrator's for the model), `true_cfg` and `limits` decide only
     whether the orchestrator would admit such a request (`Plan.refusal`), by the contract's own
@@ -359,13 +362,19 @@ def make_plan(
     else:
         transformer = _loaded_bytes(folder / "transformer", dtype)
         transformer_from = f"transformer safetensors as {dtype}"
+    denoiser_from = [transformer_from]
+    for controlnet in map(Path, controlnets):
+        if not (controlnet / "config.json").is_file():
+            raise NotFound(f"{controlnet}: not a FluxControlNetModel folder (no config.json)")
+        transformer += _loaded_bytes(controlnet, dtype)
+        denoiser_from.append(f"ControlNet {controlnet.name} safetensors as {dtype}")
     stages = [
         StageNeed("encoder", clip + t5 + redux_weights, _encoder_activations(folder, length, b), tuple(encoder_from)),
         StageNeed(
             "denoiser",
             transformer,
             _denoiser_activations(folder, width, height, length + extra_tokens, num_images, b, bool(transformer_gguf)),
-            (transformer_from,),
+            tuple(denoiser_from),
         ),
         StageNeed(
             "vae",

@@ -242,6 +242,25 @@ def test_kquant_falls_back_to_f16_where_rows_do_not_fit(tiny, tmp_path):
     assert "Q4_K" not in types.values()
 
 
+@pytest.mark.parametrize("naming", ["bfl", "diffusers"])
+def test_read_tensors_gives_what_diffusers_loader_gives(files, naming):
+    """fluxmesh reads GGUF tensors itself (for a lower load peak); the result is diffusers' own."""
+    from diffusers.models.model_loading_utils import load_gguf_checkpoint
+
+    from fluxmesh.services.gguf.loading import read_gguf, read_tensors
+
+    path = files[naming]
+    ours, theirs = read_tensors(path, read_gguf(path, ("flux",))), load_gguf_checkpoint(str(path))
+    assert ours.keys() == theirs.keys()
+    for name, tensor in theirs.items():
+        got = ours[name]
+        assert type(got) is type(tensor) and got.dtype == tensor.dtype and got.shape == tensor.shape, name
+        assert getattr(got, "quant_type", None) == getattr(tensor, "quant_type", None), name
+        assert getattr(got, "quant_shape", None) == getattr(tensor, "quant_shape", None), name
+        assert torch.equal(got.view(torch.uint8), tensor.view(torch.uint8)), name
+    assert any(getattr(t, "quant_type", None) == G.Q8_0 for t in ours.values())  # both kinds were compared
+
+
 def test_loads_with_bfloat16_compute(tiny, files):
     model = load_gguf_transformer(files["bfl"], tiny, compute_dtype=torch.bfloat16)
     layer = model.transformer_blocks[0].ff.net[0].proj

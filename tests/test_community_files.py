@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import STAGE_FLAGS
 from factories import PROMPT, max_abs_diff
-from fluxmesh.cli.supervisor import free_port, start_local
+from fluxmesh.cli.supervisor import free_port
 from fluxmesh.client import Client, FluxmeshError
 from lora_fixtures import FORMATS, bfl_to_comfy, write_garbage, write_lora
+from mesh import Mesh
 
 SIZE, STEPS, GUIDANCE, SEED = 64, 4, 3.5, 7
 STACK = [("a", 0.8), ("b", 0.5)]
@@ -46,8 +46,8 @@ def files(dev_model, tmp_path_factory) -> dict[str, Path]:
     }
 
 
-def _cluster(model: Path, **stage_args: list[str]):
-    return start_local(str(model), port=free_port(), common_args=STAGE_FLAGS, stage_args=stage_args, timeout=180)
+def _cluster(model: Path, **stage_args: list[str]) -> Mesh:
+    return Mesh(model, extra_args=stage_args).start_all()
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import STAGE_FLAGS, stage_access, stage_metadata
+from conftest import stage_metadata
 from factories import PROMPT, init_and_mask, max_abs_diff, png_image
 from fluxmesh.v1 import common_pb2, generator_pb2, generator_pb2_grpc, residency_pb2, residency_pb2_grpc
+from mesh import Mesh
 
 KONTEXT, CONTROL, REDUX = (
     generator_pb2.REFERENCE_ROLE_KONTEXT,
@@ -73,38 +74,15 @@ def models(tmp_path_factory) -> dict[str, Path]:
     return {variant: write_tiny_model(root / variant, variant=variant) for variant in ("kontext", "control", "redux")}
 
 
-def _cluster(model: Path, **stage_args):
-    from fluxmesh.cli.supervisor import free_port, start_local
-
-    return start_local(str(model), port=free_port(), common_args=STAGE_FLAGS, stage_args=stage_args, timeout=180)
+def _cluster(model: Path, **stage_args) -> Mesh:
+    return Mesh(model, extra_args=stage_args).start_all()
 
 
-def _sequential_orchestrator(cluster):
+def _sequential_orchestrator(cluster: Mesh) -> tuple[Mesh, dict[str, str]]:
     """A second orchestrator, in sequential mode, over the same three stage processes."""
-    from fluxmesh.cli.supervisor import Cluster, free_port
-
     stages = {child.name: child.address for child in cluster.children if child.name != "orchestrator"}
-    sequential = Cluster()
-    port = free_port()
-    flags, env = stage_access(cluster.stage_token)
-    sequential.start(
-        "sequential",
-        [
-            "serve",
-            "orchestrator",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--sequential",
-            *flags,
-            *[f"--{name}={address}" for name, address in stages.items()],
-        ],
-        f"127.0.0.1:{port}",
-        env,
-    )
-    sequential.wait_serving(120)
-    return sequential, stages
+    sequential = Mesh(stages=stages, stage_token=cluster.stage_token, extra_args={"orchestrator": ["--sequential"]})
+    return sequential.start_all(timeout=120), stages
 
 
 @pytest.fixture(scope="module")

@@ -22,9 +22,9 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from conftest import STAGE_FLAGS, stage_metadata
-from fluxmesh.cli.supervisor import free_port, start_local
+from conftest import stage_metadata
 from fluxmesh.v1 import common_pb2, denoiser_pb2, encoder_pb2, generator_pb2, vae_pb2
+from mesh import Mesh
 from rpc_tools import Caller
 
 C = grpc.StatusCode
@@ -78,14 +78,8 @@ def lora_dir(tmp_path_factory, dev_model) -> Path:
 @pytest.fixture(scope="module")
 def cluster(dev_model, lora_dir):
     lora = ["--lora-dir", str(lora_dir)]
-    with start_local(
-        str(dev_model),
-        port=free_port(),
-        common_args=STAGE_FLAGS,
-        stage_args={"encoder": lora, "denoiser": lora},
-        orchestrator_args=["--max-request-mib", "1"],
-        timeout=180,
-    ) as running:
+    args = {"encoder": lora, "denoiser": lora, "orchestrator": ["--max-request-mib", "1"]}
+    with Mesh(dev_model, extra_args=args).start_all() as running:
         yield running
 
 

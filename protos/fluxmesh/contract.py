@@ -60,6 +60,7 @@ __all__ = [
     "check_redux_scale",
     "check_controlnet_scale",
     "check_control_span",
+    "check_ip_adapter_scale",
     "check_conditioning_length",
     "PREFERRED_KONTEXT_RESOLUTIONS",
     "MEGAPIXEL",
@@ -92,6 +93,8 @@ class Limits:
     max_redux_scale: float = 4.0  # its prompt_embeds_scale / pooled_prompt_embeds_scale
     max_controlnet_images: int = 4  # CONTROLNET references per request (one ControlNet forward each, per step)
     max_controlnet_scale: float = 2.0  # controlnet_conditioning_scale
+    # set_ip_adapter_scale's: XLabs suggest 0.5-1; past 2 the image prompt drowns the text
+    max_ip_adapter_scale: float = 2.0
     max_image_prompt_tokens: int = 1024  # tokens an image prompt appends to T5's (Redux's SigLIP at 384 px: 729)
     # FLUX.1 distilled guidance (dev 3.5, Fill 30). Beyond ~100 the embedding's guidance x 1000
     # overflows and the latents turn to NaN after a whole denoise.
@@ -193,7 +196,7 @@ class ReferenceRole(StrEnum):
     kontext = "kontext"  # FLUX.1-Kontext: the image to edit
     control = "control"  # FLUX.1-Canny/Depth: the control image
     redux = "redux"  # FLUX.1-Redux: an image prompt
-    ip_adapter = "ip-adapter"  # not served yet
+    ip_adapter = "ip-adapter"  # XLabs IP-Adapter: an image prompt (FluxIPAdapterMixin)
     controlnet = "controlnet"  # a ControlNet's control image (the denoiser's --controlnet)
 
     @property
@@ -497,8 +500,16 @@ def check_conditioning_length(field: str, length: int, limits: Limits = LIMITS) 
 
 
 def check_redux_scale(field: str, scale: float, limits: Limits = LIMITS) -> None:
-    if not math.isfinite(scale) or not 0.0 <= scale <= limits.max_redux_scale:
-        raise InvalidArgument(field, f"{scale} must be finite within [0, {limits.max_redux_scale:g}]")
+    _check_scale(field, scale, limits.max_redux_scale)
+
+
+def check_ip_adapter_scale(field: str, scale: float, limits: Limits = LIMITS) -> None:
+    _check_scale(field, scale, limits.max_ip_adapter_scale)
+
+
+def _check_scale(field: str, scale: float, high: float) -> None:
+    if not math.isfinite(scale) or not 0.0 <= scale <= high:
+        raise InvalidArgument(field, f"{scale} must be finite within [0, {high:g}]")
 
 
 def check_controlnet_scale(field: str, scale: float, limits: Limits = LIMITS) -> None:

@@ -117,6 +117,7 @@ class StageInfo:
     kontext: bool = False  # denoiser: FLUX.1-Kontext
     control: bool = False  # denoiser: FLUX.1-Canny/Depth
     redux: bool = False  # encoder: a FLUX.1-Redux image encoder
+    ip_adapter_embed_dim: int = 0  # encoder: its IP-Adapter CLIP vision model's embed width; denoiser: its adapter's
     max_sequence_length: int = 0  # encoder: its default T5 length
     transformer_gguf: str = ""  # denoiser
     latent_rgb: tuple[float, ...] = ()  # vae: the latent -> RGB map of fast previews
@@ -159,6 +160,7 @@ def info_from_pb(message: generator_pb2.GeneratorInfo) -> GeneratorInfo:
             kontext=s.kontext,
             control=s.control,
             redux=s.redux,
+            ip_adapter_embed_dim=s.ip_adapter_embed_dim,
             max_sequence_length=s.max_sequence_length,
             transformer_gguf=s.transformer_gguf,
             latent_rgb=tuple(s.latent_rgb),

@@ -49,12 +49,14 @@ def _doc(text: str) -> dict[str, str]:
 class Reference:
     """An image that conditions a generation, by role (docs/family.md): `Reference("kontext", "photo.png")`,
     `Reference("redux", image, scale=0.8)`, `Reference("control", photo, preprocess="canny")`,
-    `Reference("controlnet", edges, controlnet=1, controlnet_mode=0, scale=0.7, control_end=0.8)`."""
+    `Reference("controlnet", edges, controlnet=1, controlnet_mode=0, scale=0.7, control_end=0.8)`,
+    `Reference("ip-adapter", image, scale=0.7)` (and `negative=True` for true CFG's negative image prompt)."""
 
     role: ReferenceRole | str
     image: ImageInput
     _: KW_ONLY
-    scale: float | None = None  # redux: prompt_embeds_scale; controlnet: conditioning scale (default 1)
+    # redux: prompt_embeds_scale; controlnet: conditioning scale (default 1); ip-adapter: its scale in [0, 2] (default 1)
+    scale: float | None = None
     pooled_scale: float | None = None  # redux: pooled_prompt_embeds_scale (default 1)
     preprocess: ControlPreprocess | str | None = None  # control, controlnet: e.g. "canny", done by the server
     keep_size: bool = False  # kontext: no snap to Kontext's preferred resolutions
@@ -62,6 +64,7 @@ class Reference:
     controlnet_mode: int = 0  # controlnet: a union model's control mode
     control_start: float | None = None  # controlnet: control_guidance_start (default 0)
     control_end: float | None = None  # controlnet: control_guidance_end (default 1)
+    negative: bool = False  # ip-adapter: the negative image prompt (true CFG)
 
     def __post_init__(self) -> None:  # InvalidArgument naming the field, before any call
         object.__setattr__(self, "role", ReferenceRole.parse(str(self.role), "references.role"))
@@ -82,6 +85,7 @@ class Reference:
             controlnet_mode=self.controlnet_mode,
             control_start=self.control_start,
             control_end=self.control_end,
+            negative=self.negative,
         )
         if self.preprocess is not None:
             reference.preprocess = cast(common_pb2.ControlPreprocess, cast(ControlPreprocess, self.preprocess).pb)

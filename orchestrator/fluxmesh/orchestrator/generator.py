@@ -26,6 +26,7 @@ from fluxmesh.orchestrator.admission import AdmissionQueue
 from fluxmesh.orchestrator.controlnets import ControlNetFacts
 from fluxmesh.orchestrator.deadlines import Deadline
 from fluxmesh.orchestrator.disclosure import Disclosure
+from fluxmesh.orchestrator.ip_adapter import denoiser_ip_adapter, encoder_ip_adapter_image
 from fluxmesh.orchestrator.metrics import record_result
 from fluxmesh.orchestrator.previews import VaePreviews, preview_options, step_events
 from fluxmesh.orchestrator.priorities import PriorityPolicy
@@ -110,6 +111,8 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
                     control=denoiser.control,
                     redux=encoder.redux,
                     controlnets=tuple(ControlNetFacts.from_pb(net) for net in denoiser.controlnets),
+                    ip_adapter_encoder_dim=encoder.ip_adapter_embed_dim,
+                    ip_adapter_denoiser_dim=denoiser.ip_adapter_embed_dim,
                 ),
             )
         return self._facts
@@ -380,6 +383,12 @@ def _encode_request(params: GenerateParams, *, negative: bool = False) -> encode
     if not negative and params.references.redux:  # image prompts join the prompt's T5 sequence
         request.image_prompts.extend(encoder_image_prompts(params.references))
         request.zero_text = not prompt and not prompt_2
+    if params.references.ip_adapter is not None:  # its CLIP embeds come back beside the text's
+        request.ip_adapter_image.CopyFrom(
+            encoder_ip_adapter_image(
+                params.references.ip_adapter, negative=negative, width=params.width, height=params.height
+            )
+        )
     return request
 
 
@@ -401,6 +410,8 @@ def _denoise_request(
         request.negative_prompt_embeds.CopyFrom(negative.prompt_embeds)
         request.negative_pooled_prompt_embeds.CopyFrom(negative.pooled_prompt_embeds)
         request.true_cfg_scale = params.true_cfg.scale
+    if params.references.ip_adapter is not None:
+        request.ip_adapter.CopyFrom(denoiser_ip_adapter(params.references.ip_adapter, embeddings, negative))
     return request
 
 

@@ -1,8 +1,8 @@
 """A GenerateRequest's `references`: the rest of the FLUX.1 family, validated up front.
 
 Each reference is an image with a role: KONTEXT (the image FluxKontextPipeline edits), CONTROL
-(FluxControlPipeline's control image), REDUX (FluxPriorReduxPipeline's image prompts), and the
-roles fluxmesh does not serve yet (IP_ADAPTER). With an init image and mask a KONTEXT
+(FluxControlPipeline's control image), REDUX (FluxPriorReduxPipeline's image prompts), IP_ADAPTER
+(an XLabs IP-Adapter image prompt: ip_adapter.py). With an init image and mask a KONTEXT
 reference is FluxKontextInpaintPipeline; a CONTROL one with an init image (and mask)
 FluxControlImg2ImgPipeline (FluxControlInpaintPipeline); CONTROLNET references (controlnets.py)
 are a ControlNet's control images. Every combination is checked here,
@@ -27,6 +27,7 @@ from fluxmesh.orchestrator.controlnets import (
     check_controlnet_combination,
     encode_controlnets,
 )
+from fluxmesh.orchestrator.ip_adapter import IpAdapterReference, check_ip_adapter
 from fluxmesh.rpc.errors import FailedPrecondition, InvalidArgument
 from fluxmesh.rpc.images import open_image
 from fluxmesh.v1 import common_pb2, denoiser_pb2, encoder_pb2, generator_pb2, vae_pb2
@@ -60,6 +61,9 @@ class Capabilities:
     control: bool = False  # the denoiser holds a FLUX.1 Canny/Depth model (control image channels)
     redux: bool = False  # the encoder has a Redux image encoder (--redux)
     controlnets: tuple[ControlNetFacts, ...] = ()  # the denoiser's ControlNets (--controlnet), in order
+    # IP-Adapter: the CLIP embed widths of the encoder's vision model and the denoiser's adapter (0: none)
+    ip_adapter_encoder_dim: int = 0
+    ip_adapter_denoiser_dim: int = 0
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,7 @@ class References:
     control: ControlReference | None = None
     redux: tuple[ReduxImage, ...] = ()
     controlnets: tuple[ControlNetReference, ...] = ()
+    ip_adapter: IpAdapterReference | None = None  # ip_adapter.py
 
     @property
     def for_vae(self) -> bool:
@@ -112,27 +117,28 @@ def check_references(
     has_init: bool,
     has_negative: bool,
     has_mask: bool = False,
+    fill_model: bool = False,
     limits: Limits = LIMITS,
 ) -> References:
     """Every reference checked against its role, the others and the models; errors name the field."""
     kontext = control = None
     redux: list[ReduxImage] = []
     controlnets: list[ControlNetReference] = []
+    ip_adapter: list[tuple[str, generator_pb2.Reference]] = []
     for i, reference in enumerate(request.references):
         field = f"references[{i}]"
         role = reference.role
         if role not in _ROLE_NAMES or role == generator_pb2.REFERENCE_ROLE_UNSPECIFIED:
             raise InvalidArgument(f"{field}.role", f"{role} is not a served ReferenceRole")
         name = _ROLE_NAMES[role]
-        if role == IP_ADAPTER:
-            raise FailedPrecondition(
-                f"{field}.role: {name} needs an IP-Adapter; none is loaded (this server does not serve IP-Adapters yet)"
-            )
         _check_fields_of_role(reference, field, role)
         image = open_image(reference.image, f"{field}.image")
         if role == CONTROLNET:
             _check_preprocess(reference, field)
             controlnets.append(check_controlnet(reference, field, capabilities.controlnets, limits))
+            continue
+        if role == IP_ADAPTER:
+            ip_adapter.append((field, reference))
             continue
         if role == KONTEXT:
             if not capabilities.kontext:
@@ -181,9 +187,26 @@ def check_references(
             f"{request.max_sequence_length}: with REDUX references the T5 "
             f"part is {REDUX_SEQUENCE_LENGTH} tokens, as FluxPriorReduxPipeline's",
         )
-    references = References(kontext, control, tuple(redux), tuple(controlnets))
+    references = References(
+        kontext,
+        control,
+        tuple(redux),
+        tuple(controlnets),
+        check_ip_adapter(
+            ip_adapter,
+            encoder_dim=capabilities.ip_adapter_encoder_dim,
+            denoiser_dim=capabilities.ip_adapter_denoiser_dim,
+            has_negative_prompt=has_negative,
+            limits=limits,
+        ),
+    )
     _check_combinations(references, capabilities, has_init=has_init, has_mask=has_mask, has_negative=has_negative)
     check_controlnet_combination(references.controlnets, limits)
+    if references.ip_adapter is not None and (references.control is not None or fill_model):
+        pipeline = "FluxControlPipeline" if references.control is not None else "FluxFillPipeline"
+        raise InvalidArgument("references", f"{pipeline} takes no IP_ADAPTER image prompt")
+    if references.ip_adapter is not None and references.controlnets:
+        raise InvalidArgument("references", "an IP_ADAPTER image prompt with CONTROLNET references is not served")
     return references
 
 
@@ -204,11 +227,12 @@ def _check_fields_of_role(reference: generator_pb2.Reference, field: str, role: 
         CONTROL: {"preprocess"},
         REDUX: {"scale", "pooled_scale"},
         CONTROLNET: {"scale", "preprocess", "controlnet_mode", "control_start", "control_end", "controlnet"},
+        IP_ADAPTER: {"scale", "negative"},
     }[role]
     for name in ("scale", "pooled_scale", "control_start", "control_end"):
         if name not in allowed and reference.HasField(name):
             raise InvalidArgument(f"{field}.{name}", f"does not apply to a {_ROLE_NAMES[role]} reference")
-    for name in ("preprocess", "keep_size", "controlnet_mode", "controlnet"):
+    for name in ("preprocess", "keep_size", "controlnet_mode", "controlnet", "negative"):
         if name not in allowed and getattr(reference, name):
             raise InvalidArgument(f"{field}.{name}", f"does not apply to a {_ROLE_NAMES[role]} reference")
 

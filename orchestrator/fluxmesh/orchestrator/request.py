@@ -88,8 +88,9 @@ async def check_request(
     before it is walked); then the images are decoded on a worker thread, so one request cannot
     stall the loop that serves health checks and every other client; last the size and the work
     budget, which may need the init image's size."""
-    # one Kontext, one Control, the Redux and ControlNet images: counted before walked
-    most = 2 + limits.max_redux_images + limits.max_controlnet_images
+    # one Kontext, one Control, the Redux and ControlNet images, an IP-Adapter image and its
+    # negative: counted before walked
+    most = 4 + limits.max_redux_images + limits.max_controlnet_images
     if len(request.references) > most:
         raise InvalidArgument("references", f"{len(request.references)} references; at most {most} per request")
     has_redux = any(r.role == generator_pb2.REFERENCE_ROLE_REDUX for r in request.references)
@@ -137,6 +138,7 @@ async def check_request(
             has_init=bool(init_image),
             has_mask=bool(mask_image),
             has_negative=request.HasField("negative_prompt"),
+            fill_model=model.fill,
             limits=limits,
         )
         return edit, references

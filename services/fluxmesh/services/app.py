@@ -29,6 +29,8 @@ class StageOptions:
     max_sequence_length: int | None = None  # encoder only
     t5_gguf: Path | None = None  # encoder only
     redux: str | None = None  # encoder only: a FLUX.1-Redux folder or Hub id
+    ip_adapter_image_encoder: Path | None = None  # encoder only: a local CLIP vision folder (IP-Adapter)
+    ip_adapter: Path | None = None  # denoiser only: an XLabs ip_adapter.safetensors
     transformer_gguf: Path | None = None  # denoiser only
     control_lora: Path | None = None  # denoiser only: a FLUX.1 Canny/Depth LoRA on a base model
     controlnets: tuple[str, ...] = ()  # denoiser only: FluxControlNetModel folders or Hub ids, in order
@@ -84,6 +86,7 @@ def _encoder(options: StageOptions, folder: Path, device: Device) -> Service:
         t5_gguf=options.t5_gguf,
         lora_dir=options.lora_dir,
         redux=redux,
+        ip_adapter_image_encoder=options.ip_adapter_image_encoder,
         load=False,
     )
     return Service(
@@ -110,6 +113,7 @@ def _denoiser(options: StageOptions, folder: Path, device: Device) -> Service:
         step_cache=limits,
         control_lora=options.control_lora,
         controlnets=[resolve_controlnet(source) for source in options.controlnets],
+        ip_adapter=options.ip_adapter,
         load=False,
     )
     batching = {"max_batch": options.max_batch} if options.max_batch else {}

@@ -74,6 +74,17 @@ def generate(
             "(control guidance span), preprocess (none or canny). E.g. edges.png:mode=0,scale=0.7,end=0.8"
         ),
     ] = None,
+    ip_adapter_image: Annotated[
+        str | None,
+        typer.Option(
+            help="PATH[:SCALE]: an XLabs IP-Adapter image prompt, scale in [0, 2] (default 1; the denoiser needs "
+            "--ip-adapter, the encoder --ip-adapter-image-encoder)."
+        ),
+    ] = None,
+    negative_ip_adapter_image: Annotated[
+        Path | None,
+        typer.Option(help="True CFG: the IP-Adapter's negative image prompt (default: a black image, as diffusers)."),
+    ] = None,
     connection: ClientOptions = ClientOptions(),
 ) -> None:
     """Generate image(s) through a running orchestrator, with a per-step progress bar."""
@@ -105,7 +116,8 @@ def generate(
                     true_cfg_scale=true_cfg_scale,
                     cache=cache,
                     references=_references(reference, keep_size, image_prompt or [], control, control_type)
-                    + [controlnet_reference(text) for text in controlnet_image or []],
+                    + [controlnet_reference(text) for text in controlnet_image or []]
+                    + _ip_adapter_references(ip_adapter_image, negative_ip_adapter_image),
                 ),
                 previews=writer,
             )
@@ -220,4 +232,15 @@ def _references(
         references.append(Reference(ReferenceRole.redux, path, scale=scale))
     if control is not None:
         references.append(Reference(ReferenceRole.control, control, preprocess=control_type))
+    return references
+
+
+def _ip_adapter_references(image: str | None, negative: Path | None) -> list[Reference]:
+    """--ip-adapter-image PATH[:SCALE] and --negative-ip-adapter-image PATH as IP_ADAPTER references."""
+    references = []
+    if image is not None:
+        path, scale = parse_lora(image)  # the same PATH[:NUMBER] spelling as --image-prompt
+        references.append(Reference(ReferenceRole.ip_adapter, path, scale=scale))
+    if negative is not None:
+        references.append(Reference(ReferenceRole.ip_adapter, negative, negative=True))
     return references

@@ -93,6 +93,13 @@ def serve_encoder(
             "REDUX references become image prompts."
         ),
     ] = None,
+    ip_adapter_image_encoder: Annotated[
+        Path | None,
+        typer.Option(
+            help="A local CLIP vision model folder (CLIPVisionModelWithProjection, e.g. openai/clip-vit-large-patch14 "
+            "downloaded): IP_ADAPTER references become image embeds (the denoiser needs --ip-adapter)."
+        ),
+    ] = None,
     serving: ServeOptions = ServeOptions(),
 ) -> None:
     """CLIP-L + T5-XXL text encoder stage."""
@@ -105,6 +112,7 @@ def serve_encoder(
         t5_gguf=t5_gguf,
         lora_dir=lora_dir,
         redux=redux,
+        ip_adapter_image_encoder=ip_adapter_image_encoder,
     )
 
 
@@ -142,6 +150,13 @@ def serve_denoiser(
             "CONTROLNET references name them by position. Held and released with the transformer."
         ),
     ] = None,
+    ip_adapter: Annotated[
+        Path | None,
+        typer.Option(
+            help="An XLabs FLUX IP-Adapter file (ip_adapter.safetensors): its projection and attention processors "
+            "serve IP_ADAPTER references (the encoder needs --ip-adapter-image-encoder)."
+        ),
+    ] = None,
     serving: ServeOptions = ServeOptions(),
 ) -> None:
     """FLUX transformer stage (optionally GGUF-quantized, with per-request LoRAs)."""
@@ -158,6 +173,7 @@ def serve_denoiser(
         step_cache_ceiling=step_cache_ceiling,
         control_lora=control_lora,
         controlnets=tuple(controlnet or ()),
+        ip_adapter=ip_adapter,
     )
 
 

@@ -28,8 +28,10 @@ def tiny_model(
         typer.Option(
             help="base (FLUX.1-dev/schnell), fill, kontext, control (Canny/Depth), redux (a FLUX.1-Redux folder "
             "for `serve encoder --redux`, matching this --size), control-lora (a Canny Control LoRA file for "
-            "`serve denoiser --control-lora` on this --size's base model), or controlnet, controlnet-union, "
-            "controlnet-xlabs (a ControlNet folder for `serve denoiser --controlnet`, this --size and --schnell)."
+            "`serve denoiser --control-lora` on this --size's base model), controlnet, controlnet-union, "
+            "controlnet-xlabs (a ControlNet folder for `serve denoiser --controlnet`, this --size and --schnell), "
+            "or ip-adapter (XLabs' ip_adapter.safetensors for `serve denoiser --ip-adapter` + image_encoder/ for "
+            "`serve encoder --ip-adapter-image-encoder`)."
         ),
     ] = Variant.base,
 ) -> None:
@@ -92,6 +94,13 @@ def plan(
     controlnet: Annotated[
         list[Path] | None, typer.Option(help="A ControlNet folder the denoiser holds too (--controlnet; repeatable).")
     ] = None,
+    ip_adapter: Annotated[
+        Path | None, typer.Option(help="An XLabs IP-Adapter file the denoiser loads too (--ip-adapter).")
+    ] = None,
+    ip_adapter_image_encoder: Annotated[
+        Path | None,
+        typer.Option(help="The CLIP vision folder the encoder loads too (--ip-adapter-image-encoder)."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     steps: Annotated[
         int | None,
@@ -125,6 +134,8 @@ def plan(
             context_bytes=parse_size(context_overhead, "context_overhead"),
             redux=redux,
             controlnets=controlnet or [],
+            ip_adapter=ip_adapter,
+            ip_adapter_image_encoder=ip_adapter_image_encoder,
             steps=steps,
             true_cfg=true_cfg,
             limits=request_limits.limits(),

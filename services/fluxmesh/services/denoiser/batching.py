@@ -17,8 +17,9 @@ a joining request can slow a running one: a request's latency is at most its ste
 step time at `max_batch` (plus the other groups' turns). `DEFAULT_MAX_BATCH` is chosen from
 bench/throughput.py (docs/benchmarks.md).
 
-Kontext and Control requests run their pipeline's own loop (engine.batchable), all steps at
-once, while the batch waits; so do step-cached requests: diffusers' cache hooks keep their state
+Kontext, Control and IP-Adapter requests run their pipeline's own loop (engine.batchable), all
+steps at once, while the batch waits (an IP-Adapter's processors and scale are set on the shared
+transformer for every row, so it batches with nobody: denoiser/ip_adapter.py); so do step-cached requests: diffusers' cache hooks keep their state
 in the shared transformer and decide per forward (FirstBlockCache: one mean over the whole
 batch), so a batch-mate would change a caching request's image. Caching requests therefore
 batch with nobody, not even with the same policy (step_cache.py).
@@ -219,7 +220,7 @@ class Batcher:
             if self.worker.precondition is not None:
                 self.worker.precondition()
             engine, job = self.engine, ticket.job
-            if job.conditioning is None:  # step-cached
+            if not job.in_pipeline:  # step-cached
                 latents, blocks = engine.denoise_cached(job, ticket.on_step, ticket.cancelled)
                 ticket.answer(result=Denoised(latents, blocks))
             else:

@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,12 @@ from fluxmesh.services.denoiser.family import (
     is_control_transformer,
 )
 from fluxmesh.services.denoiser.family_edits import choose_family_edit
+from fluxmesh.services.denoiser.ip_adapter import (
+    IpAdapterInput,
+    IpAdapterWeights,
+    check_ip_adapter_input,
+    pipeline_inputs,
+)
 from fluxmesh.services.denoiser.loop import Lane, run_alone
 from fluxmesh.services.denoiser.modes import (
     Geometry,
@@ -68,10 +75,16 @@ class DenoiseJob:
     true_cfg_scale: float = 1.0
     conditioning: Conditioning | None = None  # Kontext reference / Control image (family.py)
     cache: StepCachePolicy | None = None  # step caching asked for (None: the server's default)
+    ip_adapter: IpAdapterInput | None = None  # an IP-Adapter image prompt (ip_adapter.py)
 
     @property
     def true_cfg(self) -> bool:
         return self.negative_prompt_embeds is not None
+
+    @property
+    def in_pipeline(self) -> bool:
+        """Run by its diffusers pipeline's own loop, alone (Kontext, Control, IP-Adapter)."""
+        return self.conditioning is not None or self.ip_adapter is not None
 
 
 # (step 1-based, total, seconds, the step's preview when one is due)
@@ -89,11 +102,13 @@ class DenoiserEngine:
         step_cache: StepCacheLimits = StepCacheLimits(),
         control_lora: Path | None = None,
         controlnets: Sequence[Path] = (),
+        ip_adapter: Path | None = None,
         load: bool = True,
     ):
         """`load=False` leaves the weights unread: the stage's `Residency` loads them when told.
         `control_lora`: a FLUX.1 Canny/Depth LoRA, fused into a base model each time it is read.
-        `controlnets`: FluxControlNetModel folders, held (and released) with the transformer."""
+        `controlnets`: FluxControlNetModel folders, held (and released) with the transformer.
+        `ip_adapter`: an XLabs ip_adapter.safetensors, read into each transformer loaded."""
         self.folder = folder
         self.device = device
         self.transformer_gguf = transformer_gguf
@@ -124,6 +139,16 @@ class DenoiserEngine:
         # FLUX.1-Kontext has FLUX.1-dev's shapes: only its model_index.json says what it is.
         self.kontext = model_folder.read_index(folder).get("_class_name", "").startswith("FluxKontext")
         self.controlnets = ControlNets(controlnets, config)
+        self.ip_adapter = (
+            IpAdapterWeights(
+                ip_adapter,
+                joint_attention_dim=self.joint_attention_dim,
+                inner_dim=int(config["num_attention_heads"]) * int(config["attention_head_dim"]),
+                double_blocks=int(config["num_layers"]),
+            )
+            if ip_adapter is not None
+            else None
+        )
         log.info(
             "denoiser: transformer%s from %s for %s, guidance embedding: %s, LoRAs: %s",
             f" (GGUF {transformer_gguf})" if transformer_gguf else "",
@@ -155,6 +180,8 @@ class DenoiserEngine:
         if self.control_lora is not None:
             self.control_lora.apply(transformer)
         self.transformer = transformer.to(device).eval()
+        if self.ip_adapter is not None:
+            self.ip_adapter.load(self.pipeline())
         self.loras.bind(self.transformer)
         self.controlnets.load(device, self.device.dtype)
 
@@ -162,12 +189,15 @@ class DenoiserEngine:
         self.loras.bind(None)
         self.transformer = None
         self.controlnets.drop()
+        if self.ip_adapter is not None:
+            self.ip_adapter.drop()
 
     def weight_modules(self) -> list[torch.nn.Module]:
-        return ([self.transformer] if self.transformer is not None else []) + self.controlnets.modules()
+        ip_adapter = self.ip_adapter.modules() if self.ip_adapter is not None else []
+        return ([self.transformer] if self.transformer is not None else []) + self.controlnets.modules() + ip_adapter
 
     def weight_bytes(self) -> int:
-        return module_bytes(self.transformer) + self.controlnets.weight_bytes()
+        return module_bytes(*self.weight_modules())
 
     def check(self, job: DenoiseJob) -> None:
         """Reject a request before any compute, naming the field."""
@@ -218,6 +248,11 @@ class DenoiserEngine:
             self._check_controlnets(job)
         if job.conditioning is not None and job.conditioning.control_posterior is not None and job.true_cfg:
             raise InvalidArgument("true_cfg_scale", "FluxControlPipeline has no true CFG")
+        check_ip_adapter_input(
+            job.ip_adapter, self.ip_adapter, pipeline_class=self._mode(job).pipeline_class, true_cfg=job.true_cfg
+        )
+        if job.ip_adapter is not None and job.conditioning is not None and job.conditioning.controlnets:
+            raise InvalidArgument("ip_adapter", "an IP-Adapter image prompt with ControlNets is not served")
         steps_run = contract.steps_after_strength(job.steps, job.init.strength) if job.init is not None else job.steps
         kontext = job.conditioning.kontext_latents if job.conditioning is not None else None
         # the reference's tokens join the image's in every forward
@@ -298,7 +333,7 @@ class DenoiserEngine:
         """Whether the request runs in the denoiser's own loop (loop.py), where compatible requests
         share forwards: text to image, image to image, inpainting and Fill. Kontext and Control
         run their pipeline's own loop, alone."""
-        return job.conditioning is None and self.step_cache.resolve(job.cache).off
+        return not job.in_pipeline and self.step_cache.resolve(job.cache).off
 
     def denoise_cached(
         self, job: DenoiseJob, on_step: StepCallback | None = None, cancelled: threading.Event | None = None
@@ -331,7 +366,7 @@ class DenoiserEngine:
         """Run the request alone; returns packed latents (P*num_images, seq, 4*C). Raises
         `Cancelled` between steps once `cancelled` is set. (The service batches requests through
         `batching.Batcher`, which runs the same lanes together.)"""
-        if job.conditioning is not None:
+        if job.in_pipeline:
             return self._denoise_in_pipeline(job, on_step, cancelled)
         if not self.step_cache.resolve(job.cache).off:
             return self.denoise_cached(job, on_step, cancelled)[0]
@@ -347,7 +382,7 @@ class DenoiserEngine:
         on_step: StepCallback | None = None,
         cancelled: threading.Event | None = None,
     ) -> torch.Tensor:
-        """The pipeline's own `__call__` (Kontext, Control): the loop is diffusers'."""
+        """The pipeline's own `__call__` (Kontext, Control, IP-Adapter): the loop is diffusers'."""
         device, dtype = self.device.torch_device, self.device.dtype
         # diffusers repeats each prompt's embeddings num_images times (repeat + view); do the same
         # here so the batch matches the noise it draws for (P*num_images) latents.
@@ -390,20 +425,24 @@ class DenoiserEngine:
         self.loras.activate(list(job.loras))
         pipe = self.pipeline(mode.pipeline_class, x0=previewer is not None, **mode.components())
         geometry = Geometry(batch=embeds.shape[0], width=job.width, height=job.height, device=device, dtype=dtype)
-        latents = pipe(
-            prompt_embeds=embeds,
-            pooled_prompt_embeds=pooled,
-            width=job.width,
-            height=job.height,
-            num_inference_steps=job.steps,
-            guidance_scale=job.guidance,
-            num_images_per_prompt=1,
-            output_type="latent",
-            **mode.inputs(pipe, job.seed, geometry),  # the seeded generator, and the init image if any
-            **true_cfg,
-            callback_on_step_end=step_end,
-            callback_on_step_end_tensor_inputs=[],
-        ).images
+        ip_adapter = pipeline_inputs(job.ip_adapter, device, dtype) if job.ip_adapter is not None else {}
+        applied = self.ip_adapter.applied(pipe, job.ip_adapter.scale) if job.ip_adapter is not None else nullcontext()
+        with applied:  # the IP-Adapter's processors in the transformer for this call only
+            latents = pipe(
+                prompt_embeds=embeds,
+                pooled_prompt_embeds=pooled,
+                width=job.width,
+                height=job.height,
+                num_inference_steps=job.steps,
+                guidance_scale=job.guidance,
+                num_images_per_prompt=1,
+                output_type="latent",
+                **mode.inputs(pipe, job.seed, geometry),  # the seeded generator, and the init image if any
+                **true_cfg,
+                **ip_adapter,
+                callback_on_step_end=step_end,
+                callback_on_step_end_tensor_inputs=[],
+            ).images
         _check_converged(latents, job)
         return latents
 

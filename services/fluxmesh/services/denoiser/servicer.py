@@ -14,6 +14,7 @@ from fluxmesh.contract import Stage
 from fluxmesh.services.denoiser.batching import DEFAULT_MAX_BATCH, Batcher, stats_details
 from fluxmesh.services.denoiser.edits import conditioning_from_pb, init_from_pb, preview_from_pb
 from fluxmesh.services.denoiser.engine import DenoiseJob, DenoiserEngine
+from fluxmesh.services.denoiser.ip_adapter import ip_adapter_from_pb
 from fluxmesh.services.denoiser.previews import StepPreview
 from fluxmesh.services.denoiser.step_cache import policy_from_pb
 from fluxmesh.services.runtime.info import lora_listing
@@ -49,6 +50,7 @@ def job_from_pb(request: denoiser_pb2.DenoiseRequest) -> DenoiseJob:
         true_cfg_scale=request.true_cfg_scale or 1.0,
         conditioning=conditioning_from_pb(request),
         cache=policy_from_pb(request.cache) if request.HasField("cache") else None,
+        ip_adapter=ip_adapter_from_pb(request),
     )
 
 
@@ -99,6 +101,8 @@ class DenoiserServicer(StageServicer, denoiser_pb2_grpc.DenoiserServicer):
             "controlnets": self.engine.controlnets.info(),  # --controlnet: CONTROLNET references
             "transformer_gguf": str(self.engine.transformer_gguf or ""),
             "size_multiple": self.engine.size_multiple,
+            # XLabs IP-Adapter (--ip-adapter): the CLIP embed width its projection takes
+            "ip_adapter_embed_dim": self.engine.ip_adapter.embed_dim if self.engine.ip_adapter else 0,
         }
 
     def info_counters(self) -> dict[str, int]:

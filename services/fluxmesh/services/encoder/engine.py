@@ -17,6 +17,7 @@ from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokeniz
 
 from fluxmesh import contract
 from fluxmesh.rpc.errors import InvalidArgument
+from fluxmesh.services.encoder.ip_adapter import IpAdapterImage, IpAdapterImageEncoder
 from fluxmesh.services.encoder.redux import ImagePrompt, ReduxImages
 from fluxmesh.services.loras.stage import LoraList, StageLoras
 from fluxmesh.services.runtime import model_folder
@@ -32,6 +33,7 @@ class Embeddings:
     prompt_embeds: torch.Tensor  # (B, L, D)
     pooled_prompt_embeds: torch.Tensor  # (B, D_pooled)
     truncated_tokens: list[int]  # per prompt, T5 tokens dropped by truncation
+    ip_adapter_image_embeds: torch.Tensor | None = None  # (1, D): the IP-Adapter image prompt's CLIP embeds
 
 
 class TextEncoderEngine:
@@ -44,10 +46,12 @@ class TextEncoderEngine:
         t5_gguf: Path | None = None,
         lora_dir: Path | None = None,
         redux: Path | None = None,
+        ip_adapter_image_encoder: Path | None = None,
         load: bool = True,
     ):
         """`load=False` leaves the weights unread: the stage's `Residency` loads them when told.
-        `redux`: a FLUX.1-Redux folder, for image prompts (see encoder/redux.py)."""
+        `redux`: a FLUX.1-Redux folder, for image prompts (see encoder/redux.py).
+        `ip_adapter_image_encoder`: a CLIP vision folder, for IP-Adapter image prompts (ip_adapter.py)."""
         self.folder = folder
         self.device = device
         self.t5_gguf = t5_gguf
@@ -63,6 +67,7 @@ class TextEncoderEngine:
             int(model_folder.read_config(folder, "text_encoder")["projection_dim"]),
         )
         self.redux = ReduxImages(redux, joint_attention_dim=self.text_widths[0]) if redux is not None else None
+        self.ip_adapter = IpAdapterImageEncoder(ip_adapter_image_encoder) if ip_adapter_image_encoder else None
         log.info(
             "encoder: CLIP + T5%s from %s for %s, T5 length %d, LoRAs: %s",
             f" (GGUF {t5_gguf})" if t5_gguf else "",
@@ -104,6 +109,8 @@ class TextEncoderEngine:
             )
         if self.redux is not None:
             self.redux.load(device, dtype)
+        if self.ip_adapter is not None:
+            self.ip_adapter.load(device, dtype)
         self.pipe = self._pipeline(clip.to(device).eval(), t5.to(device).eval())
         self.loras.bind(self.pipe.text_encoder)
 
@@ -112,14 +119,18 @@ class TextEncoderEngine:
         self.pipe = self._pipeline(None, None)
         if self.redux is not None:
             self.redux.drop()
+        if self.ip_adapter is not None:
+            self.ip_adapter.drop()
 
     def weight_modules(self) -> list[torch.nn.Module]:
         redux = self.redux.modules() if self.redux is not None else []
-        return [m for m in (self.pipe.text_encoder, self.pipe.text_encoder_2) if m is not None] + redux
+        ip_adapter = self.ip_adapter.modules() if self.ip_adapter is not None else []
+        return [m for m in (self.pipe.text_encoder, self.pipe.text_encoder_2) if m is not None] + redux + ip_adapter
 
     def weight_bytes(self) -> int:
         redux = self.redux.weight_bytes() if self.redux is not None else 0
-        return module_bytes(self.pipe.text_encoder, self.pipe.text_encoder_2) + redux
+        ip_adapter = self.ip_adapter.weight_bytes() if self.ip_adapter is not None else 0
+        return module_bytes(self.pipe.text_encoder, self.pipe.text_encoder_2) + redux + ip_adapter
 
     def identity(self) -> str:
         """What the embeddings depend on besides the request (the prompt cache's key, through
@@ -132,7 +143,8 @@ class TextEncoderEngine:
                 [self.redux.folder / sub for sub in ("image_embedder", "image_encoder", "feature_extractor")]
                 if self.redux is not None
                 else []
-            ),
+            )
+            + ([self.ip_adapter.folder] if self.ip_adapter is not None else []),
             str(self.device.dtype),
             self.device.torch_device.type,
             self.default_max_sequence_length,
@@ -186,6 +198,27 @@ class TextEncoderEngine:
         loras: LoraList = (),
         image_prompts: list[ImagePrompt] = (),
         zero_text: bool = False,
+        ip_adapter_image: IpAdapterImage | None = None,
+    ) -> Embeddings:
+        embeddings = self._encode_text(prompts, prompts_2, max_sequence_length, loras, image_prompts, zero_text)
+        if ip_adapter_image is not None:
+            embeddings.ip_adapter_image_embeds = self.ip_adapter.embed(ip_adapter_image)
+        return embeddings
+
+    def check_ip_adapter_image(self, image: IpAdapterImage | None) -> None:
+        if image is not None and self.ip_adapter is None:
+            raise InvalidArgument(
+                "ip_adapter_image", "this encoder has no CLIP vision model (start it with --ip-adapter-image-encoder)"
+            )
+
+    def _encode_text(
+        self,
+        prompts: list[str],
+        prompts_2: list[str],
+        max_sequence_length: int,
+        loras: LoraList,
+        image_prompts: list[ImagePrompt],
+        zero_text: bool,
     ) -> Embeddings:
         self.loras.activate(list(loras))
         if image_prompts:

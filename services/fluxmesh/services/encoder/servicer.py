@@ -9,6 +9,7 @@ from fluxmesh.contract import Stage
 from fluxmesh.rpc.errors import InvalidArgument
 from fluxmesh.rpc.images import open_image
 from fluxmesh.services.encoder.engine import TextEncoderEngine
+from fluxmesh.services.encoder.ip_adapter import ip_adapter_image_from_pb
 from fluxmesh.services.encoder.redux import ImagePrompt
 from fluxmesh.services.runtime.servicer import StageServicer
 from fluxmesh.services.runtime.tensors import to_pb
@@ -24,20 +25,29 @@ class TextEncoderServicer(StageServicer, encoder_pb2_grpc.TextEncoderServicer):
         prompts, prompts_2 = list(request.prompts), list(request.prompts_2)
         images = _image_prompts(request)
         length = self.engine.check(prompts, prompts_2, request.max_sequence_length, images)
+        ip_adapter_image = ip_adapter_image_from_pb(request)
+        self.engine.check_ip_adapter_image(ip_adapter_image)
         loras = self.engine.loras.check(contract.check_loras(request.loras))
         self.requests += 1
-        result = await self.worker.run(self.engine.encode, prompts, prompts_2, length, loras, images, request.zero_text)
-        return encoder_pb2.EncodeResponse(
+        result = await self.worker.run(
+            self.engine.encode, prompts, prompts_2, length, loras, images, request.zero_text, ip_adapter_image
+        )
+        response = encoder_pb2.EncodeResponse(
             prompt_embeds=to_pb(result.prompt_embeds),
             pooled_prompt_embeds=to_pb(result.pooled_prompt_embeds),
             truncated_tokens=result.truncated_tokens,
         )
+        if result.ip_adapter_image_embeds is not None:
+            response.ip_adapter_image_embeds.CopyFrom(to_pb(result.ip_adapter_image_embeds))
+        return response
 
     async def info_facts(self) -> dict[str, Any]:
         return {
             "max_sequence_length": self.engine.default_max_sequence_length,
             "identity": self.engine.identity(),  # the orchestrator's prompt cache keys by it
             "redux": self.engine.redux is not None,  # FLUX.1-Redux image prompts (--redux)
+            # IP-Adapter image prompts (--ip-adapter-image-encoder): the width of the embeds it makes
+            "ip_adapter_embed_dim": self.engine.ip_adapter.embed_dim if self.engine.ip_adapter else 0,
         }
 
 

@@ -166,6 +166,8 @@ def _size(n: int) -> str:
 
 
 def _safetensors_files(folder: Path) -> list[Path]:
+    if folder.is_file():  # one file, as XLabs' ip_adapter.safetensors
+        return [folder]
     index = sorted(folder.glob("*.safetensors.index.json"))
     if index:  # sharded: the index names the shards (a folder may hold other variants too)
         return [folder / name for name in sorted(set(json.loads(index[0].read_text())["weight_map"].values()))]
@@ -313,6 +315,8 @@ def make_plan(
     context_bytes: int = CONTEXT_BYTES,
     redux: str | Path | None = None,
     controlnets: Sequence[str | Path] = (),
+    ip_adapter: str | Path | None = None,
+    ip_adapter_image_encoder: str | Path | None = None,
     steps: int | None = None,
     true_cfg: bool = False,
     limits: Limits = LIMITS,
@@ -321,6 +325,9 @@ def make_plan(
     the denoiser's text sequence. A Kontext model's denoiser also attends to its reference's
     tokens (counted at Kontext's largest preferred resolution). `controlnets`: FluxControlNetModel
     folders the denoiser holds beside the transformer (--controlnet), counted in its weights.
+    `ip_adapter` (the denoiser's --ip-adapter file) and `ip_adapter_image_encoder` (the encoder's
+    CLIP vision folder) add their weights to those stages; the adapter's 4 image tokens are
+    attended to apart, a rounding error.
 
     `steps` (default: the orchestrator's for the model), `true_cfg` and `limits` decide only
     whether the orchestrator would admit such a request (`Plan.refusal`), by the contract's own
@@ -354,6 +361,9 @@ def make_plan(
         redux_weights, redux_tokens = _redux_needs(Path(redux), dtype)
         extra_tokens += redux_tokens
         encoder_from.append(f"Redux SigLIP + image embedder as {dtype}")
+    ip_encoder, ip_denoiser = _ip_adapter_needs(ip_adapter, ip_adapter_image_encoder, dtype)
+    if ip_encoder:
+        encoder_from.append(f"IP-Adapter CLIP vision model as {dtype}")
     if model_folder.read_index(folder).get("_class_name", "").startswith("FluxKontext"):
         extra_tokens += _kontext_reference_tokens(folder)
     if transformer_gguf:
@@ -368,11 +378,18 @@ def make_plan(
             raise NotFound(f"{controlnet}: not a FluxControlNetModel folder (no config.json)")
         transformer += _loaded_bytes(controlnet, dtype)
         denoiser_from.append(f"ControlNet {controlnet.name} safetensors as {dtype}")
+    if ip_denoiser:
+        denoiser_from.append(f"IP-Adapter {Path(ip_adapter).name} as {dtype}")
     stages = [
-        StageNeed("encoder", clip + t5 + redux_weights, _encoder_activations(folder, length, b), tuple(encoder_from)),
+        StageNeed(
+            "encoder",
+            clip + t5 + redux_weights + ip_encoder,
+            _encoder_activations(folder, length, b),
+            tuple(encoder_from),
+        ),
         StageNeed(
             "denoiser",
-            transformer,
+            transformer + ip_denoiser,
             _denoiser_activations(folder, width, height, length + extra_tokens, num_images, b, bool(transformer_gguf)),
             tuple(denoiser_from),
         ),
@@ -412,6 +429,29 @@ def _redux_needs(folder: Path, dtype: str) -> tuple[int, int]:
     # + SigLIP's position_ids: an int64 buffer the model makes itself, not stored in the file.
     tokens = (vision["image_size"] // vision["patch_size"]) ** 2
     return weights + 8 * tokens, tokens
+
+
+def _ip_adapter_needs(ip_adapter: str | Path | None, image_encoder: str | Path | None, dtype: str) -> tuple[int, int]:
+    """(the encoder's CLIP vision model, the denoiser's adapter) in bytes once loaded; 0 where not given."""
+    encoder = denoiser = 0
+    if ip_adapter:
+        if not Path(ip_adapter).is_file():
+            raise NotFound(f"{ip_adapter}: no such IP-Adapter file")
+        denoiser = _loaded_bytes(Path(ip_adapter), dtype)
+    if image_encoder:
+        folder = Path(image_encoder)
+        if not (folder / "config.json").is_file():
+            raise NotFound(f"{folder}: not a CLIP vision model folder (no config.json)")
+        # openai/clip-vit-large-patch14 holds the text tower too: only the vision parts are loaded
+        for key, (stored, shape) in _tensor_shapes(folder).items():
+            if key.startswith(("vision_model.", "visual_projection.")):
+                total = math.prod(shape)
+                encoder += total * (_DTYPE_BYTES[dtype] if stored in ("F64", "F32", "F16", "BF16") else 8)
+        config = json.loads((folder / "config.json").read_text())
+        vision = config.get("vision_config", config)  # a whole CLIPModel's config nests it
+        # + the position_ids the model makes itself (int64, one per patch and the class token), not stored
+        encoder += 8 * ((vision["image_size"] // vision["patch_size"]) ** 2 + 1)
+    return encoder, denoiser
 
 
 def _kontext_reference_tokens(folder: Path) -> int:

@@ -42,6 +42,7 @@ class Variant(str, Enum):
     controlnet = "controlnet"  # InstantX/FLUX.1-dev-Controlnet-Canny's layout
     controlnet_union = "controlnet-union"  # InstantX / Shakker-Labs ControlNet-Union: num_mode 10
     controlnet_xlabs = "controlnet-xlabs"  # XLabs-AI flux-controlnet-*-diffusers: input_hint_block on pixels
+    ip_adapter = "ip-adapter"  # XLabs' ip_adapter.safetensors + a CLIP vision folder (tiny_ip_adapter.py)
 
 
 CONTROLNET_VARIANTS = {
@@ -189,7 +190,8 @@ def write_tiny_model(
     latents and the packed pixel mask (in_channels 64 + 64 + 4 * 8 * 8 = 384, out_channels 64, as
     FLUX.1-Fill-dev) and model_index.json names `FluxFillPipeline` (the same as `variant="fill"`).
     `variant` (see `Variant`): kontext and control write those models' folders; redux writes a
-    FLUX.1-Redux folder whose image embedder fits this size's T5 width (`write_tiny_redux`).
+    FLUX.1-Redux folder whose image embedder fits this size's T5 width (`write_tiny_redux`);
+    ip-adapter an XLabs IP-Adapter file and its CLIP vision folder, likewise (tiny_ip_adapter.py).
     """
     variant = Variant.fill if fill else Variant(variant)
     if variant == Variant.redux:
@@ -201,6 +203,10 @@ def write_tiny_model(
 
         layout = CONTROLNET_VARIANTS[variant]
         return write_tiny_controlnet(path, layout, size=size, seed=seed, schnell=schnell, t5_width=t5_width)
+    if variant == Variant.ip_adapter:
+        from fluxmesh.services.tools.tiny_ip_adapter import write_tiny_ip_adapter
+
+        return write_tiny_ip_adapter(path, size=ModelSize(size).value, seed=seed, t5_width=t5_width)
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
@@ -326,6 +332,20 @@ def write_tiny_model(
     return root
 
 
+def vision_tower(size: ModelSize | str) -> dict[str, int]:
+    """The widths of a tiny vision encoder (Redux's SigLIP, the IP-Adapter's CLIP) at this size:
+    patch 8, so 16 or 64 image tokens (real SigLIP: 729)."""
+    dims = _DIMS[ModelSize(size)]
+    return {
+        "hidden_size": dims.text_width,
+        "intermediate_size": dims.text_width * 2,
+        "num_hidden_layers": dims.text_layers,
+        "num_attention_heads": dims.heads,
+        "image_size": 32 if ModelSize(size) == ModelSize.tiny else 64,
+        "patch_size": 8,
+    }
+
+
 def write_tiny_redux(
     path: str | Path, *, size: ModelSize | str = ModelSize.tiny, seed: int = 0, t5_width: int | None = None
 ) -> Path:
@@ -341,18 +361,10 @@ def write_tiny_redux(
     dims = _DIMS[ModelSize(size)]
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
-    image_size = 32 if ModelSize(size) == ModelSize.tiny else 64  # patch 8: 16 or 64 image tokens (real: 729)
+    tower = vision_tower(size)
+    image_size = tower["image_size"]
     torch.manual_seed(seed)
-    vision = SiglipVisionModel(
-        SiglipVisionConfig(
-            hidden_size=dims.text_width,
-            intermediate_size=dims.text_width * 2,
-            num_hidden_layers=dims.text_layers,
-            num_attention_heads=dims.heads,
-            image_size=image_size,
-            patch_size=8,
-        )
-    )
+    vision = SiglipVisionModel(SiglipVisionConfig(**tower))
     _save(vision, root / "image_encoder")
     # The real processor: bicubic resize to the encoder's size, [-1, 1] (mean = std = 0.5).
     SiglipImageProcessor(

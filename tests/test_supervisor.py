@@ -8,15 +8,14 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 
 import pytest
 
 from fluxmesh.cli.restarts import Backoff, GaveUp, Restarter, describe_exit
-from fluxmesh.cli.supervisor import Child, Cluster, free_port, health_status
+from fluxmesh.cli.supervisor import Child, Cluster, free_port
 from fluxmesh.client import Client
-from mesh import NOT_SERVING, SERVING
+from mesh import NOT_SERVING, metric, wait_for_health, wait_until
 
 FLUXMESH = [sys.executable, "-m", "fluxmesh.cli"]
 
@@ -41,11 +40,11 @@ def _cluster_of(*commands: list[str]) -> Cluster:
 
 
 def _run_until(restarter: Restarter, done, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not done():
-        assert time.monotonic() < deadline, "not done in time"
+    def checked() -> bool:
         restarter.check()
-        time.sleep(0.01)
+        return done()
+
+    wait_until(checked, timeout, what="the restarts", interval=0.01)
 
 
 @pytest.mark.timeout(60)
@@ -87,19 +86,11 @@ def up(dev_model, tmp_path_factory):
             start_new_session=True,
         )
     address = f"127.0.0.1:{port}"
-    _wait_for(lambda: health_status(address) == SERVING, 180, process, log)
+    wait_for_health(address, timeout=180, process=process, output=log.read_text)
     yield process, address, metrics_port, log
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
-
-
-def _wait_for(condition, timeout: float, process: subprocess.Popen, log) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert process.poll() is None, log.read_text()
-        assert time.monotonic() < deadline, log.read_text()
-        time.sleep(0.1)
 
 
 def _children(pid: int) -> dict[str, int]:
@@ -111,21 +102,20 @@ def _children(pid: int) -> dict[str, int]:
 
 def _metric(port: int, name: str) -> float | None:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
-    return float(found[1]) if found else None
+    return metric(text, name, stage="denoiser")
 
 
 @pytest.mark.timeout(240)
 def test_a_killed_denoiser_is_restarted_and_the_orchestrator_follows(up):
     process, address, metrics_port, log = up
-    restarts = 'fluxmesh_stage_restarts_total{stage="denoiser"}'
+    restarts = "fluxmesh_stage_restarts_total"
     assert _metric(metrics_port, restarts) == 0.0
     before = _children(process.pid)
     os.kill(before["denoiser"], signal.SIGKILL)
 
-    _wait_for(lambda: health_status(address) == NOT_SERVING, 10, process, log)
-    assert _metric(metrics_port, 'fluxmesh_stage_serving{stage="denoiser"}') == 0.0
-    _wait_for(lambda: health_status(address) == SERVING, 120, process, log)
+    wait_for_health(address, NOT_SERVING, timeout=10, process=process, output=log.read_text)
+    assert _metric(metrics_port, "fluxmesh_stage_serving") == 0.0
+    wait_for_health(address, timeout=120, process=process, output=log.read_text)
 
     after = _children(process.pid)
     assert after["denoiser"] != before["denoiser"]
@@ -136,7 +126,7 @@ def test_a_killed_denoiser_is_restarted_and_the_orchestrator_follows(up):
     assert re.search(r"denoiser exited with signal SIGKILL after [\d.]+s; restarting in 1\.0s \(restart 1\)", said)
     assert "restarted denoiser (restart 1" in said
     assert _metric(metrics_port, restarts) == 1.0
-    assert _metric(metrics_port, 'fluxmesh_stage_serving{stage="denoiser"}') == 1.0
+    assert _metric(metrics_port, "fluxmesh_stage_serving") == 1.0
     # The orchestrator still holds the stage token of the first start: the new denoiser takes it.
     with Client(address, timeout=60) as client:
         result = client.generate("a fox after a restart", width=64, height=64, steps=2, seed=1)

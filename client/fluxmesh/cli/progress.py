@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fluxmesh.cli.previews import PreviewWriter
+from fluxmesh.client._core import no_result
 from fluxmesh.client.events import Event, Queued, Result, StageFinished, StageStarted, Step
 
 
@@ -16,6 +18,8 @@ def follow(events: Iterable[Event], console: Console | None = None, previews: Pr
     (the bar shows the latest one's path)."""
     console = console or Console(stderr=True)
     result = None
+    events = iter(events)
+    first = next(events, None)  # a call that fails at once fails before the bar draws anything
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -25,7 +29,7 @@ def follow(events: Iterable[Event], console: Console | None = None, previews: Pr
         transient=False,
     ) as progress:
         steps = None
-        for event in events:
+        for event in itertools.chain([first] if first is not None else [], events):
             if isinstance(event, Queued):
                 console.print(f"queued: position {event.position}")
             elif isinstance(event, StageStarted) and event.stage.value == "denoise":
@@ -39,7 +43,7 @@ def follow(events: Iterable[Event], console: Console | None = None, previews: Pr
             elif isinstance(event, Result):
                 result = event
     if result is None:
-        raise RuntimeError("the stream ended without a result")
+        raise no_result()
     for warning in result.warnings:
         console.print(f"[yellow]warning:[/] {warning}")
     t = result.timings

@@ -61,6 +61,10 @@ def health_status(
     return reply.status
 
 
+class StartFailed(RuntimeError):
+    """A child exited before it was SERVING (its own error is in its output)."""
+
+
 @dataclass
 class Child:
     name: str
@@ -124,7 +128,7 @@ class Cluster:
         for child in self.children:
             while not self._is_up(child):
                 if child.process.poll() is not None:
-                    raise RuntimeError(f"{child.name} exited with code {child.process.returncode} before serving")
+                    raise StartFailed(f"{child.name} exited with code {child.process.returncode} before serving")
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{child.name} at {child.address} not SERVING after {timeout:.0f}s")
                 time.sleep(0.1)

@@ -12,7 +12,6 @@ from fluxmesh.client import _core
 from fluxmesh.client.events import Event, EventDecoder, GeneratorInfo, LoraInfo, Result, info_from_pb, loras_from_pb
 from fluxmesh.client.options import GenerateOptions, takes_generate_options
 from fluxmesh.rpc.channels import aio_channel
-from fluxmesh.rpc.security import check_token_transport
 from fluxmesh.v1 import common_pb2, generator_pb2_grpc
 
 
@@ -48,11 +47,9 @@ class AsyncClient:
         timeout: float | None = None,
         allow_plaintext_token: bool = False,
     ):
-        # A token goes over plaintext only to loopback, or when the caller says so.
-        check_token_transport(address, token, tls=credentials is not None, allow_plaintext=allow_plaintext_token)
+        self._metadata = _core.connection(address, token, credentials, timeout, allow_plaintext_token)
         self.address = address
         self.timeout = timeout
-        self._metadata = _core.metadata(token)
         self._channel = aio_channel(address, credentials=credentials)
         self._stub = generator_pb2_grpc.GeneratorStub(self._channel)
 
@@ -92,6 +89,7 @@ class AsyncClient:
 
     async def info(self, timeout: float | None = 10.0) -> GeneratorInfo:
         """What the orchestrator's stages hold (model, device, dtype, memory) and the model's facts."""
+        _core.check_timeout(timeout)
         try:
             reply = await self._stub.Info(common_pb2.InfoRequest(), timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as error:
@@ -100,6 +98,7 @@ class AsyncClient:
 
     async def list_loras(self, timeout: float | None = 10.0) -> list[LoraInfo]:
         """The LoRAs the server offers, by the names requests use."""
+        _core.check_timeout(timeout)
         try:
             reply = await self._stub.ListLoras(common_pb2.ListLorasRequest(), timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as error:

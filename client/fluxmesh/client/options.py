@@ -18,10 +18,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
 from PIL import Image
 
+from fluxmesh.client._core import check_timeout
 from fluxmesh.contract import ControlPreprocess, PreviewKind, ReferenceRole
 from fluxmesh.rpc import step_cache
+from fluxmesh.rpc.errors import InvalidArgument
+from fluxmesh.rpc.images import open_image
 from fluxmesh.v1 import common_pb2, generator_pb2
 
 __all__ = [
@@ -73,11 +78,13 @@ class Reference:
                 self, "preprocess", ControlPreprocess.parse(str(self.preprocess), "references.preprocess")
             )
 
-    def to_pb(self) -> generator_pb2.Reference:
+    def to_pb(self, field: str = "references[0]") -> generator_pb2.Reference:
         role = cast(ReferenceRole, self.role)
-        reference = generator_pb2.Reference(
+        reference = message(
+            generator_pb2.Reference,
+            field,
             role=cast(generator_pb2.ReferenceRole, role.pb),
-            image=image_bytes(self.image),
+            image=image_bytes(self.image, f"{field}.image"),
             scale=self.scale,
             pooled_scale=self.pooled_scale,
             keep_size=self.keep_size,
@@ -159,18 +166,28 @@ class GenerateOptions:
         if self.preview is not None:  # InvalidArgument (a ValueError) naming the field, before any call
             object.__setattr__(self, "preview", PreviewKind.parse(str(self.preview)))
         if self.cache is not None:
+            if not isinstance(self.cache, str):
+                raise InvalidArgument("cache", f"{self.cache!r}; expected a string like 'first-block:0.1'")
             step_cache.parse(self.cache)  # InvalidArgument naming the field, before any call
+        check_timeout(self.timeout)
 
     def to_request(self) -> generator_pb2.GenerateRequest:
         """The wire request (unset optional fields stay unset, so the server applies its defaults)."""
-        request = generator_pb2.GenerateRequest(
+        if not isinstance(self.references, Iterable) or isinstance(self.references, (str, bytes, Reference)):
+            raise InvalidArgument("references", f"{self.references!r}; expected a list of Reference")
+        for n, reference in enumerate(self.references):
+            if not isinstance(reference, Reference):
+                raise InvalidArgument(f"references[{n}]", f"{reference!r}; expected a Reference")
+        request = message(
+            generator_pb2.GenerateRequest,
+            "",
             prompt=self.prompt,
             prompt_2=self.prompt_2,
             width=self.width,
             height=self.height,
             num_images=self.num_images,
             max_sequence_length=self.max_sequence_length,
-            loras=[_lora_pb(lora) for lora in self.loras],
+            loras=_loras_pb(self.loras),
             priority=self.priority,
             negative_prompt_2=self.negative_prompt_2,
             steps=self.steps,
@@ -179,9 +196,9 @@ class GenerateOptions:
             strength=self.strength,
             negative_prompt=self.negative_prompt,
             true_cfg_scale=self.true_cfg_scale,
-            init_image=None if self.init_image is None else image_bytes(self.init_image),
-            mask_image=None if self.mask_image is None else image_bytes(self.mask_image),
-            references=[reference.to_pb() for reference in self.references],
+            init_image=None if self.init_image is None else image_bytes(self.init_image, "init_image"),
+            mask_image=None if self.mask_image is None else image_bytes(self.mask_image, "mask_image"),
+            references=[reference.to_pb(f"references[{n}]") for n, reference in enumerate(self.references)],
             # Images in pieces before the Result (fluxmesh.orchestrator.results), reassembled by
             # EventDecoder: no message a 4 MiB limit would refuse, whatever the channel's limit.
             stream_images=True,
@@ -189,9 +206,9 @@ class GenerateOptions:
         if self.cache is not None:
             request.cache.CopyFrom(step_cache.to_pb(self.cache))
         if self.preview is not None:
-            kind = PreviewKind.parse(str(self.preview)).pb
-            request.preview.kind = cast(generator_pb2.PreviewKind, kind)  # the stubs type the enum as a class
-            request.preview.every = self.preview_every
+            kind = cast(generator_pb2.PreviewKind, PreviewKind.parse(str(self.preview)).pb)  # stubs: a class
+            every = message(generator_pb2.Preview, "preview", every=self.preview_every).every
+            request.preview.CopyFrom(generator_pb2.Preview(kind=kind, every=every))
         return request
 
 
@@ -241,22 +258,77 @@ takes_generate_options = _parameters_of(GenerateOptions)
 callers spell the options as keywords, checked against GenerateOptions' fields."""
 
 
-def image_bytes(image: ImageInput) -> bytes:
-    """PNG/JPEG bytes as they are (the server checks them), a file's bytes, or a PIL image as PNG."""
+def image_bytes(image: ImageInput, field: str = "image") -> bytes:
+    """PNG/JPEG bytes as they are (the server checks them), a file's bytes (checked here, so a
+    wrong path fails before any call), or a PIL image as PNG."""
     if isinstance(image, Image.Image):
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")  # lossless: the server sees exactly these pixels
         return buffer.getvalue()
     if isinstance(image, (bytes, bytearray, memoryview)):
         return bytes(image)
-    with open(image, "rb") as file:
-        return file.read()
+    if not isinstance(image, (str, os.PathLike)):
+        raise InvalidArgument(field, f"a {type(image).__name__}; expected PNG/JPEG bytes, a path or a PIL image")
+    try:
+        with open(image, "rb") as file:
+            data = file.read()
+    except OSError as error:
+        raise InvalidArgument(field, f"cannot read {os.fspath(image)!r}: {error.strerror or error}") from None
+    open_image(data, f"{field} ({os.fspath(image)})")  # not an image, truncated, too large: said here
+    return data
 
 
-def _lora_pb(lora: Lora | str) -> common_pb2.LoraWeight:
-    """`("name", 0.8)`, or a bare `"name"` for weight 1.0."""
-    name, weight = (lora, 1.0) if isinstance(lora, str) else lora
-    return common_pb2.LoraWeight(name=name, weight=weight)
+def _loras_pb(loras: Iterable[Lora | str]) -> list[common_pb2.LoraWeight]:
+    """Each of `("name", 0.8)`, or a bare `"name"` for weight 1.0."""
+    if isinstance(loras, str) or not isinstance(loras, Iterable):
+        raise InvalidArgument("loras", f"{loras!r}; expected a list of names or (name, weight) pairs")
+    weights = []
+    for n, lora in enumerate(loras):
+        if isinstance(lora, str):
+            lora = (lora, 1.0)
+        if not (isinstance(lora, tuple | list) and len(lora) == 2):
+            raise InvalidArgument(f"loras[{n}]", f"{lora!r}; expected a name or a (name, weight) pair")
+        weights.append(message(common_pb2.LoraWeight, f"loras[{n}]", name=lora[0], weight=lora[1]))
+    return weights
+
+
+_INTEGER_RANGES = {
+    FieldDescriptor.TYPE_INT32: ("int32", -(2**31), 2**31 - 1),
+    FieldDescriptor.TYPE_SINT32: ("int32", -(2**31), 2**31 - 1),
+    FieldDescriptor.TYPE_SFIXED32: ("int32", -(2**31), 2**31 - 1),
+    FieldDescriptor.TYPE_UINT32: ("uint32", 0, 2**32 - 1),
+    FieldDescriptor.TYPE_FIXED32: ("uint32", 0, 2**32 - 1),
+    FieldDescriptor.TYPE_INT64: ("int64", -(2**63), 2**63 - 1),
+    FieldDescriptor.TYPE_SINT64: ("int64", -(2**63), 2**63 - 1),
+    FieldDescriptor.TYPE_SFIXED64: ("int64", -(2**63), 2**63 - 1),
+    FieldDescriptor.TYPE_UINT64: ("uint64", 0, 2**64 - 1),
+    FieldDescriptor.TYPE_FIXED64: ("uint64", 0, 2**64 - 1),
+}
+
+M = TypeVar("M", bound=Message)
+
+
+def message(kind: type[M], parent: str, **fields: Any) -> M:
+    """`kind(**fields)`, where a value protobuf refuses (a number out of its wire type's range,
+    a wrong type) is InvalidArgument naming the field (`parent.name`; `name` for the request
+    itself, parent "") instead of protobuf's ValueError/TypeError, which name neither the field
+    nor the range."""
+    try:
+        return kind(**fields)
+    except (ValueError, TypeError) as error:
+        together = error
+    for name, value in fields.items():
+        try:
+            kind(**{name: value})
+        except (ValueError, TypeError) as error:
+            path = f"{parent}.{name}" if parent else name
+            descriptor = kind.DESCRIPTOR.fields_by_name[name]
+            bounds = _INTEGER_RANGES.get(descriptor.type)
+            if bounds is not None and isinstance(value, int):
+                wire, low, high = bounds
+                raise InvalidArgument(path, f"{value} is outside [{low}, {high}] ({wire})") from None
+            raise InvalidArgument(path, f"{value!r} ({type(value).__name__}): {error}") from None
+    raise InvalidArgument(parent or "request", str(together))  # fields that conflict
 
 
 def parse_lora(text: str) -> Lora:

@@ -39,7 +39,9 @@ def open_image(data: bytes, field: str) -> Image.Image:
             _check_png_complete(data, image.width, image.height, field)
     except InvalidArgument:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+    except UnidentifiedImageError:  # its message shows an in-memory file object, nothing useful
+        raise InvalidArgument(field, "not a PNG or JPEG image (no known image format)") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise InvalidArgument(field, f"not a decodable PNG/JPEG image ({error})") from None
     return image
 

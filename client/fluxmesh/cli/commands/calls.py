@@ -124,12 +124,33 @@ def generate(
     except FluxmeshError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
+    unwritable = False
     for path, data in zip(_output_paths(output, len(result.image_data)), result.image_data):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-        typer.echo(str(path))
+        written = _save(path, data)
+        unwritable |= written != path
+        typer.echo(str(written))
     if writer is not None and writer.written:
         typer.echo(f"{writer.written} previews in {writer.directory}", err=True)
+    if unwritable:
+        raise typer.Exit(1)
+
+
+def _save(path: Path, data: bytes) -> Path:
+    """Write an image that was made to `path`, or, where that fails (a folder that cannot be
+    made, no permission, a full disk), to a new file in the temp folder: the work is not lost,
+    and one line says where it went."""
+    import tempfile
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        return path
+    except OSError as error:
+        handle, name = tempfile.mkstemp(prefix=f"{path.stem}-", suffix=path.suffix or ".png")
+        with open(handle, "wb") as file:
+            file.write(data)
+        typer.echo(f"error: cannot write {path} ({error.strerror or error}); the image is in {name}", err=True)
+        return Path(name)
 
 
 @app.command()

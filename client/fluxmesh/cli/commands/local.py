@@ -70,35 +70,40 @@ def up(
     The TLS, token and metrics flags apply to the orchestrator, the one process others reach
     (and TLS to the HTTP gateway of --http-port, which passes callers' tokens on).
     """
-    from fluxmesh.cli.supervisor import start_local
+    from fluxmesh.cli.supervisor import StartFailed, start_local
 
     serving.security()  # a bad TLS or token flag fails here, before four processes start
     admin.tokens()
     request_limits.limits()  # and a ceiling raised instead of lowered
+    _check_model_files(model, transformer_gguf=transformer_gguf, t5_gguf=t5_gguf, lora_dir=lora_dir)
     raise_on_sigterm()
-    cluster = start_local(
-        model,
-        port=port,
-        host=host,
-        common_args=_stage_flags(device, dtype, threads) + _sequential_stage_flags(sequential, release_to),
-        stage_args=_model_file_flags(transformer_gguf, t5_gguf, lora_dir, max_batch),
-        orchestrator_args=[
-            *_sequential_flags(sequential, release_to),
-            *serving.as_flags(),
-            *admin.as_flags(),
-            "--max-priority",
-            str(max_priority),
-            *request_limits.as_flags(),
-            *(["--prompt-cache-mib", str(prompt_cache_mib)] if prompt_cache_mib is not None else []),
-        ],
-        orchestrator_tls=serving.tls_cert is not None,
-    )
-    with cluster:
-        typer.echo(f"fluxmesh up: Generator on {cluster.address} (Ctrl-C to stop)", err=True)
-        if http_port is not None:
-            page = start_gateway(cluster, port=http_port, host=host, serving=serving)
-            typer.echo(f"fluxmesh up: OpenAI images API and page on {page}", err=True)
-        serve_until_interrupted(cluster, "up")
+    try:
+        cluster = start_local(
+            model,
+            port=port,
+            host=host,
+            common_args=_stage_flags(device, dtype, threads) + _sequential_stage_flags(sequential, release_to),
+            stage_args=_model_file_flags(transformer_gguf, t5_gguf, lora_dir, max_batch),
+            orchestrator_args=[
+                *_sequential_flags(sequential, release_to),
+                *serving.as_flags(),
+                *admin.as_flags(),
+                "--max-priority",
+                str(max_priority),
+                *request_limits.as_flags(),
+                *(["--prompt-cache-mib", str(prompt_cache_mib)] if prompt_cache_mib is not None else []),
+            ],
+            orchestrator_tls=serving.tls_cert is not None,
+        )
+        with cluster:
+            typer.echo(f"fluxmesh up: Generator on {cluster.address} (Ctrl-C to stop)", err=True)
+            if http_port is not None:
+                page = start_gateway(cluster, port=http_port, host=host, serving=serving)
+                typer.echo(f"fluxmesh up: OpenAI images API and page on {page}", err=True)
+            serve_until_interrupted(cluster, "up")
+    except (StartFailed, TimeoutError) as error:  # the child's own error line is above this one
+        typer.echo(f"fluxmesh up: {error}; stopped the others", err=True)
+        raise typer.Exit(1) from None
 
 
 @app.command()
@@ -155,6 +160,23 @@ def demo(
                 page = start_gateway(cluster, port=http_port, host="127.0.0.1")
                 typer.echo(f"fluxmesh demo: the page is on {page} (Ctrl-C to stop)", err=True)
                 serve_until_interrupted(cluster, "demo")
+
+
+def _check_model_files(
+    model: str, *, transformer_gguf: Path | None, t5_gguf: Path | None, lora_dir: Path | None
+) -> None:
+    """What would stop a stage at start, said in one line before four processes start: a model
+    that is neither a folder nor a Hub id, a missing GGUF file or LoRA directory. (A GGUF's
+    contents are the stage's to judge: reading them needs the stages' libraries.)"""
+    from fluxmesh.rpc.errors import UsageError
+    from fluxmesh.services.runtime.model_folder import check_model
+
+    check_model(model)
+    for flag, path in (("--transformer-gguf", transformer_gguf), ("--t5-gguf", t5_gguf)):
+        if path is not None and not path.is_file():
+            raise UsageError(f"{flag} {path}: {'a directory' if path.is_dir() else 'no such file'}")
+    if lora_dir is not None and not lora_dir.is_dir():
+        raise UsageError(f"--lora-dir {lora_dir}: {'not a directory' if lora_dir.exists() else 'no such directory'}")
 
 
 def _log_to_file(prefix: str) -> TextIO:

@@ -90,7 +90,7 @@ class LoraLibrary:
             raise ValueError(f"unknown components {sorted(unknown)}; choose from {COMPONENTS}")
         self.directory = Path(directory).resolve()
         if not self.directory.is_dir():
-            raise FileNotFoundError(f"LoRA directory {self.directory} does not exist")
+            raise NotFound(f"LoRA directory {self.directory} does not exist")
         self.max_cached = max_cached
         self.components = tuple(components)
         self.reads = 0  # files read from disk: a metric, and how tests prove "read once"

@@ -21,22 +21,29 @@ STAGE_SUBFOLDERS = {
 }
 
 
+_MODEL = {
+    "what": "model",
+    "marker": "model_index.json",
+    "expected": "a diffusers-layout folder",
+    "example": "black-forest-labs/FLUX.1-dev",
+}
+
+
 def resolve_model(model: str, stage: str) -> Path:
     patterns = ["model_index.json"]
     for sub in STAGE_SUBFOLDERS[stage]:
         patterns.append(sub if sub.endswith(".json") else f"{sub}/*")
-    return resolve_folder(
-        model,
-        what="model",
-        marker="model_index.json",
-        expected="a diffusers-layout folder",
-        example="black-forest-labs/FLUX.1-dev",
-        patterns=patterns,
-    )
+    return resolve_folder(model, **_MODEL, patterns=patterns)
 
 
-def resolve_folder(source: str, *, what: str, marker: str, expected: str, example: str, patterns: list[str]) -> Path:
-    """A local folder holding `marker`, or a Hub id whose files matching `patterns` are fetched."""
+def check_model(model: str) -> Path | None:
+    """The local folder `model` names (None: a Hub id), or the error a stage would answer with;
+    reads no weights and downloads nothing (`fluxmesh up` asks before it starts four processes)."""
+    return local_folder(model, **_MODEL)
+
+
+def local_folder(source: str, *, what: str, marker: str, expected: str, example: str) -> Path | None:
+    """The local folder `source` names, holding `marker`; None when it is a Hub id instead."""
     path = Path(source).expanduser()
     if path.exists():
         if not (path / marker).is_file():
@@ -44,6 +51,14 @@ def resolve_folder(source: str, *, what: str, marker: str, expected: str, exampl
         return path.resolve()
     if source.count("/") != 1 or source.startswith((".", "/", "~")):
         raise NotFound(f"{what} {source!r}: no such folder (and not a Hub id like {example})")
+    return None
+
+
+def resolve_folder(source: str, *, what: str, marker: str, expected: str, example: str, patterns: list[str]) -> Path:
+    """A local folder holding `marker`, or a Hub id whose files matching `patterns` are fetched."""
+    local = local_folder(source, what=what, marker=marker, expected=expected, example=example)
+    if local is not None:
+        return local
     from huggingface_hub import snapshot_download
 
     return Path(snapshot_download(source, allow_patterns=patterns))

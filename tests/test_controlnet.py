@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from conftest import stage_metadata
-from factories import PROMPT, max_abs_diff
+from factories import PROMPT, init_and_mask, max_abs_diff
 from fluxmesh.v1 import common_pb2, generator_pb2
 from test_family import (
     _cluster,
@@ -72,14 +72,27 @@ def _controlnet(folder: str):
     return FluxControlNetModel.from_pretrained(folder, local_files_only=True)
 
 
-def expected(models, nets: list[str], control_image, *, seed: int, lora: tuple[str, float] | None = None, **call):
-    """FluxControlNetPipeline on the base folder with these ControlNets (several: FluxMultiControlNetModel)."""
+def expected(
+    models,
+    nets: list[str],
+    control_image,
+    *,
+    seed: int,
+    lora: tuple[str, float] | None = None,
+    pipeline: str = "FluxControlNetPipeline",
+    **call,
+):
+    """FluxControlNetPipeline (or `pipeline`: its Img2Img / Inpaint variant) on the base folder with
+    these ControlNets (several: FluxMultiControlNetModel)."""
+    import diffusers
     import torch
-    from diffusers import FluxControlNetPipeline, FluxMultiControlNetModel
+    from diffusers import FluxMultiControlNetModel
 
     modules = [_controlnet(str(models[net])) for net in nets]
     controlnet = modules[0] if len(modules) == 1 else FluxMultiControlNetModel(modules)
-    pipe = FluxControlNetPipeline.from_pretrained(str(models["base"]), controlnet=controlnet, local_files_only=True)
+    pipe = getattr(diffusers, pipeline).from_pretrained(
+        str(models["base"]), controlnet=controlnet, local_files_only=True
+    )
     pipe.set_progress_bar_config(disable=True)
     if lora is not None:
         pipe.load_lora_weights(lora[0], adapter_name="style")
@@ -212,6 +225,67 @@ def test_a_lora_stacked_on_a_controlnet_matches(cluster, models, lora_dir):
     assert max_abs_diff(_pixels(result)[0], want) <= 1
 
 
+def test_image_to_image_with_a_controlnet_matches_its_img2img_pipeline(cluster, models):
+    control = _images(10, (64, 64))[0]
+    init, _ = init_and_mask(width=80, height=64, seed=11)
+    result = _generate(
+        cluster.address,
+        [_reference(CONTROLNET, control, controlnet=INSTANTX, scale=0.8)],
+        init_image=_png(init),
+        strength=0.7,
+        steps=4,
+        guidance=3.5,
+        seed=14,
+        num_images=2,
+    )
+    want = expected(
+        models,
+        ["controlnet"],
+        control,
+        seed=14,
+        pipeline="FluxControlNetImg2ImgPipeline",
+        image=init,
+        strength=0.7,
+        controlnet_conditioning_scale=0.8,
+        **SIZE,
+        num_inference_steps=4,
+        guidance_scale=3.5,
+        num_images_per_prompt=2,
+    )
+    got = _pixels(result)
+    assert len(got) == 2 and max(max_abs_diff(a, b) for a, b in zip(got, want)) <= 1
+
+
+def test_inpainting_with_a_union_controlnet_matches_its_inpaint_pipeline(cluster, models):
+    control = _images(12, (64, 64))[0]
+    init, mask = init_and_mask(width=80, height=64, seed=13)
+    result = _generate(
+        cluster.address,
+        [_reference(CONTROLNET, control, controlnet=UNION, controlnet_mode=2)],
+        init_image=_png(init),
+        mask_image=_png(mask),
+        strength=0.8,
+        steps=4,
+        guidance=3.5,
+        seed=15,
+    )
+    want = expected(
+        models,
+        ["controlnet-union"],
+        control,
+        seed=15,
+        pipeline="FluxControlNetInpaintPipeline",
+        image=init,
+        mask_image=mask,
+        strength=0.8,
+        control_mode=2,
+        **SIZE,
+        num_inference_steps=4,
+        guidance_scale=3.5,
+    )[0]
+    assert max_abs_diff(_pixels(result)[0], want) <= 1
+
+
 def test_true_cfg_with_a_controlnet_matches(cluster, models):
     """FluxControlNetPipeline's true CFG: the negative pass takes the same ControlNet residuals."""
     image = _images(8, (64, 64))[0]
@@ -292,7 +366,13 @@ def _bad_cases():
         ),
         ("xlabs-with-instantx", [net(controlnet=XLABS), net(controlnet=INSTANTX)], {}, INVALID, "references"),
         ("five-images", [net()] * 5, {}, INVALID, "references"),
-        ("with-an-init-image", [net()], {"init_image": _png(init)}, INVALID, "init_image"),
+        (
+            "union-batched-with-an-init-image",  # diffusers' img2img/inpaint pipelines cannot batch its mode
+            [net(controlnet=UNION)],
+            {"init_image": _png(init), "num_images": 2},
+            INVALID,
+            "num_images",
+        ),
         (
             "controlnet-field-on-redux",
             [_reference(generator_pb2.REFERENCE_ROLE_REDUX, image, controlnet=1)],

@@ -61,6 +61,7 @@ __all__ = [
     "check_controlnet_scale",
     "check_control_span",
     "check_ip_adapter_scale",
+    "check_union_controlnet_batch",
     "check_conditioning_length",
     "PREFERRED_KONTEXT_RESOLUTIONS",
     "MEGAPIXEL",
@@ -523,6 +524,17 @@ def check_control_span(start: float, end: float, start_field: str, end_field: st
         raise InvalidArgument(start_field, f"{start} must be within [0, 1)")
     if not math.isfinite(end) or not start < end <= 1.0:
         raise InvalidArgument(end_field, f"{end} must be within ({start:g}, 1] (after {start_field})")
+
+
+def check_union_controlnet_batch(one_union: bool, has_init: bool, images: int) -> None:
+    """diffusers 0.42's FluxControlNetImg2Img/InpaintPipeline give a lone union ControlNet's mode a
+    batch of 1 whatever the batch and fail at its concat: such a request is refused up front."""
+    if one_union and has_init and images > 1:
+        raise InvalidArgument(
+            "num_images",
+            f"{images} images: one per request with a union ControlNet and an init image "
+            "(diffusers' FluxControlNetImg2Img/InpaintPipeline cannot batch its mode)",
+        )
 
 
 def check_lora_weight(weight: Any, field: str, limits: Limits = LIMITS) -> float:

@@ -40,6 +40,7 @@ class ControlNetReference:
     preprocess: int  # common_pb2.ControlPreprocess
     controlnet: int
     pixels: bool
+    union: bool
     mode: int
     scale: float
     start: float
@@ -79,16 +80,21 @@ def check_controlnet(
     start = reference.control_start if reference.HasField("control_start") else 0.0
     end = reference.control_end if reference.HasField("control_end") else 1.0
     contract.check_control_span(start, end, f"{field}.control_start", f"{field}.control_end")
-    return ControlNetReference(reference.image, reference.preprocess, index, net.pixels, mode, scale, start, end)
+    return ControlNetReference(
+        reference.image, reference.preprocess, index, net.pixels, bool(net.union_modes), mode, scale, start, end
+    )
 
 
-def check_controlnet_combination(controlnets: Sequence[ControlNetReference], limits: Limits = LIMITS) -> None:
+def check_controlnet_combination(
+    controlnets: Sequence[ControlNetReference], *, has_init: bool, images: int, limits: Limits = LIMITS
+) -> None:
     if len(controlnets) > limits.max_controlnet_images:
         raise InvalidArgument(
             "references", f"{len(controlnets)} CONTROLNET references; at most {limits.max_controlnet_images}"
         )
     if len({c.pixels for c in controlnets}) > 1:  # diffusers takes the first ControlNet's kind for all
         raise InvalidArgument("references", "XLabs and latent-input (InstantX, Union) ControlNets in one request")
+    contract.check_union_controlnet_batch(len(controlnets) == 1 and controlnets[0].union, has_init, images)
 
 
 async def encode_controlnets(

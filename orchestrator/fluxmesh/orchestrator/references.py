@@ -201,7 +201,9 @@ def check_references(
         ),
     )
     _check_combinations(references, capabilities, has_init=has_init, has_mask=has_mask, has_negative=has_negative)
-    check_controlnet_combination(references.controlnets, limits)
+    check_controlnet_combination(
+        references.controlnets, has_init=has_init, images=request.num_images or 1, limits=limits
+    )
     if references.ip_adapter is not None and (references.control is not None or fill_model):
         pipeline = "FluxControlPipeline" if references.control is not None else "FluxFillPipeline"
         raise InvalidArgument("references", f"{pipeline} takes no IP_ADAPTER image prompt")
@@ -252,10 +254,6 @@ def _check_combinations(
         )
     if (references.kontext is not None or references.control is not None) and references.controlnets:
         raise InvalidArgument("references", "CONTROLNET references go with no KONTEXT or CONTROL one")
-    if has_init and references.controlnets:
-        raise InvalidArgument(
-            "init_image", "CONTROLNET references with an init image (FluxControlNetImg2ImgPipeline) are not served"
-        )
     if has_negative and references.control is not None:
         raise InvalidArgument("negative_prompt", "FluxControlPipeline has no true CFG")
     if has_negative and references.redux:

@@ -25,7 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import FluxControlNetModel, FluxControlNetPipeline
+from diffusers import (
+    FluxControlNetImg2ImgPipeline,
+    FluxControlNetInpaintPipeline,
+    FluxControlNetModel,
+    FluxControlNetPipeline,
+)
 from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKLOutput
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.models.controlnets.controlnet_flux import FluxMultiControlNetModel
@@ -33,7 +38,7 @@ from diffusers.models.controlnets.controlnet_flux import FluxMultiControlNetMode
 from fluxmesh import contract
 from fluxmesh.contract import LIMITS
 from fluxmesh.rpc.errors import FailedPrecondition, InvalidArgument
-from fluxmesh.services.denoiser.modes import Geometry, Mode, VaeConfig
+from fluxmesh.services.denoiser.modes import Geometry, InitImage, Mode, VaeConfig
 from fluxmesh.services.runtime import model_folder
 from fluxmesh.services.runtime.memory import module_bytes
 from fluxmesh.services.runtime.tensors import from_pb
@@ -162,7 +167,15 @@ class ControlNets:
         ]
 
     def check(
-        self, images: Sequence[ControlNetImage], *, width: int, height: int, latent_channels: int, vae_scale_factor: int
+        self,
+        images: Sequence[ControlNetImage],
+        *,
+        init: bool,
+        batch: int,
+        width: int,
+        height: int,
+        latent_channels: int,
+        vae_scale_factor: int,
     ) -> None:
         """Each image against its ControlNet and the request's size; errors name the field."""
         if len(images) > LIMITS.max_controlnet_images:
@@ -199,11 +212,18 @@ class ControlNets:
         if len({self.nets[image.controlnet].pixels for image in images}) > 1:
             # diffusers decides latents or pixels by the first ControlNet for all of them
             raise InvalidArgument("conditioning.controlnets", "XLabs and latent-input ControlNets in one request")
+        union = len(images) == 1 and bool(self.nets[images[0].controlnet].union_modes)
+        contract.check_union_controlnet_batch(union, init, batch)
 
-    def mode(self, images: Sequence[ControlNetImage], vae_config: dict[str, Any], dtype: torch.dtype) -> ControlNetRun:
-        return ControlNetRun(
-            images, [(self.modules_[i.controlnet], self.nets[i.controlnet]) for i in images], vae_config, dtype
-        )
+    def mode(
+        self,
+        images: Sequence[ControlNetImage],
+        init: InitImage | None,
+        vae_config: dict[str, Any],
+        dtype: torch.dtype,
+    ) -> ControlNetRun:
+        nets = [(self.modules_[image.controlnet], self.nets[image.controlnet]) for image in images]
+        return ControlNetRun(images, nets, init, vae_config, dtype)
 
 
 class _EncodedByTheVaeStage(VaeConfig):
@@ -221,25 +241,34 @@ class _EncodedByTheVaeStage(VaeConfig):
 
 class ControlNetRun(Mode):
     """A ControlNet request: FluxControlNetPipeline with one ControlNet, or several as a
-    FluxMultiControlNetModel of the ones the images name, in their order."""
+    FluxMultiControlNetModel of the ones the images name, in their order; with an init image
+    FluxControlNetImg2ImgPipeline, and a mask FluxControlNetInpaintPipeline."""
 
     name = "controlnet"
-    pipeline_class = FluxControlNetPipeline
 
     def __init__(
         self,
         images: Sequence[ControlNetImage],
         nets: Sequence[tuple[FluxControlNetModel, _Net]],
+        init: InitImage | None,
         vae_config: dict[str, Any],
         dtype: torch.dtype,
     ):
-        super().__init__(None)
+        super().__init__(init)
         self.images, self.nets = list(images), list(nets)
         self.vae_config, self.dtype = vae_config, dtype
+        if init is None:
+            self.pipeline_class: type = FluxControlNetPipeline
+        else:
+            self.pipeline_class = FluxControlNetInpaintPipeline if init.has_mask else FluxControlNetImg2ImgPipeline
 
     def components(self) -> dict[str, Any]:
         modules = [module for module, _ in self.nets]
+        # in the order the pipelines encode: the control images, then (img2img, inpainting) the
+        # init image before the noise, then (inpainting) the masked image after it
         posteriors = [image.posterior for image in self.images if image.posterior is not None]
+        if self.init is not None:
+            posteriors += [self.init.posterior] + ([self.init.masked_posterior] if self.init.has_mask else [])
         return {
             "controlnet": modules[0] if len(modules) == 1 else FluxMultiControlNetModel(modules),
             "vae": _EncodedByTheVaeStage(self.vae_config, self.dtype, posteriors),
@@ -259,4 +288,8 @@ class ControlNetRun(Mode):
         }
         if len(self.images) == 1:  # a single FluxControlNetModel takes plain values
             values = {key: value[0] for key, value in values.items()}
+        if self.init is not None:
+            values |= {"image": placeholder, "strength": self.init.strength}
+            if self.init.has_mask:
+                values["mask_image"] = self.init.mask.to(torch.float32)
         return {"generator": torch.Generator("cpu").manual_seed(seed), **values}

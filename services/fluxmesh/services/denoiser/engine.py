@@ -289,12 +289,10 @@ class DenoiserEngine:
             raise InvalidArgument(
                 "conditioning.controlnets", "FluxControlNetPipeline takes no Kontext or Control input"
             )
-        if job.init is not None:
-            raise InvalidArgument(
-                "init", "an init image with ControlNets (FluxControlNetImg2ImgPipeline) is not served"
-            )
         self.controlnets.check(
             conditioning.controlnets,
+            init=job.init is not None,
+            batch=job.prompt_embeds.shape[0] * job.num_images,
             width=job.width,
             height=job.height,
             latent_channels=self.latent_channels,
@@ -303,7 +301,7 @@ class DenoiserEngine:
 
     def _mode(self, job: DenoiseJob):
         if job.conditioning is not None and job.conditioning.controlnets:
-            return self.controlnets.mode(job.conditioning.controlnets, self.vae_config, self.device.dtype)
+            return self.controlnets.mode(job.conditioning.controlnets, job.init, self.vae_config, self.device.dtype)
         return (
             choose_family_edit(job.conditioning, job.init)
             or choose_family_mode(job.conditioning)

@@ -86,6 +86,9 @@ class FakeVae(vae_pb2_grpc.VaeServicer):
     def __init__(self, recorder: Recorder):
         self.recorder = recorder
 
+    async def Info(self, request, context):  # the orchestrator asks what the stage can do (a depth model)
+        return common_pb2.StageInfo(stage="vae", size_multiple=16)
+
     async def Decode(self, request, context):
         await self.recorder.record("vae", context)
         return vae_pb2.DecodeResponse(images=[common_pb2.Image(width=64, height=64, data=b"png")])
@@ -240,8 +243,8 @@ async def test_info_and_list_loras_pass_an_expired_deadline_on_instead_of_five_m
     servicer = _servicer(*clients)
     await servicer.Info(common_pb2.InfoRequest(), _Context(0.0))
     await servicer.ListLoras(common_pb2.ListLorasRequest(), _Context(0.0))
-    # encoder: Info, facts; denoiser: Info, facts, ListLoras; vae: Info
-    assert [c.timeouts for c in clients] == [[0.0, 0.0], [0.0, 0.0, 0.0], [0.0]]
+    # encoder: Info, facts; denoiser: Info, facts, ListLoras; vae: Info, facts
+    assert [c.timeouts for c in clients] == [[0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0]]
     fresh = [_SlowInfo(stage) for stage in ("encoder", "denoiser", "vae")]
     await _servicer(*fresh).Info(common_pb2.InfoRequest(), _Context(None))
     assert all(0 < t <= 5.0 for c in fresh for t in c.timeouts)  # no deadline: Info's own 5 s

@@ -34,7 +34,10 @@ from test_family import (
     _sequential_orchestrator,
     _stage_requests,
     canny_as_controlnet_aux,
+    control_expected,
 )
+
+DEPTH = common_pb2.CONTROL_PREPROCESS_DEPTH
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +45,10 @@ def models(tmp_path_factory) -> dict[str, Path]:
     from fluxmesh.services.tools.tiny_model import write_tiny_model
 
     root = tmp_path_factory.mktemp("family-rest")
-    return {variant: write_tiny_model(root / variant, variant=variant) for variant in ("kontext", "control", "base")}
+    return {
+        variant: write_tiny_model(root / variant, variant=variant)
+        for variant in ("kontext", "control", "base", "depth")
+    }
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +76,8 @@ def kontext_cluster(models):
 
 @pytest.fixture(scope="module")
 def control_cluster(models):
-    with _cluster(models["control"]) as cluster:
+    """A FLUX.1-Canny/Depth-shaped model; the vae stage has a depth model."""
+    with _cluster(models["control"], vae=["--depth-model", str(models["depth"])]) as cluster:
         yield cluster
 
 
@@ -205,6 +212,25 @@ def test_control_inpainting_with_server_side_canny_matches_flux_control_inpaint_
         guidance_scale=10.0,
     )  # fmt: skip
     assert max_abs_diff(_pixels(result)[0], img2img[0]) > 1  # the mask keeps the outside from the init image
+
+
+def test_server_side_depth_equals_the_transformers_depth_pipeline_then_flux_control(control_cluster, models):
+    """preprocess DEPTH on the vae stage's --depth-model: transformers' depth-estimation pipeline on
+    the same folder, its map as RGB, then FluxControlPipeline, by hand."""
+    from transformers import pipeline
+
+    photo = _images(15, (96, 64))[0]
+    result = _generate(
+        control_cluster.address, [_reference(CONTROL, photo, preprocess=DEPTH)], width=96, height=64, steps=2,
+        guidance=10.0, seed=8,
+    )  # fmt: skip
+    depth = pipeline("depth-estimation", model=str(models["depth"]))(photo)["depth"].convert("RGB")
+    expected = control_expected(models, depth, seed=8, width=96, height=64, num_inference_steps=2, guidance_scale=10.0)
+    assert _all_within_one(result, expected)
+    unprocessed = _generate(
+        control_cluster.address, [_reference(CONTROL, photo)], width=96, height=64, steps=2, guidance=10.0, seed=8
+    )
+    assert max_abs_diff(_pixels(result)[0], _pixels(unprocessed)[0]) > 1  # the depth map, not the photo, was used
 
 
 # -- a Control LoRA on a base model --------------------------------------------------------------
@@ -364,7 +390,7 @@ def test_sequential_mode_keeps_kontext_control_edit_and_control_lora_pixels(
     image = _images(12, (64, 64))[0]
     for cluster, references in (
         (kontext_cluster, [_reference(KONTEXT, image, keep_size=True)]),
-        (control_cluster, [_reference(CONTROL, image, preprocess=CANNY)]),
+        (control_cluster, [_reference(CONTROL, image, preprocess=DEPTH)]),  # the depth model reloads too
         (lora_cluster, [_reference(CONTROL, image, preprocess=CANNY)]),
     ):
         options = dict(_edit(init, mask, strength=0.9), steps=3, guidance=3.0, seed=5)

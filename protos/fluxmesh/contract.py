@@ -217,7 +217,7 @@ class ControlPreprocess(StrEnum):
 
     none = "none"
     canny = "canny"  # OpenCV Canny edges (thresholds 100/200, as controlnet_aux's CannyDetector)
-    depth = "depth"  # needs a depth model (none is configured yet)
+    depth = "depth"  # a depth map by the vae stage's depth model (serve vae --depth-model)
 
     @property
     def pb(self) -> int:

@@ -96,11 +96,12 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
 
     async def model_facts(self, deadline: Deadline) -> ModelFacts:
         """Size granularity, guidance embedding, Fill and the family's capabilities, asked of the
-        denoiser and the encoder (at once) once they answer."""
+        three stages (at once) once they answer."""
         if self._facts is None:
-            denoiser, encoder = await _together(
+            denoiser, encoder, vae = await _together(
                 self.stages.denoiser.info(timeout=deadline.left(INFO_TIMEOUT)),
                 self.stages.encoder.info(timeout=deadline.left(INFO_TIMEOUT)),
+                self.stages.vae.info(timeout=deadline.left(INFO_TIMEOUT)),
             )
             self._facts = ModelFacts(
                 size_multiple=denoiser.size_multiple or ModelFacts.size_multiple,  # 0: a stage that does not say
@@ -113,6 +114,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
                     controlnets=tuple(ControlNetFacts.from_pb(net) for net in denoiser.controlnets),
                     ip_adapter_encoder_dim=encoder.ip_adapter_embed_dim,
                     ip_adapter_denoiser_dim=denoiser.ip_adapter_embed_dim,
+                    depth=vae.depth,
                 ),
             )
         return self._facts

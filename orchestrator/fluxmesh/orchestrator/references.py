@@ -64,6 +64,7 @@ class Capabilities:
     # IP-Adapter: the CLIP embed widths of the encoder's vision model and the denoiser's adapter (0: none)
     ip_adapter_encoder_dim: int = 0
     ip_adapter_denoiser_dim: int = 0
+    depth: bool = False  # the vae stage has a depth model (--depth-model): CONTROL_PREPROCESS_DEPTH
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,7 @@ def check_references(
         _check_fields_of_role(reference, field, role)
         image = open_image(reference.image, f"{field}.image")
         if role == CONTROLNET:
-            _check_preprocess(reference, field)
+            _check_preprocess(reference, field, capabilities)
             controlnets.append(check_controlnet(reference, field, capabilities.controlnets, limits))
             continue
         if role == IP_ADAPTER:
@@ -165,7 +166,7 @@ def check_references(
                 )
             if control is not None:
                 raise InvalidArgument(f"{field}.role", f"one {name} reference per request ({_PROCEEDS[role]})")
-            _check_preprocess(reference, field)
+            _check_preprocess(reference, field, capabilities)
             control = ControlReference(reference.image, reference.preprocess)
         else:  # REDUX
             if not capabilities.redux:
@@ -212,13 +213,13 @@ def check_references(
     return references
 
 
-def _check_preprocess(reference: generator_pb2.Reference, field: str) -> None:
+def _check_preprocess(reference: generator_pb2.Reference, field: str, capabilities: Capabilities) -> None:
     """What the server makes of a CONTROL / CONTROLNET image first (vae/control.py)."""
-    if reference.preprocess == DEPTH:
+    if reference.preprocess == DEPTH and not capabilities.depth:
         raise FailedPrecondition(
-            f"{field}.preprocess: CONTROL_PREPROCESS_DEPTH needs a depth model; none is configured"
+            f"{field}.preprocess: CONTROL_PREPROCESS_DEPTH needs a depth model; none is configured (vae --depth-model)"
         )
-    if reference.preprocess not in (common_pb2.CONTROL_PREPROCESS_NONE, CANNY):
+    if reference.preprocess not in (common_pb2.CONTROL_PREPROCESS_NONE, CANNY, DEPTH):
         raise InvalidArgument(f"{field}.preprocess", f"{reference.preprocess} is not a ControlPreprocess")
 
 

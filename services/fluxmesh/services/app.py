@@ -34,6 +34,7 @@ class StageOptions:
     transformer_gguf: Path | None = None  # denoiser only
     control_lora: Path | None = None  # denoiser only: a FLUX.1 Canny/Depth LoRA on a base model
     controlnets: tuple[str, ...] = ()  # denoiser only: FluxControlNetModel folders or Hub ids, in order
+    depth_model: Path | None = None  # vae only: a transformers depth model (CONTROL_PREPROCESS_DEPTH)
     max_batch: int | None = None  # denoiser only: rows per shared forward (None: batching.DEFAULT_MAX_BATCH)
     step_cache: str = "off"  # denoiser only: the default policy, KIND[:THRESHOLD] (step_cache.py)
     step_cache_ceiling: float = 1.0  # denoiser only: the largest threshold a request may ask
@@ -129,7 +130,7 @@ def _vae(options: StageOptions, folder: Path, device: Device) -> Service:
     from fluxmesh.services.vae.servicer import VaeServicer
     from fluxmesh.v1 import vae_pb2_grpc
 
-    engine = VaeEngine(folder, device, load=False)
+    engine = VaeEngine(folder, device, depth_model=options.depth_model, load=False)
     return Service("fluxmesh.v1.Vae", VaeServicer(engine, options.model), vae_pb2_grpc.add_VaeServicer_to_server)
 
 

@@ -64,7 +64,10 @@ def generate(
     control: Annotated[Path | None, typer.Option(help="PNG/JPEG control image for a FLUX.1 Canny/Depth model.")] = None,
     control_type: Annotated[
         ControlPreprocess,
-        typer.Option(help="What the server makes of --control first: none (use it as it is) or canny (edges)."),
+        typer.Option(
+            help="What the server makes of --control first: none (use it as it is), canny (edges) or depth "
+            "(a depth map; the vae stage needs --depth-model)."
+        ),
     ] = ControlPreprocess.none,
     controlnet_image: Annotated[
         list[str] | None,

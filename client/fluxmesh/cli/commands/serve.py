@@ -182,10 +182,17 @@ def serve_denoiser(
 def serve_vae(
     stage: StageServeOptions,
     port: Annotated[int, typer.Option()] = 50053,
+    depth_model: Annotated[
+        Path | None,
+        typer.Option(
+            help="A transformers depth model folder (DepthAnything or DPT, safetensors): CONTROL references "
+            "may ask preprocess depth."
+        ),
+    ] = None,
     serving: ServeOptions = ServeOptions(),
 ) -> None:
     """AutoencoderKL decoder stage."""
-    _serve_stage("vae", port, stage, serving)
+    _serve_stage("vae", port, stage, serving, depth_model=depth_model)
 
 
 @app.command("orchestrator")

@@ -30,8 +30,9 @@ def tiny_model(
             "for `serve encoder --redux`, matching this --size), control-lora (a Canny Control LoRA file for "
             "`serve denoiser --control-lora` on this --size's base model), controlnet, controlnet-union, "
             "controlnet-xlabs (a ControlNet folder for `serve denoiser --controlnet`, this --size and --schnell), "
-            "or ip-adapter (XLabs' ip_adapter.safetensors for `serve denoiser --ip-adapter` + image_encoder/ for "
-            "`serve encoder --ip-adapter-image-encoder`)."
+            "ip-adapter (XLabs' ip_adapter.safetensors for `serve denoiser --ip-adapter` + image_encoder/ for "
+            "`serve encoder --ip-adapter-image-encoder`) or depth (a Depth Anything model for "
+            "`serve vae --depth-model`)."
         ),
     ] = Variant.base,
 ) -> None:

@@ -21,7 +21,14 @@ from enum import Enum
 from pathlib import Path
 
 # ControlNets: tiny_controlnet.py
-__all__ = ["ModelSize", "Variant", "write_tiny_control_lora", "write_tiny_model", "write_tiny_redux"]
+__all__ = [
+    "ModelSize",
+    "Variant",
+    "write_tiny_control_lora",
+    "write_tiny_depth",
+    "write_tiny_model",
+    "write_tiny_redux",
+]
 
 
 class ModelSize(str, Enum):
@@ -43,6 +50,7 @@ class Variant(str, Enum):
     controlnet_union = "controlnet-union"  # InstantX / Shakker-Labs ControlNet-Union: num_mode 10
     controlnet_xlabs = "controlnet-xlabs"  # XLabs-AI flux-controlnet-*-diffusers: input_hint_block on pixels
     ip_adapter = "ip-adapter"  # XLabs' ip_adapter.safetensors + a CLIP vision folder (tiny_ip_adapter.py)
+    depth = "depth"  # a transformers DepthAnything depth model (serve vae --depth-model)
 
 
 CONTROLNET_VARIANTS = {
@@ -207,6 +215,8 @@ def write_tiny_model(
         from fluxmesh.services.tools.tiny_ip_adapter import write_tiny_ip_adapter
 
         return write_tiny_ip_adapter(path, size=ModelSize(size).value, seed=seed, t5_width=t5_width)
+    if variant == Variant.depth:
+        return write_tiny_depth(path, seed=seed)
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
@@ -429,6 +439,47 @@ def write_tiny_control_lora(path: str | Path, *, size: ModelSize | str = ModelSi
     root.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, root / CONTROL_LORA_FILE, metadata={"format": "pt"})
     return root / CONTROL_LORA_FILE
+
+
+def write_tiny_depth(path: str | Path, *, seed: int = 0) -> Path:
+    """A Depth Anything model as LiheYoung/depth-anything-*-hf and depth-anything/Depth-Anything-V2-*-hf
+    lay it out (config.json, model.safetensors, preprocessor_config.json: DepthAnythingForDepthEstimation
+    on a DINOv2 backbone, DPTImageProcessor keeping the aspect at a multiple of 14), with a 4-layer
+    32-wide backbone and a 70-pixel input instead of 518."""
+    import torch
+    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config, DPTImageProcessor
+
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    backbone = Dinov2Config(
+        image_size=70,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=64,
+        patch_size=14,
+        out_indices=[1, 2, 3, 4],
+        reshape_hidden_states=False,
+    )
+    config = DepthAnythingConfig(
+        backbone_config=backbone,
+        reassemble_hidden_size=32,
+        neck_hidden_sizes=[8, 16, 32, 32],
+        fusion_hidden_size=16,
+        head_hidden_size=8,
+    )
+    _save(DepthAnythingForDepthEstimation(config), root)
+    DPTImageProcessor(
+        do_resize=True,
+        size={"height": 70, "width": 70},
+        keep_aspect_ratio=True,
+        ensure_multiple_of=14,
+        resample=3,
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+    ).save_pretrained(root)
+    return root
 
 
 def _diffusers_version() -> str:

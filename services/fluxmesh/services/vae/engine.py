@@ -22,16 +22,19 @@ from fluxmesh.rpc.errors import Cancelled, InvalidArgument
 from fluxmesh.services.runtime import model_folder
 from fluxmesh.services.runtime.device import Device
 from fluxmesh.services.runtime.memory import module_bytes
+from fluxmesh.services.vae.depth import DepthEstimator
 
 log = logging.getLogger(__name__)
 
 
 class VaeEngine:
-    def __init__(self, folder: Path, device: Device, *, load: bool = True):
-        """`load=False` leaves the weights unread: the stage's `Residency` loads them when told."""
+    def __init__(self, folder: Path, device: Device, *, depth_model: Path | None = None, load: bool = True):
+        """`load=False` leaves the weights unread: the stage's `Residency` loads them when told.
+        `depth_model`: a transformers depth model for CONTROL_PREPROCESS_DEPTH, held with the VAE."""
         self.folder = folder
         self.device = device
         self.vae: AutoencoderKL | None = None
+        self.depth = DepthEstimator(depth_model, device.dtype) if depth_model is not None else None
         # Facts from the config, not the module: they hold while the weights are released.
         config = model_folder.read_config(folder, "vae")
         self.vae_scale_factor = 2 ** (len(config["block_out_channels"]) - 1)
@@ -55,15 +58,20 @@ class VaeEngine:
             .to(device)
             .eval()
         )
+        if self.depth is not None:
+            self.depth.load(device)
 
     def drop_weights(self) -> None:
         self.vae = None
+        if self.depth is not None:
+            self.depth.drop()
 
     def weight_modules(self) -> list[torch.nn.Module]:
-        return [self.vae] if self.vae is not None else []
+        depth = [self.depth.model] if self.depth is not None and self.depth.model is not None else []
+        return ([self.vae] if self.vae is not None else []) + depth
 
     def weight_bytes(self) -> int:
-        return module_bytes(self.vae)
+        return module_bytes(*self.weight_modules())
 
     def check(self, latents: torch.Tensor, width: int, height: int) -> None:
         # A hostile size must not allocate a host: the contract's bounds, as the denoiser's.

@@ -13,7 +13,7 @@ from fluxmesh.services.previews.latent_rgb import LatentRgb, fit_latent_rgb, is_
 from fluxmesh.services.runtime import model_folder
 from fluxmesh.services.runtime.servicer import StageServicer, jpeg_pb
 from fluxmesh.services.runtime.tensors import from_pb, to_pb
-from fluxmesh.services.vae.control import preprocess
+from fluxmesh.services.vae.control import preprocess, require_depth
 from fluxmesh.services.vae.encoding import ImageEncoder
 from fluxmesh.services.vae.engine import VaeEngine, encode_png
 from fluxmesh.services.vae.previews import PreviewLane
@@ -64,10 +64,15 @@ class VaeServicer(StageServicer, vae_pb2_grpc.VaeServicer):
 
     async def Encode(self, request: vae_pb2.EncodeImageRequest, context) -> vae_pb2.EncodeImageResponse:
         self.encoder.check(request.width, request.height)
+        depth = self.engine.depth.estimate if self.engine.depth is not None else None
+        if request.preprocess == common_pb2.CONTROL_PREPROCESS_DEPTH:
+            require_depth(depth)  # refused before anything is decoded
         image, mask = await asyncio.to_thread(_open_images, request)  # decoding is CPU work: off the loop
         if request.pixels and mask is not None:
             raise InvalidArgument("mask", "a control image has no mask")
         self.requests += 1
+        if request.preprocess == common_pb2.CONTROL_PREPROCESS_DEPTH:  # a model: on the model thread
+            image = await self.worker.run(preprocess, image, request.preprocess, depth=depth)
         if request.pixels:  # no weights needed: off the model thread, whatever the residency
             pixels = await asyncio.to_thread(self.encoder.pixels, image, request.width, request.height)
             return vae_pb2.EncodeImageResponse(pixels=to_pb(pixels))
@@ -98,6 +103,7 @@ class VaeServicer(StageServicer, vae_pb2_grpc.VaeServicer):
             "vae_scale_factor": self.engine.vae_scale_factor,
             "size_multiple": self.engine.size_multiple,
             "latent_rgb": rgb.flat() if rgb is not None else [],
+            "depth": self.engine.depth is not None,  # CONTROL_PREPROCESS_DEPTH served
         }
 
 
@@ -108,4 +114,6 @@ def _open_images(request: vae_pb2.EncodeImageRequest):
         check_mask(mask, image, "mask")
     if request.preprocess and mask is not None:
         raise InvalidArgument("preprocess", "a control image has no mask")
+    if request.preprocess == common_pb2.CONTROL_PREPROCESS_DEPTH:
+        return image, mask  # the depth model runs on the model thread (Encode)
     return preprocess(image, request.preprocess), mask

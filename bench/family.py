@@ -12,6 +12,9 @@ the modes measured alternately (medians: the machine is noisy):
   denoiser's cost depends only on that length.
 * kontext: FluxKontextPipeline with a reference as large as the output (image tokens doubled).
 * control: FluxControlPipeline (in_channels 128: the control latents concatenated).
+* ip-adapter: FluxPipeline with XLabs' IP-Adapter (tiny-model --variant ip-adapter at this size):
+  its processors add a 4-token attention per double block, and the request runs the pipeline's
+  own loop (never batched).
 """
 
 from __future__ import annotations
@@ -37,9 +40,12 @@ def main() -> None:
 
     from fluxmesh.services.denoiser.engine import DenoiseJob, DenoiserEngine
     from fluxmesh.services.denoiser.family import Conditioning
+    from fluxmesh.services.denoiser.ip_adapter import IpAdapterInput
     from fluxmesh.services.encoder.engine import TextEncoderEngine
+    from fluxmesh.services.encoder.ip_adapter import IpAdapterImage
     from fluxmesh.services.encoder.redux import ImagePrompt
     from fluxmesh.services.runtime.device import Device
+    from fluxmesh.services.tools.tiny_ip_adapter import write_tiny_ip_adapter
     from fluxmesh.services.tools.tiny_model import write_tiny_redux
     from fluxmesh.services.vae.encoding import ImageEncoder
     from fluxmesh.services.vae.engine import VaeEngine
@@ -53,8 +59,9 @@ def main() -> None:
         kontext = tiny_model(Path(tmp) / "kontext", variant="kontext")
         control = tiny_model(Path(tmp) / "control", variant="control")
         redux = write_tiny_redux(Path(tmp) / "redux", size="small")
+        xlabs = write_tiny_ip_adapter(Path(tmp) / "xlabs", size="small")
 
-        encoder = TextEncoderEngine(base, device, redux=redux)
+        encoder = TextEncoderEngine(base, device, redux=redux, ip_adapter_image_encoder=xlabs / "image_encoder")
         text = encoder.encode(["a red fox in the snow"], [], 512)
         image_prompt = encoder.encode(["a red fox in the snow"], [], 512, (), [ImagePrompt(photo, 1.0, 1.0)])
         redux_729 = torch.cat([text.prompt_embeds, torch.zeros(1, 729, text.prompt_embeds.shape[-1])], dim=1)
@@ -62,6 +69,8 @@ def main() -> None:
             name: DenoiserEngine(folder, device)
             for name, folder in (("base", base), ("kontext", kontext), ("control", control))
         }
+        engines["ip-adapter"] = DenoiserEngine(base, device, ip_adapter=xlabs / "ip_adapter.safetensors")
+        image_embeds = encoder.ip_adapter.embed(IpAdapterImage(photo))
         vae = ImageEncoder(VaeEngine(base, device))
         encoded = vae.encode(photo, None, size, size)
         modes = {
@@ -78,14 +87,14 @@ def main() -> None:
                 Conditioning(kontext_latents=encoded.latents),
             ),
             "control": ("control", text.prompt_embeds, Conditioning(control_posterior=encoded.posterior)),
+            "ip-adapter (XLabs, scale 1)": ("ip-adapter", text.prompt_embeds, IpAdapterInput(image_embeds, None, 1.0)),
         }
 
         def run(name: str) -> list[float]:
-            engine_name, embeds, conditioning = modes[name]
+            engine_name, embeds, extra = modes[name]
             engine = engines[engine_name]
-            job = DenoiseJob(
-                embeds, text.pooled_prompt_embeds, size, size, args.steps, 3.5, 1, 1, conditioning=conditioning
-            )
+            inputs = {"ip_adapter": extra} if isinstance(extra, IpAdapterInput) else {"conditioning": extra}
+            job = DenoiseJob(embeds, text.pooled_prompt_embeds, size, size, args.steps, 3.5, 1, 1, **inputs)
             engine.check(job)
             seconds: list[float] = []
             engine.denoise(job, on_step=lambda step, total, s, preview: seconds.append(s))

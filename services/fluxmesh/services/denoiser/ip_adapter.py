@@ -21,6 +21,7 @@ the transformer, moved with it and dropped with it.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -103,12 +104,20 @@ class IpAdapterWeights:
         """Read the adapter into `pipe.transformer` with diffusers' loader, then take its modules out."""
         transformer = pipe.transformer
         plain = dict(transformer.attn_processors)
-        pipe.load_ip_adapter(  # the image encoder is the encoder stage's: none here
-            str(self.path.parent),
-            weight_name=self.path.name,
-            image_encoder_pretrained_model_name_or_path=None,
-            local_files_only=True,
-        )
+        # The image encoder is the encoder stage's: none here (diffusers' warning about that, at
+        # every load, would only mislead whoever reads the stage's log).
+        quiet = logging.getLogger("diffusers.loaders.ip_adapter")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            pipe.load_ip_adapter(
+                str(self.path.parent),
+                weight_name=self.path.name,
+                image_encoder_pretrained_model_name_or_path=None,
+                local_files_only=True,
+            )
+        finally:
+            quiet.setLevel(level)
         self._processors = dict(transformer.attn_processors)
         self._projection = transformer.encoder_hid_proj
         self._modules = torch.nn.ModuleList(

@@ -109,7 +109,7 @@ def _status(address: str, method: str, *, credentials=None, token: str | None = 
 
 def test_a_generation_over_tls_with_a_token_works(secure_mesh, pki):
     with Client(
-        secure_mesh.address("orchestrator"), credentials=_credentials(pki["ca"]), token=PUBLIC_TOKENS[1], timeout=60
+        secure_mesh.address_of("orchestrator"), credentials=_credentials(pki["ca"]), token=PUBLIC_TOKENS[1], timeout=60
     ) as client:
         result = client.generate(PROMPT, width=64, height=64, steps=1, seed=1)
     assert result.image.size == (64, 64)
@@ -124,7 +124,7 @@ def test_the_cli_takes_the_tls_and_token_flags(secure_mesh, pki, tmp_path):
             "fluxmesh.cli",
             "generate",
             "--address",
-            secure_mesh.address("orchestrator"),
+            secure_mesh.address_of("orchestrator"),
             "-p",
             PROMPT,
             "--width",
@@ -154,7 +154,7 @@ def test_the_cli_takes_the_tls_and_token_flags(secure_mesh, pki, tmp_path):
             "fluxmesh.cli",
             "generate",
             "--address",
-            secure_mesh.address("orchestrator"),
+            secure_mesh.address_of("orchestrator"),
             "-p",
             PROMPT,
             "--width",
@@ -184,7 +184,7 @@ def test_the_cli_takes_the_tls_and_token_flags(secure_mesh, pki, tmp_path):
             "-m",
             "fluxmesh.cli",
             "health",
-            secure_mesh.address("orchestrator"),
+            secure_mesh.address_of("orchestrator"),
             "--tls-ca",
             str(pki["ca"]),
         ],
@@ -199,7 +199,7 @@ def test_the_cli_takes_the_tls_and_token_flags(secure_mesh, pki, tmp_path):
 def test_a_client_without_the_ca_is_refused(secure_mesh, pki, how):
     credentials = None if how == "plaintext" else _credentials(pki["rogue_ca"])
     code = _status(
-        secure_mesh.address("orchestrator"),
+        secure_mesh.address_of("orchestrator"),
         "/fluxmesh.v1.Generator/Info",
         credentials=credentials,
         token=PUBLIC_TOKENS[0],
@@ -209,7 +209,7 @@ def test_a_client_without_the_ca_is_refused(secure_mesh, pki, how):
 
 @pytest.mark.parametrize("token", [None, "wrong-token", "public-token-", STAGE_TOKEN])
 def test_a_missing_or_wrong_token_is_unauthenticated(secure_mesh, pki, token):
-    address = secure_mesh.address("orchestrator")
+    address = secure_mesh.address_of("orchestrator")
     with Client(address, credentials=_credentials(pki["ca"]), token=token, timeout=30) as client:
         with pytest.raises(FluxmeshError) as caught:
             client.generate(PROMPT, width=64, height=64, steps=1)
@@ -234,7 +234,7 @@ def test_a_missing_or_wrong_token_is_unauthenticated(secure_mesh, pki, token):
 )
 def test_priority_is_capped_per_token(secure_mesh, pki, token, priority, allowed):
     with Client(
-        secure_mesh.address("orchestrator"), credentials=_credentials(pki["ca"]), token=token, timeout=60
+        secure_mesh.address_of("orchestrator"), credentials=_credentials(pki["ca"]), token=token, timeout=60
     ) as client:
         if allowed:
             assert client.generate(PROMPT, width=64, height=64, steps=1, priority=priority).image.size == (64, 64)
@@ -247,7 +247,7 @@ def test_priority_is_capped_per_token(secure_mesh, pki, token, priority, allowed
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_a_stage_only_answers_the_orchestrators_certificate_and_token(secure_mesh, pki, stage):
-    address = secure_mesh.address(stage)
+    address = secure_mesh.address_of(stage)
     method = {
         "encoder": "/fluxmesh.v1.TextEncoder/Info",
         "denoiser": "/fluxmesh.v1.Denoiser/Info",
@@ -274,7 +274,7 @@ def test_an_unloaded_stage_makes_the_orchestrator_not_serving(secure_mesh, pki):
 
     cert = _credentials(pki["ca"], pki["orchestrator_client"])
     token = (("authorization", f"Bearer {STAGE_TOKEN}"),)
-    with grpc.secure_channel(secure_mesh.address("vae"), cert) as channel:
+    with grpc.secure_channel(secure_mesh.address_of("vae"), cert) as channel:
         stub = residency_pb2_grpc.ResidencyStub(channel)
         try:
             assert stub.Release(residency_pb2.ReleaseRequest(), timeout=30, metadata=token).state == "released"
@@ -304,7 +304,7 @@ def test_an_orchestrator_without_the_stage_token_is_not_serving_and_says_whose_f
                 "127.0.0.1",
                 "--port",
                 str(port),
-                *[f"--{stage}={secure_mesh.address(stage)}" for stage in STAGES],
+                *[f"--{stage}={secure_mesh.address_of(stage)}" for stage in STAGES],
                 "--stage-tls-ca",
                 str(pki["ca"]),
                 "--stage-tls-cert",

@@ -6,14 +6,16 @@
 Everything runs on the `small` tiny model through the real four processes on loopback (SDK ->
 orchestrator -> encoder -> denoiser -> vae), measured side by side in one run, rounds
 alternating between the configurations so drift on a noisy machine hits them alike; figures
-are medians over rounds.
+are medians over rounds, each with the median 1-minute load average it was measured under.
 
 Sections:
   serving       images/s and p50/p99 latency with 1, 4 and 8 concurrent clients for the serial
-                denoiser (--max-batch 1), continuous batching (the default --max-batch), and
-                in-process FluxPipeline called serially (one client: it serves one at a time).
-  batch-cost    one forward of the transformer at batch 1, 2, 4, 8 (T5 length 512 and 256):
-                seconds per image, in-process (what --max-batch's default is chosen from).
+                denoiser (--max-batch 1), continuous batching (--max-batch), batching with
+                --compile on the denoiser and the vae, and in-process FluxPipeline called
+                serially (one client: it serves one at a time) on the denoiser's share of threads.
+  batch-cost    one forward of the transformer at batch 1, 2, 4, 8 (T5 length 512 and 256),
+                eager and compiled as --compile compiles it: seconds per image, in-process
+                (what --max-batch's default is chosen from).
   prompt-cache  sequential mode: a burst of 4 requests of one prompt, then 4 more of it, with
                 --prompt-cache-mib 0 and with the cache: swaps per request, encoder calls.
   step-cache    denoise time and attention blocks skipped per step-cache policy (first-block,
@@ -31,6 +33,7 @@ import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +50,7 @@ class Load:
     requests: int
     wall: float = 0.0
     latencies: list[float] = field(default_factory=list)
+    load_average: float = 0.0  # the host's 1-minute load average when the burst ended
 
     @property
     def images_per_second(self) -> float:
@@ -86,6 +90,7 @@ def burst(address: str, clients: int, requests: int, args, prompts=None, **optio
         for thread in threads:
             thread.join()
         load.wall = time.perf_counter() - started
+        load.load_average = os.getloadavg()[0]
     finally:
         for client in sdk:
             client.close()
@@ -126,30 +131,43 @@ def section_serving(folder: Path, args) -> None:
     from diffusers import FluxPipeline
 
     from fluxmesh.cli.supervisor import free_port, start_local
+    from fluxmesh.rpc.cores import divide_cores, host_cores
 
+    compiled = ["--compile", "--warmup-sizes", f"{args.width}x{args.height}"]
     configs = {
-        "serial denoiser (--max-batch 1)": ["--max-batch", "1"],
-        f"batching (--max-batch {args.max_batch})": ["--max-batch", str(args.max_batch)],
+        "serial denoiser (--max-batch 1)": {"denoiser": ["--max-batch", "1"]},
+        f"batching (--max-batch {args.max_batch})": {"denoiser": ["--max-batch", str(args.max_batch)]},
+        f"batching + compile (--max-batch {args.max_batch})": {
+            "denoiser": ["--max-batch", str(args.max_batch), *compiled],
+            "vae": compiled,
+        },
     }
     loads = {1: 4, 4: 8, 8: 8}  # clients: requests per burst
     figures: dict[str, dict[int, list[Load]]] = {name: {c: [] for c in loads} for name in configs}
+    started = time.perf_counter()
     clusters = {
-        name: start_local(str(folder), port=free_port(), stage_args={"denoiser": flags})
+        name: start_local(str(folder), port=free_port(), stage_args=flags, timeout=3600)
         for name, flags in configs.items()
     }
+    print(f"  (clusters SERVING after {time.perf_counter() - started:.0f} s, compile warm-up included)")
+    # In-process FluxPipeline on the threads `fluxmesh up` gives the denoiser stage: with all
+    # cores it fights the idle stages' and the host's other load, and measures that instead.
+    threads = divide_cores(host_cores())["denoiser"]
+    torch.set_num_threads(threads)
     pipe = FluxPipeline.from_pretrained(folder, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
-    in_process: list[float] = []
+    in_process: list[tuple[float, float]] = []  # (seconds, load average)
 
     def local(seed: int) -> None:
-        pipe(
-            PROMPT,
-            width=args.width,
-            height=args.height,
-            num_inference_steps=args.steps,
-            guidance_scale=3.5,
-            generator=torch.Generator("cpu").manual_seed(seed),
-        )
+        with torch.inference_mode():
+            pipe(
+                PROMPT,
+                width=args.width,
+                height=args.height,
+                num_inference_steps=args.steps,
+                guidance_scale=3.5,
+                generator=torch.Generator("cpu").manual_seed(seed),
+            )
 
     try:
         for cluster in clusters.values():
@@ -160,65 +178,111 @@ def section_serving(folder: Path, args) -> None:
                 for clients, requests in loads.items():
                     figures[name][clients].append(burst(cluster.address, clients, requests, args))
             for seed in range(4):
-                started = time.perf_counter()
+                begun = time.perf_counter()
                 local(seed)
-                in_process.append(time.perf_counter() - started)
+                in_process.append((time.perf_counter() - begun, os.getloadavg()[0]))
     finally:
         for cluster in clusters.values():
             cluster.stop()
     print(
         f"== serving: small tiny model, {args.width}x{args.height}, {args.steps} steps, four processes as "
-        f"`fluxmesh up` starts them, median of {args.rounds} rounds"
+        f"`fluxmesh up` starts them, {host_cores()} cores, median of {args.rounds} rounds"
     )
-    print(f"  {'configuration':34s} {'clients':>7s} {'images/s':>9s} {'p50 s':>7s} {'p99 s':>7s}")
+    print(f"  {'configuration':40s} {'clients':>7s} {'images/s':>9s} {'p50 s':>7s} {'p99 s':>7s} {'load':>5s}")
     for name, by_clients in figures.items():
         for clients, rounds in by_clients.items():
             print(
-                f"  {name:34s} {clients:7d} {statistics.median(r.images_per_second for r in rounds):9.2f} "
+                f"  {name:40s} {clients:7d} {statistics.median(r.images_per_second for r in rounds):9.2f} "
                 f"{statistics.median(r.percentile(0.5) for r in rounds):7.2f} "
-                f"{statistics.median(r.percentile(0.99) for r in rounds):7.2f}"
+                f"{statistics.median(r.percentile(0.99) for r in rounds):7.2f} "
+                f"{statistics.median(r.load_average for r in rounds):5.1f}"
             )
+    seconds = [t for t, _ in in_process]
+    label = f"in-process FluxPipeline, serially ({threads} thr)"
     print(
-        f"  {'in-process FluxPipeline, serially':34s} {1:7d} {1 / statistics.median(in_process):9.2f} "
-        f"{statistics.median(in_process):7.2f} {max(in_process):7.2f}"
+        f"  {label:40s} {1:7d} {1 / statistics.median(seconds):9.2f} {statistics.median(seconds):7.2f} "
+        f"{max(seconds):7.2f} {statistics.median(la for _, la in in_process):5.1f}"
     )
-    base, batched = (figures[name][8] for name in configs)
-    ratio = statistics.median(r.images_per_second for r in batched) / statistics.median(
-        r.images_per_second for r in base
-    )
-    print(f"  8 clients: batching / serial denoiser images/s {ratio:.2f}")
+
+    def at(name: str, clients: int, figure: Callable[[Load], float]) -> float:
+        return statistics.median(figure(r) for r in figures[name][clients])
+
+    serial, batching, compiled_name = configs
+    for name in (batching, compiled_name):
+        print(
+            f"  8 clients, {name} / serial denoiser: images/s "
+            f"{at(name, 8, lambda r: r.images_per_second) / at(serial, 8, lambda r: r.images_per_second):.2f}x, "
+            f"p50 {at(name, 8, lambda r: r.percentile(0.5)):.2f}s vs {at(serial, 8, lambda r: r.percentile(0.5)):.2f}s; "
+            f"1 client p50 {at(name, 1, lambda r: r.percentile(0.5)):.2f}s vs "
+            f"{at(serial, 1, lambda r: r.percentile(0.5)):.2f}s"
+        )
 
 
 def section_batch_cost(folder: Path, args) -> None:
     import torch
     from diffusers import FluxTransformer2DModel
 
-    transformer = FluxTransformer2DModel.from_pretrained(folder, subfolder="transformer", local_files_only=True).eval()
-    config = transformer.config
+    from fluxmesh.rpc.cores import divide_cores, host_cores
+    from fluxmesh.services.runtime.compile import compile_blocks
+
+    torch.set_num_threads(divide_cores(host_cores())["denoiser"])  # as the denoiser stage runs
+
+    def load() -> FluxTransformer2DModel:
+        return FluxTransformer2DModel.from_pretrained(folder, subfolder="transformer", local_files_only=True).eval()
+
+    variants = {"eager": load(), "compiled": load()}
+    compile_blocks(variants["compiled"])
+    config = variants["eager"].config
     seq = (args.height // 16) * (args.width // 16)
+    batches, lengths = (1, 2, 4, 8), (512, 256)
+
+    def inputs(batch: int, length: int) -> dict:
+        return {
+            "hidden_states": torch.randn(batch, seq, config.in_channels),
+            "encoder_hidden_states": torch.randn(batch, length, config.joint_attention_dim),
+            "pooled_projections": torch.randn(batch, config.pooled_projection_dim),
+            "timestep": torch.full((batch,), 0.5),
+            "guidance": torch.full((batch,), 3.5),
+            "txt_ids": torch.zeros(length, 3),
+            "img_ids": torch.zeros(seq, 3),
+            "return_dict": False,
+        }
+
+    samples = {(v, n, b): [] for v in variants for n in lengths for b in batches}
+    loads: list[float] = []
+    with torch.inference_mode():
+        started = time.perf_counter()
+        for batch in (1, 2):  # compile now (both graphs), not inside a timing
+            variants["compiled"](**inputs(batch, 512))
+        compile_seconds = time.perf_counter() - started
+        for _ in range(args.rounds * 3):  # ABAB: every variant, length and batch once per round
+            for length in lengths:
+                for batch in batches:
+                    for variant, model in variants.items():
+                        x = inputs(batch, length)
+                        samples[(variant, length, batch)] += timed(lambda m=model, x=x: m(**x), repeats=1, warmup=0)
+            loads.append(os.getloadavg()[0])
     print(
         f"== batch-cost: one transformer forward, {args.width}x{args.height}, torch threads "
-        f"{torch.get_num_threads()}, median of {args.rounds * 3}"
+        f"{torch.get_num_threads()}, median of {args.rounds * 3} alternating rounds, load {statistics.median(loads):.1f}; "
+        f"compiling took {compile_seconds:.0f} s"
     )
-    for length in (512, 256):
-        per_image = {}
-        for batch in (1, 2, 4, 8):
-            inputs = {
-                "hidden_states": torch.randn(batch, seq, config.in_channels),
-                "encoder_hidden_states": torch.randn(batch, length, config.joint_attention_dim),
-                "pooled_projections": torch.randn(batch, config.pooled_projection_dim),
-                "timestep": torch.full((batch,), 0.5),
-                "guidance": torch.full((batch,), 3.5),
-                "txt_ids": torch.zeros(length, 3),
-                "img_ids": torch.zeros(seq, 3),
-                "return_dict": False,
-            }
-            with torch.inference_mode():
-                samples = timed(lambda inputs=inputs: transformer(**inputs), repeats=args.rounds * 3)
-            per_image[batch] = statistics.median(samples) / batch
+    for variant in variants:
+        for length in lengths:
+            per_image = {b: statistics.median(samples[(variant, length, b)]) / b for b in batches}
+            print(
+                f"  {variant:8s} T5 {length}: "
+                + "   ".join(
+                    f"batch {b}: {t * 1000:6.1f} ms/image ({per_image[1] / t:.2f}x)" for b, t in per_image.items()
+                )
+            )
+    for length in lengths:
+        ratios = [
+            statistics.median(samples[("eager", length, b)]) / statistics.median(samples[("compiled", length, b)])
+            for b in batches
+        ]
         print(
-            f"  T5 {length}: "
-            + "   ".join(f"batch {b}: {t * 1000:6.1f} ms/image ({per_image[1] / t:.2f}x)" for b, t in per_image.items())
+            f"  compiled speed-up, T5 {length}: " + "   ".join(f"batch {b}: {r:.2f}x" for b, r in zip(batches, ratios))
         )
 
 

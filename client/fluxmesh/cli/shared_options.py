@@ -87,6 +87,27 @@ MaxBatch = Annotated[
         "compatible requests; true CFG counts twice). 1 turns batching off. Default 4.",
     ),
 ]
+Compile = Annotated[
+    bool,
+    typer.Option(
+        "--compile",
+        help="torch.compile the model (dynamic shapes), warmed up on --warmup-sizes before health says SERVING.",
+    ),
+]
+WarmupSizes = Annotated[
+    str | None,
+    typer.Option(
+        help="With --compile: WIDTHxHEIGHT sizes compiled before serving, comma-separated. Default 1024x1024."
+    ),
+]
+MaxLoraRank = Annotated[
+    int | None,
+    typer.Option(
+        min=1,
+        help="With --compile: rank of the hot-swap slot LoRAs are copied into (no recompile per LoRA); "
+        "higher-rank LoRAs are refused. Default 64.",
+    ),
+]
 PromptCacheMib = Annotated[
     int | None,
     typer.Option(

@@ -114,6 +114,11 @@ class Server:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         await _maybe_await(self.health.set(service, status))
 
+    async def set_all_serving(self, serving: bool) -> None:
+        """The whole server's status and each service's."""
+        for name in ["", *[s.name for s in self.services]]:
+            await self.set_serving(serving, name)
+
     async def start(self, *, serving: bool = True) -> None:
         """Start listening; `serving=False` leaves health NOT_SERVING for the caller to flip."""
         # Metrics first: a taken metrics port stops start-up before the server accepts any call.
@@ -122,8 +127,7 @@ class Server:
         except OSError as error:
             raise ServerStartError(f"cannot serve metrics on port {self.metrics_port}: {error.strerror}") from None
         await self._server.start()
-        for name in ["", *[s.name for s in self.services]]:
-            await self.set_serving(serving, name)
+        await self.set_all_serving(serving)
         log.info(
             "serving %s on %s (%s)", ", ".join(s.name for s in self.services), self.address, self.security.describe()
         )

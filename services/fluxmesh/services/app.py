@@ -12,6 +12,7 @@ from fluxmesh.contract import Stage
 from fluxmesh.rpc.errors import InvalidArgument, check_range
 from fluxmesh.rpc.security import ServerSecurity
 from fluxmesh.rpc.server import Server, Service
+from fluxmesh.services.runtime.compile import CompileOptions
 from fluxmesh.services.runtime.device import Device, configure_threads
 from fluxmesh.services.runtime.model_folder import resolve_model
 
@@ -39,6 +40,7 @@ class StageOptions:
     step_cache: str = "off"  # denoiser only: the default policy, KIND[:THRESHOLD] (step_cache.py)
     step_cache_ceiling: float = 1.0  # denoiser only: the largest threshold a request may ask
     lora_dir: Path | None = None  # encoder (CLIP-side keys) and denoiser
+    compile: CompileOptions = CompileOptions()  # denoiser and vae: --compile, --warmup-sizes, --max-lora-rank
     security: ServerSecurity = ServerSecurity()  # TLS / mutual TLS / token the stage demands
     metrics_port: int | None = None  # Prometheus /metrics on this HTTP port
     residency: str = "resident"  # at start: a fluxmesh.contract.StartResidency
@@ -115,6 +117,7 @@ def _denoiser(options: StageOptions, folder: Path, device: Device) -> Service:
         control_lora=options.control_lora,
         controlnets=[resolve_controlnet(source) for source in options.controlnets],
         ip_adapter=options.ip_adapter,
+        compile=options.compile,
         load=False,
     )
     batching = {"max_batch": options.max_batch} if options.max_batch else {}
@@ -130,7 +133,7 @@ def _vae(options: StageOptions, folder: Path, device: Device) -> Service:
     from fluxmesh.services.vae.servicer import VaeServicer
     from fluxmesh.v1 import vae_pb2_grpc
 
-    engine = VaeEngine(folder, device, depth_model=options.depth_model, load=False)
+    engine = VaeEngine(folder, device, depth_model=options.depth_model, compile=options.compile, load=False)
     return Service("fluxmesh.v1.Vae", VaeServicer(engine, options.model), vae_pb2_grpc.add_VaeServicer_to_server)
 
 
@@ -151,8 +154,27 @@ def serve_stage(options: StageOptions) -> None:
     async def main() -> None:
         from fluxmesh.services.runtime.metrics import watch_stage
 
-        watch_stage(options.stage, services[0].servicer.engine)
+        stage = services[0].servicer
+        watch_stage(options.stage, stage.engine)
         server = Server(services, address=options.address, security=options.security, metrics_port=options.metrics_port)
-        await server.serve_until_signalled()
+        if not options.compile.enabled:
+            await server.serve_until_signalled()
+            return
+        # Health says NOT_SERVING until the compiled model is warm: no request waits for a compile.
+        await server.start(serving=False)
+        warm_up = asyncio.ensure_future(_warm_up(stage, server))
+        await server.wait_for_signal()
+        warm_up.cancel()
 
     asyncio.run(main())
+
+
+async def _warm_up(stage, server: Server) -> None:
+    """The stage's warm-up on its model thread, then SERVING; a failed one stops the stage."""
+    try:
+        await stage.worker.run_unchecked(stage.warm_up)
+    except Exception:
+        log.exception("warm-up failed; stopping")
+        server.request_stop()
+        return
+    await server.set_all_serving(True)

@@ -12,9 +12,11 @@ import typer
 from fluxmesh.cli.shared_options import (
     LOOPBACK_HOST,
     AdminTokenOptions,
+    Compile,
     Host,
     LoraDir,
     MaxBatch,
+    MaxLoraRank,
     MaxPriority,
     PromptCacheMib,
     ReleaseToOption,
@@ -25,6 +27,7 @@ from fluxmesh.cli.shared_options import (
     StageServeOptions,
     T5Gguf,
     TransformerGguf,
+    WarmupSizes,
     with_option_groups,
 )
 from fluxmesh.contract import ReleaseTo
@@ -76,6 +79,21 @@ def _serve_stage(
                 **extra,
             )
         )
+
+
+def _compile_options(enabled: bool, warmup_sizes: str | None, max_lora_rank: int | None = None) -> Any:
+    """--compile and its flags as the stage's CompileOptions (imported here: it imports torch);
+    a flag not given keeps CompileOptions' default."""
+    from fluxmesh.rpc.errors import InvalidArgument
+    from fluxmesh.services.runtime.compile import CompileOptions, parse_sizes
+
+    given: dict[str, Any] = {"max_lora_rank": max_lora_rank} if max_lora_rank is not None else {}
+    if warmup_sizes is not None:
+        try:
+            given["warmup_sizes"] = parse_sizes(warmup_sizes)
+        except InvalidArgument as error:
+            raise typer.BadParameter(str(error), param_hint="--warmup-sizes") from None
+    return CompileOptions(enabled=enabled, **given)
 
 
 @app.command("encoder")
@@ -157,6 +175,9 @@ def serve_denoiser(
             "serve IP_ADAPTER references (the encoder needs --ip-adapter-image-encoder)."
         ),
     ] = None,
+    compile: Compile = False,
+    warmup_sizes: WarmupSizes = None,
+    max_lora_rank: MaxLoraRank = None,
     serving: ServeOptions = ServeOptions(),
 ) -> None:
     """FLUX transformer stage (optionally GGUF-quantized, with per-request LoRAs)."""
@@ -174,6 +195,7 @@ def serve_denoiser(
         control_lora=control_lora,
         controlnets=tuple(controlnet or ()),
         ip_adapter=ip_adapter,
+        compile=_compile_options(compile, warmup_sizes, max_lora_rank),
     )
 
 
@@ -189,10 +211,12 @@ def serve_vae(
             "may ask preprocess depth."
         ),
     ] = None,
+    compile: Compile = False,
+    warmup_sizes: WarmupSizes = None,
     serving: ServeOptions = ServeOptions(),
 ) -> None:
     """AutoencoderKL decoder stage."""
-    _serve_stage("vae", port, stage, serving, depth_model=depth_model)
+    _serve_stage("vae", port, stage, serving, depth_model=depth_model, compile=_compile_options(compile, warmup_sizes))
 
 
 @app.command("orchestrator")

@@ -9,6 +9,7 @@ shift (mu), the guidance embedding and the loop exactly diffusers'.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -21,6 +22,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
 from fluxmesh import contract
+from fluxmesh.contract import Stage
 from fluxmesh.rpc.errors import Cancelled, InvalidArgument
 from fluxmesh.services.denoiser.control_lora import ControlLora
 from fluxmesh.services.denoiser.controlnet import ControlNets
@@ -50,6 +52,7 @@ from fluxmesh.services.denoiser.previews import Previewer, PreviewSpec, StepPrev
 from fluxmesh.services.denoiser.step_cache import AttentionCounter, StepCacheLimits, StepCachePolicy
 from fluxmesh.services.loras.stage import StageLoras
 from fluxmesh.services.runtime import model_folder
+from fluxmesh.services.runtime.compile import CompileOptions, CompileWatch, check_warmup_size, compile_blocks, eager
 from fluxmesh.services.runtime.device import Device
 from fluxmesh.services.runtime.memory import module_bytes
 
@@ -103,17 +106,24 @@ class DenoiserEngine:
         control_lora: Path | None = None,
         controlnets: Sequence[Path] = (),
         ip_adapter: Path | None = None,
+        compile: CompileOptions = CompileOptions(),
         load: bool = True,
     ):
         """`load=False` leaves the weights unread: the stage's `Residency` loads them when told.
         `control_lora`: a FLUX.1 Canny/Depth LoRA, fused into a base model each time it is read.
         `controlnets`: FluxControlNetModel folders, held (and released) with the transformer.
-        `ip_adapter`: an XLabs ip_adapter.safetensors, read into each transformer loaded."""
+        `ip_adapter`: an XLabs ip_adapter.safetensors, read into each transformer loaded.
+        `compile`: torch.compile each transformer loaded, warmed up by `warm_up` (compile.py)."""
         self.folder = folder
         self.device = device
         self.transformer_gguf = transformer_gguf
         self.transformer: FluxTransformer2DModel | None = None
-        self.loras = StageLoras(lora_dir, None, "transformer")  # bound to each transformer loaded
+        self.compile = compile
+        self.compile_watch = CompileWatch(Stage.denoiser) if compile.enabled else None
+        # bound to each transformer loaded; a compiled one takes its LoRAs in a hot-swap slot
+        self.loras = StageLoras(
+            lora_dir, None, "transformer", hotswap_rank=compile.max_lora_rank if compile.enabled else None
+        )
         self.step_cache = step_cache  # the default policy and the ceiling (step_cache.py)
         self.scheduler_config = FlowMatchEulerDiscreteScheduler.load_config(folder, subfolder="scheduler")
         self.vae_scale_factor = model_folder.vae_scale_factor(folder)
@@ -149,6 +159,8 @@ class DenoiserEngine:
             if ip_adapter is not None
             else None
         )
+        for width, height in compile.warmup_sizes if compile.enabled else ():
+            check_warmup_size(width, height, self.size_multiple)
         log.info(
             "denoiser: transformer%s from %s for %s, guidance embedding: %s, LoRAs: %s",
             f" (GGUF {transformer_gguf})" if transformer_gguf else "",
@@ -182,8 +194,39 @@ class DenoiserEngine:
         self.transformer = transformer.to(device).eval()
         if self.ip_adapter is not None:
             self.ip_adapter.load(self.pipeline())
-        self.loras.bind(self.transformer)
+        self.loras.bind(self.transformer)  # before compiling: the hot-swap slot is part of the graph
         self.controlnets.load(device, self.device.dtype)
+        if self.compile.enabled:
+            compile_blocks(self.transformer)
+
+    def warm_up(self, max_batch: int) -> None:
+        """Compile now, for each --warmup-sizes size at 1, 2 and `max_batch` rows, so that no
+        request waits for it (compile.py: later shapes reuse these graphs). On the model
+        thread, before the stage reports SERVING. A stage started without its weights compiles
+        at its first request after Load instead."""
+        if self.compile_watch is None:
+            return
+        with self.compile_watch.warming_up():
+            if self.transformer is None:
+                return
+            self.loras.activate([])  # the slot as every request without a LoRA finds it
+            device, dtype = self.device.torch_device, self.device.dtype
+            text = 512 if self.guidance_embeds else 256  # the encoder's default T5 length
+            zeros = functools.partial(torch.zeros, device=device, dtype=dtype)
+            for width, height in self.compile.warmup_sizes:
+                seq = (width // self.size_multiple) * (height // self.size_multiple)
+                for rows in sorted({1, min(2, max_batch), max_batch}):
+                    self.transformer(
+                        hidden_states=zeros(rows, seq, self.transformer.config.in_channels),
+                        timestep=torch.ones(rows, device=device, dtype=dtype),
+                        guidance=torch.full((rows,), 3.5, device=device) if self.guidance_embeds else None,
+                        pooled_projections=zeros(rows, self.pooled_projection_dim),
+                        encoder_hidden_states=zeros(rows, text, self.joint_attention_dim),
+                        txt_ids=zeros(text, 3),
+                        img_ids=zeros(seq, 3),
+                        joint_attention_kwargs={},
+                        return_dict=False,
+                    )
 
     def drop_weights(self) -> None:
         self.loras.bind(None)
@@ -343,7 +386,8 @@ class DenoiserEngine:
         self.loras.activate(list(job.loras))
         self.transformer.enable_cache(policy.config(len(lane.timesteps)))
         try:
-            with AttentionCounter(self.transformer) as counter:
+            # eager: the cache hooks change the blocks' forward (compile.py)
+            with AttentionCounter(self.transformer) as counter, eager(self.compile.enabled):
                 latents = run_alone(self.transformer, lane)
         finally:
             self.transformer.disable_cache()
@@ -365,7 +409,8 @@ class DenoiserEngine:
         `Cancelled` between steps once `cancelled` is set. (The service batches requests through
         `batching.Batcher`, which runs the same lanes together.)"""
         if job.in_pipeline:
-            return self._denoise_in_pipeline(job, on_step, cancelled)
+            with eager(self.compile.enabled):  # the pipeline's own loop runs uncompiled (compile.py)
+                return self._denoise_in_pipeline(job, on_step, cancelled)
         if not self.step_cache.resolve(job.cache).off:
             return self.denoise_cached(job, on_step, cancelled)[0]
         lane = self.lane(job, on_step, cancelled)

@@ -105,5 +105,8 @@ class DenoiserServicer(StageServicer, denoiser_pb2_grpc.DenoiserServicer):
             "ip_adapter_embed_dim": self.engine.ip_adapter.embed_dim if self.engine.ip_adapter else 0,
         }
 
-    def info_counters(self) -> dict[str, int]:
+    def warm_up(self) -> None:
+        self.engine.warm_up(self.batcher.max_batch)
+
+    def info_counters(self) -> dict[str, int | float]:
         return {**super().info_counters(), "steps_run": self.steps_run, **stats_details(self.batcher)}

@@ -13,25 +13,41 @@ from typing import Any
 
 from fluxmesh.rpc.errors import FailedPrecondition, FluxmeshError
 from fluxmesh.services.loras.activation import LoraActivator
+from fluxmesh.services.loras.hotswap import HotswapActivator, check_stack
 from fluxmesh.services.loras.library import LoraLibrary
 
 LoraList = list[tuple[str, float]]
 
 
 class StageLoras:
-    def __init__(self, directory: str | Path | None, model: Any, component: str, *, max_cached: int = 8):
+    def __init__(
+        self,
+        directory: str | Path | None,
+        model: Any,
+        component: str,
+        *,
+        max_cached: int = 8,
+        hotswap_rank: int | None = None,
+    ):
+        """`hotswap_rank`: the model gets compiled, so LoRAs go into one hot-swap slot of that
+        rank (hotswap.py) instead of an adapter each."""
+        self.hotswap_rank = hotswap_rank
         self.library = LoraLibrary(directory, max_cached, components=(component,)) if directory else None
-        self.activator: LoraActivator | None = None
+        self.activator: LoraActivator | HotswapActivator | None = None
         self.bind(model)
 
     def bind(self, model: Any) -> None:
         """Activate LoRAs on `model` from now on: a model whose weights were released and read
-        again is a new module, and None (released) lets the old one be freed."""
+        again is a new module, and None (released) lets the old one be freed. Bind a model
+        that gets compiled before compiling it (its hot-swap slot must be in the graph)."""
         if self.activator is not None:
             self.activator.close()  # it holds the model and the library holds it: let both go
             self.activator = None
         if self.library is not None and model is not None:
-            self.activator = LoraActivator(model, self.library)
+            if self.hotswap_rank is not None:
+                self.activator = HotswapActivator(model, self.library, self.hotswap_rank)
+            else:
+                self.activator = LoraActivator(model, self.library)
 
     def check(self, loras: Sequence[tuple[str, float]], field: str = "loras") -> LoraList:
         """Names exist inside the directory, weights finite in [-4, 4]; cheap, no model work."""
@@ -39,6 +55,8 @@ class StageLoras:
             return []
         if self.library is None:
             raise FailedPrecondition(f"{field}: this stage was started without --lora-dir")
+        if self.hotswap_rank is not None:
+            check_stack(len(loras), field)
         return self.library.check(loras, field=field)
 
     def activate(self, loras: LoraList) -> None:

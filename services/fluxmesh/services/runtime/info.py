@@ -16,7 +16,7 @@ def stage_info(
     weight_bytes: int,
     *,
     residency: str = "",
-    counters: dict[str, int] | None = None,
+    counters: dict[str, int | float] | None = None,
     **facts,
 ) -> common_pb2.StageInfo:
     """`residency`: a fluxmesh.contract.WeightState; `facts`: StageInfo's typed fields (size_multiple,

@@ -27,8 +27,15 @@ class StageServicer:
         """The stage's own facts for Info, as StageInfo's typed fields (overridden)."""
         return {}
 
-    def info_counters(self) -> dict[str, int]:
-        return {"requests": self.requests}
+    def info_counters(self) -> dict[str, int | float]:
+        watch = getattr(self.engine, "compile_watch", None)  # --compile: graphs and seconds
+        return {"requests": self.requests, **(watch.details() if watch is not None else {})}
+
+    def warm_up(self) -> None:
+        """On the model thread, before the stage reports SERVING (--compile)."""
+        warm_up = getattr(self.engine, "warm_up", None)
+        if warm_up is not None:
+            warm_up()
 
     async def Info(self, request: common_pb2.InfoRequest, context) -> common_pb2.StageInfo:
         return stage_info(

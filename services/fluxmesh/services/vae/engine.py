@@ -17,9 +17,10 @@ from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
 from fluxmesh import contract
-from fluxmesh.contract import LIMITS
+from fluxmesh.contract import LIMITS, Stage
 from fluxmesh.rpc.errors import Cancelled, InvalidArgument
 from fluxmesh.services.runtime import model_folder
+from fluxmesh.services.runtime.compile import CompileOptions, CompileWatch, check_warmup_size, compile_module
 from fluxmesh.services.runtime.device import Device
 from fluxmesh.services.runtime.memory import module_bytes
 from fluxmesh.services.vae.depth import DepthEstimator
@@ -28,19 +29,32 @@ log = logging.getLogger(__name__)
 
 
 class VaeEngine:
-    def __init__(self, folder: Path, device: Device, *, depth_model: Path | None = None, load: bool = True):
+    def __init__(
+        self,
+        folder: Path,
+        device: Device,
+        *,
+        depth_model: Path | None = None,
+        compile: CompileOptions = CompileOptions(),
+        load: bool = True,
+    ):
         """`load=False` leaves the weights unread: the stage's `Residency` loads them when told.
-        `depth_model`: a transformers depth model for CONTROL_PREPROCESS_DEPTH, held with the VAE."""
+        `depth_model`: a transformers depth model for CONTROL_PREPROCESS_DEPTH, held with the VAE.
+        `compile`: torch.compile each decoder loaded, warmed up by `warm_up` (compile.py)."""
         self.folder = folder
         self.device = device
         self.vae: AutoencoderKL | None = None
         self.depth = DepthEstimator(depth_model, device.dtype) if depth_model is not None else None
+        self.compile = compile
+        self.compile_watch = CompileWatch(Stage.vae) if compile.enabled else None
         # Facts from the config, not the module: they hold while the weights are released.
         config = model_folder.read_config(folder, "vae")
         self.vae_scale_factor = 2 ** (len(config["block_out_channels"]) - 1)
         self.size_multiple = self.vae_scale_factor * 2
         self.latent_channels = int(config["latent_channels"])
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.size_multiple)
+        for width, height in compile.warmup_sizes if compile.enabled else ():
+            check_warmup_size(width, height, self.size_multiple)
         log.info("vae: from %s for %s", folder, device.describe())
         if load:
             self.load_weights(device.torch_device)
@@ -60,6 +74,20 @@ class VaeEngine:
         )
         if self.depth is not None:
             self.depth.load(device)
+        if self.compile.enabled:
+            compile_module(self.vae.decoder)  # decode only: encoding (img2img) stays eager
+
+    def warm_up(self) -> None:
+        """Compile the decoder now, for each --warmup-sizes size (one image at a time, as
+        `decode` runs it), before the stage reports SERVING (compile.py)."""
+        if self.compile_watch is None:
+            return
+        with self.compile_watch.warming_up():
+            if self.vae is None:
+                return
+            for width, height in self.compile.warmup_sizes:
+                shape = (1, self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+                self.vae.decode(torch.zeros(shape, device=self.device.torch_device, dtype=self.device.dtype))
 
     def drop_weights(self) -> None:
         self.vae = None

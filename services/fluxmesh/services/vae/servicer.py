@@ -11,6 +11,7 @@ from fluxmesh.rpc.errors import FluxmeshError, InvalidArgument
 from fluxmesh.rpc.images import check_mask, open_image
 from fluxmesh.services.previews.latent_rgb import LatentRgb, fit_latent_rgb, is_flux_vae
 from fluxmesh.services.runtime import model_folder
+from fluxmesh.services.runtime.compile import eager
 from fluxmesh.services.runtime.servicer import StageServicer, jpeg_pb
 from fluxmesh.services.runtime.tensors import from_pb, to_pb
 from fluxmesh.services.vae.control import preprocess, require_depth
@@ -92,10 +93,15 @@ class VaeServicer(StageServicer, vae_pb2_grpc.VaeServicer):
         """The latent -> RGB map for fast previews, fitted once while the weights are loaded."""
         if self.latent_rgb is None and self.engine.vae is not None:
             try:
-                self.latent_rgb = await self.worker.run(lambda: fit_latent_rgb(self.engine.vae))
+                self.latent_rgb = await self.worker.run(self._fit_latent_rgb)
             except FluxmeshError:  # released meanwhile (sequential mode): the next Info tries again
                 pass
         return self.latent_rgb
+
+    def _fit_latent_rgb(self) -> LatentRgb:
+        # eager: a compiled decoder would compile a graph for this one-off batch of 16x16 decodes
+        with eager(self.engine.compile.enabled):
+            return fit_latent_rgb(self.engine.vae)
 
     async def info_facts(self) -> dict[str, Any]:
         rgb = await self._latent_rgb()

@@ -7,9 +7,11 @@ Choices, measured on the tiny model (docs/benchmarks.md):
 * `dynamic=True`: batch rows (1 to --max-batch, more with true CFG), image tokens (the size)
   and text tokens (256, 512, Redux) are symbolic from the first compile. Only size 1 is
   specialised by torch, so warm-up runs batch 1 and batch 2 (and --max-batch, to check it
-  compiles nothing), and a size outside --warmup-sizes costs no compile at all (measured: a
-  3-row 384x384 forward after a 256x256 warm-up compiled nothing). With `dynamic=None`
-  (automatic) every new dimension recompiled once: 8 graphs instead of 4, twice the warm-up.
+  compiles nothing). A size outside --warmup-sizes often compiles nothing (a 3-row 384x384
+  forward after a 256x256 warm-up did not), but not always: torch may have guarded on a size
+  (a 96x80 request after a 64x64 warm-up of the tiny model recompiled both block graphs), and
+  that request pays for the compile, counted in `recompiles`. With `dynamic=None` (automatic)
+  every new dimension recompiled once: 8 graphs instead of 4, twice the warm-up.
 * Requests that run outside the shared loop (step caching's hooks, Kontext and Control's own
   pipeline loop) run eager (`eager()`): diffusers' cache hooks change the blocks' forward per
   request, which would recompile (or break the graph) on every such request.
@@ -85,24 +87,13 @@ def check_warmup_size(width: int, height: int, multiple: int) -> None:
 
 def compile_module(module: torch.nn.Module) -> None:
     """Compile `module` in place (its identity, attributes and methods stay as they are)."""
-    _no_duck_shapes()
     module.compile(dynamic=True)
 
 
 def compile_blocks(model: torch.nn.Module) -> None:
     """Compile the model's repeated blocks in place (diffusers' regional compilation)."""
-    _no_duck_shapes()
     model.compile_repeated_blocks(dynamic=True)
 
-
-def _no_duck_shapes() -> None:
-    """By default torch gives two dimensions one symbol when their sizes happen to be equal at
-    the first compile ("duck shaping"): a warm-up size whose image tokens equal a head width
-    (64x64 on the tiny model: 16 and 16) then recompiles for every other size. One stage per
-    process, so the process-wide switch is this stage's."""
-    import torch.fx.experimental._config as fx_config
-
-    fx_config.use_duck_shape = False
 
 
 @contextlib.contextmanager

@@ -95,7 +95,6 @@ def compile_blocks(model: torch.nn.Module) -> None:
     model.compile_repeated_blocks(dynamic=True)
 
 
-
 @contextlib.contextmanager
 def eager(enabled: bool = True) -> Iterator[None]:
     """Run compiled modules eagerly inside the block (no compile, no guard checks)."""

@@ -81,8 +81,14 @@ def compiled(dev_model, lora_dir, tmp_path_factory):
 
 def _info(mesh: Mesh, name: str) -> dict[str, str]:
     service = {"denoiser": "Denoiser", "vae": "Vae"}[name]
-    with sync_channel(mesh.address(name)) as channel:
-        _, _, [raw] = call(channel, f"/fluxmesh.v1.{service}/Info", common_pb2.InfoRequest(), timeout=10)
+    with sync_channel(mesh.address_of(name)) as channel:
+        _, _, [raw] = call(
+            channel,
+            f"/fluxmesh.v1.{service}/Info",
+            common_pb2.InfoRequest(),
+            timeout=10,
+            metadata=mesh.stage_metadata(),
+        )
     return dict(common_pb2.StageInfo.FromString(raw).details)
 
 
@@ -91,7 +97,7 @@ def _pixels(image) -> np.ndarray:
 
 
 def _generate(mesh: Mesh, width: int = SIZE, height: int = SIZE, loras=()):
-    with Client(mesh.address("orchestrator"), timeout=300) as client:
+    with Client(mesh.address, timeout=300) as client:
         return client.generate(
             PROMPT, width=width, height=height, steps=STEPS, guidance=3.5, seed=11, loras=list(loras)
         ).image

@@ -301,6 +301,36 @@ class Mesh:
         wait_until(lambda: self.monitor_probes(stage) >= start + rounds, timeout, what=f"{rounds} monitor rounds")
 
 
+# -- what `fluxmesh up` started (tests of the CLI's own start path look into it) -------------------
+
+
+def children_of(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(child) for child in out.split()]
+
+
+def argv_of(pid: int) -> list[str]:
+    return [arg.decode() for arg in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")]
+
+
+def up_stages(pid: int) -> dict[str, tuple[int, str]]:
+    """The stage processes `fluxmesh up` (process `pid`) started: {"encoder": (pid, "127.0.0.1:PORT"), ...}."""
+    found = {}
+    for child in children_of(pid):
+        args = argv_of(child)
+        if "serve" in args and args[args.index("serve") + 1] in STAGES:
+            found[args[args.index("serve") + 1]] = (child, f"127.0.0.1:{args[args.index('--port') + 1]}")
+    return found
+
+
+def up_stage_token(pid: int) -> str:
+    """The stage token `fluxmesh up` (process `pid`) handed its children: in their environment
+    (readable by their own user only), never in argv."""
+    child = next(iter(up_stages(pid).values()))[0]
+    environ = dict(line.split(b"=", 1) for line in Path(f"/proc/{child}/environ").read_bytes().split(b"\0") if line)
+    return environ[STAGE_TOKEN_ENV.encode()].decode()
+
+
 def metric(text: str, name: str, **labels: str) -> float | None:
     """The value of one sample in Prometheus text format (None when absent)."""
     for line in text.splitlines():

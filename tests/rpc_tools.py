@@ -40,7 +40,7 @@ def call(
 
 class Caller:
     """One channel per address, reused for every call of a test module; `metadata` goes with
-    every call unless a call names its own (e.g. a start_local cluster's stage token)."""
+    every call unless a call names its own (e.g. a Mesh's stage token)."""
 
     def __init__(self, metadata=None) -> None:
         self._channels: dict[str, grpc.Channel] = {}

@@ -6,25 +6,19 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from factories import max_abs_diff, png_image, reference_images
-from fluxmesh.cli.supervisor import free_port, health_status
-from mesh import SERVING
+from fluxmesh.cli.supervisor import free_port
+from mesh import children_of, exited, wait_for_health, wait_until
 
 FLUXMESH = [sys.executable, "-m", "fluxmesh.cli"]
 
 
 def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([*FLUXMESH, *args], capture_output=True, text=True, timeout=timeout)
-
-
-def _children(pid: int) -> list[int]:
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
 
 
 def _alive(pid: int) -> bool:
@@ -45,11 +39,7 @@ def up_process(dev_model):
         stderr=subprocess.STDOUT,
         text=True,
     )
-    deadline = time.monotonic() + 180
-    while health_status(f"127.0.0.1:{port}") != SERVING:
-        assert process.poll() is None, process.stdout.read()
-        assert time.monotonic() < deadline, "fluxmesh up did not come up"
-        time.sleep(0.2)
+    wait_for_health(f"127.0.0.1:{port}", timeout=180, process=process, output=process.stdout.read)
     yield process, f"127.0.0.1:{port}"
     if process.poll() is None:
         process.kill()
@@ -175,14 +165,11 @@ def test_health_command(up_process):
 def test_sigterm_stops_up_and_every_child(up_process):
     """Runs last in this module: SIGTERM to `up` leaves no process behind."""
     process, _ = up_process
-    children = _children(process.pid)
+    children = children_of(process.pid)
     assert len(children) == 4
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == 0
-    deadline = time.monotonic() + 10
-    while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not any(_alive(pid) for pid in children)
+    wait_until(lambda: not any(_alive(pid) for pid in children), 10, what="every child gone")
 
 
 def test_children_die_with_a_killed_parent(dev_model):
@@ -193,17 +180,12 @@ def test_children_die_with_a_killed_parent(dev_model):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 180
-    while len(_children(process.pid)) < 4 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    children = _children(process.pid)
+    wait_until(lambda: len(children_of(process.pid)) >= 4, 180, what="up's four children", alive=exited(process))
+    children = children_of(process.pid)
     assert len(children) == 4
     process.kill()
     process.wait()
-    deadline = time.monotonic() + 20
-    while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not any(_alive(pid) for pid in children)
+    wait_until(lambda: not any(_alive(pid) for pid in children), 20, what="every child gone")
 
 
 def test_a_child_whose_parent_is_already_gone_stops_itself():

@@ -31,6 +31,7 @@ from certs import Authority
 from conftest import STAGE_FLAGS
 from factories import PROMPT
 from fluxmesh.cli.lifeline import child_environment
+from mesh import wait_until
 
 REASON = netns.unavailable()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"simulated hosts: {REASON}")
@@ -154,13 +155,10 @@ def metric(client: netns.Host, host: netns.Host, name: str, **labels: str) -> fl
 
 
 def _wait_serving(host: netns.Host, port: int, tls: list[str], timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        address = f"{host.name}.{DOMAIN}:{port}"
-        if host.run([sys.executable, "-m", "fluxmesh.cli", "health", address, *tls]).returncode == 0:
-            return
-        time.sleep(1)
-    pytest.fail(f"{host.name} not SERVING after {timeout} s")
+    """Asked from inside the host's namespace (`fluxmesh health` there), once a second."""
+    address = f"{host.name}.{DOMAIN}:{port}"
+    probe = [sys.executable, "-m", "fluxmesh.cli", "health", address, *tls]
+    wait_until(lambda: host.run(probe).returncode == 0, timeout, what=f"{host.name} SERVING", interval=1.0)
 
 
 @dataclass

@@ -9,11 +9,10 @@ Runtime: about 35 s on two cores (most of it the process start).
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import grpc
 import pytest
@@ -32,7 +31,17 @@ from fluxmesh.rpc.security import (
     token_matches,
 )
 from fluxmesh.v1 import common_pb2
-from mesh import NOT_SERVING, SERVING, Mesh
+from mesh import (
+    NOT_SERVING,
+    SERVING,
+    Mesh,
+    argv_of,
+    children_of,
+    up_stage_token,
+    up_stages,
+    wait_for_health,
+    wait_until,
+)
 from rpc_tools import call
 
 PUBLIC_TOKENS = ("public-token-1", "public-token-2")  # two lines: rotation
@@ -64,39 +73,28 @@ def _credentials(ca=None, client=None) -> grpc.ChannelCredentials:
     return ClientSecurity(ca=ca, cert=client.cert if client else None, key=client.key if client else None).credentials()
 
 
+def _stage_tls(pki) -> list[str]:
+    """An orchestrator's flags for the stages' mutual TLS (the orchestrator's client certificate)."""
+    client = pki["orchestrator_client"]
+    return ["--stage-tls-ca", str(pki["ca"]), "--stage-tls-cert", str(client.cert), "--stage-tls-key", str(client.key)]
+
+
 @pytest.fixture(scope="module")
 def secure_mesh(dev_model, pki, tmp_path_factory):
     server = ["--tls-cert", str(pki["server"].cert), "--tls-key", str(pki["server"].key)]
     stage = [*server, "--tls-ca", str(pki["ca"]), "--require-client-cert", "--token-file", str(pki["stage_token"])]
-    orchestrator = [
-        *server,
-        "--token-file",
-        str(pki["tokens"]),
-        "--stage-tls-ca",
-        str(pki["ca"]),
-        "--stage-tls-cert",
-        str(pki["orchestrator_client"].cert),
-        "--stage-tls-key",
-        str(pki["orchestrator_client"].key),
-        "--stage-token-env",
-        "STAGE_TOKEN",
-    ]
+    orchestrator = [*server, "--token-file", str(pki["tokens"]), *_stage_tls(pki), "--stage-token-env", "STAGE_TOKEN"]
     stage_probe = _credentials(pki["ca"], pki["orchestrator_client"])
     mesh = Mesh(
         dev_model,
         tmp_path_factory.mktemp("secure-logs"),
+        stage_credential=False,  # its own: a token file on the stages, STAGE_TOKEN for the orchestrator
         extra_args={**{name: stage for name in STAGES}, "orchestrator": orchestrator},
         env={"STAGE_TOKEN": STAGE_TOKEN},
         health_credentials={**{name: stage_probe for name in STAGES}, "orchestrator": _credentials(pki["ca"])},
     )
-    try:
-        for name in (*STAGES, "orchestrator"):
-            mesh.start(name)
-        for name in (*STAGES, "orchestrator"):
-            mesh.wait_health(SERVING, name, timeout=180)
+    with mesh.start_all():
         yield mesh
-    finally:
-        mesh.stop()
 
 
 def _status(address: str, method: str, *, credentials=None, token: str | None = None) -> grpc.StatusCode:
@@ -108,9 +106,7 @@ def _status(address: str, method: str, *, credentials=None, token: str | None = 
 
 
 def test_a_generation_over_tls_with_a_token_works(secure_mesh, pki):
-    with Client(
-        secure_mesh.address_of("orchestrator"), credentials=_credentials(pki["ca"]), token=PUBLIC_TOKENS[1], timeout=60
-    ) as client:
+    with Client(secure_mesh.address, credentials=_credentials(pki["ca"]), token=PUBLIC_TOKENS[1], timeout=60) as client:
         result = client.generate(PROMPT, width=64, height=64, steps=1, seed=1)
     assert result.image.size == (64, 64)
 
@@ -124,7 +120,7 @@ def test_the_cli_takes_the_tls_and_token_flags(secure_mesh, pki, tmp_path):
             "fluxmesh.cli",
             "generate",
             "--address",
-            secure_mesh.address_of("orchestrator"),
+            secure_mesh.address,
             "-p",
             PROMPT,
             "--width",
@@ -154,7 +150,7 @@ def test_the_cli_takes_the_tls_and_token_flags(secure_mesh, pki, tmp_path):
             "fluxmesh.cli",
             "generate",
             "--address",
-            secure_mesh.address_of("orchestrator"),
+            secure_mesh.address,
             "-p",
             PROMPT,
             "--width",
@@ -184,7 +180,7 @@ def test_the_cli_takes_the_tls_and_token_flags(secure_mesh, pki, tmp_path):
             "-m",
             "fluxmesh.cli",
             "health",
-            secure_mesh.address_of("orchestrator"),
+            secure_mesh.address,
             "--tls-ca",
             str(pki["ca"]),
         ],
@@ -199,7 +195,7 @@ def test_the_cli_takes_the_tls_and_token_flags(secure_mesh, pki, tmp_path):
 def test_a_client_without_the_ca_is_refused(secure_mesh, pki, how):
     credentials = None if how == "plaintext" else _credentials(pki["rogue_ca"])
     code = _status(
-        secure_mesh.address_of("orchestrator"),
+        secure_mesh.address,
         "/fluxmesh.v1.Generator/Info",
         credentials=credentials,
         token=PUBLIC_TOKENS[0],
@@ -209,7 +205,7 @@ def test_a_client_without_the_ca_is_refused(secure_mesh, pki, how):
 
 @pytest.mark.parametrize("token", [None, "wrong-token", "public-token-", STAGE_TOKEN])
 def test_a_missing_or_wrong_token_is_unauthenticated(secure_mesh, pki, token):
-    address = secure_mesh.address_of("orchestrator")
+    address = secure_mesh.address
     with Client(address, credentials=_credentials(pki["ca"]), token=token, timeout=30) as client:
         with pytest.raises(FluxmeshError) as caught:
             client.generate(PROMPT, width=64, height=64, steps=1)
@@ -233,9 +229,7 @@ def test_a_missing_or_wrong_token_is_unauthenticated(secure_mesh, pki, token):
     ],
 )
 def test_priority_is_capped_per_token(secure_mesh, pki, token, priority, allowed):
-    with Client(
-        secure_mesh.address_of("orchestrator"), credentials=_credentials(pki["ca"]), token=token, timeout=60
-    ) as client:
+    with Client(secure_mesh.address, credentials=_credentials(pki["ca"]), token=token, timeout=60) as client:
         if allowed:
             assert client.generate(PROMPT, width=64, height=64, steps=1, priority=priority).image.size == (64, 64)
             return
@@ -291,35 +285,17 @@ def test_an_orchestrator_without_the_stage_token_is_not_serving_and_says_whose_f
     """The stages demand a token this orchestrator was not given: it must not say SERVING, and a
     caller with the right public token hears that a stage is unavailable, never that *its*
     bearer token is missing."""
-    from fluxmesh.cli.supervisor import Cluster, free_port, health_status
+    stages = {stage: secure_mesh.address_of(stage) for stage in STAGES}
+    tls_only = {"orchestrator": _stage_tls(pki)}
+    with Mesh(logs=tmp_path, stages=stages, stage_credential=False, extra_args=tls_only) as cluster:
+        cluster.start("orchestrator")
 
-    port = free_port()
-    with Cluster() as cluster:
-        cluster.start(
-            "orchestrator",
-            [
-                "serve",
-                "orchestrator",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                *[f"--{stage}={secure_mesh.address_of(stage)}" for stage in STAGES],
-                "--stage-tls-ca",
-                str(pki["ca"]),
-                "--stage-tls-cert",
-                str(pki["orchestrator_client"].cert),
-                "--stage-tls-key",
-                str(pki["orchestrator_client"].key),
-            ],
-            f"127.0.0.1:{port}",
-        )
-        deadline = time.monotonic() + 60
-        while health_status(cluster.address) is None:
-            assert time.monotonic() < deadline, "the orchestrator did not start"
-            time.sleep(0.1)
-        time.sleep(1.5)  # a few monitor rounds
-        assert health_status(cluster.address) == NOT_SERVING
+        def refused_by_every_stage() -> bool:  # what the monitor logs once a round saw it
+            log = cluster.log("orchestrator")
+            return all(f"{stage} stage at {stages[stage]} cannot serve: it refuses" in log for stage in STAGES)
+
+        wait_until(refused_by_every_stage, what="the monitor's verdict on every stage")
+        assert cluster.health() == NOT_SERVING
         with Client(cluster.address, timeout=30) as client:
             with pytest.raises(FluxmeshError) as caught:
                 client.generate(PROMPT, width=64, height=64, steps=1)
@@ -328,24 +304,24 @@ def test_an_orchestrator_without_the_stage_token_is_not_serving_and_says_whose_f
     assert "bearer" not in caught.value.message.lower() and "credential" in caught.value.message
 
 
-def test_local_stages_demand_a_token_only_their_orchestrator_has(dev_cluster):
+def test_local_stages_demand_a_token_only_their_orchestrator_has(secure_up):
     """start_local (`fluxmesh up`, `demo`) makes a random stage token per start and hands it to
     its children in their environment: any other local process is refused, and the token is in
     no process's argv (which /proc shows to every user)."""
     from fluxmesh.v1 import residency_pb2
 
-    assert dev_cluster.stage_token and len(dev_cluster.stage_token) >= 32
-    for child in dev_cluster.children:
-        argv = Path(f"/proc/{child.process.pid}/cmdline").read_bytes()
-        assert dev_cluster.stage_token.encode() not in argv, child.name
-        if child.name == "orchestrator":
-            continue
-        service = {"encoder": "TextEncoder", "denoiser": "Denoiser", "vae": "Vae"}[child.name]
-        assert _status(child.address, f"/fluxmesh.v1.{service}/Info") == C.UNAUTHENTICATED
-        with sync_channel(child.address) as channel:
+    up, _ = secure_up
+    token = up_stage_token(up.pid)
+    assert token and len(token) >= 32
+    for child in children_of(up.pid):
+        assert token not in " ".join(argv_of(child)), argv_of(child)
+    for stage, (_, address) in up_stages(up.pid).items():
+        service = {"encoder": "TextEncoder", "denoiser": "Denoiser", "vae": "Vae"}[stage]
+        assert _status(address, f"/fluxmesh.v1.{service}/Info") == C.UNAUTHENTICATED
+        with sync_channel(address) as channel:
             code, _, _ = call(channel, "/fluxmesh.v1.Residency/Release", residency_pb2.ReleaseRequest(), timeout=10)
         assert code == C.UNAUTHENTICATED
-        assert _status(child.address, f"/fluxmesh.v1.{service}/Info", token=dev_cluster.stage_token) == C.OK
+        assert _status(address, f"/fluxmesh.v1.{service}/Info", token=token) == C.OK
 
 
 def _listening_addresses(pid: int) -> set[str]:
@@ -377,12 +353,15 @@ def _listening_addresses(pid: int) -> set[str]:
     return found
 
 
-def test_up_exposes_only_the_orchestrator_and_secures_it(dev_model, pki, tmp_path):
-    """`fluxmesh up --host 0.0.0.0` with TLS and tokens: the orchestrator alone listens on every
-    interface, demanding TLS and a token; the stages listen on loopback only."""
-    from fluxmesh.cli.supervisor import free_port, health_status
+@pytest.fixture(scope="module")
+def secure_up(dev_model, pki, tmp_path_factory):
+    """`fluxmesh up --host 0.0.0.0` with TLS and tokens (its own start path, under test):
+    (the `up` process, the orchestrator's address) once SERVING."""
+    from fluxmesh.cli.supervisor import free_port
 
     port = free_port()
+    log = tmp_path_factory.mktemp("secure-up") / "up.log"
+    output = log.open("wb")  # a file, not a pipe: four processes log into it while nobody reads
     up = subprocess.Popen(
         [
             sys.executable,
@@ -406,50 +385,48 @@ def test_up_exposes_only_the_orchestrator_and_secures_it(dev_model, pki, tmp_pat
             "--max-priority",
             "0",
         ],
-        stdout=subprocess.PIPE,
+        stdout=output,
         stderr=subprocess.STDOUT,
-        text=True,
     )
+    output.close()  # the child holds its own descriptor
     try:
         address = f"127.0.0.1:{port}"
-        deadline = time.monotonic() + 180
-        while health_status(address, credentials=_credentials(pki["ca"])) != SERVING:
-            assert up.poll() is None, up.stdout.read()
-            assert time.monotonic() < deadline, "fluxmesh up did not come up"
-            time.sleep(0.5)
-        with Client(address, credentials=_credentials(pki["ca"]), token=PUBLIC_TOKENS[1], timeout=60) as client:
-            assert client.generate(PROMPT, width=64, height=64, steps=1, priority=50).images[0].size == (64, 64)
-        with Client(address, credentials=_credentials(pki["ca"]), token=PUBLIC_TOKENS[0], timeout=60) as client:
-            with pytest.raises(FluxmeshError) as caught:  # up's --max-priority 0: no grant, no overtaking
-                client.generate(PROMPT, width=64, height=64, steps=1, priority=1)
-        assert caught.value.code == C.PERMISSION_DENIED
-        assert _status(address, "/fluxmesh.v1.Generator/Info", credentials=_credentials(pki["ca"])) == C.UNAUTHENTICATED
-        assert _status(address, "/fluxmesh.v1.Generator/Info", token=PUBLIC_TOKENS[0]) == C.UNAVAILABLE  # no TLS
-
-        children = [
-            int(p)
-            for p in subprocess.run(
-                ["ps", "-o", "pid=", "--ppid", str(up.pid)], capture_output=True, text=True
-            ).stdout.split()
-        ]
-        listening = {pid: _listening_addresses(pid) for pid in children}
-        assert sorted(map(len, listening.values())) == [1, 1, 1, 1]
-        public = [pid for pid, addresses in listening.items() if addresses & {f"0.0.0.0:{port}", f"[::]:{port}"}]
-        assert len(public) == 1, listening
-        for pid, addresses in listening.items():
-            if pid not in public:
-                assert all(a.startswith("127.0.0.1:") for a in addresses), listening
-                # and on loopback they demand up's own stage token: no local process gets past
-                # the orchestrator's tokens, queue and priority ceilings by calling them directly
-                for stage_address in addresses:
-                    assert _status(stage_address, "/fluxmesh.v1.Residency/Status") == C.UNAUTHENTICATED
-                    assert (
-                        _status(stage_address, "/fluxmesh.v1.Residency/Status", token=PUBLIC_TOKENS[1])
-                        == C.UNAUTHENTICATED
-                    )
+        read = functools.partial(log.read_text, errors="replace")
+        wait_for_health(address, timeout=180, credentials=_credentials(pki["ca"]), process=up, output=read)
+        yield up, address
     finally:
         up.terminate()
         up.wait(timeout=60)
+
+
+def test_up_exposes_only_the_orchestrator_and_secures_it(secure_up, pki):
+    """`fluxmesh up --host 0.0.0.0` with TLS and tokens: the orchestrator alone listens on every
+    interface, demanding TLS and a token; the stages listen on loopback only."""
+    up, address = secure_up
+    port = int(address.rpartition(":")[2])
+    with Client(address, credentials=_credentials(pki["ca"]), token=PUBLIC_TOKENS[1], timeout=60) as client:
+        assert client.generate(PROMPT, width=64, height=64, steps=1, priority=50).images[0].size == (64, 64)
+    with Client(address, credentials=_credentials(pki["ca"]), token=PUBLIC_TOKENS[0], timeout=60) as client:
+        with pytest.raises(FluxmeshError) as caught:  # up's --max-priority 0: no grant, no overtaking
+            client.generate(PROMPT, width=64, height=64, steps=1, priority=1)
+    assert caught.value.code == C.PERMISSION_DENIED
+    assert _status(address, "/fluxmesh.v1.Generator/Info", credentials=_credentials(pki["ca"])) == C.UNAUTHENTICATED
+    assert _status(address, "/fluxmesh.v1.Generator/Info", token=PUBLIC_TOKENS[0]) == C.UNAVAILABLE  # no TLS
+
+    listening = {pid: _listening_addresses(pid) for pid in children_of(up.pid)}
+    assert sorted(map(len, listening.values())) == [1, 1, 1, 1]
+    public = [pid for pid, addresses in listening.items() if addresses & {f"0.0.0.0:{port}", f"[::]:{port}"}]
+    assert len(public) == 1, listening
+    for pid, addresses in listening.items():
+        if pid not in public:
+            assert all(a.startswith("127.0.0.1:") for a in addresses), listening
+            # and on loopback they demand up's own stage token: no local process gets past
+            # the orchestrator's tokens, queue and priority ceilings by calling them directly
+            for stage_address in addresses:
+                assert _status(stage_address, "/fluxmesh.v1.Residency/Status") == C.UNAUTHENTICATED
+                assert (
+                    _status(stage_address, "/fluxmesh.v1.Residency/Status", token=PUBLIC_TOKENS[1]) == C.UNAUTHENTICATED
+                )
 
 
 # --- the pieces, in-process ------------------------------------------------------------------

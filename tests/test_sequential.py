@@ -15,7 +15,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import grpc
 import pytest
@@ -27,9 +26,8 @@ from fluxmesh.client import Client
 from fluxmesh.orchestrator.residency.resident import SwapCost
 from fluxmesh.orchestrator.residency.sequential import SequentialStrategy
 from fluxmesh.rpc.errors import NOT_RESIDENT, FluxmeshError, reason_of
-from fluxmesh.rpc.security import STAGE_TOKEN_ENV
 from fluxmesh.v1 import encoder_pb2, encoder_pb2_grpc, residency_pb2, residency_pb2_grpc
-from mesh import SERVING, Mesh, wait_for_health
+from mesh import SERVING, Mesh, up_stage_token, up_stages, wait_for_health
 
 PROMPT = "a lighthouse on a cliff at dusk"
 STAGES = ("encoder", "denoiser", "vae")
@@ -199,26 +197,6 @@ def test_sequential_mode_refuses_dns_targets():
 # --------------------------------------------------------------------------- four real processes
 
 
-def _stage_ports(pid: int) -> dict[str, str]:
-    """The stage processes `fluxmesh up` started, by stage: {"encoder": "127.0.0.1:PORT", ...}."""
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
-    found = {}
-    for child in out.split():
-        argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
-        args = [a.decode() for a in argv]
-        if "serve" in args and args[args.index("serve") + 1] in STAGES:
-            found[args[args.index("serve") + 1]] = (int(child), f"127.0.0.1:{args[args.index('--port') + 1]}")
-    return found
-
-
-def _up_stage_token(pid: int) -> str:
-    """The stage token `fluxmesh up` handed its children: in their environment (readable by
-    their own user only), never in argv."""
-    child = next(iter(_stage_ports(pid).values()))[0]
-    environ = dict(line.split(b"=", 1) for line in Path(f"/proc/{child}/environ").read_bytes().split(b"\0") if line)
-    return environ[STAGE_TOKEN_ENV.encode()].decode()
-
-
 _TOKEN: dict[str, str] = {}  # set by the sequential_up fixture
 
 
@@ -269,8 +247,8 @@ def sequential_up(tmp_path_factory):
     resident = None
     try:
         wait_for_health(f"127.0.0.1:{port}", timeout=180, process=up)  # fluxmesh up --sequential came up
-        stages = _stage_ports(up.pid)
-        _TOKEN["stage"] = _up_stage_token(up.pid)
+        stages = up_stages(up.pid)
+        _TOKEN["stage"] = up_stage_token(up.pid)
         initial = {stage: _status(address) for stage, (_, address) in stages.items()}
         resident = Mesh(
             stages={s: stages[s][1] for s in STAGES},

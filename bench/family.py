@@ -15,6 +15,9 @@ the modes measured alternately (medians: the machine is noisy):
 * ip-adapter: FluxPipeline with XLabs' IP-Adapter (tiny-model --variant ip-adapter at this size):
   its processors add a 4-token attention per double block, and the request runs the pipeline's
   own loop (never batched).
+* controlnet: FluxControlNetPipeline with an InstantX-layout ControlNet (its share of the
+  transformer's blocks as the real one's, about a quarter), and two of them
+  (FluxMultiControlNetModel): one more forward each, every step.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ def main() -> None:
     import torch
     from PIL import Image
 
+    from fluxmesh.services.denoiser.controlnet import ControlNetImage
     from fluxmesh.services.denoiser.engine import DenoiseJob, DenoiserEngine
     from fluxmesh.services.denoiser.family import Conditioning
     from fluxmesh.services.denoiser.ip_adapter import IpAdapterInput
@@ -60,6 +64,7 @@ def main() -> None:
         control = tiny_model(Path(tmp) / "control", variant="control")
         redux = write_tiny_redux(Path(tmp) / "redux", size="small")
         xlabs = write_tiny_ip_adapter(Path(tmp) / "xlabs", size="small")
+        controlnet = tiny_model(Path(tmp) / "controlnet", variant="controlnet")
 
         encoder = TextEncoderEngine(base, device, redux=redux, ip_adapter_image_encoder=xlabs / "image_encoder")
         text = encoder.encode(["a red fox in the snow"], [], 512)
@@ -71,8 +76,10 @@ def main() -> None:
         }
         engines["ip-adapter"] = DenoiserEngine(base, device, ip_adapter=xlabs / "ip_adapter.safetensors")
         image_embeds = encoder.ip_adapter.embed(IpAdapterImage(photo))
+        engines["controlnet"] = DenoiserEngine(base, device, controlnets=[controlnet, controlnet])
         vae = ImageEncoder(VaeEngine(base, device))
         encoded = vae.encode(photo, None, size, size)
+        nets = tuple(ControlNetImage(i, encoded.posterior, None, 0, 1.0, 0.0, 1.0) for i in range(2))
         modes = {
             "plain": ("base", text.prompt_embeds, None),
             f"redux ({image_prompt.prompt_embeds.shape[1] - 512} image tokens)": (
@@ -88,6 +95,12 @@ def main() -> None:
             ),
             "control": ("control", text.prompt_embeds, Conditioning(control_posterior=encoded.posterior)),
             "ip-adapter (XLabs, scale 1)": ("ip-adapter", text.prompt_embeds, IpAdapterInput(image_embeds, None, 1.0)),
+            "controlnet (InstantX layout)": ("controlnet", text.prompt_embeds, Conditioning(controlnets=nets[:1])),
+            "two controlnets (FluxMultiControlNetModel)": (
+                "controlnet",
+                text.prompt_embeds,
+                Conditioning(controlnets=nets),
+            ),
         }
 
         def run(name: str) -> list[float]:

@@ -53,6 +53,10 @@ __all__ = ["DEFAULT_MAX_BATCH", "BatchKey", "Batcher", "Denoised"]
 
 log = logging.getLogger(__name__)
 
+# Measured (bench/throughput.py batch-cost, docs/benchmarks.md; small model, 256x256, 1 thread):
+# the per-image cost of one forward falls to batch 4 (1.04-1.05x eager, 1.06-1.16x compiled)
+# and rises again at 8 (0.95-1.04x eager, 1.01-1.07x compiled), while a bigger batch makes each
+# of its requests' steps longer; so 4, not 8. A GPU is expected to favour more (pending).
 DEFAULT_MAX_BATCH = 4
 
 

@@ -46,6 +46,7 @@ class _Started(Exception):
 def cli(monkeypatch):
     """run(["fluxmesh", ...]) -> what the command would have started: ("stage", StageOptions),
     ("orchestrator", OrchestratorOptions), ("up", model, start_local kwargs) or ("health", address)."""
+    import fluxmesh.cli.commands.local as local
     import fluxmesh.cli.supervisor as supervisor
     import fluxmesh.orchestrator.app as orchestrator_app
     import fluxmesh.services.app as stage_app
@@ -62,6 +63,9 @@ def cli(monkeypatch):
         raise _Started
 
     monkeypatch.setattr(supervisor, "start_local", start_local)
+    # The deploy files name paths inside the containers (the model volume), which `up`'s check
+    # of its model files cannot see from this host; that check is tested in test_cli_errors.
+    monkeypatch.setattr(local, "_check_model_files", lambda *args, **kwargs: None)
     monkeypatch.setattr(signal, "signal", lambda *args: None)  # `up` hooks SIGTERM: not in pytest
 
     def run(argv: list[str], *, ok: bool = True, env: dict[str, str] | None = None):

@@ -142,7 +142,13 @@ def test_ctrl_c_stops_everything_and_restarts_nothing(up):
     assert len(children) == 4
     said_before = log.read_text().count("restarting in")
     os.killpg(process.pid, signal.SIGINT)
-    assert process.wait(timeout=45) == 0
+    try:
+        # Stopping is bounded by Cluster.stop's 10 s grace per SIGTERM round; the rest is slack
+        # for a loaded CI machine (it once took over 45 s there; the log below says where).
+        code = process.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"up still running 120 s after Ctrl-C; its log ends:\n{log.read_text()[-3000:]}") from None
+    assert code == 0
     assert log.read_text().count("restarting in") == said_before
     for pid in children.values():  # reaped by `up`: gone, not zombies
         with pytest.raises(ProcessLookupError):

@@ -60,6 +60,25 @@ def max_abs_diff(a: Image.Image, b: Image.Image) -> int:
     return int(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b.convert(a.mode), dtype=np.int16)).max())
 
 
+def within_one(got: list[Image.Image], expected: list[Image.Image]) -> bool:
+    """The project's oracle: as many images as expected, each within 1/255 of its counterpart."""
+    return len(got) == len(expected) and max(max_abs_diff(a, b) for a, b in zip(got, expected)) <= 1
+
+
+def bare_denoise_request(**fields):
+    """A DenoiseRequest with zero text embeddings in the tiny models' widths (8 T5 tokens of 32,
+    pooled 32), for tests that drive a denoiser directly, as something other than the
+    orchestrator might."""
+    import torch
+
+    from fluxmesh.services.runtime.tensors import to_pb
+    from fluxmesh.v1 import denoiser_pb2
+
+    return denoiser_pb2.DenoiseRequest(
+        prompt_embeds=to_pb(torch.zeros(1, 8, 32)), pooled_prompt_embeds=to_pb(torch.zeros(1, 32)), **fields
+    )
+
+
 def png_image(data: bytes) -> Image.Image:
     image = Image.open(io.BytesIO(data))
     image.load()

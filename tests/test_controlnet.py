@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from conftest import stage_metadata
-from factories import PROMPT, init_and_mask, max_abs_diff
+from factories import PROMPT, bare_denoise_request, init_and_mask, max_abs_diff, within_one
 from fluxmesh.v1 import common_pb2, generator_pb2
 from test_family import (
     _cluster,
@@ -127,7 +127,7 @@ def test_instantx_with_scale_and_span_matches_the_pipeline(cluster, models):
         guidance_scale=3.5,
         num_images_per_prompt=2,
     )
-    assert len(got) == 2 and max(max_abs_diff(a, b) for a, b in zip(got, want)) <= 1
+    assert len(got) == 2 and within_one(got, want)
     assert max_abs_diff(got[0], _plain(cluster, **options)) > 1  # guards the oracle: the ControlNet acts
 
 
@@ -253,7 +253,7 @@ def test_image_to_image_with_a_controlnet_matches_its_img2img_pipeline(cluster, 
         num_images_per_prompt=2,
     )
     got = _pixels(result)
-    assert len(got) == 2 and max(max_abs_diff(a, b) for a, b in zip(got, want)) <= 1
+    assert len(got) == 2 and within_one(got, want)
 
 
 def test_inpainting_with_a_union_controlnet_matches_its_inpaint_pipeline(cluster, models):
@@ -405,12 +405,10 @@ def test_the_denoiser_checks_what_it_is_sent_and_keeps_serving(cluster):
     import torch
 
     from fluxmesh.services.runtime.tensors import to_pb
-    from fluxmesh.v1 import denoiser_pb2, denoiser_pb2_grpc
+    from fluxmesh.v1 import denoiser_pb2_grpc
 
     denoiser = next(child.address for child in cluster.children if child.name == "denoiser")
-    request = denoiser_pb2.DenoiseRequest(
-        prompt_embeds=to_pb(torch.zeros(1, 8, 32)),
-        pooled_prompt_embeds=to_pb(torch.zeros(1, 32)),
+    request = bare_denoise_request(
         width=64,
         height=64,
         steps=1,

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from conftest import stage_metadata
-from factories import PROMPT, init_and_mask, max_abs_diff
+from factories import PROMPT, bare_denoise_request, init_and_mask, max_abs_diff, within_one
 from fluxmesh.v1 import common_pb2, generator_pb2
 from test_family import (
     CANNY,
@@ -94,8 +94,7 @@ def _edit(init: Image.Image, mask: Image.Image | None = None, **fields) -> dict:
 
 
 def _all_within_one(result: generator_pb2.Result, expected: list[Image.Image]) -> bool:
-    got = _pixels(result)
-    return len(got) == len(expected) and max(max_abs_diff(a, b) for a, b in zip(got, expected)) <= 1
+    return within_one(_pixels(result), expected)
 
 
 # -- Kontext inpainting --------------------------------------------------------------------------
@@ -337,9 +336,7 @@ def test_the_denoiser_wants_a_mask_with_kontext_and_an_init_image(kontext_cluste
     from fluxmesh.v1 import denoiser_pb2, denoiser_pb2_grpc
 
     denoiser = next(child.address for child in kontext_cluster.children if child.name == "denoiser")
-    request = denoiser_pb2.DenoiseRequest(
-        prompt_embeds=to_pb(torch.zeros(1, 8, 32)),
-        pooled_prompt_embeds=to_pb(torch.zeros(1, 32)),
+    request = bare_denoise_request(
         width=64,
         height=64,
         steps=2,

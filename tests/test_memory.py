@@ -16,7 +16,7 @@ PARENT = """
 import subprocess, sys
 held = b"\\x01" * (768 << 20)
 child = "import json, torch; from fluxmesh.services.runtime.memory import peak_memory_bytes, process_memory; " \\
-    "print(json.dumps([peak_memory_bytes(torch.device('cpu')), process_memory().rss]))"
+    "rss = process_memory().rss; print(json.dumps([peak_memory_bytes(torch.device('cpu')), rss]))"
 print(subprocess.run([sys.executable, "-c", child], check=True, capture_output=True, text=True).stdout)
 """
 
@@ -24,7 +24,8 @@ print(subprocess.run([sys.executable, "-c", child], check=True, capture_output=T
 def test_a_stage_reports_its_own_peak_not_the_process_that_started_it():
     out = subprocess.run([sys.executable, "-c", PARENT], check=True, capture_output=True, text=True, timeout=120)
     peak, rss = json.loads(out.stdout.strip().splitlines()[-1])
-    # getrusage's ru_maxrss carried the parent's 768+ MiB into the child across fork + exec
+    # getrusage's ru_maxrss carried the parent's 768+ MiB into the child across fork + exec.
+    # (rss is read before the peak: the peak only grows, so rss <= peak even if a page came between.)
     assert rss <= peak < 768 * MIB, (peak / MIB, rss / MIB)
 
 

@@ -193,7 +193,13 @@ def _log_to_file(prefix: str) -> TextIO:
 
 
 def raise_on_sigterm() -> None:
-    """Turn SIGTERM into KeyboardInterrupt so `with cluster:` stops the children."""
+    """Turn SIGTERM into KeyboardInterrupt so `with cluster:` stops the children.
+
+    A signal mask survives fork + exec, so a parent that blocked SIGINT/SIGTERM (some libraries'
+    threads do, and a test runner's process then hands it to every child) would leave `up`
+    deaf to Ctrl-C and to its supervisor's stop: unblock both and restore Ctrl-C's handler."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
 
 

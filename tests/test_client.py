@@ -58,7 +58,9 @@ def test_cancel_stops_the_denoiser_within_a_step(dev_cluster):
     steps = 100
     with Client(dev_cluster.address, timeout=120) as client:
         before = _steps_run(client)
-        stream = client.stream(PROMPT, width=256, height=256, steps=steps, seed=1)
+        # 768² makes a tiny-model step (~60 ms) outlast the cancel's trip through the orchestrator;
+        # at 256² (~10 ms a step) a busy host let three more steps start while it travelled
+        stream = client.stream(PROMPT, width=768, height=768, steps=steps, seed=1)
         seen = 0
         with pytest.raises(FluxmeshError) as caught:
             for event in stream:
@@ -66,7 +68,8 @@ def test_cancel_stops_the_denoiser_within_a_step(dev_cluster):
                     seen = event.step
                     stream.cancel()
         assert caught.value.code == grpc.StatusCode.CANCELLED
-        # once the denoiser noticed: it must have stopped long before 100 steps
+        # the steps seen, the one running when the cancel arrived, and at most one the cancel
+        # overtook in flight: far short of 100
         ran = wait_settled(lambda: _steps_run(client), what="the denoiser after the cancel") - before
         assert 1 <= ran <= seen + 2, (ran, seen)
         # and the stage is free again

@@ -1,7 +1,7 @@
 """Throughput under concurrent load: images/s and latency with 1, 4 and 8 clients.
 
     python bench/throughput.py [--sections serving,batch-cost,prompt-cache,step-cache,cores] [--rounds 3]
-                               [--width 256 --height 256 --steps 8] [--max-batch 4]
+                               [--width 256 --height 256 --steps 8] [--max-batch 2,4]
 
 Everything runs on the `small` tiny model through the real four processes on loopback (SDK ->
 orchestrator -> encoder -> denoiser -> vae), measured side by side in one run, rounds
@@ -10,7 +10,7 @@ are medians over rounds, each with the median 1-minute load average it was measu
 
 Sections:
   serving       images/s and p50/p99 latency with 1, 4 and 8 concurrent clients for the serial
-                denoiser (--max-batch 1), continuous batching (--max-batch), batching with
+                denoiser (--max-batch 1), continuous batching (each --max-batch), batching with
                 --compile on the denoiser and the vae, and in-process FluxPipeline called
                 serially (one client: it serves one at a time) on the denoiser's share of threads.
   batch-cost    one forward of the transformer at batch 1, 2, 4, 8 (T5 length 512 and 256),
@@ -20,9 +20,9 @@ Sections:
                 --prompt-cache-mib 0 and with the cache: swaps per request, encoder calls.
   step-cache    denoise time and attention blocks skipped per step-cache policy (first-block,
                 mag, taylorseer) against none, through the four processes.
-  cores         `fluxmesh up`'s CPU threads: torch's default in every stage (all cores each)
-                against the cores divided between the stages (fluxmesh.rpc.cores): 8 requests
-                one after another vs 8 at once.
+  cores         `fluxmesh up`'s CPU threads: torch's default in every stage (all cores each),
+                the cores divided 1 : 2 : 1 between the stages (the rule before) and up's
+                shares (fluxmesh.rpc.cores): 8 requests one after another vs 8 at once.
 """
 
 from __future__ import annotations
@@ -99,11 +99,24 @@ def burst(address: str, clients: int, requests: int, args, prompts=None, **optio
 
 def section_cores(folder: Path, args) -> None:
     from fluxmesh.cli.supervisor import free_port, start_local
-    from fluxmesh.rpc.cores import divide_cores, host_cores
+    from fluxmesh.rpc.cores import cpu_shares, host_cores
 
-    configs = {"torch default (all cores per stage)": False, f"cores divided {divide_cores(host_cores())}": True}
+    cores = host_cores()
+    divided = {"encoder": max(1, cores // 4), "denoiser": max(1, cores // 2)}  # 1 : 2 : 1, the rule before
+    divided["vae"] = max(1, cores - divided["encoder"] - divided["denoiser"])
+    configs: dict[str, tuple[bool, dict[str, list[str]] | None]] = {
+        "torch default (all cores per stage)": (False, None),
+        f"divided {'/'.join(map(str, divided.values()))} (the rule before)": (
+            False,
+            {stage: ["--threads", str(n)] for stage, n in divided.items()},
+        ),
+        f"up's shares {'/'.join(map(str, cpu_shares(cores).values()))}": (True, None),
+    }
     results: dict[str, dict[str, list[float]]] = {name: {"serial": [], "concurrent": []} for name in configs}
-    clusters = {name: start_local(str(folder), port=free_port(), share_cores=share) for name, share in configs.items()}
+    clusters = {
+        name: start_local(str(folder), port=free_port(), share_cores=share, stage_args=flags)
+        for name, (share, flags) in configs.items()
+    }
     try:
         for cluster in clusters.values():  # warm each
             burst(cluster.address, 1, 2, args)
@@ -121,7 +134,7 @@ def section_cores(folder: Path, args) -> None:
     for name, figures in results.items():
         serial, concurrent = statistics.median(figures["serial"]), statistics.median(figures["concurrent"])
         print(
-            f"  {name:40s} serial {serial:6.2f} img/s   8 at once {concurrent:6.2f} img/s   "
+            f"  {name:36s} serial {serial:6.2f} img/s   8 at once {concurrent:6.2f} img/s   "
             f"concurrent/serial {concurrent / serial:.2f}"
         )
 
@@ -131,18 +144,17 @@ def section_serving(folder: Path, args) -> None:
     from diffusers import FluxPipeline
 
     from fluxmesh.cli.supervisor import free_port, start_local
-    from fluxmesh.rpc.cores import divide_cores, host_cores
+    from fluxmesh.rpc.cores import cpu_shares, host_cores
 
     compiled = ["--compile", "--warmup-sizes", f"{args.width}x{args.height}"]
-    configs = {
-        "serial denoiser (--max-batch 1)": {"denoiser": ["--max-batch", "1"]},
-        f"batching (--max-batch {args.max_batch})": {"denoiser": ["--max-batch", str(args.max_batch)]},
-        f"batching + compile (--max-batch {args.max_batch})": {
-            "denoiser": ["--max-batch", str(args.max_batch), *compiled],
+    configs: dict[str, dict[str, list[str]]] = {"serial denoiser (--max-batch 1)": {"denoiser": ["--max-batch", "1"]}}
+    for size in args.max_batch:
+        configs[f"batching (--max-batch {size})"] = {"denoiser": ["--max-batch", str(size)]}
+        configs[f"batching + compile (--max-batch {size})"] = {
+            "denoiser": ["--max-batch", str(size), *compiled],
             "vae": compiled,
-        },
-    }
-    loads = {1: 4, 4: 8, 8: 8}  # clients: requests per burst
+        }
+    loads = {1: 8, 4: 8, 8: 8}  # clients: requests per burst
     figures: dict[str, dict[int, list[Load]]] = {name: {c: [] for c in loads} for name in configs}
     started = time.perf_counter()
     clusters = {
@@ -152,7 +164,7 @@ def section_serving(folder: Path, args) -> None:
     print(f"  (clusters SERVING after {time.perf_counter() - started:.0f} s, compile warm-up included)")
     # In-process FluxPipeline on the threads `fluxmesh up` gives the denoiser stage: with all
     # cores it fights the idle stages' and the host's other load, and measures that instead.
-    threads = divide_cores(host_cores())["denoiser"]
+    threads = cpu_shares(host_cores())["denoiser"]
     torch.set_num_threads(threads)
     pipe = FluxPipeline.from_pretrained(folder, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
@@ -207,8 +219,8 @@ def section_serving(folder: Path, args) -> None:
     def at(name: str, clients: int, figure: Callable[[Load], float]) -> float:
         return statistics.median(figure(r) for r in figures[name][clients])
 
-    serial, batching, compiled_name = configs
-    for name in (batching, compiled_name):
+    serial, *batched = configs
+    for name in batched:
         print(
             f"  8 clients, {name} / serial denoiser: images/s "
             f"{at(name, 8, lambda r: r.images_per_second) / at(serial, 8, lambda r: r.images_per_second):.2f}x, "
@@ -222,10 +234,10 @@ def section_batch_cost(folder: Path, args) -> None:
     import torch
     from diffusers import FluxTransformer2DModel
 
-    from fluxmesh.rpc.cores import divide_cores, host_cores
+    from fluxmesh.rpc.cores import cpu_shares, host_cores
     from fluxmesh.services.runtime.compile import compile_blocks
 
-    torch.set_num_threads(divide_cores(host_cores())["denoiser"])  # as the denoiser stage runs
+    torch.set_num_threads(cpu_shares(host_cores())["denoiser"])  # as the denoiser stage runs
 
     def load() -> FluxTransformer2DModel:
         return FluxTransformer2DModel.from_pretrained(folder, subfolder="transformer", local_files_only=True).eval()
@@ -367,7 +379,12 @@ SECTIONS = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of {', '.join(SECTIONS)}")
-    parser.add_argument("--max-batch", type=int, default=4, help="the batching configuration's --max-batch")
+    parser.add_argument(
+        "--max-batch",
+        type=lambda text: [int(n) for n in text.split(",")],
+        default=[2, 4],
+        help="comma-separated: the batching configurations' --max-batch, each with and without compile",
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--height", type=int, default=256)

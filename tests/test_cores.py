@@ -1,4 +1,4 @@
-"""`fluxmesh up` divides a CPU host's cores between its stages; explicit --threads wins; a stage
+"""`fluxmesh up` gives each CPU stage its share of the host's cores; explicit --threads wins; a stage
 on an accelerator keeps its CPU threads few."""
 
 from __future__ import annotations
@@ -6,20 +6,19 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from fluxmesh.rpc.cores import CPU_SHARE_ENV, STAGE_WEIGHTS, divide_cores, parse_share
+from fluxmesh.contract import Stage
+from fluxmesh.rpc.cores import CPU_SHARE_ENV, cpu_shares, parse_share
 from mesh import Mesh
 
 
 @pytest.mark.parametrize(
     "cores, expected",
-    [(1, (1, 1, 1)), (2, (1, 1, 1)), (4, (1, 2, 1)), (6, (1, 4, 1)), (16, (4, 8, 4)), (64, (16, 32, 16))],
+    [(1, (1, 1, 1)), (2, (1, 2, 1)), (4, (1, 4, 1)), (6, (1, 6, 1)), (16, (4, 16, 4)), (64, (16, 64, 16))],
 )
-def test_cores_are_divided_by_stage_weight(cores, expected):
-    shares = divide_cores(cores)
-    assert tuple(shares[stage] for stage in ("encoder", "denoiser", "vae")) == expected
-    assert set(shares) == set(STAGE_WEIGHTS)
-    if cores >= len(STAGE_WEIGHTS):  # never more threads than cores once each stage has one
-        assert sum(shares.values()) == cores
+def test_the_denoiser_gets_every_core_and_the_brief_stages_a_quarter(cores, expected):
+    shares = cpu_shares(cores)
+    assert tuple(shares[stage] for stage in (Stage.encoder, Stage.denoiser, Stage.vae)) == expected
+    assert set(shares) == set(Stage)
 
 
 def test_explicit_threads_win_and_accelerator_stages_keep_few():

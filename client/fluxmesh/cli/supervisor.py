@@ -30,7 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from fluxmesh.cli.lifeline import child_environment
 from fluxmesh.cli.ports import free_port
 from fluxmesh.contract import Stage
-from fluxmesh.rpc.cores import CPU_SHARE_ENV, divide_cores, host_cores
+from fluxmesh.rpc.cores import CPU_SHARE_ENV, cpu_shares, host_cores
 from fluxmesh.rpc.security import STAGE_TOKEN_ENV
 
 log = logging.getLogger(__name__)
@@ -191,7 +191,7 @@ def start_local(
     each child as it starts serving.
     """
     cluster = Cluster(output=output, on_serving=on_serving, stage_token=secrets.token_urlsafe(32))
-    shares = divide_cores(host_cores())
+    shares = cpu_shares(host_cores())
     try:
         addresses = {}
         for stage in STAGES:

@@ -1,11 +1,14 @@
-"""How a CPU host's cores are divided between the stage processes `fluxmesh up` starts.
+"""The torch threads each stage process that `fluxmesh up` starts gets on a CPU host.
 
-Each stage process runs its own torch (OpenMP) thread team, and idle teams spin. With every
-stage on torch's default (all cores), a request encoding while another denoises oversubscribes
-the host: measured on 2 cores, 8 requests sent at once finished at 0.71x the images/s of the same
-8 sent one after another (docs/benchmarks.md, "Concurrency and CPU threads"). Dividing the cores
-makes concurrency never cost throughput; the price is that a lone request's stages no longer
-each have every core.
+The denoiser computes for most of a request (every step runs the transformer) and, with
+requests queued, all of the time: it gets every core. The encoder and the VAE compute once per
+request, briefly, overlapping the denoiser's steps: a quarter of the cores each, at least one.
+On 2 cores that is 1/2/1, and the 1-thread stages start no OpenMP team at all.
+
+Why not divide the cores so the stages never overlap: since all torch work of a stage runs on
+one thread (fluxmesh.services.worker), idle stages no longer hold spinning thread teams, and on a
+quiet 2-core host dividing (1/1/1) cost 25-37 % of the images/s against this rule, serial and 8 at
+once alike, while concurrency cost nothing with either (docs/benchmarks.md, "cores").
 
 The share travels to the child in its environment (CPU_SHARE_ENV) rather than as --threads: it
 is only up's default, so an explicit --threads still wins, and a stage on an accelerator keeps
@@ -16,11 +19,11 @@ from __future__ import annotations
 
 import os
 
+from fluxmesh.contract import Stage
+
 CPU_SHARE_ENV = "FLUXMESH_CPU_SHARE"
 
-# The denoiser does most of the compute of a request (every step runs the transformer); the
-# encoder and the VAE run once per request each.
-STAGE_WEIGHTS = {"encoder": 1, "denoiser": 2, "vae": 1}
+BRIEF_STAGE_FRACTION = 4  # the encoder's and the VAE's share: 1/4 of the cores each
 
 
 def host_cores() -> int:
@@ -31,14 +34,10 @@ def host_cores() -> int:
         return os.cpu_count() or 1
 
 
-def divide_cores(cores: int, weights: dict[str, int] = STAGE_WEIGHTS) -> dict[str, int]:
-    """Each stage's torch threads: cores in proportion to `weights`, at least one each; what
-    rounding leaves goes to the heaviest stage. 2 cores -> 1/1/1, 4 -> 1/2/1, 16 -> 4/8/4."""
-    total = sum(weights.values())
-    shares = {stage: max(1, cores * weight // total) for stage, weight in weights.items()}
-    heaviest = max(weights, key=weights.__getitem__)
-    shares[heaviest] += max(0, cores - sum(shares.values()))
-    return shares
+def cpu_shares(cores: int) -> dict[Stage, int]:
+    """Each stage's torch threads on a host with `cores`: 2 -> 1/2/1, 4 -> 1/4/1, 16 -> 4/16/4."""
+    brief = max(1, cores // BRIEF_STAGE_FRACTION)
+    return {Stage.encoder: brief, Stage.denoiser: max(1, cores), Stage.vae: brief}
 
 
 def parse_share(value: str | None) -> int | None:

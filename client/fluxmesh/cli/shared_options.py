@@ -84,7 +84,8 @@ MaxBatch = Annotated[
     typer.Option(
         min=1,
         help="Denoiser: most images that share one transformer forward per step (continuous batching of "
-        "compatible requests; true CFG counts twice). 1 turns batching off. Default 4.",
+        "compatible requests; true CFG counts twice). 1 turns batching off. Default 2 (measured on CPU; "
+        "a GPU favours more: see docs/benchmarks.md).",
     ),
 ]
 Compile = Annotated[

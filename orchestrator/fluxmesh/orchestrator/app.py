@@ -26,8 +26,8 @@ from fluxmesh.v1 import generator_pb2_grpc
 MAX_REQUEST_BYTES = 2 * MAX_IMAGE_BYTES + (1 << 20)
 DEFAULT_REQUEST_TIMEOUT = 3600.0
 # Requests through the stages at once with every stage resident: enough to fill the denoiser's
-# batches (its --max-batch, 4 by default) while others encode and decode. Each holds only its
-# embeddings here (<= 8 MiB at T5 length 512).
+# batches (its --max-batch: 2 by default, more on a GPU) while others encode and decode. Each
+# holds only its embeddings here (<= 8 MiB at T5 length 512).
 RESIDENT_MAX_ACTIVE = 8
 
 

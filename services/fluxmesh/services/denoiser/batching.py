@@ -53,11 +53,14 @@ __all__ = ["DEFAULT_MAX_BATCH", "BatchKey", "Batcher", "Denoised"]
 
 log = logging.getLogger(__name__)
 
-# Measured (bench/throughput.py batch-cost, docs/benchmarks.md; small model, 256x256, 1 thread):
-# the per-image cost of one forward falls to batch 4 (1.04-1.05x eager, 1.06-1.16x compiled)
-# and rises again at 8 (0.95-1.04x eager, 1.01-1.07x compiled), while a bigger batch makes each
-# of its requests' steps longer; so 4, not 8. A GPU is expected to favour more (pending).
-DEFAULT_MAX_BATCH = 4
+# Measured through the four processes (bench/throughput.py serving, docs/benchmarks.md; small
+# model, 256x256, 8 steps, 2 cores, compiled): at 8 concurrent clients, 2 gave 1.32-1.39x the
+# serial denoiser's images/s with p50 4.5-4.6 s against 5.3-5.4 s, and 4 gave 1.23-1.45x with
+# p50 5.3-6.2 s. A batch of 4 finishes all its requests late together, and their decodes arrive
+# at the vae at once; one forward of 4 costs only a little less per image than one of 2 here
+# (batch-cost: 1.32x against 1.23x cheaper than batch 1). So 2. A GPU, where a forward of 4 costs
+# well under 4 of 1, is expected to favour more (pending).
+DEFAULT_MAX_BATCH = 2
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from typing import Annotated
 
 import typer
 
-from fluxmesh.contract import ReleaseTo, StartResidency
+from fluxmesh.contract import DEFAULT_MAX_BATCH, ReleaseTo, StartResidency
 
 if typing.TYPE_CHECKING:
     from fluxmesh.orchestrator.priorities import PriorityPolicy
@@ -84,8 +84,8 @@ MaxBatch = Annotated[
     typer.Option(
         min=1,
         help="Denoiser: most images that share one transformer forward per step (continuous batching of "
-        "compatible requests; true CFG counts twice). 1 turns batching off. Default 2 (measured on CPU; "
-        "a GPU favours more: see docs/benchmarks.md).",
+        f"compatible requests; true CFG counts twice). 1 turns batching off. Default {DEFAULT_MAX_BATCH} "
+        "(measured on CPU; a GPU favours more: see docs/benchmarks.md).",
     ),
 ]
 Compile = Annotated[

@@ -7,7 +7,7 @@ On 2 cores that is 1/2/1, and the 1-thread stages start no OpenMP team at all.
 
 Why not divide the cores so the stages never overlap: since all torch work of a stage runs on
 one thread (fluxmesh.services.worker), idle stages no longer hold spinning thread teams, and on a
-quiet 2-core host dividing (1/1/1) cost 25-37 % of the images/s against this rule, serial and 8 at
+quiet 2-core host dividing (1/1/1) cost 26-39 % of the images/s against this rule, serial and 8 at
 once alike, while concurrency cost nothing with either (docs/benchmarks.md, "cores").
 
 The share travels to the child in its environment (CPU_SHARE_ENV) rather than as --threads: it

@@ -36,7 +36,7 @@ class StageOptions:
     control_lora: Path | None = None  # denoiser only: a FLUX.1 Canny/Depth LoRA on a base model
     controlnets: tuple[str, ...] = ()  # denoiser only: FluxControlNetModel folders or Hub ids, in order
     depth_model: Path | None = None  # vae only: a transformers depth model (CONTROL_PREPROCESS_DEPTH)
-    max_batch: int | None = None  # denoiser only: rows per shared forward (None: batching.DEFAULT_MAX_BATCH)
+    max_batch: int | None = None  # denoiser only: rows per shared forward (None: contract.DEFAULT_MAX_BATCH)
     step_cache: str = "off"  # denoiser only: the default policy, KIND[:THRESHOLD] (step_cache.py)
     step_cache_ceiling: float = 1.0  # denoiser only: the largest threshold a request may ask
     lora_dir: Path | None = None  # encoder (CLIP-side keys) and denoiser

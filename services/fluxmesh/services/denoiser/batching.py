@@ -14,7 +14,7 @@ most `max_batch` rows — and hands finished, failed and cancelled requests thei
 Latency: the oldest lanes of a group are the ones stepped, so a request is never pushed out of
 a running batch by later ones, and a batch is bounded by `max_batch` rows, which bounds how much
 a joining request can slow a running one: a request's latency is at most its steps times the
-step time at `max_batch` (plus the other groups' turns). `DEFAULT_MAX_BATCH` is chosen from
+step time at `max_batch` (plus the other groups' turns). `fluxmesh.contract.DEFAULT_MAX_BATCH` is chosen from
 bench/throughput.py (docs/benchmarks.md).
 
 Kontext, Control and IP-Adapter requests run their pipeline's own loop (engine.batchable), all
@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from fluxmesh.contract import DEFAULT_MAX_BATCH
 from fluxmesh.services.denoiser.loop import Lane, forward
 from fluxmesh.services.runtime.worker import ModelWorker
 
@@ -49,18 +50,9 @@ if TYPE_CHECKING:
         StepCallback,
     )
 
-__all__ = ["DEFAULT_MAX_BATCH", "BatchKey", "Batcher", "Denoised"]
+__all__ = ["BatchKey", "Batcher", "Denoised"]
 
 log = logging.getLogger(__name__)
-
-# Measured through the four processes (bench/throughput.py serving, docs/benchmarks.md; small
-# model, 256x256, 8 steps, 2 cores, compiled): at 8 concurrent clients, 2 gave 1.32-1.39x the
-# serial denoiser's images/s with p50 4.5-4.6 s against 5.3-5.4 s, and 4 gave 1.23-1.45x with
-# p50 5.3-6.2 s. A batch of 4 finishes all its requests late together, and their decodes arrive
-# at the vae at once; one forward of 4 costs only a little less per image than one of 2 here
-# (batch-cost: 1.32x against 1.23x cheaper than batch 1). So 2. A GPU, where a forward of 4 costs
-# well under 4 of 1, is expected to favour more (pending).
-DEFAULT_MAX_BATCH = 2
 
 
 @dataclass(frozen=True)

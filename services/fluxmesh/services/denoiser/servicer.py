@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from fluxmesh import contract
-from fluxmesh.contract import Stage
-from fluxmesh.services.denoiser.batching import DEFAULT_MAX_BATCH, Batcher, stats_details
+from fluxmesh.contract import DEFAULT_MAX_BATCH, Stage
+from fluxmesh.services.denoiser.batching import Batcher, stats_details
 from fluxmesh.services.denoiser.edits import conditioning_from_pb, init_from_pb, preview_from_pb
 from fluxmesh.services.denoiser.engine import DenoiseJob, DenoiserEngine
 from fluxmesh.services.denoiser.ip_adapter import ip_adapter_from_pb

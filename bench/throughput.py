@@ -12,10 +12,12 @@ Sections:
   serving       images/s and p50/p99 latency with 1, 4 and 8 concurrent clients for the serial
                 denoiser (--max-batch 1), continuous batching (each --max-batch), batching with
                 --compile on the denoiser and the vae, and in-process FluxPipeline called
-                serially (one client: it serves one at a time) on the denoiser's share of threads.
+                serially (one client: it serves one at a time) on the denoiser's share of threads;
+                at 8 clients also where the cores went: each process's CPU seconds per image.
   batch-cost    one forward of the transformer at batch 1, 2, 4, 8 (T5 length 512 and 256),
                 eager and compiled as --compile compiles it: seconds per image, in-process
-                (what --max-batch's default is chosen from).
+                (what --max-batch's default is chosen from); and, from torch's profiler, how
+                much of a forward is attention and matrix products (what compile cannot fuse).
   prompt-cache  sequential mode: a burst of 4 requests of one prompt, then 4 more of it, with
                 --prompt-cache-mib 0 and with the cache: swaps per request, encoder calls.
   step-cache    denoise time and attention blocks skipped per step-cache policy (first-block,
@@ -36,8 +38,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from _common import timed, tiny_model
+
+if TYPE_CHECKING:
+    from fluxmesh.cli.supervisor import Cluster
 
 PROMPT = "a red fox in the snow, highly detailed"
 
@@ -51,6 +57,11 @@ class Load:
     wall: float = 0.0
     latencies: list[float] = field(default_factory=list)
     load_average: float = 0.0  # the host's 1-minute load average when the burst ended
+    cpu_seconds: dict[str, float] = field(default_factory=dict)  # per process, when measured
+
+    def cores_busy(self, cores: int) -> float:
+        """The share of `cores` the burst kept busy (1.0: all of them, all the time)."""
+        return sum(self.cpu_seconds.values()) / self.wall / cores
 
     @property
     def images_per_second(self) -> float:
@@ -61,8 +72,21 @@ class Load:
         return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def burst(address: str, clients: int, requests: int, args, prompts=None, **options) -> Load:
-    """Send `requests` generations from `clients` threads, each as soon as its previous one is done."""
+def cpu_seconds(cluster: Cluster) -> dict[str, float]:
+    """User + system CPU seconds used so far by each of the cluster's processes, and by this one
+    (the bench's clients, decoding the images) as "clients"."""
+    import psutil
+
+    used = {str(child.name): sum(psutil.Process(child.process.pid).cpu_times()[:2]) for child in cluster.children}
+    used["clients"] = sum(psutil.Process().cpu_times()[:2])
+    return used
+
+
+def burst(
+    address: str, clients: int, requests: int, args, prompts=None, cluster: Cluster | None = None, **options
+) -> Load:
+    """Send `requests` generations from `clients` threads, each as soon as its previous one is done;
+    with `cluster`, also count the CPU seconds its processes (and the clients) spent on them."""
     from fluxmesh.client import Client
 
     load = Load(clients, requests)
@@ -84,6 +108,7 @@ def burst(address: str, clients: int, requests: int, args, prompts=None, **optio
     sdk = [Client(address, timeout=600) for _ in range(clients)]
     try:
         threads = [threading.Thread(target=client_loop, args=(c,)) for c in sdk]
+        before = cpu_seconds(cluster) if cluster else {}
         started = time.perf_counter()
         for thread in threads:
             thread.start()
@@ -91,6 +116,8 @@ def burst(address: str, clients: int, requests: int, args, prompts=None, **optio
             thread.join()
         load.wall = time.perf_counter() - started
         load.load_average = os.getloadavg()[0]
+        if cluster:
+            load.cpu_seconds = {name: used - before[name] for name, used in cpu_seconds(cluster).items()}
     finally:
         for client in sdk:
             client.close()
@@ -188,7 +215,8 @@ def section_serving(folder: Path, args) -> None:
         for _ in range(args.rounds):
             for name, cluster in clusters.items():
                 for clients, requests in loads.items():
-                    figures[name][clients].append(burst(cluster.address, clients, requests, args))
+                    counted = cluster if clients == 8 else None
+                    figures[name][clients].append(burst(cluster.address, clients, requests, args, cluster=counted))
             for seed in range(4):
                 begun = time.perf_counter()
                 local(seed)
@@ -219,6 +247,20 @@ def section_serving(folder: Path, args) -> None:
     def at(name: str, clients: int, figure: Callable[[Load], float]) -> float:
         return statistics.median(figure(r) for r in figures[name][clients])
 
+    # With every core busy, images/s can only grow by as much as the CPU seconds an image costs
+    # shrink: this table is where the 8-client ratios below come from.
+    print(f"  at 8 clients, CPU seconds per image (user + system) and the share of the {host_cores()} cores kept busy:")
+    for name, by_clients in figures.items():
+        rounds = by_clients[8]
+        per_image = {
+            process: statistics.median(r.cpu_seconds[process] / r.requests for r in rounds)
+            for process in rounds[0].cpu_seconds
+        }
+        print(
+            f"  {name:40s} "
+            + "  ".join(f"{process} {seconds:.3f}" for process, seconds in per_image.items())
+            + f"  total {sum(per_image.values()):.3f}  cores busy {statistics.median(r.cores_busy(host_cores()) for r in rounds):.0%}"
+        )
     serial, *batched = configs
     for name in batched:
         print(
@@ -296,6 +338,41 @@ def section_batch_cost(folder: Path, args) -> None:
         print(
             f"  compiled speed-up, T5 {length}: " + "   ".join(f"batch {b}: {r:.2f}x" for b, r in zip(batches, ratios))
         )
+    print("  where a forward's time goes (T5 512, under torch's profiler, which adds its own overhead):")
+    for variant, batch in (("eager", 1), ("compiled", 1), ("compiled", 2), ("compiled", 4)):
+        print(f"  {variant:8s} batch {batch}: " + forward_split(variants[variant], inputs(batch, 512), batch))
+
+
+def forward_split(model, inputs: dict, batch: int, forwards: int = 5) -> str:
+    """Milliseconds per image in attention, in matrix products and in everything else, from torch's
+    profiler. Attention and the matrix products are the same kernels eager and compiled (inductor
+    calls them, it does not generate them), so only "everything else" is what compile can fuse."""
+    import torch
+
+    with torch.inference_mode():
+        model(**inputs)
+        with torch.profiler.profile(with_flops=True) as profile:
+            started = time.perf_counter()
+            for _ in range(forwards):
+                model(**inputs)
+            wall = time.perf_counter() - started
+    attention = matmul = flops = 0.0  # seconds over all forwards, and the products' FLOPs
+    for event in profile.key_averages():
+        if "scaled_dot_product" in event.key:
+            attention += event.self_cpu_time_total / 1e6
+        elif event.key in ("aten::addmm", "aten::mm", "aten::bmm"):
+            matmul += event.self_cpu_time_total / 1e6
+            flops += event.flops
+    rest = wall - attention - matmul
+
+    def ms(seconds: float) -> str:
+        return f"{seconds * 1000 / forwards / batch:5.1f}"
+
+    return (
+        f"{ms(wall)} ms/image: attention {ms(attention)} ({attention / wall:.0%}), matrix products {ms(matmul)} "
+        f"({matmul / wall:.0%}, {flops / matmul / 1e9 if matmul else 0:.0f} GFLOP/s), everything else {ms(rest)} "
+        f"({rest / wall:.0%})"
+    )
 
 
 def section_prompt_cache(folder: Path, args) -> None:

@@ -417,7 +417,7 @@ def section_step_cache(folder: Path, args) -> None:
     from fluxmesh.cli.supervisor import free_port, start_local
     from fluxmesh.client import Client
 
-    policies = [None, "first-block:0.05", "first-block:0.1", "mag:0.06", "taylorseer:2"]
+    policies = [None, "first-block:0.05", "first-block:0.1", "first-block:0.4", "mag:0.06", "taylorseer:2"]
     seconds: dict[str | None, list[float]] = {p: [] for p in policies}
     skipped: dict[str | None, float] = {}
     with start_local(str(folder), port=free_port()) as cluster, Client(cluster.address, timeout=600) as client:

@@ -10,7 +10,9 @@ import sys
 
 import pytest
 
+from fluxmesh.cli import ports
 from fluxmesh.cli.ports import _ephemeral_start, free_port
+from fluxmesh.cli.supervisor import Cluster, start_local
 
 FLUXMESH = [sys.executable, "-m", "fluxmesh.cli"]
 
@@ -52,3 +54,47 @@ def test_a_taken_metrics_port_stops_the_server_with_a_message(taken_port):
     assert result.returncode == 1
     assert f"cannot serve metrics on port {taken_port}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+class _Draws:
+    """Stands in for the ports module's random source: hands out `ports` in order."""
+
+    def __init__(self, ports: list[int]):
+        self.ports = iter(ports)
+
+    def randrange(self, low: int, high: int) -> int:
+        return next(self.ports)
+
+
+def _unbound_ports(count: int) -> list[int]:
+    """Distinct ports that are bindable now (the tests then forget they were handed out)."""
+    return [free_port() for _ in range(count)]
+
+
+def test_a_port_promised_to_someone_else_is_never_drawn(monkeypatch):
+    promised, other = _unbound_ports(2)
+    monkeypatch.setattr(ports, "_handed_out", set())  # both are bindable and were never handed out
+    monkeypatch.setattr(ports, "_random", _Draws([promised, other]))
+    assert free_port(besides={promised}) == other
+
+
+def test_up_never_gives_a_stage_the_orchestrators_port(monkeypatch):
+    """`fluxmesh up --port P` draws its stages' ports while P is still unbound: a stage that drew
+    P died with "address already in use" when the orchestrator had bound it first (seen once in
+    a CI rehearsal of test_security's secure `up`)."""
+    orchestrator, *stages = _unbound_ports(4)
+    monkeypatch.setattr(ports, "_handed_out", set())
+    # Every stage's draw is offered the orchestrator's port first.
+    monkeypatch.setattr(ports, "_random", _Draws([p for stage in stages for p in (orchestrator, stage)]))
+    started: dict[str, str] = {}
+    monkeypatch.setattr(
+        Cluster, "start", lambda self, name, args, address, env=None, **_: started.setdefault(name, address)
+    )
+    monkeypatch.setattr(Cluster, "wait_serving", lambda self, timeout=300.0: None)
+    start_local("unused-model-folder", port=orchestrator)
+    assert started == {
+        "encoder": f"127.0.0.1:{stages[0]}",
+        "denoiser": f"127.0.0.1:{stages[1]}",
+        "vae": f"127.0.0.1:{stages[2]}",
+        "orchestrator": f"127.0.0.1:{orchestrator}",
+    }

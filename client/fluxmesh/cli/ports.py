@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 import socket
 import threading
+from collections.abc import Collection
 
 _FALLBACK_EPHEMERAL_START = 32768  # Linux's default start of ip_local_port_range
 _LOWEST = 10000  # stay clear of well-known and commonly configured service ports
@@ -39,14 +40,17 @@ def _bindable(host: str, port: int) -> bool:
     return True
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port on `host` that is free now and outside the kernel's ephemeral range where possible."""
+def free_port(host: str = "127.0.0.1", *, besides: Collection[int] = ()) -> int:
+    """A port on `host` that is free now and outside the kernel's ephemeral range where possible.
+
+    `besides`: ports already promised to a process that has not bound them yet (`fluxmesh up
+    --port P` draws its stages' ports before the orchestrator binds P), so free now but taken."""
     top = _ephemeral_start()
     with _lock:
         if top - _LOWEST >= 1000:
             for _ in range(200):
                 port = _random.randrange(_LOWEST, top)
-                if port not in _handed_out and _bindable(host, port):
+                if port not in _handed_out and port not in besides and _bindable(host, port):
                     _handed_out.add(port)
                     return port
         # An unusual port range (or a crowded one): let the kernel choose.
@@ -54,6 +58,6 @@ def free_port(host: str = "127.0.0.1") -> int:
             with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
                 sock.bind((host.strip("[]"), 0))
                 port = sock.getsockname()[1]
-            if port not in _handed_out:
+            if port not in _handed_out and port not in besides:
                 _handed_out.add(port)
                 return port

@@ -195,7 +195,7 @@ def start_local(
     try:
         addresses = {}
         for stage in STAGES:
-            stage_port = free_port(LOOPBACK)
+            stage_port = free_port(LOOPBACK, besides={port})  # `port` is the orchestrator's, not bound yet
             addresses[stage] = f"{LOOPBACK}:{stage_port}"
             args = [
                 "serve",

@@ -66,14 +66,9 @@ class _Draws:
         return next(self.ports)
 
 
-def _unbound_ports(count: int) -> list[int]:
-    """Distinct ports that are bindable now (the tests then forget they were handed out)."""
-    return [free_port() for _ in range(count)]
-
-
 def test_a_port_promised_to_someone_else_is_never_drawn(monkeypatch):
-    promised, other = _unbound_ports(2)
-    monkeypatch.setattr(ports, "_handed_out", set())  # both are bindable and were never handed out
+    promised, other = free_port(), free_port()  # bindable now
+    monkeypatch.setattr(ports, "_handed_out", set())  # and, as far as free_port knows, never handed out
     monkeypatch.setattr(ports, "_random", _Draws([promised, other]))
     assert free_port(besides={promised}) == other
 
@@ -82,7 +77,7 @@ def test_up_never_gives_a_stage_the_orchestrators_port(monkeypatch):
     """`fluxmesh up --port P` draws its stages' ports while P is still unbound: a stage that drew
     P died with "address already in use" when the orchestrator had bound it first (seen once in
     a CI rehearsal of test_security's secure `up`)."""
-    orchestrator, *stages = _unbound_ports(4)
+    orchestrator, *stages = (free_port() for _ in range(4))
     monkeypatch.setattr(ports, "_handed_out", set())
     # Every stage's draw is offered the orchestrator's port first.
     monkeypatch.setattr(ports, "_random", _Draws([p for stage in stages for p in (orchestrator, stage)]))

@@ -119,13 +119,11 @@ _CEILINGS = {f.name for f in dataclasses.fields(Limits)}
 LIMITS = Limits()
 
 # The denoiser's --max-batch when none is given (here, not in the denoiser, so the CLI's help
-# states it without importing torch). Measured through the four processes (bench/throughput.py
-# serving, docs/benchmarks.md; small model, 256x256, 8 steps, 2 cores, compiled): at 8 concurrent
-# clients, 2 gave 1.25-1.39x the serial denoiser's images/s with p50 below it in every run, 4
-# gave 1.19-1.45x with p50 below it in one run of four. A batch of 4 finishes its requests late
-# together and their decodes reach the vae at once, while one forward of 4 costs only a little
-# less per image than one of 2 (batch-cost). So 2; a GPU, where a forward of 4 costs well under
-# 4 of 1, is expected to favour more (pending).
+# states it without importing torch). Chosen from bench/throughput.py's serving section (figures
+# in docs/benchmarks.md, "Throughput under load"): on a 2-core CPU, at 8 concurrent clients,
+# batches of 2 kept p50 below the serial denoiser's in every run, with about the images/s of
+# batches of 4, which finish their requests late together and send their decodes to the vae at
+# once. A GPU, where a forward of 4 costs well under 4 of 1, is expected to favour more.
 DEFAULT_MAX_BATCH = 2
 
 

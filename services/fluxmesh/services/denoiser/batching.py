@@ -14,8 +14,8 @@ most `max_batch` rows — and hands finished, failed and cancelled requests thei
 Latency: the oldest lanes of a group are the ones stepped, so a request is never pushed out of
 a running batch by later ones, and a batch is bounded by `max_batch` rows, which bounds how much
 a joining request can slow a running one: a request's latency is at most its steps times the
-step time at `max_batch` (plus the other groups' turns). `fluxmesh.contract.DEFAULT_MAX_BATCH` is chosen from
-bench/throughput.py (docs/benchmarks.md).
+step time at `max_batch` (plus the other groups' turns). The default, `DEFAULT_MAX_BATCH` in
+fluxmesh.contract, is chosen from bench/throughput.py (docs/benchmarks.md).
 
 Kontext, Control and IP-Adapter requests run their pipeline's own loop (engine.batchable), all
 steps at once, while the batch waits (an IP-Adapter's processors and scale are set on the shared
